@@ -1,0 +1,137 @@
+"""`tunesmith` command line: train, eval, generate, demo.
+
+User errors (`TunesmithError`, bad config/data) print one line and exit 2; `--debug` shows the
+traceback. Every subcommand is a thin shell over library functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from tunesmith.errors import TunesmithError
+
+log = logging.getLogger("tunesmith")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.train.setup import run_training
+
+    cfg = load_config(args.recipe, args.overrides)
+    summary = run_training(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tunesmith.eval.run import run_eval
+
+    out = run_eval(
+        args.model, args.data, block_size=args.block_size, batch_size=args.batch_size,
+        device=args.device, precision=args.precision, text_column=args.text_column,
+        max_batches=args.max_batches,
+    )
+    print(json.dumps(out))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tunesmith.eval.run import run_generate
+
+    text = run_generate(
+        args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
+    )
+    print(text)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tunesmith.cli.demo import run_demo
+
+    run_demo(args.output, steps=args.steps, overwrite=args.overwrite)
+    return 0
+
+
+def _train_epilog() -> str:
+    from tunesmith.config.loader import describe_options
+
+    return (
+        "Every option below can be set in the recipe (nested YAML sections) or on the command "
+        "line as section.key=value, e.g.\n  tunesmith train recipes/x.yaml optim.lr=3e-4 "
+        "data.block_size=1024\n\noptions:\n" + "\n".join(describe_options())
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune and pre-train language models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train from a YAML recipe", epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("recipe", help="YAML recipe")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluation loss and perplexity of a model on a text file")
+    e.add_argument("model", help="HF-format model directory (or hub id)")
+    e.add_argument("--data", required=True, help="text/json/jsonl/csv/parquet file")
+    e.add_argument("--block-size", type=int, default=None, help="default: min(1024, model max)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--text-column", default="text")
+    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "bf16-pure"])
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (KV-cached)")
+    g.add_argument("model", help="HF-format model directory (or hub id)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
+    d.add_argument("--output", default="outputs/demo")
+    d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe's)")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s", stream=sys.stderr,
+    )
+    try:
+        return (entry or args.func)(args)
+    except TunesmithError as e:
+        if args.debug:
+            raise
+        print(f"tunesmith: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

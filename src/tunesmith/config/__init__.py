@@ -1,0 +1,17 @@
+from tunesmith.config.loader import dump_config, load_config
+from tunesmith.config.schema import (
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
+    "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
+]

@@ -1,0 +1,133 @@
+"""Load a recipe: YAML file + dotted `key=value` overrides -> validated `RunConfig`.
+
+Every failure is a `TunesmithError` whose one-line message says what and where: the YAML
+line:column, the unknown key and its closest valid spelling, or the field with the wrong type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunesmith.config.schema import RunConfig
+from tunesmith.errors import TunesmithError
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping, turning every failure into one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunesmithError(f"recipe not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TunesmithError(f"recipe {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise TunesmithError(f"cannot read recipe {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TunesmithError(f"invalid YAML at {where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TunesmithError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise TunesmithError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # an unparseable value is taken literally, as a string
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise TunesmithError(f"override {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _valid_keys(model: type[BaseModel], prefix: tuple[str, ...]) -> list[str]:
+    """All dotted keys valid under `prefix` (sections are walked, leaves listed)."""
+    node: Any = model
+    for part in prefix:
+        field = node.model_fields.get(part) if isinstance(node, type) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        node = ann
+    return list(node.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line for the first problem (plus a count of the rest)."""
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        dotted = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {'.'.join(loc[:-1] + (close[0],))!r}?)" if close else ""
+            where = ".".join(loc[:-1]) or "top level"
+            problems.append(f"unknown key {dotted!r}{hint}; valid keys in {where}: {', '.join(valid)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if dotted and not isinstance(e["input"], dict) else ""
+            problems.append(f"{dotted}: {msg}{got}" if dotted else msg)
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"invalid config in {source}: {problems[0]}{more}"
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe (or start from defaults when None), apply overrides, validate."""
+    data = read_yaml(recipe) if recipe is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    source = str(recipe) if recipe is not None else "command line"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise TunesmithError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config so a run can be reproduced from its output directory."""
+    Path(path).write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )
+
+
+def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Lines `key (type, default): description` for every option, for `train --help`."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_options(ann, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        desc = f": {field.description}" if field.description else ""
+        lines.append(f"  {key} ({tname}, default {default!r}){desc}")
+    return lines

@@ -1,0 +1,161 @@
+"""The typed run configuration.
+
+One `RunConfig` describes a whole job. Every section rejects unknown keys (`extra="forbid"`),
+and cross-field rules that can be checked without touching data or weights are checked here,
+so an impossible run fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: strict keys, validated assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "tiny",
+        description="Preset name (tiny, llama3.2-1b, llama3-8b, llama2-7b, ...), a local HF "
+        "directory or config.json, or a hub id.",
+    )
+    from_scratch: bool = Field(
+        False,
+        description="Random init from the config instead of loading weights. Presets and bare "
+        "config.json files are always from scratch.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Config fields to override, e.g. {n_layers: 4, dim: 256} (ours or HF names).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer path or hub id; defaults to model.name when it has one."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow code from the hub when loading tokenizers. Off by default."
+    )
+
+
+class DataConfig(Section):
+    path: str | None = Field(
+        None,
+        description="Training data: a .txt/.json/.jsonl/.csv/.parquet file, a directory of them, "
+        "or a HF dataset name (online only).",
+    )
+    dataset_config: str | None = Field(None, description="HF dataset config name.")
+    split: str = Field("train", description="Split to read from a HF dataset.")
+    validation_path: str | None = Field(None, description="Explicit validation file.")
+    validation_split_percentage: float = Field(
+        5.0, ge=0, lt=100, description="Held-out share of the training data when no validation_path."
+    )
+    text_column: str = Field("text", description="Column holding the text in json/csv/parquet.")
+    mode: Literal["packed", "lines"] = Field(
+        "packed",
+        description="packed: concatenate and cut into block_size blocks; lines: one example per "
+        "line/record, padded per batch.",
+    )
+    block_size: int = Field(512, gt=0, description="Tokens per training example.")
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0, description="lines mode: pad each batch to a multiple of this (else longest)."
+    )
+    add_eos: bool = Field(True, description="Append EOS after each document/line.")
+    num_proc: int = Field(1, ge=1, description="Processes used for tokenisation.")
+    cache_dir: str | None = Field(None, description="Tokenisation cache (default: HF datasets').")
+    drop_last: bool = Field(True, description="Drop the last incomplete batch of an epoch.")
+    max_train_samples: int | None = Field(None, gt=0, description="Truncate the training set.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Truncate the validation set.")
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    fused: bool | None = Field(None, description="Fused AdamW kernel; default: on for CUDA.")
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "linear", "cosine", "step"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Used when warmup_steps is 0.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of linear/cosine decay.")
+    gamma: float = Field(0.85, gt=0, description="step: multiply lr by gamma each epoch.")
+
+
+class TrainConfig(Section):
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] = Field(
+        "bf16",
+        description="bf16: fp32 weights + bf16 autocast; fp16: autocast + grad scaler; bf16-pure: "
+        "bf16 weights and optimizer state; fp32: none. bf16/fp16 fall back to fp32 on CPU "
+        "unless the device supports them.",
+    )
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm.")
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    throughput_warmup_steps: int = Field(
+        2, ge=0, description="Steps left out of throughput/MFU (compile, allocator warm-up)."
+    )
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps.")
+    at_start: bool = Field(False, description="Evaluate before training.")
+    at_end: bool = True
+    batch_size: int | None = Field(None, gt=0, description="Default: train.micro_batch_size.")
+    max_batches: int | None = Field(None, gt=0)
+
+
+class LoggingConfig(Section):
+    steps: int = Field(10, gt=0, description="Write a metrics.jsonl record every N steps.")
+    progress: bool = Field(True, description="Live progress bar (rank 0, TTY only).")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Device bf16 dense peak for MFU; default: known GPUs table."
+    )
+
+
+class OutputConfig(Section):
+    dir: str = Field("outputs/run", description="Output directory.")
+    overwrite: bool = Field(False, description="Allow reusing a directory holding another run.")
+    save_final: bool = Field(True, description="Write an HF-format model to OUTPUT/final.")
+
+
+class RunConfig(Section):
+    """A whole job: `tunesmith train RECIPE.yaml key=value ...` resolves to one of these."""
+
+    task: Literal["clm"] = "clm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.data.path is None:
+            raise ValueError("data.path is required: a text file, directory or dataset name")
+        if self.data.pad_to_multiple_of is not None and self.data.mode != "lines":
+            raise ValueError("data.pad_to_multiple_of only applies to data.mode=lines")
+        if self.schedule.warmup_steps and self.schedule.warmup_ratio:
+            raise ValueError("set schedule.warmup_steps or schedule.warmup_ratio, not both")
+        if self.train.max_steps is not None and self.schedule.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds "
+                f"train.max_steps={self.train.max_steps}"
+            )
+        if self.optim.name == "adafactor" and self.optim.fused:
+            raise ValueError("optim.fused applies to adamw only")
+        return self

@@ -1,0 +1,32 @@
+"""Evaluation loss and perplexity over a loader: sum of token losses / count of target tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tunesmith.train.forward import batch_loss_sum
+from tunesmith.train.loss import IGNORE_INDEX
+from tunesmith.train.runtime import Runtime
+
+
+def eval_metrics(loss_sum: float, count: int) -> dict[str, float]:
+    loss = loss_sum / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": count}
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader, rt: Runtime, max_batches: int | None = None) -> dict:
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    count = 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        count += int((batch["labels"] != IGNORE_INDEX).sum())  # host tensor: no device sync
+        total += batch_loss_sum(model, batch, rt, need_grad=False)
+    model.train(was_training)
+    return eval_metrics(total.item(), count)

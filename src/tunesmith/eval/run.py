@@ -1,0 +1,71 @@
+"""`tunesmith eval` and `tunesmith generate`: load an HF-format model and use it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunesmith.errors import TunesmithError
+from tunesmith.train.runtime import Runtime, resolve_runtime
+
+
+def load_for_inference(source: str, rt: Runtime) -> tuple[torch.nn.Module, Any]:
+    """Model (eval mode, weights from `source`) and its tokenizer."""
+    from tunesmith.data import load_tokenizer
+    from tunesmith.models import build_model, load_pretrained, resolve_model_config
+
+    family, model_cfg = resolve_model_config(source)
+    model = build_model(family, model_cfg, device="meta")
+    load_pretrained(model, source, device=rt.device, dtype=rt.param_dtype)
+    model.eval()
+    return model, load_tokenizer(source)
+
+
+def run_eval(
+    model_dir: str, data: str, *, block_size: int | None = None, batch_size: int = 8,
+    device: str = "auto", precision: str = "bf16", text_column: str = "text",
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity of packed `block_size` blocks of `data` (HF run_clm's --do_eval semantics)."""
+    from tunesmith.config import DataConfig
+    from tunesmith.data import StatefulLoader, build_clm_datasets, make_collator
+    from tunesmith.eval.perplexity import evaluate_loss
+
+    rt = resolve_runtime(device, precision)
+    model, tokenizer = load_for_inference(model_dir, rt)
+    max_pos = model.config.max_position_embeddings
+    block = block_size or min(1024, max_pos)
+    dcfg = DataConfig(
+        path=data, text_column=text_column, block_size=block, validation_split_percentage=0,
+        mode="packed",
+    )
+    ds, _ = build_clm_datasets(dcfg, tokenizer, seed=0, max_positions=max_pos)
+    if len(ds) == 0:
+        raise TunesmithError(f"{data} holds fewer than block_size={block} tokens: nothing to evaluate")
+    loader = StatefulLoader(
+        ds, batch_size=batch_size, collate_fn=make_collator(dcfg, tokenizer), shuffle=False,
+        seed=0, drop_last=False,
+    )
+    out = evaluate_loss(model, loader, rt, max_batches)
+    return {**out, "block_size": block, "blocks": len(ds)}
+
+
+def run_generate(
+    model_dir: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+    top_k: int | None = None, seed: int = 0, device: str = "auto",
+) -> str:
+    from tunesmith.models.generate import generate
+
+    if temperature < 0:
+        raise TunesmithError(f"--temperature must be >= 0, got {temperature}")
+    rt = resolve_runtime(device, "fp32" if device == "cpu" else "bf16")
+    model, tokenizer = load_for_inference(model_dir, rt)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(rt.device)  # [1, T]
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    with rt.autocast():
+        out = generate(
+            model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            eos_token_id=tokenizer.eos_token_id, generator=gen,
+        )
+    return tokenizer.decode(out[0], skip_special_tokens=True)

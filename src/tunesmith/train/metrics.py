@@ -1,0 +1,84 @@
+"""Throughput, MFU and the metrics files.
+
+MFU = achieved model FLOP/s / device peak, where model FLOPs per token are
+6 * N_matmul + 12 * L * H * d_head * T (training: forward + backward; the second term is the
+attention score and value matmuls at sequence length T). Recomputation from activation
+checkpointing is not counted, so MFU does not reward extra work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps after `warmup` (compile and allocator warm-up excluded)."""
+
+    def __init__(self, warmup: int, flops_per_token: float, peak_tflops: float | None):
+        self.warmup = warmup
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops
+        self.steps = 0
+        self.t0: float | None = None
+        self.tokens = 0
+        self.samples = 0
+        # A sliding window gives the progress bar a current rate rather than a run average.
+        self._window: list[tuple[float, int]] = []
+
+    def step(self, tokens: int, samples: int) -> None:
+        now = time.perf_counter()
+        self.steps += 1
+        if self.steps == self.warmup + 1 and self.t0 is None:
+            # Timing starts at the end of the last warm-up step; this step's work was done
+            # before `now`, so it is counted from the previous mark, which we lack: start here
+            # and count only the steps after it.
+            self.t0 = now
+        elif self.t0 is not None:
+            self.tokens += tokens
+            self.samples += samples
+        self._window.append((now, tokens))
+        self._window = self._window[-20:]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+
+    def tokens_per_s(self) -> float | None:
+        el = self.elapsed()
+        return self.tokens / el if el > 0 and self.tokens else None
+
+    def recent_tokens_per_s(self) -> float | None:
+        if len(self._window) < 2:
+            return None
+        dt = self._window[-1][0] - self._window[0][0]
+        return sum(t for _, t in self._window[1:]) / dt if dt > 0 else None
+
+    def mfu(self, tokens_per_s: float | None) -> float | None:
+        if tokens_per_s is None or self.peak is None:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak * 1e12)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; flushed per record so a crash loses nothing written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

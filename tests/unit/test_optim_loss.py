@@ -1,0 +1,67 @@
+"""Schedules, optimizer groups, and the fused chunked cross-entropy against the reference."""
+
+import math
+
+import pytest
+import torch
+
+from tunesmith.config.schema import ScheduleConfig
+from tunesmith.train.loss import cross_entropy_sum, linear_cross_entropy
+from tunesmith.train.optim import lr_factor, param_groups
+
+
+def test_warmup_then_cosine_to_floor():
+    cfg = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 110, 50) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_linear_constant_and_step_decay():
+    lin = ScheduleConfig(name="linear", warmup_ratio=0.1)
+    assert lr_factor(0, lin, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(55, lin, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(37, ScheduleConfig(name="constant"), 100, 10) == 1.0
+    step = ScheduleConfig(name="step", gamma=0.5)
+    assert [lr_factor(s, step, 40, 10) for s in (0, 9, 10, 25, 39)] == [1, 1, 0.5, 0.25, 0.125]
+
+
+def test_param_groups_skip_frozen_and_no_decay_for_vectors():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    m[2].weight.requires_grad_(False)
+    groups = param_groups(m, 0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    assert decay == {id(m[0].weight)}
+    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_linear_cross_entropy_matches_reference(chunk):
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 45, 12, 33
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[0, 5, 44]] = -100
+    ref = cross_entropy_sum((h @ w.t()), y)
+    ref.backward(torch.tensor(0.25, dtype=torch.float64))
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = linear_cross_entropy(h, w, y, chunk_size=chunk)
+    (out * 0.25).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(h.grad, gh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-9, atol=1e-12)
+
+
+def test_linear_cross_entropy_no_grad_and_all_ignored():
+    h, w = torch.randn(6, 4), torch.randn(9, 4)
+    y = torch.full((6,), -100)
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, y).item() == 0.0
+    y[2] = 3
+    expect = torch.logsumexp(h[2] @ w.t(), 0) - (h[2] @ w[3])
+    assert math.isclose(linear_cross_entropy(h, w, y).item(), expect.item(), rel_tol=1e-5)
