@@ -20,8 +20,9 @@ IGNORE_INDEX = -100
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [..., V], labels [...] (already shifted; -100 = no target) -> scalar sum."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
+        logits.reshape(-1, logits.size(-1)),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
