@@ -1,0 +1,195 @@
+"""Causal-LM training throughput: tunesmith vs HF Trainer, same shape, same data, same GPU.
+
+    python benchmarks/bench_clm.py --shape llama3.2-1b --seq 2048 --micro-batch 8 --steps 40
+
+Each variant runs in its own subprocess (clean allocator, fair peak memory) on identical
+synthetic token batches (uniform random ids, fixed seed). Throughput excludes the first
+`--warmup` steps (compile, allocator growth). MFU = tokens/s * (6*N_matmul + 12*L*H*d_head*T)
+/ peak bf16 dense FLOP/s. Prints a markdown table; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+VARIANTS = ("tunesmith", "tunesmith-eager", "hf-trainer")
+
+
+def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (micro_batch, seq), generator=g)
+        yield ids
+
+
+def _flops_and_peak(model, seq):
+    import torch
+
+    from tunesmith.train.runtime import peak_tflops
+
+    return float(model.flops_per_token(seq)), peak_tflops(torch.device("cuda"))
+
+
+def run_tunesmith(args, compile_blocks: bool) -> dict:
+    """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
+    import torch
+
+    from tunesmith.config.schema import RunConfig
+    from tunesmith.models import build_model, init_random, resolve_model_config
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.train.trainer import Trainer
+
+    cfg = RunConfig.model_validate({
+        "data": {"path": "synthetic", "block_size": args.seq},
+        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks},
+        "optim": {"lr": 1e-4, "weight_decay": 0.1},
+        "schedule": {"name": "constant"},
+    })
+    rt = resolve_runtime("cuda", "bf16")
+    family, mcfg = resolve_model_config(args.shape)
+    model = build_model(family, mcfg, device="meta")
+    init_random(model, device=rt.device, dtype=rt.param_dtype, seed=0)
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()
+    opt = build_optimizer(model, cfg.optim, rt.device)
+    sched = build_scheduler(opt, cfg.schedule, args.steps, args.steps)
+    flops, peak = _flops_and_peak(model, args.seq)
+    tr = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
+                 val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
+                 flops_per_token=flops, peak_tflops=peak)
+    times, losses = [], []
+    for ids in synthetic_batches(mcfg.vocab_size, args.seq, args.micro_batch, args.steps):
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        batch = {"input_ids": ids.pin_memory(), "labels": labels.pin_memory()}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, _, _, _ = tr.train_step([batch])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return _result(args, times, flops, peak, losses, sum(p.numel() for p in model.parameters()))
+
+
+def run_hf_trainer(args) -> dict:
+    """HF Trainer on the same shape: bf16 autocast, SDPA, fused AdamW, no grad checkpointing."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from tunesmith.models import build_model, resolve_model_config
+
+    family, mcfg = resolve_model_config(args.shape)
+    hf_cfg_dict = mcfg.to_hf()
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.for_model(**hf_cfg_dict)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+    ref = build_model(family, mcfg, device="meta")
+    flops, peak = _flops_and_peak(ref, args.seq)
+    data = [{"input_ids": ids[0], "labels": ids[0]} for ids in
+            synthetic_batches(mcfg.vocab_size, args.seq, 1, args.steps * args.micro_batch)]
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    targs = TrainingArguments(
+        output_dir="/tmp/hf_bench", per_device_train_batch_size=args.micro_batch, max_steps=args.steps,
+        bf16=True, optim="adamw_torch_fused", learning_rate=1e-4, weight_decay=0.1, logging_steps=10**9,
+        save_strategy="no", report_to=[], dataloader_pin_memory=True, lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=targs, train_dataset=data, callbacks=[Timer()]).train()
+    return _result(args, times, flops, peak, [], sum(p.numel() for p in model.parameters()))
+
+
+def _result(args, times, flops, peak, losses, n_params) -> dict:
+    import torch
+
+    steady = times[args.warmup:]
+    step_s = sorted(steady)[len(steady) // 2]  # median: robust to a stray slow step
+    tok_s = args.micro_batch * args.seq / step_s
+    return {
+        "tokens_per_s": tok_s,
+        "mfu": tok_s * flops / (peak * 1e12) if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "median_step_s": step_s,
+        "mean_step_s": sum(steady) / len(steady),
+        "params": n_params,
+        "flops_per_token": flops,
+        "first_losses": losses[:3],
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+
+
+def child(args) -> None:
+    if args.variant == "hf-trainer":
+        res = run_hf_trainer(args)
+    else:
+        res = run_tunesmith(args, compile_blocks=args.variant == "tunesmith")
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3.2-1b")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--variants", default="tunesmith,hf-trainer")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.variant:
+        return child(args)
+    rows = {}
+    for v in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", v, "--shape", args.shape, "--seq", str(args.seq),
+               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            rows[v] = {"error": (proc.stderr or proc.stdout)[-3000:]}
+            print(f"{v} failed:\n{rows[v]['error']}", file=sys.stderr)
+            continue
+        rows[v] = json.loads(line[0][7:])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+    print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.micro_batch}, {args.steps} steps "
+          f"({args.warmup} warm-up)")
+    print("| variant | tokens/s | MFU | peak mem (GiB) | median step (s) |")
+    print("|---|---|---|---|---|")
+    for v, r in rows.items():
+        if "error" in r:
+            print(f"| {v} | failed | | | |")
+        else:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+            print(f"| {v} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['median_step_s']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""Atomic, verified, keep-last-K training checkpoints on top of torch.distributed.checkpoint.
+
+Layout: `root/checkpoints/step_{step:08d}/` holding the DCP files (`.metadata`, `*.distcp`),
+`config.yaml` (the resolved run config) and, written last, `manifest.json` (every file with its
+size and optionally sha256). A save goes to `root/checkpoints/.tmp-step_XXXXXXXX-<uuid>/` and
+is renamed into place only once complete and fsynced, so a crash never leaves a directory that
+looks like a checkpoint. Old checkpoints are pruned only after the new one is in place.
+
+Distributed: `dcp.save`/`dcp.load` are collective (every rank calls them and writes its own
+shards); everything touching the directory tree (mkdir, manifest, rename, prune, cleanup) runs
+on rank 0 between barriers, and rank 0 broadcasts its outcome so all ranks fail together.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
+
+from tunesmith import __version__
+from tunesmith.checkpoint.state import Stateful, _tensor_bytes
+from tunesmith.errors import TunesmithError
+
+__all__ = ["CheckpointManager", "estimate_bytes", "check_disk", "VerifyMode"]
+
+log = logging.getLogger("tunesmith")
+
+VerifyMode = Literal["sha256", "size", "none"]
+_VERIFY_MODES = ("sha256", "size", "none")
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+_TMP_PREFIX = ".tmp-"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_CHUNK = 8 << 20
+_GIB = float(1 << 30)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_rank0() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (identity when not distributed)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns on every call that it "assumes a single process" when no group exists; that
+    # is exactly our intent, so the warning is noise there (and kept when distributed).
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first failing rank's own exception inside a DCP CheckpointException (else `exc`)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        return next(iter(exc.failures.values()))[0]
+    return exc
+
+
+def _dcp_reason(exc: BaseException) -> str:
+    """One line from a DCP failure: the underlying exception, not the multi-rank traceback."""
+    exc = _root_cause(exc)
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------- filesystem
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes renames/creations inside `path` durable; some platforms cannot open directories.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _plain(obj: Any, what: str) -> Any:
+    """JSON-safe copy (tuples -> lists, Paths -> str) so YAML/JSON dumps never choke."""
+    try:
+        return json.loads(json.dumps(obj, default=str, allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise TunesmithError(f"checkpoint {what} is not serialisable: {e}") from None
+
+
+# ----------------------------------------------------------------------------- public helpers
+
+
+def estimate_bytes(app_state: Mapping[str, Any]) -> int:
+    """Approximate checkpoint size: the bytes of every tensor in the app state."""
+    total = 0
+    for obj in app_state.values():
+        est = getattr(obj, "estimate_bytes", None)
+        total += est() if callable(est) else _tensor_bytes(obj.state_dict())
+    return total
+
+
+def check_disk(root: str | Path, needed_bytes: int) -> None:
+    """Fail early unless `root` is writable and has room for two checkpoints of this size.
+
+    Two, because the new checkpoint is fully written before the oldest one is pruned.
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise TunesmithError(f"checkpoint root {root} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(root).free
+    need = 2 * int(needed_bytes)
+    if need > free:
+        raise TunesmithError(
+            f"not enough disk space under {root}: two checkpoints of ~{needed_bytes / _GIB:.2f} GiB "
+            f"need {need / _GIB:.2f} GiB, only {free / _GIB:.2f} GiB free"
+        )
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Save/verify/list/resolve/load checkpoints under `root/checkpoints/`.
+
+    `keep_last`: how many complete checkpoints to keep (None keeps all). `verify`: how much
+    integrity data the manifest carries and how hard `verify()` checks it -- "sha256" (size and
+    content hash; reads every byte), "size", or "none" (files must merely exist).
+    """
+
+    def __init__(self, root: str | Path, keep_last: int | None = 3, *, verify: VerifyMode = "sha256") -> None:
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise TunesmithError(f"checkpoint keep_last must be a positive integer or null, got {keep_last!r}")
+        if verify not in _VERIFY_MODES:
+            raise TunesmithError(f"checkpoint verify must be one of {', '.join(_VERIFY_MODES)}, got {verify!r}")
+        self.root = Path(root)
+        self.dir = self.root / "checkpoints"
+        self.keep_last = keep_last
+        self.verify_mode: VerifyMode = verify
+
+    # ------------------------------------------------------------------ naming / listing
+
+    def step_dir(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}"
+
+    @staticmethod
+    def step_of(path: str | Path) -> int | None:
+        m = _STEP_RE.match(Path(path).name)
+        return int(m.group(1)) if m else None
+
+    def list_complete(self) -> list[Path]:
+        """Checkpoint dirs that have a manifest (written last), oldest step first. Not hashed."""
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if p.is_dir() and self.step_of(p) is not None and (p / MANIFEST).is_file()]
+        return sorted(found, key=lambda p: self.step_of(p) or 0)
+
+    def cleanup_partial(self) -> list[Path]:
+        """Remove `.tmp-*` leftovers of crashed saves; call once at start-up.
+
+        Not done implicitly: another process (an eval job) opening the same root must not
+        delete a save that training has in flight.
+        """
+        removed: list[Path] = []
+        if _is_rank0() and self.dir.is_dir():
+            for p in sorted(self.dir.glob(f"{_TMP_PREFIX}*")):
+                log.warning("removing partial checkpoint %s left by an interrupted save", p)
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        _barrier()
+        return removed
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        step: int,
+        app_state: Mapping[str, Stateful],
+        *,
+        config: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write `app_state` as checkpoint `step` atomically; then prune beyond keep_last."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TunesmithError(f"checkpoint step must be a non-negative integer, got {step!r}")
+        plain_config = _plain(dict(config), "config") if config is not None else None
+        plain_meta = _plain(dict(meta), "meta") if meta is not None else {}
+        state = {key: obj.state_dict() for key, obj in app_state.items()}
+        tmp = self._make_tmp(step)
+        try:
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=tmp)
+        except BaseException as e:
+            # Left in place on purpose: other ranks may still be writing into it, and
+            # cleanup_partial() at the next start removes it safely.
+            log.warning("checkpoint save for step %d failed; partial files left in %s", step, tmp)
+            if isinstance(_root_cause(e), OSError):  # disk full, permissions: the user's to fix
+                raise TunesmithError(f"could not write checkpoint {tmp}: {_dcp_reason(e)}") from e
+            raise
+        error: str | None = None
+        final = self.step_dir(step)
+        failure: Exception | None = None
+        if _is_rank0():
+            try:
+                self._finalize(tmp, final, step, plain_config, plain_meta)
+            except Exception as e:  # noqa: BLE001 -- broadcast first so no rank hangs
+                failure = e
+                error = f"could not finalize checkpoint {final}: {_dcp_reason(e)}"
+        error = _from_rank0(error)
+        _barrier()
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure  # a bug, not the user's disk: keep its traceback
+        if error:
+            raise TunesmithError(error)
+        if _is_rank0():
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _make_tmp(self, step: int) -> Path:
+        # One name for all ranks: each rank writes its shard into the same directory.
+        name = _from_rank0(f"{_TMP_PREFIX}step_{step:08d}-{uuid.uuid4().hex[:12]}")
+        tmp = self.dir / name
+        error: str | None = None
+        if _is_rank0():
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = f"cannot create checkpoint directory {tmp}: {e.strerror or e}"
+        error = _from_rank0(error)
+        if error:
+            raise TunesmithError(error)
+        _barrier()
+        return tmp
+
+    def _finalize(self, tmp: Path, final: Path, step: int, config: Any, meta: Any) -> None:
+        if config is not None:
+            _write_durable(tmp / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        manifest = self._build_manifest(tmp, step, meta)
+        _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            # Re-saving a step: move the old one aside under a .tmp name (so a crash here
+            # leaves cleanable debris), swap, then delete it.
+            aside = self.dir / f"{_TMP_PREFIX}replaced-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+
+    def _build_manifest(self, tmp: Path, step: int, meta: Any) -> dict[str, Any]:
+        files = []
+        for p in _files_under(tmp):
+            if p.name == MANIFEST:
+                continue
+            _fsync_file(p)  # DCP already syncs its shards; this also covers config.yaml
+            entry: dict[str, Any] = {"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size}
+            if self.verify_mode == "sha256":
+                entry["sha256"] = _sha256(p)
+            files.append(entry)
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created_at": now.isoformat(timespec="seconds"),
+            "created_unix": now.timestamp(),
+            "torch_version": torch.__version__,
+            "tunesmith_version": __version__,
+            "world_size": dist.get_world_size() if _distributed() else 1,
+            "hash": self.verify_mode,
+            "files": files,
+            "meta": meta,
+        }
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last is None:
+            return
+        complete = self.list_complete()
+        # Never the checkpoint just written, even if stale higher-step ones exist.
+        doomed = [p for p in complete[: max(0, len(complete) - self.keep_last)] if p != keep]
+        for p in doomed:
+            try:
+                # Rename first so a crash mid-delete cannot leave a half-deleted "checkpoint".
+                trash = self.dir / f"{_TMP_PREFIX}deleting-{p.name}-{uuid.uuid4().hex[:8]}"
+                os.replace(p, trash)
+                shutil.rmtree(trash)
+            except OSError as e:
+                log.warning("could not delete old checkpoint %s: %s", p, e.strerror or e)
+
+    # ------------------------------------------------------------------ verify / resolve
+
+    @staticmethod
+    def _manifest_or_reason(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None, f"missing {MANIFEST}"
+        except (OSError, ValueError) as e:
+            return None, f"unreadable {MANIFEST} ({type(e).__name__}: {e})"
+        if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+            return None, f"malformed {MANIFEST} (no file list)"
+        if data.get("format_version") != FORMAT_VERSION:
+            return None, f"unsupported manifest format_version {data.get('format_version')!r}"
+        return data, None
+
+    @classmethod
+    def read_manifest(cls, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        manifest, reason = cls._manifest_or_reason(path)
+        if manifest is None:
+            raise TunesmithError(f"{path} is not a usable checkpoint: {reason}")
+        return manifest
+
+    def verify(self, path: str | Path) -> str | None:
+        """None when the checkpoint at `path` is intact, else the reason it is not."""
+        path = Path(path)
+        if not path.is_dir():
+            return "not a directory"
+        manifest, reason = self._manifest_or_reason(path)
+        if manifest is None:
+            return reason
+        for entry in manifest["files"]:
+            reason = self._check_file(path, entry)
+            if reason:
+                return reason
+        return None
+
+    def _check_file(self, path: Path, entry: Mapping[str, Any]) -> str | None:
+        rel = str(entry.get("path", ""))
+        f = path / rel
+        if not rel or not f.is_file():
+            return f"missing file {rel}"
+        if self.verify_mode == "none":
+            return None
+        size = f.stat().st_size
+        if size != entry.get("size"):
+            return f"size mismatch for {rel}: manifest says {entry.get('size')} bytes, found {size}"
+        want = entry.get("sha256")
+        if self.verify_mode == "sha256" and want and _sha256(f) != want:
+            return f"checksum mismatch for {rel}"
+        return None
+
+    def latest_complete(self) -> Path | None:
+        """Newest checkpoint that passes `verify()`; invalid ones are skipped with a warning."""
+        for path in reversed(self.list_complete()):
+            reason = self.verify(path)
+            if reason is None:
+                return path
+            log.warning("skipping checkpoint %s: %s", path, reason)
+        return None
+
+    def resolve(self, resume: str | int | Path) -> Path | None:
+        """`"auto"` -> latest valid (None if none); `"200"`/200 -> that step; else a path."""
+        text = str(resume).strip()
+        if text.lower() == "auto":
+            return self.latest_complete()
+        if text.isdigit():
+            path = self.step_dir(int(text))
+            if not path.is_dir():
+                have = ", ".join(str(self.step_of(p)) for p in self.list_complete()) or "none"
+                raise TunesmithError(f"no checkpoint for step {int(text)} under {self.dir} (available steps: {have})")
+        else:
+            path = Path(text).expanduser()
+            if not path.exists():
+                raise TunesmithError(f"resume checkpoint {path} does not exist")
+        reason = self.verify(path)
+        if reason is not None:
+            raise TunesmithError(f"cannot resume from {path}: {reason}")
+        return path
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, path: str | Path, app_state: Mapping[str, Stateful]) -> dict[str, Any]:
+        """Load checkpoint `path` into every object of `app_state`; returns its manifest.
+
+        Integrity is checked by `resolve()`/`verify()`, not here (hashing twice is costly);
+        DCP itself has no checksums, so an unverified flipped byte loads silently.
+        """
+        path = Path(path)
+        manifest = self.read_manifest(path)
+        state = {key: obj.state_dict() for key, obj in app_state.items()}
+        try:
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=path)
+        except (CheckpointException, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise TunesmithError(f"could not load checkpoint {path}: {_dcp_reason(e)}") from e
+        for key, obj in app_state.items():
+            try:
+                obj.load_state_dict(state[key])
+            except TunesmithError as e:
+                raise TunesmithError(f"could not restore '{key}' from checkpoint {path}: {e}") from e
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise TunesmithError(f"could not restore '{key}' from checkpoint {path}: {_dcp_reason(e)}") from e
+        return manifest
+
+    @staticmethod
+    def read_config(path: str | Path) -> dict[str, Any]:
+        """The run config saved with the checkpoint ({} when it was saved without one)."""
+        f = Path(path) / CONFIG
+        if not f.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise TunesmithError(f"cannot read {f}: {e}") from None
+        return data if isinstance(data, dict) else {}
