@@ -1,0 +1,394 @@
+"""Raw text records from local files or a Hugging Face dataset.
+
+`load_text_records` returns a `datasets.Dataset` with a `text` column (str) and, for local files,
+a `doc_end` column (bool): True when the record ends a document, i.e. where an EOS belongs in
+packed mode.
+
+Plain text (.txt, and WikiText's .raw/.tokens) follows the Hugging Face `text` builder that
+`run_clm.py` uses, so perplexities are comparable: universal newlines ("\\r\\n" and "\\r" become
+"\\n"), one record per line, empty lines kept, and line breaks kept when `keep_linebreaks`
+(run_clm's default). A .txt file is ONE document: only its last line has `doc_end=True`, so packed
+mode puts one EOS per file rather than one per line (an EOS after every verse line would teach the
+model to stop after each line); with add_eos=false the token stream equals run_clm's. Every record
+of a .json/.jsonl/.csv/.parquet file or a hub dataset is its own document.
+
+Local files are parsed line by line (except a .json *array*, which must be read whole) and written
+to an Arrow file in the cache, keyed by path, size and mtime, so a large file is parsed once and
+later runs memory-map it. Every problem is one `TunesmithError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import datasets
+import pyarrow as pa
+
+from tunesmith.errors import TunesmithError
+
+# Plain text; .raw/.tokens are WikiText's names for plain text files.
+TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
+SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".json", ".jsonl", ".csv", ".parquet")
+_SUFFIX_LIST = ".txt (.raw, .tokens), .json, .jsonl, .csv, .parquet"
+
+# Bump when the record layout or parsing rules change, so old cached records are not reused.
+_RECORDS_VERSION = "1"
+_FEATURES = datasets.Features({"text": datasets.Value("string"), "doc_end": datasets.Value("bool")})
+# Flush a record batch after this many records or characters (bounds memory for huge files).
+_BATCH_RECORDS = 8192
+_BATCH_CHARS = 64 << 20
+
+Record = tuple[str, bool]  # (text, doc_end)
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """Where tunesmith keeps records and packed blocks: `cache_dir` or the HF datasets cache."""
+    base = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    return base / "tunesmith"
+
+
+# ----------------------------------------------------------------------------- file discovery
+
+
+def _check_file(path: Path) -> None:
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise TunesmithError(
+            f"{path}: unsupported file type '{path.suffix or '(none)'}' (expected {_SUFFIX_LIST} "
+            "or a directory of them)"
+        )
+    if not os.access(path, os.R_OK):
+        raise TunesmithError(f"{path}: file is not readable (permission denied)")
+
+
+def _list_files(path: Path) -> list[Path]:
+    """The data files behind `path`: itself, or the supported files under a directory."""
+    if path.is_file():
+        _check_file(path)
+        return [path]
+    if not path.is_dir():
+        raise TunesmithError(f"{path}: no such file or directory")
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in SUPPORTED_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise TunesmithError(f"{path}: directory holds no {_SUFFIX_LIST} files")
+    for f in files:
+        _check_file(f)
+    return files
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _utf8_lines(path: Path, fh: BinaryIO) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line with its line break), checking UTF-8 per line."""
+    offset = 0
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TunesmithError(
+                f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + exc.start} "
+                "(re-encode the file as UTF-8)"
+            ) from None
+        if lineno == 1 and line.startswith("\ufeff"):
+            line = line[1:]  # a UTF-8 byte-order mark is not text
+        offset += len(raw)
+        yield lineno, line
+
+
+def _split_universal(line: str) -> list[str]:
+    """Split like Python text mode + StringIO.readlines: \\r\\n and \\r become \\n, ends kept."""
+    if "\r" in line:
+        line = line.replace("\r\n", "\n").replace("\r", "\n")
+    if line.count("\n") <= 1:
+        return [line]
+    parts = line.split("\n")
+    pieces = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        pieces.append(parts[-1])
+    return pieces
+
+
+def _read_txt(path: Path, fh: BinaryIO, keep_linebreaks: bool) -> Iterator[Record]:
+    pending: str | None = None  # held back one line so the file's last line gets doc_end=True
+    for _, line in _utf8_lines(path, fh):
+        for piece in _split_universal(line):
+            if pending is not None:
+                yield pending, False
+            pending = piece if keep_linebreaks else piece.rstrip("\n")
+    if pending is not None:
+        yield pending, True
+
+
+def _columns_error(path: Path, where: str, column: str, present: list[str]) -> TunesmithError:
+    cols = ", ".join(present) if present else "(none)"
+    return TunesmithError(
+        f"{where}: text column '{column}' not found; columns present: {cols} "
+        "(set data.text_column)"
+    )
+
+
+def _text_of(obj: Any, path: Path, where: str, column: str) -> str:
+    """The text field of one JSON record, or a one-line error saying what is wrong and where."""
+    if not isinstance(obj, dict):
+        raise TunesmithError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if column not in obj:
+        raise _columns_error(path, where, column, list(obj))
+    text = obj[column]
+    if not isinstance(text, str):
+        raise TunesmithError(
+            f"{where}: column '{column}' holds {type(text).__name__}, expected a string"
+        )
+    return text
+
+
+def _read_jsonl(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
+    for lineno, line in _utf8_lines(path, fh):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise TunesmithError(
+                f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})"
+            ) from None
+        yield _text_of(obj, path, f"{path}:{lineno}", column), True
+
+
+def _first_significant_byte(fh: BinaryIO) -> bytes:
+    """The first non-whitespace byte after an optional BOM (b'' for an empty file); rewinds."""
+    head = fh.read(4096)
+    while head:
+        stripped = head.lstrip(b" \t\r\n")
+        if stripped.startswith(b"\xef\xbb\xbf"):
+            stripped = stripped[3:].lstrip(b" \t\r\n")
+        if stripped:
+            fh.seek(0)
+            return stripped[:1]
+        head = fh.read(4096)
+    fh.seek(0)
+    return b""
+
+
+def _read_json(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
+    """A .json file: a JSON array of objects (read whole) or JSON lines (streamed)."""
+    if _first_significant_byte(fh) != b"[":
+        yield from _read_jsonl(path, fh, column)
+        return
+    data = fh.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TunesmithError(
+            f"{path}:{line}: invalid UTF-8 at byte offset {exc.start} (re-encode the file as UTF-8)"
+        ) from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TunesmithError(
+            f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    del data, text
+    for i, obj in enumerate(records):
+        yield _text_of(obj, path, f"{path}: record {i}", column), True
+
+
+def _read_csv(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
+    # csv needs the raw line endings (newline="" semantics) to handle quoted multi-line fields.
+    reader = csv.reader(line for _, line in _utf8_lines(path, fh))
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, 2**31 - 1))  # documents can exceed the 128 KiB default
+    try:
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        if column not in header:
+            raise _columns_error(path, str(path), column, header)
+        idx = header.index(column)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) <= idx:
+                raise TunesmithError(
+                    f"{path}:{reader.line_num}: row has {len(row)} fields, header has {len(header)}"
+                )
+            yield row[idx], True
+    except csv.Error as exc:
+        raise TunesmithError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _read_parquet(path: Path, column: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TunesmithError(f"{path}: not a readable parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise _columns_error(path, str(path), column, names)
+    _check_string_type(pf.schema_arrow.field(column).type, f"{path}", column)
+    row = 0
+    for batch in pf.iter_batches(columns=[column], batch_size=_BATCH_RECORDS):
+        arr = batch.column(0)
+        if arr.null_count:
+            first = arr.is_null().to_pylist().index(True)
+            raise TunesmithError(f"{path}: row {row + first}: column '{column}' is null")
+        row += len(arr)
+        for text in arr.to_pylist():
+            yield text, True
+
+
+def _check_string_type(typ: pa.DataType, where: str, column: str) -> None:
+    ok = pa.types.is_string(typ) or pa.types.is_large_string(typ)
+    ok = ok or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(typ))
+    if not ok:
+        raise TunesmithError(f"{where}: column '{column}' has type {typ}, expected strings")
+
+
+def _read_file(path: Path, column: str, keep_linebreaks: bool) -> Iterator[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path, column)
+        return
+    try:
+        with open(path, "rb") as fh:
+            if suffix in TEXT_SUFFIXES:
+                yield from _read_txt(path, fh, keep_linebreaks)
+            elif suffix == ".jsonl":
+                yield from _read_jsonl(path, fh, column)
+            elif suffix == ".json":
+                yield from _read_json(path, fh, column)
+            else:
+                yield from _read_csv(path, fh, column)
+    except OSError as exc:
+        raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+# ----------------------------------------------------------------------------- arrow cache
+
+
+def _records_fingerprint(files: list[Path], column: str, keep_linebreaks: bool) -> str:
+    """Keyed by what the records depend on, including size and mtime so edits invalidate."""
+    digest = hashlib.sha256(f"records-v{_RECORDS_VERSION}|{column}|{keep_linebreaks}".encode())
+    for f in files:
+        st = f.stat()
+        digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _write_records(records: Iterator[Record], out: Path) -> int:
+    """Stream records into an Arrow IPC file (the format `Dataset.from_file` maps); count them."""
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    schema = _FEATURES.arrow_schema
+    texts: list[str] = []
+    ends: list[bool] = []
+    n = chars = 0
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for text, end in records:
+                texts.append(text)
+                ends.append(end)
+                chars += len(text)
+                if len(texts) >= _BATCH_RECORDS or chars >= _BATCH_CHARS:
+                    writer.write_batch(pa.record_batch([texts, ends], schema=schema))
+                    n += len(texts)
+                    texts, ends, chars = [], [], 0
+            if texts:
+                writer.write_batch(pa.record_batch([texts, ends], schema=schema))
+                n += len(texts)
+        if n:
+            os.replace(tmp, out)  # atomic: a crash or a concurrent rank never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def _load_local(
+    path: Path, column: str, keep_linebreaks: bool, cache_dir: str | None
+) -> datasets.Dataset:
+    files = _list_files(path)
+    root = cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"records-{_records_fingerprint(files, column, keep_linebreaks)}.arrow"
+    if not out.exists():
+        stream = (rec for f in files for rec in _read_file(f, column, keep_linebreaks))
+        if _write_records(stream, out) == 0:
+            raise TunesmithError(f"{path}: no records found (empty dataset)")
+    return datasets.Dataset.from_file(str(out))
+
+
+# ----------------------------------------------------------------------------- hub datasets
+
+
+def _load_hub(
+    name: str, config: str | None, split: str, column: str, cache_dir: str | None
+) -> datasets.Dataset:
+    try:
+        ds = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunesmithError(
+            f"data path '{name}' does not exist locally and could not be loaded from the Hugging "
+            f"Face hub (unreachable or offline?): {reason[:200]}"
+        ) from exc
+    if not isinstance(ds, datasets.Dataset):
+        raise TunesmithError(f"dataset '{name}' split '{split}' is not a map-style dataset")
+    if column not in ds.column_names:
+        raise _columns_error(Path(name), f"dataset '{name}'", column, ds.column_names)
+    _check_string_type(ds.data.schema.field(column).type, f"dataset '{name}'", column)
+    if ds.data.column(column).null_count:
+        raise TunesmithError(f"dataset '{name}': column '{column}' has null values")
+    if len(ds) == 0:
+        raise TunesmithError(f"dataset '{name}' split '{split}' is empty")
+    ds = ds.select_columns([column])
+    return ds if column == "text" else ds.rename_column(column, "text")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a filesystem path: it has a file suffix or a path prefix."""
+    return (
+        Path(name).suffix.lower() in SUPPORTED_SUFFIXES
+        or name.startswith(("/", "./", "../", "~", ".\\"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
+def load_text_records(
+    path: str,
+    *,
+    text_column: str = "text",
+    keep_linebreaks: bool = True,
+    dataset_config: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """Records of `path` (file, directory or hub name) as a Dataset with column `text`.
+
+    Local sources also have `doc_end` (bool). `text_column` selects the field of
+    json/jsonl/csv/parquet/hub records; .txt files have no columns. `keep_linebreaks=False`
+    strips the line break of each .txt line (lines mode).
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        return _load_local(local, text_column, keep_linebreaks, cache_dir)
+    if _looks_like_path(path):
+        raise TunesmithError(f"{local}: no such file or directory")
+    return _load_hub(path, dataset_config, split, text_column, cache_dir)
