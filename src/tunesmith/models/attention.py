@@ -27,7 +27,7 @@ AttnKind = Literal["causal", "padding", "documents"]
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare tensors elementwise
 class AttnSpec:
     """What each query may attend to.
 
@@ -60,12 +60,13 @@ class AttnSpec:
     def documents(cls, doc_ids: torch.Tensor) -> AttnSpec:
         if doc_ids.dim() != 2:
             raise TunesmithError(
-                f"AttnSpec.documents: doc_ids must be [batch, seq], got shape {tuple(doc_ids.shape)}"
+                "AttnSpec.documents: doc_ids must be [batch, seq], got shape "
+                f"{tuple(doc_ids.shape)}"
             )
         return cls("documents", doc_ids=doc_ids)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedAttention:
     """Backend arguments computed once per forward and shared by all layers.
 

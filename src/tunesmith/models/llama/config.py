@@ -54,7 +54,10 @@ HF_KEY_MAP: dict[str, str] = {
 
 @dataclass
 class LlamaConfig:
-    """Architecture hyper-parameters. `head_dim` 0 means dim // n_heads; `n_kv_heads` 0 means MHA."""
+    """Architecture hyper-parameters.
+
+    `head_dim` 0 means dim // n_heads; `n_kv_heads` 0 means n_heads (MHA).
+    """
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -71,7 +74,8 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q, k, v projections
-    attention_out_bias: bool = False  # bias on the o projection (HF llama ties it to attention_bias)
+    # Bias on the o projection; HF llama ties it to attention_bias, qwen2 never has one.
+    attention_out_bias: bool = False
     mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -218,7 +222,8 @@ def _check_rope_scaling(rs: dict[str, Any], where: str) -> None:
     rtype = rs.get("rope_type", rs.get("type"))
     if rtype != "llama3":
         raise TunesmithError(
-            f"{where}: rope scaling type {rtype!r} is not supported; known: {', '.join(_ROPE_TYPES)}"
+            f"{where}: rope scaling type {rtype!r} is not supported; "
+            f"known: {', '.join(_ROPE_TYPES)}"
         )
     missing = [k for k in _LLAMA3_KEYS if k not in rs]
     if missing:
@@ -270,7 +275,8 @@ def apply_overrides(cfg: LlamaConfig, overrides: dict[str, Any] | None) -> Llama
         if ours is None:
             valid = sorted(set(_FIELD_NAMES) | set(HF_KEY_MAP))
             close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(_FIELD_NAMES)}"
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else f"; valid keys: {', '.join(_FIELD_NAMES)}")
             raise TunesmithError(f"model override: unknown key {key!r}{hint}")
         changes[ours] = copy.deepcopy(value)
     derived_head = cfg.head_dim == cfg.dim // cfg.n_heads
@@ -282,9 +288,9 @@ def apply_overrides(cfg: LlamaConfig, overrides: dict[str, Any] | None) -> Llama
 
 
 # ---------------------------------------------------------------------- presets
-def _llama3_scaling(factor: float) -> dict[str, Any]:
+def _llama3_scaling(factor: float, original: int = 8192) -> dict[str, Any]:
     return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
 
 
 def _preset_table() -> dict[str, dict[str, Any]]:
@@ -299,10 +305,12 @@ def _preset_table() -> dict[str, dict[str, Any]]:
                 max_position_embeddings=131072, bos_token_id=151643, eos_token_id=151643,
                 torch_dtype="bfloat16")
     return {
-        # Test/demo model: llama3-style (GQA, llama3 rope scaling, tied), ~156K params.
+        # Test/demo model: llama3-style (GQA, llama3 rope scaling, tied), ~156K params. The
+        # scaling's original context (256) is below max positions (HF warns otherwise) and puts
+        # the 8 rotary frequencies in all three llama3 bands (kept / smoothed / divided).
         "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                      intermediate_size=256, rope_theta=500000.0, max_position_embeddings=2048,
-                     rope_scaling=_llama3_scaling(32.0), tie_word_embeddings=True,
+                     rope_scaling=_llama3_scaling(8.0, original=256), tie_word_embeddings=True,
                      bos_token_id=1, eos_token_id=2),
         "llama2-7b": dict(l2, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008,
                           torch_dtype="float16"),

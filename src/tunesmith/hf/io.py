@@ -1,0 +1,233 @@
+"""HF-format file IO: config JSON, safetensors/pickle weight iteration, sharded writing, hub access.
+
+Nothing here knows about model architectures; `tunesmith.models` maps names and shapes.
+Memory rule: tensors are produced one at a time (safetensors are memory-mapped), and sharded
+saves materialise at most one shard on the host at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG_FILES = ["config.json", "generation_config.json"]
+TOKENIZER_PATTERNS = [
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*",
+]
+# Only `org/name` ids are tried on the hub: bare names are almost always preset typos, and an
+# offline hub lookup costs ~20 s of retries before failing.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------- JSON
+def read_json(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise TunesmithError(f"file not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TunesmithError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise TunesmithError(f"{p}: expected a JSON object at the top level")
+    return data
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- hub
+def looks_like_hub_id(source: str) -> bool:
+    """`org/name` shaped (the form every current model repo id has)."""
+    return bool(_HUB_ID_RE.match(source)) and ".." not in source
+
+
+def download_hub_file(repo_id: str, filename: str) -> Path:
+    """Fetch one file of a hub model repo (cached). Raises TunesmithError when unreachable."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:  # network, auth, missing repo: all user-facing
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TunesmithError(f"cannot fetch {filename} of hub repo {repo_id!r}: {reason}") from None
+
+
+def snapshot_model_repo(repo_id: str) -> Path:
+    """Download config, tokenizer and weights of a hub model; return the local snapshot dir.
+
+    safetensors are preferred; pickle `.bin` weights are fetched only when a repo has none.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = CONFIG_FILES + TOKENIZER_PATTERNS + ["*.safetensors", SAFE_INDEX]
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any(local.glob("*.safetensors")):
+            bin_patterns = ["pytorch_model*.bin", BIN_INDEX]
+            local = Path(snapshot_download(repo_id, allow_patterns=bin_patterns))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TunesmithError(f"cannot download hub repo {repo_id!r}: {reason}") from None
+    return local
+
+
+# ---------------------------------------------------------------------------- reading
+def find_weight_files(model_dir: str | Path) -> list[Path]:
+    """Weight files of a HF model dir, safetensors first, sharded or not."""
+    d = Path(model_dir)
+    for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        if (d / index_name).is_file():
+            weight_map = read_json(d / index_name).get("weight_map") or {}
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (d / f).is_file()]
+            if missing:
+                raise TunesmithError(f"{d / index_name}: listed shard missing: {d / missing[0]}")
+            return [d / f for f in files]
+        if (d / single).is_file():
+            return [d / single]
+    raise TunesmithError(
+        f"no weights in {d}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: never execute code from a checkpoint. mmap avoids reading everything up
+    # front but only works for the zip format (torch >= 1.6), so fall back without it.
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TunesmithError(f"cannot read {path} safely (weights_only): {reason}") from None
+    if not isinstance(sd, dict):
+        raise TunesmithError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def tensor_shapes(files: Sequence[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """name -> (shape, file) without loading data (headers only for safetensors)."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    out[name] = (tuple(st.get_slice(name).get_shape()), f)
+        else:
+            for name, t in _load_pickle(f).items():
+                out[name] = (tuple(t.shape), f)
+    return out
+
+
+def iter_tensors(files: Sequence[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, cpu tensor) one at a time, one file after the other."""
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        else:
+            sd = _load_pickle(f)
+            for name in list(sd):
+                yield name, sd.pop(name)
+            del sd
+
+
+# ---------------------------------------------------------------------------- writing
+def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy in-order grouping; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, nbytes in sizes:
+        if current and used + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def save_safetensors_sharded(
+    out_dir: Path,
+    names: Sequence[str],
+    get_tensor: Callable[[str], torch.Tensor],
+    nbytes: Callable[[str], int],
+    max_shard_bytes: int,
+) -> list[str]:
+    """Write `model.safetensors` or `model-0000i-of-0000n.safetensors` + index; return files.
+
+    `get_tensor(name)` must return a contiguous cpu tensor; it is called shard by shard so at
+    most one shard is resident on the host.
+    """
+    from safetensors.torch import save_file
+
+    shards = plan_shards([(n, nbytes(n)) for n in names], max_shard_bytes)
+    n_shards = len(shards)
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+    for i, shard in enumerate(shards):
+        fname = SAFE_SINGLE if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        tensors = {n: get_tensor(n) for n in shard}
+        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})  # HF requires format
+        del tensors
+        weight_map.update({n: fname for n in shard})
+        files.append(fname)
+    if n_shards > 1:
+        total = sum(nbytes(n) for n in names)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_json(out_dir / SAFE_INDEX, index)
+    return files
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp dir next to `out_dir`; on success it replaces `out_dir` by rename.
+
+    A crash leaves only a hidden `.<name>.tmp-*` dir, never a half-written model. An existing
+    `out_dir` is replaced only when it is empty or looks like a saved model (has config.json).
+    """
+    final = Path(out_dir).resolve()
+    if final.exists() and (not final.is_dir() or (any(final.iterdir())
+                                                  and not (final / "config.json").exists())):
+        raise TunesmithError(f"refusing to overwrite {final}: it exists and is not a saved model")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a saved model should be readable like any dir
+    try:
+        yield tmp
+        old: Path | None = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

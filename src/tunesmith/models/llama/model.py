@@ -1,0 +1,303 @@
+"""Native Llama-family decoder (Llama 2/3, Mistral, Qwen2), numerically matching HF transformers.
+
+Single-device code on purpose: parallelism (FSDP2, TP, activation checkpointing, compile) is
+applied from outside using the stable submodule names:
+
+    tok_embeddings                     nn.Embedding [V, D]
+    layers[i]                          TransformerBlock (nn.ModuleList)
+        .attention_norm / .ffn_norm    RMSNorm [D]
+        .attention.{wq,wk,wv,wo}       nn.Linear  (HF q/k/v/o_proj)
+        .feed_forward.{w1,w2,w3}       nn.Linear  (HF gate/down/up_proj)
+    norm                               RMSNorm [D]
+    output                             nn.Linear [V, D]; shares tok_embeddings.weight when tied
+
+RoPE uses HF's rotate-half layout, so HF checkpoints load without permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models.attention import (
+    AttnSpec,
+    PreparedAttention,
+    document_positions,
+    prepare_attention,
+    sdpa_attention,
+)
+from tunesmith.models.llama.config import LlamaConfig
+
+
+# ---------------------------------------------------------------------------- RoPE
+def compute_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim // 2] in fp32, with llama3 scaling exactly as HF."""
+    dim = cfg.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    factor = float(rs["factor"])
+    low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old_ctx = float(rs["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are divided by `factor`; short ones are kept; the
+    # band in between is interpolated smoothly.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [B, T, hd] for positions [B, T] (per-row positions allowed)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [B, T, hd/2], fp32 like HF
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [B, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [B, T, hd] broadcast over heads."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated per-layer keys/values [B, n_kv, max_len, hd] plus the filled length.
+
+    Each layer writes its new k/v at [length, length + T) via `update`; the model calls
+    `advance(T)` once after all layers ran, so every layer sees the same offset.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int,
+                 head_dim: int, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model: Llama, batch_size: int, max_len: int) -> KVCache:
+        ref = model.tok_embeddings.weight
+        c = model.cfg
+        return cls(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim,
+                   device=ref.device, dtype=ref.dtype)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, n_kv, T, hd]; return all keys/values so far [B, n_kv, length+T, hd]."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise TunesmithError(f"KV cache full: need {end} positions, allocated {self.max_len}")
+        self.k[layer_idx][:, :, self.length:end] = k
+        self.v[layer_idx][:, :, self.length:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ---------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight multiply (HF numerics)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_out_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: PreparedAttention, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        # Head counts are inferred (-1) so tensor parallelism can shard heads from outside.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # [B, Hkv, S, hd]
+        out = sdpa_attention(q, k, v, attn)  # [B, H, T, hd]
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1=gate, w3=up, w2=down."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: PreparedAttention, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn, cache, self.layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ---------------------------------------------------------------------------- model
+class Llama(nn.Module):
+    """Llama-family causal LM. See the module docstring for submodule names."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # [head_dim // 2] fp32; not saved: derived from the config, recomputed after to_empty.
+        self.register_buffer("inv_freq", compute_inv_freq(cfg), persistent=False)
+        self.tie_weights()
+
+    # -- weight tying / materialisation ------------------------------------------------
+    def tie_weights(self) -> None:
+        """Make `output.weight` the very same Parameter as `tok_embeddings.weight` when tied."""
+        if self.cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_rope(self) -> None:
+        """Recompute the fp32 inv_freq buffer on its current device (after to_empty / casts)."""
+        self.inv_freq = compute_inv_freq(self.cfg, device=self.inv_freq.device)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Llama:
+        # nn.Module._apply may replace each module's Parameter separately (e.g. meta -> cuda),
+        # which silently unties shared weights, and dtype casts would round inv_freq.
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        self.reset_rope()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Init for training from scratch: N(0, initializer_range) for embeddings and input
+        projections, N(0, initializer_range / sqrt(2 * n_layers)) for the residual output
+        projections (wo, w2; GPT-2 style), norms = 1, biases = 0, RoPE buffer recomputed."""
+        std = self.cfg.initializer_range
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
+            att, ff = layer.attention, layer.feed_forward
+            for lin, s in ((att.wq, std), (att.wk, std), (att.wv, std), (att.wo, out_std),
+                           (ff.w1, std), (ff.w3, std), (ff.w2, out_std)):
+                nn.init.normal_(lin.weight, 0.0, s, generator=generator)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.cfg.tie_word_embeddings:
+            nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
+        self.reset_rope()
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn: AttnSpec | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or final normed hidden [B, T, D]).
+
+        positions [B, T] default to offset + 0..T-1 (offset = cached length), except for a
+        `documents` spec where they restart at 0 in every document (packed sequences).
+        `attn` defaults to plain causal attention.
+        """
+        b, t = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if positions is None:
+            positions = self._default_positions(attn, b, t, offset, input_ids.device)
+        h = self.tok_embeddings(input_ids)  # [B, T, D]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, hd] each
+        prepared = prepare_attention(attn, t, offset + t, h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, prepared, cache)
+        if cache is not None:
+            cache.advance(t)
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
+
+    @staticmethod
+    def _default_positions(attn: AttnSpec | None, b: int, t: int, offset: int,
+                           device: torch.device) -> torch.Tensor:
+        if attn is not None and attn.kind == "documents" and attn.doc_ids is not None:
+            return document_positions(attn.doc_ids.to(device))
+        return (torch.arange(t, device=device) + offset).expand(b, t)
+
+    # -- accounting ----------------------------------------------------------------------
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once). With exclude_embedding, the input
+        embedding table is left out unless it is tied, since it then is also the output head."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.cfg.tie_word_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 * N_matmul + 12 * L * H * hd * T.
+
+        N_matmul = weights of all nn.Linear layers: the 7 per block plus the output head (V*D).
+        The input embedding is a lookup, not a matmul, so it is excluded; when tied, the shared
+        matrix is counted once, as the output head. Biases and norms are ignored (O(D) work).
+        The second term is the attention score/value matmuls (forward + backward), counted for
+        the full T x T square as is conventional (PaLM / nanoGPT / torchtitan).
+        """
+        c = self.cfg
+        n_matmul = c.n_layers * c.n_matmul_params_per_layer + c.vocab_size * c.dim
+        return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
