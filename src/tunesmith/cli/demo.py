@@ -21,15 +21,15 @@ DEMO_RECIPE = {
     "model": {
         "name": "tiny",
         "overrides": {
-            "vocab_size": DEMO_VOCAB, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-            "intermediate_size": 384, "max_position_embeddings": 256, "tie_word_embeddings": True,
+            "vocab_size": DEMO_VOCAB, "dim": 128, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2,
+            "intermediate_size": 384, "max_position_embeddings": 512, "tie_word_embeddings": True,
         },
     },
     "data": {"block_size": 128, "mode": "packed"},
     "optim": {"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},
     "schedule": {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
-    "train": {"micro_batch_size": 16, "max_steps": 300, "precision": "bf16", "seed": 1234},
-    "eval": {"at_start": True, "every_steps": 100, "max_batches": 40},
+    "train": {"micro_batch_size": 16, "max_steps": 450, "precision": "bf16", "seed": 1234},
+    "eval": {"at_start": True, "every_steps": 150, "max_batches": 40},
     "logging": {"steps": 20},
 }
 
@@ -102,7 +102,7 @@ def run_demo(output: str, steps: int | None = None, overwrite: bool = False) -> 
     cfg = RunConfig.model_validate(recipe)
     summary = run_training(cfg)
     final = summary["final_model"]
-    sample = run_generate(final, "The ", max_new_tokens=48)
+    sample = run_generate(final, "The list", max_new_tokens=40)
     print(
         f"\neval perplexity: {summary['perplexity_start']:.1f} before training -> "
         f"{summary['perplexity']:.1f} after {summary['steps']} steps "

@@ -34,7 +34,7 @@ def run_eval(
 
     rt = resolve_runtime(device, precision)
     model, tokenizer = load_for_inference(model_dir, rt)
-    max_pos = model.config.max_position_embeddings
+    max_pos = model.cfg.max_position_embeddings
     block = block_size or min(1024, max_pos)
     dcfg = DataConfig(
         path=data, text_column=text_column, block_size=block, validation_split_percentage=0,
@@ -59,7 +59,9 @@ def run_generate(
 
     if temperature < 0:
         raise TunesmithError(f"--temperature must be >= 0, got {temperature}")
-    rt = resolve_runtime(device, "fp32" if device == "cpu" else "bf16")
+    from tunesmith.train.runtime import resolve_device
+
+    rt = resolve_runtime(device, "bf16" if resolve_device(device).type == "cuda" else "fp32")
     model, tokenizer = load_for_inference(model_dir, rt)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(rt.device)  # [1, T]
     gen = torch.Generator(device=rt.device).manual_seed(seed)

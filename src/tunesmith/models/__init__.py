@@ -285,3 +285,8 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
+
+
+def is_preset(name: str) -> bool:
+    """True when `name` is a named size (e.g. `llama3-8b`), not a path or hub id."""
+    return name in _all_presets()
