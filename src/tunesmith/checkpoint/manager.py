@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -251,8 +251,14 @@ class CheckpointManager:
         *,
         config: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
+        extra_files: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write `app_state` as checkpoint `step` atomically; then prune beyond keep_last."""
+        """Write `app_state` as checkpoint `step` atomically; then prune beyond keep_last.
+
+        `extra_files(tmp_dir)` runs on rank 0 after the DCP shards are written and before the
+        manifest, so whatever it writes (an HF config.json, tokenizer files) is listed and
+        verified like the shards. Write into subdirectories: DCP owns the top-level names.
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TunesmithError(f"checkpoint step must be a non-negative integer, got {step!r}")
         plain_config = _plain(dict(config), "config") if config is not None else None
@@ -274,6 +280,8 @@ class CheckpointManager:
         failure: Exception | None = None
         if _is_rank0():
             try:
+                if extra_files is not None:
+                    extra_files(tmp)
                 self._finalize(tmp, final, step, plain_config, plain_meta)
             except Exception as e:  # noqa: BLE001 -- broadcast first so no rank hangs
                 failure = e

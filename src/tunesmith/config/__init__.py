@@ -1,5 +1,6 @@
 from tunesmith.config.loader import dump_config, load_config
 from tunesmith.config.schema import (
+    CheckpointConfig,
     DataConfig,
     EvalConfig,
     LoggingConfig,
@@ -12,6 +13,6 @@ from tunesmith.config.schema import (
 )
 
 __all__ = [
-    "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
+    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
     "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
 ]

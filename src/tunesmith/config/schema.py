@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -38,6 +38,11 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = Field(
         False, description="Allow code from the hub when loading tokenizers. Off by default."
+    )
+    allow_unsafe_pickle: bool = Field(
+        False,
+        description="Allow pickle (.bin/.pt) weights that need arbitrary code to load; only for "
+        "sources you trust. safetensors and plain-tensor pickles never need it.",
     )
 
 
@@ -106,6 +111,15 @@ class TrainConfig(Section):
     throughput_warmup_steps: int = Field(
         2, ge=0, description="Steps left out of throughput/MFU (compile, allocator warm-up)."
     )
+    nan_policy: Literal["halt", "skip"] = Field(
+        "halt",
+        description="On a non-finite loss or grad norm the update is never applied. halt: write "
+        "OUTPUT/nan_diagnostics.json and stop (exit 3); skip: drop the step and continue.",
+    )
+    max_consecutive_skips: int = Field(
+        5, ge=1, description="nan_policy=skip: halt (exit 3) when more consecutive steps than this "
+        "are non-finite.",
+    )
 
 
 class EvalConfig(Section):
@@ -130,6 +144,48 @@ class OutputConfig(Section):
     save_final: bool = Field(True, description="Write an HF-format model to OUTPUT/final.")
 
 
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(
+        None, gt=0, description="Save a training checkpoint every N optimizer steps."
+    )
+    every_epoch: bool = Field(False, description="Save a training checkpoint at the end of each epoch.")
+    keep_last: int | None = Field(
+        3, ge=1, description="Complete checkpoints to keep (older ones are deleted); null keeps all."
+    )
+    resume: str | None = Field(
+        None,
+        description="Resume from: auto (newest valid checkpoint in output.dir, else start fresh), "
+        "a checkpoint directory, or a step number.",
+    )
+    save_on_exit: bool = Field(
+        True, description="On SIGTERM/SIGINT, save a checkpoint at the next step boundary, then exit 0."
+    )
+    verify: Literal["sha256", "size", "none"] = Field(
+        "sha256",
+        description="Integrity data in each manifest, checked before resuming: sha256 (size and "
+        "content hash), size, or none (files must exist).",
+    )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_text(cls, value: object) -> object:
+        # `checkpoint.resume=200` parses as an int; a step number is meant.
+        if isinstance(value, bool):
+            raise ValueError("must be auto, a checkpoint path or a step number")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("a step number must be >= 0")
+            return str(value)
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def periodic(self) -> bool:
+        """True when checkpoints are saved during training (not only on preemption)."""
+        return self.every_steps is not None or self.every_epoch
+
+
 class RunConfig(Section):
     """A whole job: `tunesmith train RECIPE.yaml key=value ...` resolves to one of these."""
 
@@ -142,6 +198,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:

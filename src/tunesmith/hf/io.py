@@ -108,9 +108,10 @@ def find_weight_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only: never execute code from a checkpoint. mmap avoids reading everything up
-    # front but only works for the zip format (torch >= 1.6), so fall back without it.
+def _load_pickle(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    # weights_only: never execute code from a checkpoint unless the user opted in
+    # (model.allow_unsafe_pickle). mmap avoids reading everything up front but only works
+    # for the zip format (torch >= 1.6), so fall back without it.
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -118,13 +119,24 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TunesmithError(f"cannot read {path} safely (weights_only): {reason}") from None
+        if not allow_pickle:
+            raise TunesmithError(
+                f"cannot read {path} safely (weights_only): {reason}; convert it to safetensors, "
+                "or set model.allow_unsafe_pickle=true if you trust its source"
+            ) from None
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 -- any failure of a foreign pickle is the file's
+            reason = str(e2).splitlines()[0] if str(e2) else type(e2).__name__
+            raise TunesmithError(f"cannot unpickle {path}: {reason}") from None
     if not isinstance(sd, dict):
         raise TunesmithError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return sd
 
 
-def tensor_shapes(files: Sequence[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+def tensor_shapes(
+    files: Sequence[Path], allow_pickle: bool = False
+) -> dict[str, tuple[tuple[int, ...], Path]]:
     """name -> (shape, file) without loading data (headers only for safetensors)."""
     from safetensors import safe_open
 
@@ -135,12 +147,14 @@ def tensor_shapes(files: Sequence[Path]) -> dict[str, tuple[tuple[int, ...], Pat
                 for name in st.keys():
                     out[name] = (tuple(st.get_slice(name).get_shape()), f)
         else:
-            for name, t in _load_pickle(f).items():
+            for name, t in _load_pickle(f, allow_pickle).items():
                 out[name] = (tuple(t.shape), f)
     return out
 
 
-def iter_tensors(files: Sequence[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    files: Sequence[Path], allow_pickle: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, cpu tensor) one at a time, one file after the other."""
     from safetensors import safe_open
 
@@ -150,7 +164,7 @@ def iter_tensors(files: Sequence[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in st.keys():
                     yield name, st.get_tensor(name)
         else:
-            sd = _load_pickle(f)
+            sd = _load_pickle(f, allow_pickle)
             for name in list(sd):
                 yield name, sd.pop(name)
             del sd

@@ -29,7 +29,7 @@ from tunesmith.models.llama.model import KVCache, Llama
 
 __all__ = [
     "FAMILIES", "KVCache", "Llama", "LlamaConfig", "ModelFamily", "build_model", "get_family",
-    "init_random", "load_pretrained", "resolve_model_config", "save_pretrained",
+    "init_random", "load_pretrained", "resolve_model_config", "save_pretrained", "write_hf_config",
 ]
 
 
@@ -168,7 +168,7 @@ def _few(names: list[str], n: int = 5) -> str:
     return ", ".join(sorted(names)[:n]) + more
 
 
-def _plan_load(model: nn.Module, files: list[Path]) -> dict[str, str]:
+def _plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False) -> dict[str, str]:
     """Check checkpoint names/shapes against the model; return hf name -> native name."""
     cfg: LlamaConfig = model.cfg  # type: ignore[assignment]
     adapter = get_family(cfg.model_type).adapter(cfg)
@@ -178,7 +178,7 @@ def _plan_load(model: nn.Module, files: list[Path]) -> dict[str, str]:
     mapping: dict[str, str] = {}
     unexpected: list[str] = []
     bad_shapes: list[str] = []
-    for hf_name, (shape, _) in hfio.tensor_shapes(files).items():
+    for hf_name, (shape, _) in hfio.tensor_shapes(files, allow_pickle).items():
         try:
             native = adapter.hf_key_to_native(hf_name)
         except TunesmithError:
@@ -208,21 +208,26 @@ def load_pretrained(
     source: str,
     device: str | torch.device,
     dtype: torch.dtype | str,
+    *,
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Materialise the model on `device`/`dtype` and stream HF weights into it.
+
+    Pickle weights (`.bin`) load with `weights_only=True`; ones that need arbitrary code are
+    refused unless `allow_pickle` (the config's `model.allow_unsafe_pickle`).
 
     Names and shapes are checked from file headers before anything is allocated. Tensors are
     then read one at a time (safetensors are memory-mapped, shard files visited in turn) and
     copied into the already-allocated parameters, so host memory never holds the model twice.
     """
     files = hfio.find_weight_files(_weights_dir(source))
-    mapping = _plan_load(model_on_meta, files)
+    mapping = _plan_load(model_on_meta, files, allow_pickle)
     model = model_on_meta
     model.to(dtype=_as_dtype(dtype))
     model.to_empty(device=torch.device(device))  # re-ties and recomputes RoPE (Llama._apply)
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
-        for hf_name, tensor in hfio.iter_tensors(files):
+        for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
             native = mapping.get(hf_name)
             if native is not None:
                 params[native].copy_(tensor)
@@ -236,6 +241,22 @@ def _version(pkg: str) -> str | None:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def write_hf_config(out_dir: str | Path, cfg: LlamaConfig, dtype: torch.dtype | str) -> None:
+    """Write HF `config.json` and `generation_config.json` for `cfg` with weights in `dtype`."""
+    out = Path(out_dir)
+    hf_cfg = cfg.to_hf()
+    hf_cfg["dtype"] = str(_as_dtype(dtype)).replace("torch.", "")
+    gen_cfg: dict[str, Any] = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
+                               "eos_token_id": cfg.eos_token_id}
+    if cfg.pad_token_id is not None:
+        gen_cfg["pad_token_id"] = cfg.pad_token_id
+    version = _version("transformers")
+    if version:
+        hf_cfg["transformers_version"] = gen_cfg["transformers_version"] = version
+    hfio.write_json(out / "config.json", hf_cfg)
+    hfio.write_json(out / "generation_config.json", gen_cfg)
 
 
 def save_pretrained(
@@ -269,18 +290,8 @@ def save_pretrained(
         t = hf_tensors[name]
         return t.numel() * (target or t.dtype).itemsize
 
-    hf_cfg = cfg.to_hf()
-    hf_cfg["dtype"] = str(saved_dtype).replace("torch.", "")
-    gen_cfg: dict[str, Any] = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
-                               "eos_token_id": cfg.eos_token_id}
-    if cfg.pad_token_id is not None:
-        gen_cfg["pad_token_id"] = cfg.pad_token_id
-    version = _version("transformers")
-    if version:
-        hf_cfg["transformers_version"] = gen_cfg["transformers_version"] = version
     with hfio.atomic_output_dir(out_dir) as tmp:
-        hfio.write_json(tmp / "config.json", hf_cfg)
-        hfio.write_json(tmp / "generation_config.json", gen_cfg)
+        write_hf_config(tmp, cfg, saved_dtype)
         hfio.save_safetensors_sharded(tmp, list(hf_tensors), to_host, nbytes, max_shard_size_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -82,3 +82,40 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+class LossWindow:
+    """Sum and count of step losses since the last metrics record, kept on the device.
+
+    Skipped (non-finite) steps are masked out without a host sync. The window is part of a
+    checkpoint, so a resumed run logs the same averages as an uninterrupted one even when a
+    checkpoint falls between two records.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        if ok is None:
+            ok = torch.ones((), dtype=torch.bool, device=loss.device)
+        value = torch.where(ok, loss, torch.zeros_like(loss))
+        self.total = value if self.total is None else self.total + value
+        self.count = ok.float() if self.count is None else self.count + ok.float()
+
+    def pop_mean(self) -> float | None:
+        """The mean over the window (None when every step in it was skipped); resets it."""
+        if self.total is None or self.count is None:
+            return None
+        count = float(self.count)
+        mean = float(self.total / self.count) if count > 0 else None
+        self.total = self.count = None
+        return mean
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        return {"total": cpu(self.total), "count": cpu(self.count)}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor | None], device: torch.device | None = None) -> None:
+        move = lambda t: None if t is None else t.to(device or t.device)  # noqa: E731
+        self.total, self.count = move(sd.get("total")), move(sd.get("count"))
