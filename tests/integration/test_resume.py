@@ -270,6 +270,11 @@ def test_resume_refuses_a_different_run(tmp_path: Path, ov, capsys: pytest.Captu
         assert msg in capsys.readouterr().err
     assert train(ov(tmp_path / "short", **{"train.max_steps": 3, "checkpoint.resume": ckpt})) == 2
     assert "train.max_steps >= 4" in capsys.readouterr().err
+    # Harmless changes are fine, and a new learning rate takes effect (constant schedule).
+    assert train(ov(out, **{"train.max_steps": 5, "checkpoint.resume": "auto", "optim.lr": 0.01,
+                            "logging.steps": 5, "eval.every_steps": 5})) == 0
+    assert [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["step"] == 5 and "lr" in r] == [0.01]
 
 
 def test_resume_refuses_a_model_of_another_shape(tmp_path: Path, ov, capsys: pytest.CaptureFixture) -> None:

@@ -185,6 +185,11 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     seed_everything(cfg.train.seed)
     bundle = build_model_bundle(cfg, rt)
     trainer = _make_trainer(cfg, rt, bundle, out_dir)
+    if plan.checkpoint is not None and trainer.total_steps < plan.step:
+        raise TunesmithError(
+            f"this run has {trainer.total_steps} steps but checkpoint {plan.checkpoint} is at step "
+            f"{plan.step}; raise train.epochs or train.max_steps to continue from it"
+        )
     trainer.resumed_from = plan.checkpoint
     rng = DeferredRNGState()
     app_state = trainer_state(trainer, rng)
