@@ -1,4 +1,4 @@
-"""`tunesmith` command line: train, eval, generate, demo.
+"""`tunesmith` command line: train, eval, generate, merge, demo.
 
 User errors (`TunesmithError`, bad config/data) print one line and exit 2; `--debug` shows the
 traceback. Every subcommand is a thin shell over library functions.
@@ -47,6 +47,14 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
     )
     print(text)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from tunesmith.peft import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, device=args.device)
+    print(json.dumps({"merged_model": str(out)}))
     return 0
 
 
@@ -101,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(func=_generate)
+
+    m = sub.add_parser("merge", help="fold a PEFT adapter into its base model; write an HF model")
+    m.add_argument("base", help="base model: HF-format directory or hub id")
+    m.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + weights)")
+    m.add_argument("--out", required=True, help="output directory for the merged HF model")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="saved dtype (auto: the base checkpoint's)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
+    m.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
     d.add_argument("--output", default="outputs/demo")
