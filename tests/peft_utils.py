@@ -16,7 +16,7 @@ from tunesmith.train.trainer import Trainer
 VOCAB = 128
 # Untied (like Llama 3 8B) with GQA; widths are not NF4-friendly on purpose (see QLORA_SHAPE).
 TINY = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
-            max_position_embeddings=256, tie_word_embeddings=False)
+            max_position_embeddings=512, tie_word_embeddings=False)
 # Every linear weight holds a multiple of 64 * 256 elements, as NF4 requires.
 QLORA_SHAPE = dict(TINY, dim=128, n_kv_heads=4, intermediate_size=256, tie_word_embeddings=True)
 
