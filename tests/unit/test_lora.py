@@ -22,8 +22,8 @@ from tunesmith.peft import (
     is_peft_model,
     lora_modules,
     nf4_available,
+    quant,
 )
-from tunesmith.peft import quant
 from tunesmith.train.runtime import Runtime, resolve_runtime
 
 CPU32 = resolve_runtime("cpu", "fp32")

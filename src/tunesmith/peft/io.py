@@ -25,6 +25,7 @@ from tunesmith.hf import io as hfio
 from tunesmith.peft.lora import LoRALinear, LoRASpec
 from tunesmith.peft.targets import (
     Candidate,
+    KeyAdapter,
     hf_module_name,
     linear_candidates,
     native_module_name,
@@ -56,7 +57,7 @@ def _single_spec(mods: dict[str, LoRALinear]) -> LoRASpec:
     return specs.pop()
 
 
-def adapter_state_dict(model: nn.Module, adapter) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter: KeyAdapter) -> dict[str, torch.Tensor]:
     """peft key -> host tensor, for every adapter tensor in the model."""
     out: dict[str, torch.Tensor] = {}
     for name, mod in lora_modules(model).items():
@@ -66,7 +67,7 @@ def adapter_state_dict(model: nn.Module, adapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_config(model: nn.Module, adapter, base_model: str | None) -> dict[str, Any]:
+def adapter_config(model: nn.Module, adapter: KeyAdapter, base_model: str | None) -> dict[str, Any]:
     """adapter_config.json contents (peft LoraConfig fields) describing this model's adapters."""
     mods = lora_modules(model)
     if not mods:
@@ -84,7 +85,7 @@ def adapter_config(model: nn.Module, adapter, base_model: str | None) -> dict[st
     }
 
 
-def save_adapter(model: nn.Module, adapter, out_dir: str | Path, *, base_model: str | None = None,
+def save_adapter(model: nn.Module, adapter: KeyAdapter, out_dir: str | Path, *, base_model: str | None = None,
                  tokenizer: Any = None) -> Path:
     """Write a PEFT-format adapter dir atomically (temp dir renamed into place)."""
     from safetensors.torch import save_file
@@ -177,7 +178,7 @@ def _expected_shapes(mod: nn.Module, spec: LoRASpec) -> dict[str, tuple[int, ...
     return shapes
 
 
-def _plan(model: nn.Module, adapter, files: AdapterFiles) -> list[Candidate]:
+def _plan(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> list[Candidate]:
     """Map the adapter's modules onto the model and check every shape before touching it."""
     cands = {c.native: c for c in linear_candidates(model, adapter)}
     chosen, problems = [], []
@@ -201,7 +202,7 @@ def _plan(model: nn.Module, adapter, files: AdapterFiles) -> list[Candidate]:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, adapter, path: str | Path, *,
+def load_adapter(model: nn.Module, adapter: KeyAdapter, path: str | Path, *,
                  adapter_dtype: torch.dtype = torch.float32) -> AdapterFiles:
     """Give `model` the adapters stored at `path` (frozen base, trainable adapters)."""
     files = read_adapter(path)

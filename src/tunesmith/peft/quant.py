@@ -52,9 +52,10 @@ def _import_nf4() -> ModuleType:
             if all(hasattr(mod, n) for n in ("NF4Tensor", "to_nf4", "linear_nf4")):
                 _cached = mod
                 return mod
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001 -- not installed, or built for another torch
         raise TunesmithError(
-            f"QLoRA needs torchao>={MIN_TORCHAO} for NF4 weights (pip install torchao): {e}"
+            f"QLoRA needs torchao>={MIN_TORCHAO} for NF4 weights (pip install torchao): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
     finally:
         ao_log.setLevel(level)

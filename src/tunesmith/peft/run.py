@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.peft import quant
 from tunesmith.peft.io import load_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
+from tunesmith.peft.targets import KeyAdapter
 from tunesmith.peft.transform import (
     apply_freezing,
     apply_lora,
@@ -34,12 +35,18 @@ from tunesmith.peft.transform import (
     quantize_base,
 )
 
+if TYPE_CHECKING:
+    from tunesmith.config import PeftConfig, RunConfig
+    from tunesmith.models import ModelFamily
+    from tunesmith.models.llama.config import LlamaConfig
+    from tunesmith.train.runtime import Runtime
+
 log = logging.getLogger("tunesmith")
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def base_dtype(pc, rt) -> torch.dtype:
+def base_dtype(pc: PeftConfig, rt: Runtime) -> torch.dtype:
     """dtype the (frozen) base model is loaded in. Raises now when QLoRA cannot run here."""
     if pc.method == "none":
         return rt.param_dtype
@@ -52,11 +59,12 @@ def base_dtype(pc, rt) -> torch.dtype:
     return rt.autocast_dtype or rt.param_dtype
 
 
-def _spec(pc) -> LoRASpec:
+def _spec(pc: PeftConfig) -> LoRASpec:
     return LoRASpec(r=pc.r, alpha=pc.alpha, dropout=pc.dropout, rslora=pc.rslora, dora=pc.method == "dora")
 
 
-def _load_checkpoint_adapter(model: nn.Module, adapter, pc, adapter_dtype: torch.dtype) -> None:
+def _load_checkpoint_adapter(model: nn.Module, adapter: KeyAdapter, pc: PeftConfig,
+                             adapter_dtype: torch.dtype) -> None:
     files = load_adapter(model, adapter, pc.from_checkpoint, adapter_dtype=adapter_dtype)
     if pc.method == "dora" and not files.spec.dora:
         raise TunesmithError(f"peft.method=dora but {files.path} is a plain LoRA adapter; set peft.method=lora")
@@ -74,7 +82,8 @@ def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
                 p.requires_grad_(False)
 
 
-def apply_peft(model: nn.Module, pc, rt, family, model_cfg) -> nn.Module:
+def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
+               model_cfg: LlamaConfig) -> nn.Module:
     """Apply the `peft` config section to a freshly built/loaded model, in place.
 
     method=none: only freezing. Otherwise (QLoRA: quantise the base first) adapters are added
@@ -111,7 +120,8 @@ def _base_name(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-def save_final(model: nn.Module, family, model_cfg, cfg, out_dir: Path, tokenizer: Any) -> dict[str, str]:
+def save_final(model: nn.Module, family: ModelFamily, model_cfg: LlamaConfig, cfg: RunConfig,
+               out_dir: Path, tokenizer: Any) -> dict[str, str]:
     """Run end of a LoRA run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final and,
     with peft.save_merged, the merged HF model to OUTPUT/final-merged (merged in place last,
     so do not train this model afterwards)."""

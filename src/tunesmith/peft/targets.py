@@ -15,11 +15,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.peft.lora import LoRALinear, NF4Linear
+
+
+class KeyAdapter(Protocol):
+    """What we need from a family's state-dict adapter: parameter names both ways."""
+
+    def native_key_to_hf(self, key: str) -> str | None: ...
+
+    def hf_key_to_native(self, key: str) -> str | None: ...
+
 
 ALL_LINEAR = "all-linear"
 _WEIGHT = ".weight"
@@ -45,7 +55,7 @@ def _block_index(native: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def hf_module_name(adapter, native_module: str) -> str | None:
+def hf_module_name(adapter: KeyAdapter, native_module: str) -> str | None:
     """HF module path for a native module path, via the family's parameter-name mapping."""
     hf_key = adapter.native_key_to_hf(native_module + _WEIGHT)
     if hf_key is None or not hf_key.endswith(_WEIGHT):
@@ -53,7 +63,7 @@ def hf_module_name(adapter, native_module: str) -> str | None:
     return hf_key[: -len(_WEIGHT)]
 
 
-def native_module_name(adapter, hf_module: str) -> str | None:
+def native_module_name(adapter: KeyAdapter, hf_module: str) -> str | None:
     """Native module path for a HF module path; None when the family does not know it."""
     try:
         native = adapter.hf_key_to_native(hf_module + _WEIGHT)
@@ -70,7 +80,7 @@ def head_names(model: nn.Module) -> set[str]:
     return {name for name, mod in model.named_modules() if head is not None and mod is head}
 
 
-def linear_candidates(model: nn.Module, adapter) -> list[Candidate]:
+def linear_candidates(model: nn.Module, adapter: KeyAdapter) -> list[Candidate]:
     """Every linear layer outside the LM head, in module order."""
     heads = head_names(model)
     out = []
@@ -99,7 +109,7 @@ def candidate_names(cands: Sequence[Candidate]) -> str:
     return ", ".join([*native, *hf, ALL_LINEAR])
 
 
-def select_targets(model: nn.Module, adapter, targets: str | Sequence[str]) -> list[Candidate]:
+def select_targets(model: nn.Module, adapter: KeyAdapter, targets: str | Sequence[str]) -> list[Candidate]:
     """The candidates named by `targets`; a clear error for names that match nothing."""
     cands = linear_candidates(model, adapter)
     if isinstance(targets, str) and targets != ALL_LINEAR:

@@ -17,10 +17,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from tunesmith.checkpoint import ModelState
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import quant
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
-from tunesmith.peft.targets import Candidate, linear_candidates, select_targets
+from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
 
 log = logging.getLogger("tunesmith")
 
@@ -78,7 +79,7 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def quantize_base(model: nn.Module, adapter) -> int:
+def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
     """QLoRA: store every block linear weight (all-linear; never the LM head) in NF4.
 
     Run before `apply_lora`, which then wraps the NF4 layers (DoRA magnitudes are taken from
@@ -99,7 +100,7 @@ def quantize_base(model: nn.Module, adapter) -> int:
 
 def apply_lora(
     model: nn.Module,
-    adapter,
+    adapter: KeyAdapter,
     spec: LoRASpec,
     targets: str | Sequence[str] | Sequence[Candidate],
     *,
@@ -142,11 +143,9 @@ def has_frozen_params(model: nn.Module) -> bool:
     return any(not p.requires_grad for p in model.parameters())
 
 
-def checkpoint_model_state(model: nn.Module):
+def checkpoint_model_state(model: nn.Module) -> ModelState:
     """The `ModelState` a trainer should checkpoint: only trainable tensors when anything is
     frozen (the frozen base is reloaded from model.name on resume), else everything."""
-    from tunesmith.checkpoint import ModelState
-
     return ModelState(model, trainable_only=has_frozen_params(model))
 
 
