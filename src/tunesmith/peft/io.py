@@ -47,6 +47,7 @@ _UNSUPPORTED = {
     "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
     "trainable_token_indices": None, "target_parameters": None,
 }
+_WRITTEN_DEFAULTS = ("bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern")
 
 
 # ---------------------------------------------------------------------------- save
@@ -81,7 +82,9 @@ def adapter_config(model: nn.Module, adapter: KeyAdapter, base_model: str | None
         "use_rslora": spec.rslora, "use_dora": spec.dora,
         "target_modules": peft_target_modules(chosen, cands),
         "init_lora_weights": True, "inference_mode": True, "revision": None,
-        "layers_to_transform": None, "layers_pattern": None, **_UNSUPPORTED,
+        "layers_to_transform": None, "layers_pattern": None,
+        # Only keys every peft since 0.9 knows: older releases reject unknown config keys.
+        **{k: _UNSUPPORTED[k] for k in _WRITTEN_DEFAULTS},
     }
 
 
