@@ -123,7 +123,7 @@ class LoRALinear(nn.Module):
         Without dropout W xa is the base output minus bias, so nothing is recomputed; with
         dropout active the base matmul runs again on the dropped input, as in peft.
         """
-        scale = (self.lora_magnitude / self._row_norm()).view(*([1] * (out.dim() - 1)), -1)  # [.., out]
+        scale = self.lora_magnitude / self._row_norm()  # [out], broadcasts over [..., out]
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_nobias = out if self.bias is None else out - self.bias.to(out.dtype)
         else:

@@ -93,8 +93,7 @@ def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
         quant.check_quantizable(c.native, model.get_submodule(c.native).weight)
     for c in cands:
         lin = model.get_submodule(c.native)
-        _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))
-        del lin
+        _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
     return len(cands)
 
 
