@@ -1,4 +1,4 @@
-"""`tunesmith` command line: train, eval, generate, export, demo.
+"""`tunesmith` command line: train, eval, generate, export, merge, demo.
 
 User errors (`TunesmithError`, bad config/data) print one line and exit 2 (a NaN halt exits 3);
 `--debug` shows the traceback. Every subcommand is a thin shell over library functions.
@@ -78,6 +78,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from tunesmith.peft import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, device=args.device)
+    print(json.dumps({"merged_model": str(out)}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tunesmith.cli.demo import run_demo
 
@@ -140,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow checkpoint metadata that needs arbitrary code to unpickle (trusted sources only)")
     x.set_defaults(func=_export)
+
+    m = sub.add_parser("merge", help="fold a PEFT adapter into its base model; write an HF model")
+    m.add_argument("base", help="base model: HF-format directory or hub id")
+    m.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + weights)")
+    m.add_argument("--out", required=True, help="output directory for the merged HF model")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="saved dtype (auto: the base checkpoint's)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
+    m.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
     d.add_argument("--output", default="outputs/demo")

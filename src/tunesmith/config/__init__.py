@@ -7,6 +7,7 @@ from tunesmith.config.schema import (
     ModelConfig,
     OptimConfig,
     OutputConfig,
+    PeftConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
@@ -14,5 +15,5 @@ from tunesmith.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
-    "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
+    "PeftConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
 ]

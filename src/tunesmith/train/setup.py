@@ -111,6 +111,7 @@ def has_weights(source: str) -> bool:
 def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
     from tunesmith.data import load_tokenizer
     from tunesmith.models import build_model, init_random, load_pretrained, resolve_model_config
+    from tunesmith.peft import base_dtype as peft_base_dtype
 
     mc = cfg.model
     family, model_cfg = resolve_model_config(mc.name, mc.overrides)
@@ -126,11 +127,13 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
     model = build_model(family, model_cfg, device="meta")
+    # A frozen PEFT base is loaded straight into its storage dtype (bf16 under mixed precision).
+    dtype = peft_base_dtype(cfg.peft, rt)
     if has_weights(mc.name) and not mc.from_scratch:
-        load_pretrained(model, mc.name, device=rt.device, dtype=rt.param_dtype,
+        load_pretrained(model, mc.name, device=rt.device, dtype=dtype,
                         allow_pickle=mc.allow_unsafe_pickle)
     else:
-        init_random(model, device=rt.device, dtype=rt.param_dtype, seed=cfg.train.seed)
+        init_random(model, device=rt.device, dtype=dtype, seed=cfg.train.seed)
     return ModelBundle(family, model_cfg, model, tokenizer)
 
 
@@ -184,6 +187,10 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
     seed_everything(cfg.train.seed)
     bundle = build_model_bundle(cfg, rt)
+    from tunesmith.peft import apply_peft
+
+    # Freezing / LoRA / QLoRA, before data prep (bad targets fail fast) and before compile.
+    apply_peft(bundle.model, cfg.peft, rt, bundle.family, bundle.model_cfg)
     trainer = _make_trainer(cfg, rt, bundle, out_dir)
     if plan.checkpoint is not None and trainer.total_steps < plan.step:
         raise TunesmithError(
@@ -255,8 +262,14 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     summary = trainer.train()
     out_dir = Path(cfg.output.dir)
     if cfg.output.save_final and not summary["interrupted"]:
+        from tunesmith.peft import is_peft_model, save_final
+
         final = out_dir / "final"
-        save_pretrained(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
-        summary["final_model"] = str(final)
+        if is_peft_model(bundle.model):  # the adapter in PEFT format (+ merged model if asked)
+            summary.update(save_final(bundle.model, bundle.family, bundle.model_cfg, cfg, out_dir,
+                                      bundle.tokenizer))
+        else:
+            save_pretrained(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
+            summary["final_model"] = str(final)
     write_summary(out_dir, summary)
     return summary
