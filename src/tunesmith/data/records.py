@@ -144,7 +144,8 @@ def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool
         stripped = line.strip()
         if not stripped:
             continue
-        where = f"{path}:{lineno}" if offset <= 0 else f"{path}@{pos}"
+        # Line numbers are only known when reading from the start (a resume seeks).
+        where = f"{path}: record {record}" + (f" (line {lineno})" if offset <= 0 else "")
         if not parse:
             record += 1
             yield (record, pos), where, {"text": line.rstrip("\r\n")}

@@ -78,13 +78,15 @@ class SFTTokenizer:
         """Token ids and target mask of each rendered example (before the length policy).
 
         The whole text is tokenized at once (what the model sees at inference), and each
-        token is trainable when it starts inside a trainable segment (offset mapping).
+        token is trainable when its last character lies in a trainable segment (offset
+        mapping): a token merged across the boundary, like GPT-2's " Be" after a prompt that
+        ends in a space, belongs to the response it completes.
         """
         texts = ["".join(t for t, _ in r.segments) for r in items]
         if getattr(self.tok, "is_fast", False):
             enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True,
                            verbose=False)
-            pieces = [(list(ids), [self._in_spans(r, s) for s, _ in offs])
+            pieces = [(list(ids), [self._in_spans(r, max(e - 1, s)) for s, e in offs])
                       for r, ids, offs in zip(items, enc["input_ids"], enc["offset_mapping"])]
         else:  # slow tokenizers have no offsets: tokenize segment by segment
             pieces = [self._by_segment(r) for r in items]
@@ -100,10 +102,10 @@ class SFTTokenizer:
         return out
 
     @staticmethod
-    def _in_spans(r: Rendered, start: int) -> bool:
+    def _in_spans(r: Rendered, char: int) -> bool:
         pos = 0
         for text, trainable in r.segments:
-            if pos <= start < pos + len(text):
+            if pos <= char < pos + len(text):
                 return trainable
             pos += len(text)
         return False
