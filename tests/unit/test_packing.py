@@ -72,3 +72,34 @@ def test_flex_block_mask_matches_dense_mask() -> None:
             q, k, v, attn_mod.prepare_attention(spec, 12, 12, q.device, causal=causal))
         torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
     assert attn_mod.attention_backend(torch.device("cpu")) == "sdpa"
+
+
+def test_generic_hf_fallback_trains_packed_like_native(tmp_path) -> None:
+    """A model_type without a native port (GPT-NeoX / Pythia) runs through the HF wrapper:
+    same loss as transformers computes, and packing stays exact there too."""
+    import transformers
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(tmp_path / "neox")
+    from tunesmith.models import load_pretrained
+
+    family, mcfg = resolve_model_config(str(tmp_path / "neox"))
+    assert family.name == "hf" and family.kind == "causal"
+    model = load_pretrained(build_model(family, mcfg), str(tmp_path / "neox"), "cpu",
+                            torch.float32).eval()
+    rt = resolve_runtime("cpu", "fp32")
+    examples = _examples(6, seed=1)
+    collate = SFTCollator(pad_token_id=0)
+    with torch.no_grad():
+        packed = batch_loss_sum(model, collate(list(pack_examples(examples, 40))), rt, False)
+        alone = sum(batch_loss_sum(model, collate([ex]), rt, False) for ex in examples)
+        batch = collate([examples[0]])
+        ours = batch_loss_sum(model, batch, rt, False) / (batch["labels"] != -100).sum()
+        labels = torch.cat([torch.full((1, 1), -100), batch["labels"][:, :-1]], dim=1)
+        theirs = hf(batch["input_ids"], labels=labels).loss  # HF shifts labels itself
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
+from tunesmith.models import hf_generic
 from tunesmith.models.bert import config as bert_config
 from tunesmith.models.bert.adapter import BertStateDictAdapter
 from tunesmith.models.bert.config import BertConfig
@@ -62,6 +63,9 @@ class ModelFamily:
     presets: Mapping[str, Callable[[], ModelConfig]]
     apply_overrides: Callable[[ModelConfig, dict[str, Any] | None], ModelConfig]
     kind: str = "causal"
+    # Families that load/save through transformers itself (the generic fallback).
+    load_fn: Callable[..., nn.Module] | None = None
+    save_fn: Callable[[nn.Module, Path], None] | None = None
 
     def adapter(self, cfg: ModelConfig) -> Any:
         return self.adapter_cls(cfg)
@@ -98,6 +102,18 @@ BERT_FAMILY = ModelFamily(
 FAMILIES: dict[str, ModelFamily] = {
     mt: fam for fam in (LLAMA_FAMILY, GPT2_FAMILY, BERT_FAMILY) for mt in fam.model_types
 }
+# Any other model_type transformers knows runs through the (slower) generic HF wrapper.
+GENERIC_FAMILY = ModelFamily(
+    name="hf",
+    model_types=(),
+    config_cls=hf_generic.GenericConfig,
+    model_cls=hf_generic.HFCausalLM,
+    adapter_cls=hf_generic.GenericAdapter,
+    presets={},
+    apply_overrides=hf_generic.apply_overrides,
+    load_fn=hf_generic.load_generic,
+    save_fn=hf_generic.save_generic,
+)
 
 
 def usable_positions(cfg: ModelConfig) -> int:
@@ -106,6 +122,8 @@ def usable_positions(cfg: ModelConfig) -> int:
 
 
 def get_family(model_type: str) -> ModelFamily:
+    if model_type not in FAMILIES and model_type and hf_generic.known_model_type(model_type):
+        return GENERIC_FAMILY
     if model_type not in FAMILIES:
         raise TunesmithError(
             f"unsupported model_type {model_type!r}; known: {', '.join(sorted(FAMILIES))}"
@@ -265,6 +283,9 @@ def load_pretrained(
     then read one at a time (safetensors are memory-mapped, shard files visited in turn) and
     copied into the already-allocated parameters, so host memory never holds the model twice.
     """
+    family = get_family(model_on_meta.cfg.model_type)
+    if family.load_fn is not None:
+        return family.load_fn(model_on_meta, _weights_dir(source), device, _as_dtype(dtype))
     files = hfio.find_weight_files(_weights_dir(source))
     mapping = _plan_load(model_on_meta, files, allow_pickle)
     adapter = get_family(model_on_meta.cfg.model_type).adapter(model_on_meta.cfg)
@@ -320,6 +341,12 @@ def save_pretrained(
     Everything is written to a hidden temp dir beside `out_dir` and renamed into place at
     the end. Tensors are copied to host one shard at a time.
     """
+    if family.save_fn is not None:
+        with hfio.atomic_output_dir(out_dir) as tmp:
+            family.save_fn(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return Path(out_dir)
     adapter = family.adapter(cfg)
     target = _as_dtype(dtype)
     hf_tensors: dict[str, torch.Tensor] = {}
