@@ -133,13 +133,23 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
     return TaskData(loader, val, False, {"train_stream": stats}, formatter, val_rendered)
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's data-parallel rank and world size (0, 1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _stream_loader(cfg: RunConfig, reader: Any, encode: Any, mode: str, collate: Any) -> Any:
     from tunesmith.data.streaming import StreamingLoader
 
+    rank, world = _rank_world()  # each rank reads every world-th record of the stream
     return StreamingLoader(reader, encode, mode=mode, batch_size=cfg.train.micro_batch_size,
                            collate_fn=collate, block_size=cfg.data.block_size,
                            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                           drop_last=True)
+                           rank=rank, world_size=world, drop_last=True)
 
 
 def _text_stream(cfg: RunConfig, tokenizer: Any, collate: Any) -> Any:
