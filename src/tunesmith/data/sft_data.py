@@ -279,14 +279,25 @@ def _check_categories(stats: SFTStats, categories: list[str] | None, seen: set[s
             f"categories present: {present}")
 
 
-def _render_split(formatter: SFTFormatter, records: list[tuple[str, Any]], sft: Any,
-                  path: str) -> tuple[list[tuple[str, Rendered]], SFTStats]:
-    stats = SFTStats()
-    rendered = list(render_records(formatter, records, stats, sft.invalid == "skip",
-                                   sft.category if sft.format == "dolly" else None))
-    if sft.format == "dolly":
+def filter_category(formatter: SFTFormatter, records: list[tuple[str, Any]], sft: Any,
+                    path: str) -> tuple[list[tuple[str, Any]], int]:
+    """Dolly: keep `sft.category` records (before any train/validation split); count the rest.
+    A filter that keeps nothing is an error listing the categories that are present."""
+    if sft.format != "dolly" or sft.category is None:
+        return records, 0
+    kept = [(w, r) for w, r in records if formatter.category_of(r) in sft.category]
+    if not kept:
         seen = {c for _, r in records if (c := formatter.category_of(r)) is not None}
+        stats = SFTStats(records=len(records), filtered_category=len(records))
         _check_categories(stats, sft.category, seen, path)
+    return kept, len(records) - len(kept)
+
+
+def render_split(formatter: SFTFormatter, records: list[tuple[str, Any]], sft: Any,
+                  path: str, filtered: int = 0) -> tuple[list[tuple[str, Rendered]], SFTStats]:
+    """Render already category-filtered records; `filtered` is counted into the stats."""
+    stats = SFTStats(records=filtered, filtered_category=filtered)
+    rendered = list(render_records(formatter, records, stats, sft.invalid == "skip"))
     if not rendered:
         why = f"; first problem: {stats.skipped_reasons[0]}" if stats.skipped_reasons else ""
         raise TunesmithError(f"{path}: no usable SFT records ({stats.invalid_skipped} skipped "
@@ -310,13 +321,16 @@ def build_sft_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
                        overlong=sft.overlong)
     records = RecordReader(data.path, dataset_config=data.dataset_config,
                            split=data.split).read_all()
+    records, n_filtered = filter_category(formatter, records, sft, data.path)
     val_records: list[tuple[str, Any]] = []
+    val_filtered = 0
     if data.validation_path is not None:
-        val_records = RecordReader(data.validation_path).read_all()
+        val_records, val_filtered = filter_category(
+            formatter, RecordReader(data.validation_path).read_all(), sft, data.validation_path)
     elif data.validation_split_percentage > 0:
         train_idx, val_idx = split_indices(len(records), data.validation_split_percentage, seed)
         records, val_records = [records[i] for i in train_idx], [records[i] for i in val_idx]
-    rendered, stats = _render_split(formatter, records, sft, data.path)
+    rendered, stats = render_split(formatter, records, sft, data.path, n_filtered)
     train = tokenize_rendered(tok, rendered, stats)
     if not train:
         raise TunesmithError(f"{data.path}: every example was dropped ({stats.to_dict()})")
@@ -327,8 +341,8 @@ def build_sft_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
         stats.packed_rows = len(train)
     val, val_stats, val_rendered = None, None, []
     if val_records:
-        val_rendered, val_stats = _render_split(formatter, val_records, sft,
-                                                data.validation_path or data.path)
+        val_rendered, val_stats = render_split(formatter, val_records, sft,
+                                                data.validation_path or data.path, val_filtered)
         val_examples = tokenize_rendered(tok, val_rendered, val_stats)
         val = ListDataset(val_examples[: data.max_eval_samples] if data.max_eval_samples
                           else val_examples)

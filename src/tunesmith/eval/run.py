@@ -91,7 +91,7 @@ def run_generate_eval(
     from tunesmith.config.tasks import SFTConfig
     from tunesmith.data.records import RecordReader
     from tunesmith.data.sft import SFTFormatter
-    from tunesmith.data.sft_data import _render_split
+    from tunesmith.data.sft_data import render_split, filter_category
     from tunesmith.eval.generation import evaluate_generation
     from tunesmith.models import get_family, usable_positions
 
@@ -101,7 +101,8 @@ def run_generate_eval(
         raise TunesmithError(f"eval --generate needs a causal LM; {model_dir} is an encoder")
     sft = sft or SFTConfig()
     formatter = SFTFormatter(sft, tokenizer, model_dir)
-    items, _ = _render_split(formatter, RecordReader(data).read_all(), sft, data)
+    records, _ = filter_category(formatter, RecordReader(data).read_all(), sft, data)
+    items, _ = render_split(formatter, records, sft, data)
     scores = evaluate_generation(
         model, tokenizer, items, formatter.stop_ids(tokenizer), max_new_tokens=max_new_tokens,
         max_positions=usable_positions(model.cfg), out_path=output, max_samples=max_samples,

@@ -120,7 +120,7 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
                             _sft_collator(cfg, tokenizer))
     val, val_rendered = None, []
     if cfg.data.validation_path:
-        from tunesmith.data.sft_data import _render_split, build_sft_datasets
+        from tunesmith.data.sft_data import render_split, build_sft_datasets
 
         vcfg = cfg.data.model_copy(update={"path": cfg.data.validation_path,
                                            "validation_path": None,
@@ -128,8 +128,11 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
         vdata = build_sft_datasets(vcfg, cfg.sft, tokenizer, seed=cfg.train.seed,
                                    tokenizer_source=tok_source)
         val = _stateful(vdata.train, cfg, _sft_collator(cfg, tokenizer), False)
-        records = RecordReader(cfg.data.validation_path).read_all()
-        val_rendered, _ = _render_split(formatter, records, cfg.sft, cfg.data.validation_path)
+        from tunesmith.data.sft_data import filter_category
+
+        records, _ = filter_category(formatter, RecordReader(cfg.data.validation_path).read_all(),
+                                     cfg.sft, cfg.data.validation_path)
+        val_rendered, _ = render_split(formatter, records, cfg.sft, cfg.data.validation_path)
     return TaskData(loader, val, False, {"train_stream": stats}, formatter, val_rendered)
 
 
