@@ -14,8 +14,9 @@ from tunesmith.config import load_config
 
 RECIPES = ["llama_sft_alpaca", "llama2_dolly_openqa", "llama_samsum_summarization",
            "gpt2_clm_wikitext", "roberta_mlm_wikitext", "llama3_quotes"]
-QUICK = ["train.max_steps=2", "schedule.warmup_steps=0", "train.micro_batch_size=2", "train.precision=fp32",
-         "eval.max_batches=1", "logging.progress=false", "output.save_final=false"]
+QUICK = ["train.max_steps=2", "schedule.warmup_steps=0", "train.micro_batch_size=2",
+         "train.precision=fp32", "eval.max_batches=1", "logging.progress=false",
+         "output.save_final=false"]
 
 
 def _local_data(name: str, tmp_path: Path) -> list[str]:

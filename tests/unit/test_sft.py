@@ -44,8 +44,9 @@ CHAT = [
                   {"role": "user", "content": "2+2?"},
                   {"role": "assistant", "content": "4"}]},
 ]
-SHAREGPT = [{"conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello."},
-                               {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]
+SHAREGPT = [{"conversations": [
+    {"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello."},
+    {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]
 # A Jinja chat template without special tokens, so it works with the GPT-2 tokenizer.
 PLAIN_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>: {{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}<assistant>: {% endif %}")
@@ -204,8 +205,8 @@ def test_overlong_policies(gpt2_tok: Any, tmp_path: Path) -> None:
     assert cut.stats.truncated == 1 and cut.stats.dropped_no_target == 1 and len(cut.train) == 1
     dropped = _build(path, gpt2_tok, block=64, overlong="drop")
     assert dropped.stats.dropped_overlong == 1 and len(dropped.train) == 1
-    with pytest.raises(TunesmithError, match=r"record 1 \(line 2\): example has \d+ tokens, more than "
-                       r"data.block_size=64"):
+    with pytest.raises(TunesmithError, match=r"record 1 \(line 2\): example has \d+ tokens, "
+                       r"more than data.block_size=64"):
         _build(path, gpt2_tok, block=64, overlong="error")
 
 

@@ -91,7 +91,7 @@ def run_generate_eval(
     from tunesmith.config.tasks import SFTConfig
     from tunesmith.data.records import RecordReader
     from tunesmith.data.sft import SFTFormatter
-    from tunesmith.data.sft_data import render_split, filter_category
+    from tunesmith.data.sft_data import filter_category, render_split
     from tunesmith.eval.generation import evaluate_generation
     from tunesmith.models import get_family, usable_positions
 

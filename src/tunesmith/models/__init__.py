@@ -37,7 +37,8 @@ from tunesmith.models.llama.config import PRESET_NAMES, LlamaConfig, apply_overr
 from tunesmith.models.llama.model import KVCache, Llama
 
 __all__ = [
-    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig", "ModelFamily",
+    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig",
+    "ModelFamily",
     "build_model", "get_family", "init_random", "load_pretrained", "resolve_model_config",
     "save_pretrained", "write_hf_config",
 ]

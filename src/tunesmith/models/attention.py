@@ -18,12 +18,10 @@ Shapes used throughout:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +169,8 @@ def prepare_attention(
     if spec.kind == "documents":
         _check_documents(spec, q_len, kv_len)
         if attention_backend(device) == "flex":
-            return PreparedAttention(None, False, _documents_block_mask(spec, q_len, device, causal))
+            block_mask = _documents_block_mask(spec, q_len, device, causal)
+            return PreparedAttention(None, False, block_mask)
         return PreparedAttention(_documents_mask(spec, q_len, device, causal), is_causal=False)
     raise TunesmithError(
         f"unknown attention kind {spec.kind!r}; known: causal, padding, documents"

@@ -43,15 +43,32 @@ def check_task_family(cfg: RunConfig, family: Any) -> None:
             "encoder: use task=mlm")
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's data-parallel rank and world size (0, 1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool) -> Any:
     from tunesmith.data import StatefulLoader
 
+    rank, world = _rank_world()
     if train:
-        return StatefulLoader(ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
-                              shuffle=True, seed=cfg.train.seed, drop_last=cfg.data.drop_last)
+        loader = StatefulLoader(ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
+                                shuffle=True, seed=cfg.train.seed, drop_last=cfg.data.drop_last,
+                                rank=rank, world_size=world)
+        if len(loader) < cfg.train.grad_accum_steps:
+            raise TunesmithError(
+                f"the training set gives {len(loader)} micro-batches per epoch, fewer than "
+                f"train.grad_accum_steps={cfg.train.grad_accum_steps}: use more data or smaller "
+                "batches")
+        return loader
     return StatefulLoader(ds, batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size,
                           collate_fn=collate, shuffle=False, seed=cfg.train.seed,
-                          drop_last=False)
+                          drop_last=False, rank=rank, world_size=world)
 
 
 def _mlm_collator(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -78,7 +95,9 @@ def _sft_data(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
     data = build_sft_datasets(cfg.data, cfg.sft, tokenizer, seed=cfg.train.seed,
                               tokenizer_source=tok_source)
     collate = _sft_collator(cfg, tokenizer)
-    val = _stateful(data.val, cfg, collate, False) if data.val is not None and len(data.val) else None
+    val = None
+    if data.val is not None and len(data.val):
+        val = _stateful(data.val, cfg, collate, False)
     from tunesmith.data.sft import SFTFormatter
 
     formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
@@ -120,7 +139,7 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
                             _sft_collator(cfg, tokenizer))
     val, val_rendered = None, []
     if cfg.data.validation_path:
-        from tunesmith.data.sft_data import render_split, build_sft_datasets
+        from tunesmith.data.sft_data import build_sft_datasets, render_split
 
         vcfg = cfg.data.model_copy(update={"path": cfg.data.validation_path,
                                            "validation_path": None,
@@ -134,15 +153,6 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
                                      cfg.sft, cfg.data.validation_path)
         val_rendered, _ = render_split(formatter, records, cfg.sft, cfg.data.validation_path)
     return TaskData(loader, val, False, {"train_stream": stats}, formatter, val_rendered)
-
-
-def _rank_world() -> tuple[int, int]:
-    """This process's data-parallel rank and world size (0, 1 without torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _stream_loader(cfg: RunConfig, reader: Any, encode: Any, mode: str, collate: Any) -> Any:
@@ -244,7 +254,8 @@ def after_training(cfg: RunConfig, trainer: Any, bundle: Any, summary: dict[str,
     from tunesmith.models import usable_positions
 
     scores = evaluate_generation(
-        bundle.model, bundle.tokenizer, task.val_rendered, task.formatter.stop_ids(bundle.tokenizer),
+        bundle.model, bundle.tokenizer, task.val_rendered,
+        task.formatter.stop_ids(bundle.tokenizer),
         max_new_tokens=g.max_new_tokens, max_positions=usable_positions(bundle.model_cfg),
         out_path=Path(cfg.output.dir) / g.output, max_samples=g.max_samples,
         temperature=g.temperature, seed=cfg.train.seed, autocast=trainer.rt.autocast(),
