@@ -223,3 +223,33 @@ def test_packed_collator_keeps_documents_apart(gpt2_tok: Any, tmp_path: Path) ->
     last[:, :-1] = docs[:, 1:] != docs[:, :-1]
     assert bool((labels[last] == -100).all())  # no label crosses into the next example
     assert int((labels != -100).sum()) == out.stats.target_tokens
+
+
+def test_every_format_on_real_alpaca_records(llama3_tok: Any, tmp_path: Path) -> None:
+    """The real Alpaca records, re-shaped into each schema, give the same trained text."""
+    real = [r for r in json.loads(shared_path(*ALPACA).read_text())[:12] if r["output"].strip()]
+    shapes: dict[str, tuple[list, dict]] = {
+        "dolly": ([{"instruction": r["instruction"], "context": r["input"],
+                    "response": r["output"], "category": "closed_qa" if r["input"] else "open_qa"}
+                   for r in real], {}),
+        "summarization": ([{"id": str(i), "dialogue": r["instruction"], "summary": r["output"]}
+                           for i, r in enumerate(real)], {}),
+        "chat": ([{"messages": [{"role": "user", "content": r["instruction"]},
+                                {"role": "assistant", "content": r["output"]}]} for r in real],
+                 {"chat_template": "llama3"}),
+        "sharegpt": ([{"conversations": [{"from": "human", "value": r["instruction"]},
+                                         {"from": "gpt", "value": r["output"]}]} for r in real],
+                     {"chat_template": "llama3"}),
+        "custom": (real, {"prompt_template": "Q: {instruction}\nA:", "response_template":
+                          " {output}"}),
+    }
+    for fmt, (records, extra) in shapes.items():
+        out = _build(_write(tmp_path, records, f"{fmt}.jsonl"), llama3_tok, block=1024,
+                     format=fmt, **extra)
+        assert out.stats.examples == len(real), fmt
+        for ex, r in zip(out.train, real):
+            got = _targets(llama3_tok, ex)
+            chat = fmt in ("chat", "sharegpt")  # the llama3 template trims turns
+            end = "<|eot_id|>" if chat else "<|end_of_text|>"
+            expected = r["output"].strip() if chat else r["output"]
+            assert got.strip() == (expected + end).strip(), (fmt, got)
