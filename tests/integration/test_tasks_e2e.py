@@ -76,7 +76,8 @@ def test_gpt2_streaming_clm_on_wikitext(tmp_path, capsys) -> None:
     assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 4 * 64
 
 
-def test_roberta_mlm_run_reports_perplexity(tmp_path, tiny_tokenizer_dir, demo_text) -> None:
+def test_roberta_mlm_run_reports_perplexity(tmp_path, tiny_tokenizer_dir, demo_text,
+                                            capsys) -> None:
     from tunesmith.data import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -95,6 +96,15 @@ def test_roberta_mlm_run_reports_perplexity(tmp_path, tiny_tokenizer_dir, demo_t
     assert (out / "final" / "config.json").exists()
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["architectures"] == ["RobertaForMaskedLM"]
+    # `tunesmith eval` on an encoder reports the masked-LM loss (fixed, content-seeded masks).
+    capsys.readouterr()
+    argv = ["eval", str(out / "final"), "--data", str(demo_text[1]), "--block-size", "64",
+            "--device", "cpu", "--max-batches", "2"]
+    assert run(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert run(argv) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["eval_loss"] == again["eval_loss"] > 0 and first["eval_tokens"] > 0
 
 
 @pytest.mark.parametrize("extra, records, pattern", [
