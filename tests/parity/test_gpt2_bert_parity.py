@@ -1,5 +1,5 @@
-"""Native GPT-2, BERT and RoBERTa vs HF transformers: logits parity (fp32, atol 1e-5) through
-the production load/save path, old checkpoint layouts, and config round trips."""
+"""Native GPT-2, GPT-NeoX, BERT and RoBERTa vs HF transformers: logits parity (fp32,
+atol 1e-5) through the production load/save path, old checkpoint layouts, config round trips."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def _hf_models() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
         "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
             eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        "gpt_neox": (transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=96, max_position_embeddings=64)),
+        "neox_sequential": (transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=96, max_position_embeddings=64, use_parallel_residual=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                             "partial_rotary_factor": 0.5})),
         "bert": (transformers.BertForMaskedLM, transformers.BertConfig(
             **enc, max_position_embeddings=64, pad_token_id=0)),
         "roberta": (transformers.RobertaForMaskedLM, transformers.RobertaConfig(
@@ -68,7 +76,7 @@ def _ids(batch: int, seq: int, seed: int = 0, low: int = 3) -> torch.Tensor:
     return torch.randint(low, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "roberta"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "neox_sequential", "bert", "roberta"])
 def test_logits_and_padding_match_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
     ours = _load_ours(path)
@@ -83,19 +91,20 @@ def test_logits_and_padding_match_hf(hf_models, name: str) -> None:
         expected = hf(ids, attention_mask=mask).logits
     keep = mask.bool()
     torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
-    if name != "gpt2":
+    if name in ("bert", "roberta"):
         assert get_family(name).kind == "masked"
-    assert ours.output.weight is ours.tok_embeddings.weight
+    if hf.config.tie_word_embeddings:
+        assert ours.output.weight is ours.tok_embeddings.weight
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "roberta"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "bert", "roberta"])
 def test_save_roundtrip_loads_in_transformers(hf_models, tmp_path: Path, name: str) -> None:
     hf, path = hf_models[name]
     ours = _load_ours(path)
     family, cfg = resolve_model_config(str(path))
     save_pretrained(ours, family, cfg, tmp_path / "saved")
-    auto = (transformers.AutoModelForCausalLM if name == "gpt2"
-            else transformers.AutoModelForMaskedLM)
+    auto = (transformers.AutoModelForMaskedLM if name in ("bert", "roberta")
+            else transformers.AutoModelForCausalLM)
     reloaded = auto.from_pretrained(tmp_path / "saved").eval()
     assert type(reloaded) is type(hf)
     ids = _ids(2, 17, seed=3)

@@ -33,7 +33,7 @@ def _model(name: str) -> torch.nn.Module:
     return init_random(model, "cpu", torch.float32, seed=0).eval()
 
 
-@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny", "pythia-tiny"])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_packed_loss_equals_each_example_alone(name: str, backend: str) -> None:
     model = _model(name)
@@ -75,21 +75,21 @@ def test_flex_block_mask_matches_dense_mask() -> None:
 
 
 def test_generic_hf_fallback_trains_packed_like_native(tmp_path) -> None:
-    """A model_type without a native port (GPT-NeoX / Pythia) runs through the HF wrapper:
-    same loss as transformers computes, and packing stays exact there too."""
+    """A model_type without a native port (Phi) runs through the HF wrapper: same loss as
+    transformers computes, and packing stays exact there too."""
     import transformers
 
-    cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=64)
+    cfg = transformers.PhiConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64,
+                                 max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    hf.save_pretrained(tmp_path / "neox")
+    hf.save_pretrained(tmp_path / "phi")
     from tunesmith.models import load_pretrained
 
-    family, mcfg = resolve_model_config(str(tmp_path / "neox"))
+    family, mcfg = resolve_model_config(str(tmp_path / "phi"))
     assert family.name == "hf" and family.kind == "causal"
-    model = load_pretrained(build_model(family, mcfg), str(tmp_path / "neox"), "cpu",
+    model = load_pretrained(build_model(family, mcfg), str(tmp_path / "phi"), "cpu",
                             torch.float32).eval()
     rt = resolve_runtime("cpu", "fp32")
     examples = _examples(6, seed=1)

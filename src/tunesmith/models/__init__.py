@@ -35,10 +35,14 @@ from tunesmith.models.gpt2.model import GPT2
 from tunesmith.models.llama.adapter import LlamaStateDictAdapter
 from tunesmith.models.llama.config import PRESET_NAMES, LlamaConfig, apply_overrides, preset
 from tunesmith.models.llama.model import KVCache, Llama
+from tunesmith.models.neox import config as neox_config
+from tunesmith.models.neox.adapter import NeoXStateDictAdapter
+from tunesmith.models.neox.config import NeoXConfig
+from tunesmith.models.neox.model import NeoX
 
 __all__ = [
     "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig",
-    "ModelFamily",
+    "ModelFamily", "NeoX", "NeoXConfig",
     "build_model", "get_family", "init_random", "load_pretrained", "resolve_model_config",
     "save_pretrained", "write_hf_config",
 ]
@@ -100,8 +104,18 @@ BERT_FAMILY = ModelFamily(
     apply_overrides=bert_config.apply_overrides,
     kind="masked",
 )
+NEOX_FAMILY = ModelFamily(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    config_cls=NeoXConfig,
+    model_cls=NeoX,
+    adapter_cls=NeoXStateDictAdapter,
+    presets={n: (lambda n=n: neox_config.preset(n)) for n in neox_config.PRESET_NAMES},
+    apply_overrides=neox_config.apply_overrides,
+)
 FAMILIES: dict[str, ModelFamily] = {
-    mt: fam for fam in (LLAMA_FAMILY, GPT2_FAMILY, BERT_FAMILY) for mt in fam.model_types
+    mt: fam for fam in (LLAMA_FAMILY, GPT2_FAMILY, BERT_FAMILY, NEOX_FAMILY)
+    for mt in fam.model_types
 }
 # Any other model_type transformers knows runs through the (slower) generic HF wrapper.
 GENERIC_FAMILY = ModelFamily(
