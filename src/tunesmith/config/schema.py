@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.config.tasks import GenerateEvalConfig, MLMConfig, SFTConfig
+
 
 class Section(BaseModel):
     """Base for every config section: strict keys, validated assignment."""
@@ -74,6 +76,13 @@ class DataConfig(Section):
     drop_last: bool = Field(True, description="Drop the last incomplete batch of an epoch.")
     max_train_samples: int | None = Field(None, gt=0, description="Truncate the training set.")
     max_eval_samples: int | None = Field(None, gt=0, description="Truncate the validation set.")
+    streaming: bool = Field(
+        False, description="Read training data lazily (local files or a hub dataset) instead "
+        "of tokenizing it up front; needs train.max_steps. Resumable, sharded over ranks.",
+    )
+    shuffle_buffer: int = Field(
+        10000, ge=0, description="streaming: records held for shuffling (0 = stream order).",
+    )
 
 
 class OptimConfig(Section):
@@ -128,6 +137,7 @@ class EvalConfig(Section):
     at_end: bool = True
     batch_size: int | None = Field(None, gt=0, description="Default: train.micro_batch_size.")
     max_batches: int | None = Field(None, gt=0)
+    generate: GenerateEvalConfig = Field(default_factory=GenerateEvalConfig)
 
 
 class LoggingConfig(Section):
@@ -249,9 +259,14 @@ class PeftConfig(Section):
 class RunConfig(Section):
     """A whole job: `tunesmith train RECIPE.yaml key=value ...` resolves to one of these."""
 
-    task: Literal["clm"] = "clm"
+    task: Literal["clm", "sft", "mlm"] = Field(
+        "clm", description="clm: raw-text causal LM; sft: instruction/chat/summarization data "
+        "(see sft.*); mlm: masked LM with an encoder (see mlm.*).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -276,4 +291,8 @@ class RunConfig(Section):
             )
         if self.optim.name == "adafactor" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
+        if self.eval.generate.enabled and self.task != "sft":
+            raise ValueError("eval.generate needs task=sft (prompts and references)")
         return self

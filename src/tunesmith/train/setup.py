@@ -44,6 +44,8 @@ class ModelBundle:
     model_cfg: Any
     model: torch.nn.Module
     tokenizer: Any
+    tokenizer_source: str = ""
+    task: Any = None  # tunesmith.train.tasks.TaskData for sft / mlm / streaming runs
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -134,7 +136,7 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
                         allow_pickle=mc.allow_unsafe_pickle)
     else:
         init_random(model, device=rt.device, dtype=dtype, seed=cfg.train.seed)
-    return ModelBundle(family, model_cfg, model, tokenizer)
+    return ModelBundle(family, model_cfg, model, tokenizer, tok_source)
 
 
 def _is_preset(name: str) -> bool:
@@ -219,15 +221,26 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
 
 
 def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Path) -> Trainer:
-    max_pos = bundle.model_cfg.max_position_embeddings
-    train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos)
+    from tunesmith.models import usable_positions
+    from tunesmith.train.tasks import build_task_data
+
+    max_pos = usable_positions(bundle.model_cfg)
+    bundle.task = build_task_data(cfg, bundle.family, bundle.tokenizer, max_pos,
+                                  bundle.tokenizer_source)
+    if bundle.task is None:  # plain clm
+        train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos)
+    else:
+        train_loader, val_loader = bundle.task.train_loader, bundle.task.val_loader
     model = bundle.model
     if cfg.train.compile:
         # Regional compile: each block compiled in place (state-dict keys unchanged); blocks
         # share one graph, so compile time does not grow with depth.
         for block in model.layers:
             block.compile()
-    steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
+    if bundle.task is None or bundle.task.sized:
+        steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
+    else:  # a stream has no length: one "epoch" for the schedule is the whole run
+        steps_per_epoch = cfg.train.max_steps or 1
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
@@ -260,6 +273,10 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
 
     trainer, bundle = build_trainer(cfg)
     summary = trainer.train()
+    if bundle.task is not None:
+        from tunesmith.train.tasks import after_training
+
+        after_training(cfg, trainer, bundle, summary)
     out_dir = Path(cfg.output.dir)
     if cfg.output.save_final and not summary["interrupted"]:
         from tunesmith.peft import is_peft_model, save_final
