@@ -7,12 +7,13 @@ from tunesmith.config.schema import (
     ModelConfig,
     OptimConfig,
     OutputConfig,
+    ParallelConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
+    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig", "ParallelConfig",
     "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
 ]
