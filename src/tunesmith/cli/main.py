@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from tunesmith.errors import TunesmithError
@@ -21,7 +22,11 @@ def _train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
     from tunesmith.train.setup import run_training
 
-    cfg = load_config(args.recipe, args.overrides)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if "=" in recipe and not Path(recipe).exists():
+        # No recipe file: everything comes from key=value overrides.
+        recipe, overrides = None, [recipe, *overrides]
+    cfg = load_config(recipe, overrides)
     summary = run_training(cfg)
     print(json.dumps(summary, indent=2))
     return 0
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train from a YAML recipe", epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("recipe", help="YAML recipe")
+    t.add_argument("recipe", help="YAML recipe (optional: key=value overrides alone also work)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=_train)
 
