@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tunesmith.models.attention import AttnSpec
+from tunesmith.parallel.fsdp import gathered_head_weight
 from tunesmith.train.loss import linear_cross_entropy
 from tunesmith.train.runtime import Runtime
 
@@ -26,7 +27,9 @@ def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool =
     attn, positions = attention_for(batch, dev)
     with rt.autocast():
         hidden = model(input_ids, positions=positions, attn=attn, return_hidden=True)  # [B, T, D]
-    head = model.output.weight  # [V, D]
+    # [V, D]; under FSDP2 the gathered head (the root keeps it gathered until backward), under
+    # TP a vocab-sharded DTensor that the loss handles vocab-parallel.
+    head = gathered_head_weight(model)
     if not need_grad:
         head = head.detach()
     return linear_cross_entropy(hidden, head, labels, compute_dtype=rt.compute_dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from tunesmith.errors import TunesmithError
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
 from tunesmith.train.trainer import Trainer
+
+if TYPE_CHECKING:
+    from tunesmith.parallel.dist import ParallelContext
 
 log = logging.getLogger("tunesmith")
 
@@ -66,9 +69,11 @@ def has_weights(source: str) -> bool:
     return not is_preset(source) and "/" in source  # hub id "org/name"
 
 
-def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
+def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None = None) -> ModelBundle:
     from tunesmith.data import load_tokenizer
-    from tunesmith.models import build_model, init_random, load_pretrained, resolve_model_config
+    from tunesmith.models import resolve_model_config
+    from tunesmith.parallel.dist import single_process
+    from tunesmith.parallel.setup import build_parallel_model
 
     mc = cfg.model
     family, model_cfg = resolve_model_config(mc.name, mc.overrides)
@@ -83,11 +88,8 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
             f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
-    model = build_model(family, model_cfg, device="meta")
-    if has_weights(mc.name) and not mc.from_scratch:
-        load_pretrained(model, mc.name, device=rt.device, dtype=rt.param_dtype)
-    else:
-        init_random(model, device=rt.device, dtype=rt.param_dtype, seed=cfg.train.seed)
+    pretrained = has_weights(mc.name) and not mc.from_scratch
+    model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained)
     return ModelBundle(family, model_cfg, model, tokenizer)
 
 
@@ -97,22 +99,26 @@ def _is_preset(name: str) -> bool:
     return is_preset(name)
 
 
-def build_loaders(cfg: RunConfig, tokenizer, max_positions: int):
+def build_loaders(cfg: RunConfig, tokenizer, max_positions: int, ctx: ParallelContext | None = None):
     from tunesmith.data import StatefulLoader, build_clm_datasets, make_collator
+    from tunesmith.parallel.setup import main_rank_first
 
-    train_ds, val_ds = build_clm_datasets(
-        cfg.data, tokenizer, seed=cfg.train.seed, max_positions=max_positions
-    )
+    with main_rank_first(ctx):  # rank 0 fills the tokenisation cache, the others read it
+        train_ds, val_ds = build_clm_datasets(
+            cfg.data, tokenizer, seed=cfg.train.seed, max_positions=max_positions
+        )
+    # Data-parallel sharding: TP ranks of one data-parallel group read the same batches.
+    shard = {"rank": ctx.dp_rank, "world_size": ctx.dp_size} if ctx is not None else {}
     collate = make_collator(cfg.data, tokenizer)
     train_loader = StatefulLoader(
         train_ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate, shuffle=True,
-        seed=cfg.train.seed, drop_last=cfg.data.drop_last,
+        seed=cfg.train.seed, drop_last=cfg.data.drop_last, **shard,
     )
     val_loader = None
     if val_ds is not None and len(val_ds) > 0:
         val_loader = StatefulLoader(
             val_ds, batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size,
-            collate_fn=collate, shuffle=False, seed=cfg.train.seed, drop_last=False,
+            collate_fn=collate, shuffle=False, seed=cfg.train.seed, drop_last=False, **shard,
         )
     if len(train_loader) < cfg.train.grad_accum_steps:
         raise TunesmithError(
@@ -123,19 +129,21 @@ def build_loaders(cfg: RunConfig, tokenizer, max_positions: int):
 
 
 def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
+    from tunesmith.models import resolve_model_config
+    from tunesmith.parallel.deepspeed import apply_deepspeed
+    from tunesmith.parallel.setup import start_parallel
+
+    cfg = apply_deepspeed(cfg)
     out_dir = Path(cfg.output.dir)
     check_output_dir(out_dir, cfg.output.overwrite)
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
+    # Layout checks (exit 2 on every rank, before any communication), then the process group.
+    ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
     seed_everything(cfg.train.seed)
-    bundle = build_model_bundle(cfg, rt)
+    bundle = build_model_bundle(cfg, rt, ctx)  # parallelised (TP/AC/compile/FSDP2) with weights
     max_pos = bundle.model_cfg.max_position_embeddings
-    train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos)
+    train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos, ctx)
     model = bundle.model
-    if cfg.train.compile:
-        # Regional compile: each block compiled in place (state-dict keys unchanged); blocks
-        # share one graph, so compile time does not grow with depth.
-        for block in model.layers:
-            block.compile()
     steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     optimizer = build_optimizer(model, cfg.optim, rt.device)
@@ -147,9 +155,11 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         flops_per_token=float(model.flops_per_token(seq_len)),
         peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops),
-        scaler=rt.grad_scaler(),
+        scaler=rt.grad_scaler(), par=ctx,
     )
-    prepare_output_dir(out_dir, cfg)
+    if ctx.is_main:  # only rank 0 writes non-sharded files
+        prepare_output_dir(out_dir, cfg)
+    ctx.barrier()
     log.info(
         "model %s: %.2fM params on %s (%s); %d steps (%d per epoch)",
         cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, rt.device,
@@ -168,8 +178,12 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output.dir)
     if cfg.output.save_final:
         final = out_dir / "final"
-        save_pretrained(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
+        save = save_pretrained
+        if trainer.par is not None and trainer.par.distributed:
+            from tunesmith.parallel.export import save_pretrained_distributed as save
+        save(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
         summary["final_model"] = str(final)
-    write_summary(out_dir, summary)
+    if trainer.par is None or trainer.par.is_main:
+        write_summary(out_dir, summary)
     return summary
 

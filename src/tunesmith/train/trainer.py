@@ -19,6 +19,7 @@ from torch import nn
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.parallel.grad import clip_grad_norm_
 from tunesmith.train.forward import batch_loss_sum
 from tunesmith.train.loss import IGNORE_INDEX
 from tunesmith.train.metrics import MetricsWriter, Throughput, peak_memory_gib
@@ -62,13 +63,14 @@ class Trainer:
     scaler: torch.amp.GradScaler | None = None
     progress: Progress = field(default_factory=Progress)
     hooks: list = field(default_factory=list)  # callables(trainer, step_result) after each step
+    par: Any = None  # tunesmith.parallel.dist.ParallelContext; None: one process
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self._is_main)
         tput = Throughput(cfg.train.throughput_warmup_steps, self.flops_per_token, self.peak_tflops)
-        reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress)
+        reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress and self._is_main)
         start_eval = self.evaluate() if cfg.eval.at_start and self.val_loader is not None else None
         if start_eval:
             metrics.write({"step": self.progress.step, **start_eval})
@@ -123,20 +125,36 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One optimizer step over k micro-batches; returns device tensors (no host sync)."""
         # Count targets on the host tensors before they move: the loss is normalised by the
-        # total count across all micro-batches, so k accumulated micro-batches give exactly the
-        # gradient of one k-times larger batch. (Data-parallel: all-reduced count, later.)
-        n_targets = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+        # total count across all micro-batches *and data-parallel ranks*, so k accumulated
+        # micro-batches on N ranks give exactly the gradient of one kN-times larger batch.
+        n_targets = self._global_count(
+            sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
         tokens = sum(_count_tokens(mb) for mb in micro_batches)
         samples = sum(mb["input_ids"].size(0) for mb in micro_batches)
+        # DDP/FSDP average gradients over the dp ranks; dividing by count / dp undoes that.
+        dp = self.par.dp_size if self.par is not None else 1
         loss_sum = torch.zeros((), device=self.rt.device)
         for mb in micro_batches:
-            loss_sum += self.forward_backward(mb, max(n_targets, 1))
+            loss_sum += self.forward_backward(mb, max(n_targets, 1) / dp)
         grad_norm = self._clip_and_step()
         self.progress.step += 1
-        self.progress.tokens_seen += tokens
-        return loss_sum / max(n_targets, 1), grad_norm, tokens, samples
+        self.progress.tokens_seen += tokens * dp
+        if self.par is not None:
+            self.par.all_reduce_dp(loss_sum)  # the logged loss is the global batch's
+        return loss_sum / max(n_targets, 1), grad_norm, tokens * dp, samples * dp
 
-    def forward_backward(self, batch: dict, n_targets: int) -> torch.Tensor:
+    @property
+    def _is_main(self) -> bool:
+        return self.par is None or self.par.is_main
+
+    def _global_count(self, local: int) -> int:
+        """`local` summed over data-parallel ranks (one tiny all-reduce per step)."""
+        if self.par is None or self.par.dp_size == 1:
+            return local
+        t = torch.tensor(float(local), dtype=torch.float64, device=self.rt.device)
+        return int(self.par.all_reduce_dp(t).item())
+
+    def forward_backward(self, batch: dict, n_targets: float) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its detached loss *sum*."""
         loss_sum = batch_loss_sum(self.model, batch, self.rt, need_grad=True)
         scaled = loss_sum / n_targets
@@ -150,7 +168,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+        # DTensor-aware (FSDP2/TP shards): the norm of the full gradients, the same on all ranks.
+        grad_norm = clip_grad_norm_(params, max_norm if max_norm else math.inf)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -164,7 +183,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches)
+        reduce = self.par.all_reduce_dp if self.par is not None else None
+        return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches, reduce)
 
     def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter) -> dict[str, float]:
         out = self.evaluate()
