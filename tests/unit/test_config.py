@@ -64,3 +64,12 @@ def test_help_lists_every_leaf_option():
     for key in ("model.name", "data.block_size", "optim.lr", "schedule.warmup_ratio",
                 "train.grad_accum_steps", "eval.every_steps", "logging.steps", "output.dir"):
         assert key in text
+
+
+def test_docs_config_reference_is_current():
+    from tests.conftest import REPO
+    from tunesmith.config.loader import reference_markdown
+
+    assert (REPO / "docs" / "config.md").read_text() == reference_markdown(), (
+        "docs/config.md is stale: run `python -m tunesmith.config.loader > docs/config.md`"
+    )

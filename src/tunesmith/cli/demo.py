@@ -101,6 +101,8 @@ def run_demo(output: str, steps: int | None = None, overwrite: bool = False) -> 
         recipe["schedule"]["warmup_steps"] = min(recipe["schedule"]["warmup_steps"], steps)
     cfg = RunConfig.model_validate(recipe)
     summary = run_training(cfg)
+    if summary.get("interrupted"):
+        return summary  # run_training already said where the checkpoint is and how to resume
     final = summary["final_model"]
     sample = run_generate(final, "The list", max_new_tokens=40)
     print(

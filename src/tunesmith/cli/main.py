@@ -1,7 +1,7 @@
-"""`tunesmith` command line: train, launch, eval, generate, demo.
+"""`tunesmith` command line: train, launch, eval, generate, export, demo.
 
-User errors (`TunesmithError`, bad config/data) print one line and exit 2; `--debug` shows the
-traceback. Every subcommand is a thin shell over library functions.
+User errors (`TunesmithError`, bad config/data) print one line and exit 2 (a NaN halt exits 3);
+`--debug` shows the traceback. Every subcommand is a thin shell over library functions.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -29,8 +30,31 @@ def _train(args: argparse.Namespace) -> int:
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_config(recipe, overrides)
     summary = run_training(cfg)
-    if is_main_rank():
-        print(json.dumps(summary, indent=2))
+    if not is_main_rank():
+        return 0
+    print(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):
+        print(_resume_hint(recipe, overrides, summary), file=sys.stderr)
+    return 0
+
+
+def _resume_hint(recipe: str | None, overrides: list[str], summary: dict) -> str:
+    """How to continue a preempted run: the same command plus checkpoint.resume=auto."""
+    kept = [o for o in overrides if not o.startswith("checkpoint.resume=")]
+    command = shlex.join(["tunesmith", "train", *([recipe] if recipe else []), *kept,
+                          "checkpoint.resume=auto"])
+    where = summary.get("checkpoint")
+    saved = f"checkpoint saved to {where}" if where else "no checkpoint was saved"
+    return (f"tunesmith: training stopped by {summary.get('stopped_by', 'a signal')} at step "
+            f"{summary['steps']}; {saved}. Resume with: {command}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tunesmith.checkpoint.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    allow_pickle=args.allow_unsafe_pickle)
+    print(json.dumps({"exported": str(out), "format": args.format}))
     return 0
 
 
@@ -110,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(func=_generate)
 
+    x = sub.add_parser("export", help="turn a training checkpoint into a Hugging Face model directory")
+    x.add_argument("checkpoint", help="checkpoint dir (OUTPUT/checkpoints/step_N) or a run's output dir (newest)")
+    x.add_argument("--format", default="hf", choices=["hf"], help="output format (default: hf)")
+    x.add_argument("--out", required=True, help="directory to write (replaced if it is a saved model)")
+    x.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast weights (default: as trained)")
+    x.add_argument("--max-shard-size", default="5GB", help="split safetensors above this (default 5GB)")
+    x.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="allow checkpoint metadata that needs arbitrary code to unpickle (trusted sources only)")
+    x.set_defaults(func=_export)
+
     d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
     d.add_argument("--output", default="outputs/demo")
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe's)")
@@ -132,9 +167,9 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
             raise
         report_error(e)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("tunesmith: interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))  # a second SIGTERM: 143, like the kill itself
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,8 @@ line:column, the unknown key and its closest valid spelling, or the field with t
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,18 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     )
 
 
+def _type_name(ann: Any) -> str:
+    """`Literal['a', 'b'] | None` -> `a|b|None`; plain classes by name."""
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if args and typing.get_origin(ann) in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in args)
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
     """Lines `key (type, default): description` for every option, for `train --help`."""
     lines: list[str] = []
@@ -127,7 +141,28 @@ def describe_options(model: type[BaseModel] = RunConfig, prefix: str = "") -> li
             lines.extend(describe_options(ann, key + "."))
             continue
         default = field.get_default(call_default_factory=True)
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        tname = _type_name(ann)
         desc = f": {field.description}" if field.description else ""
         lines.append(f"  {key} ({tname}, default {default!r}){desc}")
     return lines
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every option, grouped by section (kept in sync by a test)."""
+    out = ["# Config reference", "",
+           "Generated from `tunesmith/config/schema.py` by "
+           "`python -m tunesmith.config.loader > docs/config.md`. Every key can be set in a "
+           "recipe's YAML section or on the command line as `section.key=value`.", ""]
+    section = None
+    for line in describe_options():
+        key = line.strip().split(" ", 1)[0]
+        head = key.split(".")[0] if "." in key else "(top level)"
+        if head != section:
+            section = head
+            out += ["", f"## {section}", ""]
+        out.append(f"- `{key}` {line.strip()[len(key):].strip()}")
+    return "\n".join(out).strip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

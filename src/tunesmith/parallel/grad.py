@@ -1,12 +1,15 @@
-"""Global gradient-norm clipping that works for plain, FSDP2-sharded and TP DTensor gradients.
+"""Gradient norms and clipping that work for plain, FSDP2-sharded and TP DTensor gradients.
 
-The global norm is over the *full* gradients: ||g||^2 = sum over parameters of the squared
-norm of the unsharded gradient. For a DTensor gradient each rank holds one piece; pieces along
-Shard mesh dims are distinct, pieces along Replicate dims are copies. So each rank adds
+The global norm is over the *full* gradients: ||g||^2 = sum over parameters of the squared norm
+of the unsharded gradient. For a DTensor gradient each rank holds one piece; pieces along Shard
+mesh dims are distinct, pieces along Replicate dims are copies. So each rank takes
 ||local||^2 / (product of its Replicate dims' sizes), and the sum over every rank of the mesh
 (all-reduced one mesh dim at a time) is exactly the full squared norm, whatever the mix of
 placements (2-D FSDP x TP, TP with replicated norm weights, ...). Plain (DDP) gradients are
-identical on every rank after the all-reduce and are summed locally.
+identical on every rank after DDP's all-reduce and need no communication.
+
+Per-parameter norms are kept (one [n] vector all-reduced per mesh) because the NaN guard uses
+them to name the offending parameters.
 """
 
 from __future__ import annotations
@@ -26,46 +29,53 @@ def _replicas(g: DTensor) -> int:
 
 def _mesh_key(g: DTensor) -> tuple:
     mesh = g.device_mesh
-    return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), mesh.mesh.shape)
+    return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape))
 
 
-def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of `grads` (fp32 scalar, plain tensor, identical on every rank)."""
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    device = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float32, device=device)
-    if plain:
-        sq += sum(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in plain)
-    by_mesh: dict[tuple, list[DTensor]] = {}
-    for g in grads:
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dtype=torch.float32) ** 2
+
+
+def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global L2 norm, per-gradient full L2 norms [n]); fp32, plain tensors, same on all ranks."""
+    if not grads:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero.reshape(0)
+    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    sq = torch.zeros(len(grads), dtype=torch.float32, device=device)  # [n] squared norms
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
         if isinstance(g, DTensor):
-            by_mesh.setdefault(_mesh_key(g), []).append(g)
-    for group in by_mesh.values():
-        local = torch.zeros((), dtype=torch.float32, device=group[0].to_local().device)
-        for g in group:
-            local += torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) ** 2 / _replicas(g)
-        mesh = group[0].device_mesh
+            groups.setdefault(_mesh_key(g), []).append(i)
+        else:
+            sq[i] = _sq_norm(g).to(device)
+    for idx in groups.values():  # same order on every rank: parameter order
+        mesh = grads[idx[0]].device_mesh
+        local = torch.stack([_sq_norm(grads[i].to_local()) / _replicas(grads[i]) for i in idx])
         for dim in range(mesh.ndim):
             if mesh.size(dim) > 1:
                 dist.all_reduce(local, group=mesh.get_group(dim))
-        sq += local.to(device)
-    return sq.sqrt()
+        sq[torch.tensor(idx, device=device)] = local.to(device)
+    per = sq.sqrt()
+    return torch.linalg.vector_norm(per), per
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients in place so their global norm (`total_norm`) is at most `max_norm`."""
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is None:
+            continue
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        local.mul_(coef.to(local.device, local.dtype))
 
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Clip gradients of `params` in place to global norm `max_norm` (None/inf: measure only).
-
-    Returns the pre-clip global norm as a plain fp32 tensor on the gradients' device.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = total_grad_norm(grads)
-    if max_norm is None or math.isinf(max_norm):
-        return norm
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        local.mul_(coef.to(local.device, local.dtype))
-    return norm
+    """Measure the global gradient norm and clip to `max_norm` (None/inf: measure only)."""
+    params = [p for p in params if p.grad is not None]
+    total, _ = grad_norms([p.grad for p in params])
+    if max_norm is not None and not math.isinf(max_norm):
+        clip_grads_with_norm_(params, max_norm, total)
+    return total

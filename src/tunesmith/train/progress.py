@@ -7,7 +7,10 @@ from typing import Any
 
 
 def _fmt(record: dict[str, Any]) -> str:
-    parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+    loss = record.get("loss")
+    parts = [f"loss {loss:.4f}" if loss is not None else "loss n/a (skipped)", f"lr {record['lr']:.2e}"]
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} skipped")
     if record.get("tokens_per_s"):
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     if record.get("mfu") is not None:

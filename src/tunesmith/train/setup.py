@@ -1,21 +1,34 @@
-"""Build a `Trainer` from a `RunConfig`: output dir, runtime, tokenizer, data, model, optimizer.
+"""Build a `Trainer` from a `RunConfig`: output dir, runtime, tokenizer, data, model, optimizer,
+checkpointing and resume.
 
 Order matters for "nothing half-written": every check that can fail on bad input (config, data,
-tokenizer, model shape) runs before anything is written to the output directory.
+tokenizer, model shape, resume checkpoint, disk space) runs before anything is written to the
+output directory.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tunesmith.checkpoint import CheckpointManager, check_disk, estimate_bytes
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.errors import TunesmithError
+from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState, hf_files_writer, trainer_state
+from tunesmith.train.guard import DIAGNOSTICS_FILE
 from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.resume import (
+    apply_optimizer_config,
+    check_model_matches,
+    check_run_dir_matches,
+    plan_resume,
+    truncate_metrics,
+)
 from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
 from tunesmith.train.trainer import Trainer
 
@@ -25,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunesmith")
 
 # Files whose presence marks a directory as holding a run.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "final")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "final", "checkpoints")
 
 
 @dataclass
@@ -42,17 +55,46 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     found = [m for m in RUN_MARKERS if (out_dir / m).exists()]
     if found and not overwrite:
         raise TunesmithError(
-            f"output directory {out_dir} holds another run ({', '.join(found)}); "
-            "choose another output.dir or set output.overwrite=true"
+            f"output directory {out_dir} holds another run ({', '.join(found)}); resume it with "
+            "checkpoint.resume=auto, choose another output.dir or set output.overwrite=true"
         )
 
 
-def prepare_output_dir(out_dir: Path, cfg: RunConfig) -> None:
-    """Called only once setup has succeeded: clear a previous run's records, write the config."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "summary.json"):
-        (out_dir / name).unlink(missing_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
+def check_run_dir(out_dir: Path, cfg: RunConfig, checkpoint: Path | None) -> None:
+    """Output-dir rules when resuming: a directory holding this same run is fine.
+
+    Resuming from a checkpoint inside `out_dir` needs nothing more (its config was compared);
+    a fresh start (`auto` found none) or a checkpoint from elsewhere must not take over a
+    directory that holds a different run.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TunesmithError(f"output.dir {out_dir} exists and is not a directory")
+    inside = checkpoint is not None and out_dir.resolve() in checkpoint.resolve().parents
+    if not inside:
+        check_run_dir_matches(out_dir, cfg)
+
+
+def prepare_output_dir(out_dir: Path, cfg: RunConfig, resume_step: int | None) -> None:
+    """Called only once setup has succeeded: set up the records, write the config.
+
+    Fresh start: a previous run's records go (and with output.overwrite its checkpoints).
+    Resume: metrics.jsonl keeps the records up to the checkpoint's step and is appended to.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            for name in ("metrics.jsonl", "summary.json", DIAGNOSTICS_FILE):
+                (out_dir / name).unlink(missing_ok=True)
+            old = out_dir / "checkpoints"
+            if cfg.output.overwrite and old.is_dir():
+                log.warning("output.overwrite: removing the previous run's checkpoints in %s", old)
+                shutil.rmtree(old)
+        else:
+            truncate_metrics(out_dir / "metrics.jsonl", resume_step)
+            (out_dir / "summary.json").unlink(missing_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+    except OSError as e:
+        raise TunesmithError(f"cannot write to output directory {out_dir}: {e.strerror or e}") from None
 
 
 def has_weights(source: str) -> bool:
@@ -89,6 +131,7 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
     pretrained = has_weights(mc.name) and not mc.from_scratch
+    # Parallelised (TP / AC / compile / FSDP2 or DDP) and holding its weights.
     model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained)
     return ModelBundle(family, model_cfg, model, tokenizer)
 
@@ -129,54 +172,100 @@ def build_loaders(cfg: RunConfig, tokenizer, max_positions: int, ctx: ParallelCo
 
 
 def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
+    """Everything for `Trainer.train()`, restored from a checkpoint when resuming.
+
+    Order: output-dir rules and the resume checkpoint (config match) first, then the costly
+    builds, then the checkpoint load (shapes checked), the disk check, and only then anything
+    written to the output directory. RNG states are applied by `train()` itself.
+    """
     from tunesmith.models import resolve_model_config
     from tunesmith.parallel.deepspeed import apply_deepspeed
     from tunesmith.parallel.setup import start_parallel
 
     cfg = apply_deepspeed(cfg)
     out_dir = Path(cfg.output.dir)
-    check_output_dir(out_dir, cfg.output.overwrite)
+    ck = cfg.checkpoint
+    if ck.resume is None:
+        check_output_dir(out_dir, cfg.output.overwrite)
+    manager = CheckpointManager(out_dir, keep_last=ck.keep_last, verify=ck.verify)
+    plan = plan_resume(cfg, manager)
+    if ck.resume is not None:
+        check_run_dir(out_dir, cfg, plan.checkpoint)
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
     # Layout checks (exit 2 on every rank, before any communication), then the process group.
     ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
+    manager.cleanup_partial()  # rank 0 removes, between barriers
     seed_everything(cfg.train.seed)
-    bundle = build_model_bundle(cfg, rt, ctx)  # parallelised (TP/AC/compile/FSDP2) with weights
-    max_pos = bundle.model_cfg.max_position_embeddings
-    train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos, ctx)
-    model = bundle.model
-    steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
-    seq_len = cfg.data.block_size
-    trainer = Trainer(
-        cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler,
-        train_loader=train_loader, val_loader=val_loader, out_dir=out_dir,
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        flops_per_token=float(model.flops_per_token(seq_len)),
-        peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops),
-        scaler=rt.grad_scaler(), par=ctx,
+    bundle = build_model_bundle(cfg, rt, ctx)
+    trainer = _make_trainer(cfg, rt, bundle, out_dir, ctx)
+    if plan.checkpoint is not None and trainer.total_steps < plan.step:
+        raise TunesmithError(
+            f"this run has {trainer.total_steps} steps but checkpoint {plan.checkpoint} is at step "
+            f"{plan.step}; raise train.epochs or train.max_steps to continue from it"
+        )
+    trainer.resumed_from = plan.checkpoint
+    rng = DeferredRNGState()
+    app_state = trainer_state(trainer, rng)
+    trainer.checkpointer = Checkpointer(
+        cfg, manager, app_state, hf_files_writer(bundle.model_cfg, rt.param_dtype, bundle.tokenizer)
     )
+    if plan.checkpoint is not None:
+        _restore(trainer, manager, plan.checkpoint, app_state)
+        trainer.rng_state = rng
+    saves = ck.periodic or ck.save_on_exit
+    check_disk(out_dir, estimate_bytes(app_state) if saves else 0)
     if ctx.is_main:  # only rank 0 writes non-sharded files
-        prepare_output_dir(out_dir, cfg)
+        prepare_output_dir(out_dir, cfg, plan.step if plan.checkpoint is not None else None)
     ctx.barrier()
     log.info(
-        "model %s: %.2fM params on %s (%s); %d steps (%d per epoch)",
-        cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, rt.device,
-        rt.precision, total_steps, steps_per_epoch,
+        "model %s: %.2fM params on %s (%s); %d steps (%d per epoch)%s",
+        cfg.model.name, sum(p.numel() for p in trainer.model.parameters()) / 1e6, rt.device,
+        rt.precision, trainer.total_steps, trainer.steps_per_epoch,
+        f"; resuming at step {plan.step}" if plan.checkpoint is not None else "",
     )
     return trainer, bundle
 
 
+def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Path,
+                  ctx: ParallelContext | None = None) -> Trainer:
+    max_pos = bundle.model_cfg.max_position_embeddings
+    train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos, ctx)
+    model = bundle.model  # blocks already compiled by parallelize() when train.compile
+    steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
+    return Trainer(
+        cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler,
+        train_loader=train_loader, val_loader=val_loader, out_dir=out_dir,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        flops_per_token=float(model.flops_per_token(cfg.data.block_size)),
+        peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops),
+        scaler=rt.grad_scaler(), par=ctx,
+    )
+
+
+def _restore(trainer: Trainer, manager: CheckpointManager, ckpt: Path, app_state: dict) -> None:
+    """Load every piece of training state from `ckpt` into the freshly built trainer."""
+    check_model_matches(ckpt, trainer.model, app_state["model"].state_dict())
+    live_groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
+    manager.load(ckpt, app_state)
+    apply_optimizer_config(trainer.optimizer, trainer.scheduler, live_groups)
+
+
 def run_training(cfg: RunConfig) -> dict[str, Any]:
-    """The whole `tunesmith train` job. Returns the summary written to OUTPUT/summary.json."""
+    """The whole `tunesmith train` job. Returns the summary written to OUTPUT/summary.json.
+
+    A run stopped by SIGTERM/SIGINT returns normally with `summary["interrupted"] = True` and
+    no final model (its state is in the checkpoint). A NaN halt raises `NonFiniteError`.
+    """
     from tunesmith.models import save_pretrained
     from tunesmith.train.trainer import write_summary
 
     trainer, bundle = build_trainer(cfg)
     summary = trainer.train()
     out_dir = Path(cfg.output.dir)
-    if cfg.output.save_final:
+    if cfg.output.save_final and not summary["interrupted"]:
         final = out_dir / "final"
         save = save_pretrained
         if trainer.par is not None and trainer.par.distributed:
@@ -186,4 +275,3 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if trainer.par is None or trainer.par.is_main:
         write_summary(out_dir, summary)
     return summary
-

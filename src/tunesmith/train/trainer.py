@@ -1,15 +1,18 @@
 """The training loop: `train -> train_step -> forward_backward`, plus `evaluate`.
 
 Everything here runs on objects built once by `tunesmith.train.setup`; the loop itself makes no
-decisions about devices or precision. Host syncs (`.item()`) happen only on logging/eval steps.
+decisions about devices or precision. Host syncs (`.item()`) happen only on logging/eval/checkpoint
+steps, plus one per step for the NaN guard where the device cannot skip an update by itself
+(see `tunesmith.train.guard`). Checkpoints are taken at step boundaries (`Checkpointer.due`),
+and a SIGTERM/SIGINT stops the loop at the next one (`tunesmith.train.preempt`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,13 @@ from torch import nn
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.eval.perplexity import evaluate_loss
-from tunesmith.parallel.grad import clip_grad_norm_
+from tunesmith.parallel.grad import clip_grads_with_norm_
+from tunesmith.parallel.grad import grad_norms as dist_grad_norms
 from tunesmith.train.forward import batch_loss_sum
+from tunesmith.train.guard import NonFiniteGuard, grad_norms
 from tunesmith.train.loss import IGNORE_INDEX
-from tunesmith.train.metrics import MetricsWriter, Throughput, peak_memory_gib
+from tunesmith.train.metrics import LossWindow, MetricsWriter, Throughput, peak_memory_gib
+from tunesmith.train.preempt import StopRequest
 from tunesmith.train.progress import ProgressReporter
 from tunesmith.train.runtime import Runtime
 
@@ -33,10 +39,11 @@ log = logging.getLogger("tunesmith")
 class Progress:
     """Where the run is; saved in checkpoints so a resume continues exactly."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
+    step: int = 0  # optimizer steps done (skipped steps included)
+    epoch: int = 0  # the epoch the next batch comes from
     tokens_seen: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # steps whose update was dropped by the NaN guard
+    consecutive_skips: int = 0
 
     def state_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -44,6 +51,16 @@ class Progress:
     def load_state_dict(self, sd: dict[str, int]) -> None:
         for k, v in sd.items():
             setattr(self, k, int(v))
+
+
+@dataclass
+class _Loop:
+    """What one `train()` call accumulates for its summary."""
+
+    last_loss: float | None = None
+    eval_out: dict[str, float] | None = None
+    start_eval: dict[str, float] | None = None
+    stopped_by: str | None = None  # signal name when preempted
 
 
 @dataclass
@@ -62,65 +79,119 @@ class Trainer:
     peak_tflops: float | None
     scaler: torch.amp.GradScaler | None = None
     progress: Progress = field(default_factory=Progress)
-    hooks: list = field(default_factory=list)  # callables(trainer, step_result) after each step
+    hooks: list = field(default_factory=list)  # callables(trainer, loss, grad_norm) after each step
+    checkpointer: Any = None  # tunesmith.train.checkpointing.Checkpointer; None: never save
+    resumed_from: Path | None = None
+    rng_state: Any = None  # DeferredRNGState restored from a checkpoint, applied in train()
     par: Any = None  # tunesmith.parallel.dist.ParallelContext; None: one process
+
+    def __post_init__(self) -> None:
+        tc = self.cfg.train
+        self.window = LossWindow()
+        self.guard = NonFiniteGuard(
+            tc.nan_policy, tc.max_consecutive_skips, self.progress, self.out_dir,
+            # Sharded (DTensor) params: the host decides (every rank sees the same global norm).
+            deferred=NonFiniteGuard.can_defer(self.optimizer, self.rt.device, self.scaler is not None)
+            and not self._distributed,
+            check_grad_norm=self.scaler is None,
+        )
+        self._data_epoch = self.progress.epoch
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
+        """Run to `total_steps` (or a stop signal); returns the summary. Raises NonFiniteError."""
         cfg = self.cfg
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self._is_main)
         tput = Throughput(cfg.train.throughput_warmup_steps, self.flops_per_token, self.peak_tflops)
         reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress and self._is_main)
-        start_eval = self.evaluate() if cfg.eval.at_start and self.val_loader is not None else None
-        if start_eval:
-            metrics.write({"step": self.progress.step, **start_eval})
-            reporter.note(f"eval before training: loss {start_eval['eval_loss']:.4f}, "
-                          f"perplexity {start_eval['perplexity']:.2f}")
+        loop = _Loop()
         t_start = time.perf_counter()
-        loss_acc, n_acc, last_loss, eval_out = None, 0, None, None
-        reporter.start(self.progress.step)
         try:
-            for micro_batches in self._step_batches():
-                loss, grad_norm, tokens, samples = self.train_step(micro_batches)
-                tput.step(tokens, samples)
-                loss_acc = loss if loss_acc is None else loss_acc + loss
-                n_acc += 1
-                step = self.progress.step
-                for hook in self.hooks:
-                    hook(self, loss, grad_norm)
-                if step % cfg.logging.steps == 0 or step == self.total_steps:
-                    last_loss = (loss_acc / n_acc).item()
-                    record = self._log_record(last_loss, grad_norm, tput)
-                    metrics.write(record)
-                    reporter.update(step, record)
-                    loss_acc, n_acc = None, 0
-                else:
-                    reporter.advance(step)
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != self.total_steps:
-                    eval_out = self._eval_and_log(metrics, reporter)
-            if cfg.eval.at_end and self.val_loader is not None:
-                eval_out = self._eval_and_log(metrics, reporter)
+            if cfg.eval.at_start and self.val_loader is not None and self.resumed_from is None:
+                loop.start_eval = self._eval_and_log(metrics, reporter, "eval before training")
+            reporter.start(self.progress.step)
+            if self.rng_state is not None:
+                self.rng_state.apply()  # after every other RNG consumer: the next draw is exact
+            with StopRequest() as stop:
+                self._run_steps(metrics, reporter, tput, stop, loop)
+                self.guard.flush()
+                if stop.requested:
+                    self._stop(stop.name, loop)
+            if loop.stopped_by is None and cfg.eval.at_end and self.val_loader is not None:
+                loop.eval_out = self._eval_and_log(metrics, reporter)
         finally:
             reporter.stop()
             metrics.close()
-        return self._summary(t_start, tput, last_loss, eval_out, start_eval)
+        return self._summary(t_start, tput, loop)
 
-    def _step_batches(self):
-        """Yield lists of `grad_accum_steps` micro-batches until total_steps, across epochs."""
+    def _run_steps(self, metrics: MetricsWriter, reporter: ProgressReporter, tput: Throughput,
+                   stop: StopRequest, loop: _Loop) -> None:
+        cfg = self.cfg
+        for micro_batches, epoch_end in self._step_batches():
+            loss, grad_norm, tokens, samples = self.train_step(micro_batches)
+            tput.step(tokens, samples)
+            self.window.add(loss, self.guard.last_ok)
+            step = self.progress.step
+            for hook in self.hooks:
+                hook(self, loss, grad_norm)
+            last = step == self.total_steps
+            if step % cfg.logging.steps == 0 or last:
+                self.guard.flush()  # this step syncs for the record anyway: exact skip count
+                loop.last_loss = self.window.pop_mean()
+                record = self._log_record(loop.last_loss, grad_norm, tput)
+                metrics.write(record)
+                reporter.update(step, record)
+            else:
+                reporter.advance(step)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
+                loop.eval_out = self._eval_and_log(metrics, reporter)
+            if self.checkpointer is not None and self.checkpointer.due(step, epoch_end, last):
+                self.save_checkpoint()
+            if stop.requested:
+                return
+
+    def _stop(self, signal_name: str | None, loop: _Loop) -> None:
+        """Preempted: checkpoint at this step boundary (unless disabled) and return normally."""
+        loop.stopped_by = signal_name or "signal"
+        path = None
+        if self.checkpointer is not None and self.cfg.checkpoint.save_on_exit:
+            path = self.save_checkpoint()
+        where = f"checkpoint {path}" if path else "no checkpoint saved (checkpoint.save_on_exit=false)"
+        log.warning("stopped by %s at step %d/%d; %s", loop.stopped_by, self.progress.step,
+                    self.total_steps, where)
+
+    def save_checkpoint(self) -> Path:
+        self.guard.flush()  # the checkpoint's skip counters must include this step
+        p = self.progress
+        return self.checkpointer.save(
+            p.step, meta={"epoch": p.epoch, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps},
+        )
+
+    def _step_batches(self) -> Iterator[tuple[list[dict], bool]]:
+        """Yield (k micro-batches, epoch_end) per optimizer step until total_steps.
+
+        `progress.epoch` advances as soon as an epoch's last full group is handed out, so a
+        checkpoint taken at that step boundary already points at the next epoch. Micro-batches
+        left over at the end of an epoch (fewer than k) are never read, so every step has the
+        same number of micro-batches.
+        """
         k = self.cfg.train.grad_accum_steps
+        loader = self.train_loader
         while self.progress.step < self.total_steps:
-            self.train_loader.set_epoch(self.progress.epoch)
-            group: list[dict] = []
-            for batch in self.train_loader:
-                group.append(batch)
-                if len(group) == k:
-                    yield group
-                    group = []
-                    if self.progress.step >= self.total_steps:
-                        return
-            # Micro-batches left over at the end of an epoch (fewer than k) are dropped so
-            # every step has the same number of micro-batches.
-            self.progress.epoch += 1
+            loader.set_epoch(self.progress.epoch)  # same epoch: keeps a restored position
+            if len(loader) - loader.batches_done < k:
+                self.progress.epoch += 1  # nothing left that makes a full step
+                continue
+            batches = iter(loader)
+            while len(loader) - loader.batches_done >= k:
+                self._data_epoch = loader.epoch
+                group = [next(batches) for _ in range(k)]
+                epoch_end = len(loader) - loader.batches_done < k
+                if epoch_end:
+                    self.progress.epoch += 1
+                yield group, epoch_end
+                if self.progress.step >= self.total_steps:
+                    return
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One optimizer step over k micro-batches; returns device tensors (no host sync)."""
@@ -136,16 +207,22 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.rt.device)
         for mb in micro_batches:
             loss_sum += self.forward_backward(mb, max(n_targets, 1) / dp)
-        grad_norm = self._clip_and_step()
+        if self.par is not None:
+            # The global batch's loss: logged, and what the NaN guard judges on every rank alike.
+            self.par.all_reduce_dp(loss_sum)
+        loss = loss_sum / max(n_targets, 1)
+        grad_norm = self._clip_and_step(loss)
         self.progress.step += 1
         self.progress.tokens_seen += tokens * dp
-        if self.par is not None:
-            self.par.all_reduce_dp(loss_sum)  # the logged loss is the global batch's
-        return loss_sum / max(n_targets, 1), grad_norm, tokens * dp, samples * dp
+        return loss, grad_norm, tokens * dp, samples * dp
 
     @property
     def _is_main(self) -> bool:
         return self.par is None or self.par.is_main
+
+    @property
+    def _distributed(self) -> bool:
+        return self.par is not None and self.par.distributed
 
     def _global_count(self, local: int) -> int:
         """`local` summed over data-parallel ranks (one tiny all-reduce per step)."""
@@ -163,20 +240,30 @@ class Trainer:
         scaled.backward()
         return loss_sum.detach()
 
-    def _clip_and_step(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def _clip_and_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip, let the NaN guard decide, step. Returns the (pre-clip) grad norm."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        # Sharded (FSDP2/TP DTensor) grads: norms of the full gradients, the same on all ranks.
+        norms = dist_grad_norms if self._distributed else grad_norms
+        grad_norm, per_param = norms([p.grad for p in params])
         max_norm = self.cfg.train.max_grad_norm
-        # DTensor-aware (FSDP2/TP shards): the norm of the full gradients, the same on all ranks.
-        grad_norm = clip_grad_norm_(params, max_norm if max_norm else math.inf)
-        if self.scaler is not None:
+        if max_norm:
+            clip_grads_with_norm_(params, max_norm, grad_norm)
+        apply = self.guard.check(self.progress.step + 1, loss, grad_norm, per_param, [n for n, _ in named])
+        if apply is None:
+            self.guard.fused_step(self.optimizer)  # skipped on-device when non-finite
+        elif apply and self.scaler is not None:
             self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+        elif apply:
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.guard.after_step()
         return grad_norm.detach()
 
     # ------------------------------------------------------------------ eval
@@ -186,19 +273,20 @@ class Trainer:
         reduce = self.par.all_reduce_dp if self.par is not None else None
         return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches, reduce)
 
-    def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter) -> dict[str, float]:
+    def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter,
+                      label: str | None = None) -> dict[str, float]:
         out = self.evaluate()
         metrics.write({"step": self.progress.step, **out})
-        reporter.note(f"step {self.progress.step}: eval loss {out['eval_loss']:.4f}, "
+        reporter.note(f"{label or f'step {self.progress.step}'}: eval loss {out['eval_loss']:.4f}, "
                       f"perplexity {out['perplexity']:.2f}")
         return out
 
     # ------------------------------------------------------------------ records
-    def _log_record(self, loss: float, grad_norm: torch.Tensor, tput: Throughput) -> dict[str, Any]:
+    def _log_record(self, loss: float | None, grad_norm: torch.Tensor, tput: Throughput) -> dict[str, Any]:
         tps = tput.tokens_per_s()
         return {
             "step": self.progress.step,
-            "epoch": self.progress.epoch,
+            "epoch": self._data_epoch,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
@@ -206,12 +294,13 @@ class Trainer:
             "mfu": tput.mfu(tps),
             "peak_mem_gib": peak_memory_gib(self.rt.device),
             "tokens_seen": self.progress.tokens_seen,
+            "skipped_steps": self.progress.skipped_steps,
         }
 
-    def _summary(self, t_start, tput, last_loss, eval_out, start_eval) -> dict[str, Any]:
+    def _summary(self, t_start: float, tput: Throughput, loop: _Loop) -> dict[str, Any]:
         tps = tput.tokens_per_s()
         elapsed = tput.elapsed()
-        summary = {
+        summary: dict[str, Any] = {
             "runtime_s": time.perf_counter() - t_start,
             "steps": self.progress.step,
             "tokens_seen": self.progress.tokens_seen,
@@ -219,15 +308,23 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": tput.mfu(tps),
             "peak_mem_gib": peak_memory_gib(self.rt.device),
-            "train_loss": last_loss,
+            "train_loss": loop.last_loss,
+            "skipped_steps": self.progress.skipped_steps,
             "device": str(self.rt.device),
             "precision": self.rt.precision,
+            "interrupted": loop.stopped_by is not None,
         }
-        if start_eval:
-            summary["eval_loss_start"] = start_eval["eval_loss"]
-            summary["perplexity_start"] = start_eval["perplexity"]
-        if eval_out:
-            summary.update(eval_out)
+        if loop.stopped_by is not None:
+            summary["stopped_by"] = loop.stopped_by
+        if self.checkpointer is not None and self.checkpointer.last_path is not None:
+            summary["checkpoint"] = str(self.checkpointer.last_path)
+        if self.resumed_from is not None:
+            summary["resumed_from"] = str(self.resumed_from)
+        if loop.start_eval:
+            summary["eval_loss_start"] = loop.start_eval["eval_loss"]
+            summary["perplexity_start"] = loop.start_eval["perplexity"]
+        if loop.eval_out:
+            summary.update(loop.eval_out)
         return summary
 
 

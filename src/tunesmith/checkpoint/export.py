@@ -1,0 +1,147 @@
+"""`tunesmith export`: a training checkpoint -> a Hugging Face model directory.
+
+A training checkpoint carries everything export needs: the model tensors (DCP shards), the
+model's HF `config.json` and the tokenizer files under `hf/`. Export verifies the manifest,
+reads only the model tensors (never the pickled optimizer/RNG/loader entries), checks names and
+shapes against the config before allocating, and writes safetensors (sharded with an index
+above `max_shard_size`), config and tokenizer through the same atomic writer as `OUTPUT/final`.
+
+Safety: tensors are read with `weights_only=True` and the DCP metadata through an allowlist
+unpickler (`tunesmith.checkpoint.metadata`); `allow_pickle` lifts the latter for checkpoints
+whose metadata legitimately names other classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from tunesmith.checkpoint.manager import MANIFEST, CheckpointManager
+from tunesmith.checkpoint.metadata import SafeMetadataReader, saved_tensors
+from tunesmith.checkpoint.state import ModelState
+from tunesmith.errors import TunesmithError
+
+__all__ = ["export_hf", "find_checkpoint", "load_checkpoint_model", "parse_size"]
+
+log = logging.getLogger("tunesmith")
+
+HF_SUBDIR = "hf"
+_MODEL_PREFIX = "model."
+_HF_CONFIG_FILES = ("config.json", "generation_config.json")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20; a bare number is bytes."""
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS:
+        raise TunesmithError(f"invalid size {text!r}: use e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def find_checkpoint(source: str | Path) -> Path:
+    """A checkpoint dir as given, or the newest valid checkpoint of a run output dir."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise TunesmithError(f"checkpoint {path} does not exist")
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        found = CheckpointManager(path).latest_complete()
+        if found is None:
+            raise TunesmithError(f"{path} holds no valid checkpoint under {path / 'checkpoints'}")
+        return found
+    raise TunesmithError(f"{path} is not a checkpoint (no {MANIFEST}) nor a run directory with checkpoints/")
+
+
+def _verify(path: Path) -> None:
+    reason = CheckpointManager(path.parent.parent, verify="sha256").verify(path)
+    if reason is not None:
+        raise TunesmithError(f"checkpoint {path} failed verification: {reason}")
+
+
+def load_checkpoint_model(path: Path, *, allow_pickle: bool = False) -> tuple[Any, Any, nn.Module]:
+    """(family, model config, model on CPU in the saved dtype) from a training checkpoint."""
+    from tunesmith.models import build_model, resolve_model_config
+
+    hf_dir = path / HF_SUBDIR
+    if not (hf_dir / "config.json").is_file():
+        raise TunesmithError(f"checkpoint {path} has no {HF_SUBDIR}/config.json (saved by an older tunesmith?)")
+    family, cfg = resolve_model_config(str(hf_dir))
+    model = build_model(family, cfg, device="meta")
+    saved = saved_tensors(path, _MODEL_PREFIX, allow_pickle=allow_pickle)
+    if not saved:
+        raise TunesmithError(f"checkpoint {path} holds no model tensors")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(k for k in expected if k not in saved or saved[k][0] != expected[k])
+    if wrong:
+        k = wrong[0]
+        got = list(saved[k][0]) if k in saved else "missing"
+        raise TunesmithError(
+            f"checkpoint {path} does not match its {HF_SUBDIR}/config.json: {k} is {got}, "
+            f"expected {list(expected[k])}"
+        )
+    dtype = next(iter(saved.values()))[1]
+    model.to(dtype=dtype)
+    model.to_empty(device="cpu")  # re-ties embeddings, recomputes RoPE
+    state = {"model": ModelState(model).state_dict()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+            dcp.load(state, storage_reader=SafeMetadataReader(path, allow_pickle=allow_pickle))
+    except TunesmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- DCP wraps reader errors in several types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TunesmithError(f"could not read model tensors from {path}: {first}") from e
+    ModelState(model).load_state_dict(state["model"])
+    return family, cfg, model.eval()
+
+
+class _CopyTokenizerFiles:
+    """Stands in for a tokenizer in `save_pretrained`: copies the checkpoint's tokenizer files."""
+
+    def __init__(self, src: Path) -> None:
+        self.files = [p for p in sorted(src.iterdir()) if p.is_file() and p.name not in _HF_CONFIG_FILES]
+
+    def save_pretrained(self, out_dir: str) -> None:
+        for f in self.files:
+            shutil.copy2(f, Path(out_dir) / f.name)
+
+
+def export_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    allow_pickle: bool = False,
+) -> Path:
+    """Write checkpoint `checkpoint` (or a run dir's newest) as an HF model dir at `out_dir`."""
+    from tunesmith.models import save_pretrained
+
+    path = find_checkpoint(checkpoint)
+    _verify(path)
+    shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if shard <= 0:
+        raise TunesmithError(f"--max-shard-size must be positive, got {max_shard_size!r}")
+    family, cfg, model = load_checkpoint_model(path, allow_pickle=allow_pickle)
+    tokenizer = _CopyTokenizerFiles(path / HF_SUBDIR)
+    if not tokenizer.files:
+        log.warning("checkpoint %s has no tokenizer files; exporting the model only", path)
+    with torch.no_grad():
+        save_pretrained(model, family, cfg, out_dir, tokenizer=tokenizer,
+                        max_shard_size_bytes=shard, dtype=dtype)
+    log.info("exported %s -> %s", path, out_dir)
+    return Path(out_dir)
