@@ -1,4 +1,5 @@
-"""FSDP2 (each strategy), DDP, TP and 2-D runs on CPU/gloo reproduce the one-process run.
+"""FSDP2 (each strategy), DDP, TP and 2-D runs on CPU/gloo reproduce the one-process run, and
+a DCP checkpoint saved on 4 ranks resumes on 2 ranks and on 1 process with the same losses.
 
 Every layout trains the same tiny Llama from the same seeded init on the same global batch
 (8 sequences of 64 tokens per step; micro-batch = 8 / data-parallel degree), so the per-step
@@ -9,6 +10,9 @@ within 1e-4 absolute (measured: ~2e-5).
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -73,16 +77,69 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_layouts_match_single_process(world, data, reference, tmp_path):
+# A 4-rank FSDP2 run that checkpoints at step 3 and runs on to 6 (the uninterrupted run).
+CKPT_STEPS = ("train.max_steps=6", "checkpoint.every_steps=3", "parallel.strategy=full_shard")
+
+
+def _layout_jobs(world, data, root):
     names = [n for n, spec in LAYOUTS.items() if spec[0] == world]
     jobs = []
     for name in names:
         _, dp, tied, extra = LAYOUTS[name]
-        jobs.append(job(*data, tmp_path / name, dp=dp, tied=tied, extra=extra))
-    run_jobs(world, jobs, tmp_path)
+        jobs.append(job(*data, root / name, dp=dp, tied=tied, extra=extra))
+    return names, jobs
+
+
+@pytest.fixture(scope="module")
+def world4(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("w4")
+    names, jobs = _layout_jobs(4, data, root)
+    jobs.append(job(*data, root / "ckpt4", dp=4, tied=False, extra=CKPT_STEPS))
+    run_jobs(4, jobs, root)
+    return root, names
+
+
+@pytest.fixture(scope="module")
+def world2(data, world4, tmp_path_factory):
+    """The 2-rank layouts, plus the 4-rank checkpoint resumed on 2 ranks (in one launch)."""
+    root = tmp_path_factory.mktemp("w2")
+    names, jobs = _layout_jobs(2, data, root)
+    shutil.copytree(world4[0] / "ckpt4", root / "resume2")
+    jobs.append(job(*data, root / "resume2", dp=2, tied=False,
+                    extra=(*CKPT_STEPS, "checkpoint.resume=3")))
+    run_jobs(2, jobs, root)
+    return root, names
+
+
+def _check_layouts(root, names, reference):
     for name in names:
         tied = LAYOUTS[name][2]
-        _assert_same(tmp_path / name, reference[tied], name)
-        _assert_same_weights(tmp_path / name, reference[tied], name)
-        assert not (tmp_path / name / "metrics.jsonl.tmp").exists()
+        _assert_same(root / name, reference[tied], name)
+        _assert_same_weights(root / name, reference[tied], name)
+
+
+def test_two_rank_layouts_match_single_process(world2, reference):
+    _check_layouts(*world2, reference)
+
+
+def test_four_rank_layouts_match_single_process(world4, reference):
+    _check_layouts(*world4, reference)
+
+
+def test_checkpoint_from_4_ranks_resumes_on_2_and_1(data, world4, world2, tmp_path):
+    """DCP reshards the FSDP2 model/optimizer state; the loader resumes the same global batches."""
+    uninterrupted = losses(world4[0] / "ckpt4")
+    assert len(uninterrupted) == 6
+    one = tmp_path / "resume1"
+    shutil.copytree(world4[0] / "ckpt4", one)
+    assert run(["-q", "train", *job(*data, one, dp=1, tied=False,
+                                     extra=(*CKPT_STEPS, "checkpoint.resume=3"))]) == 0
+    for name, run_dir in (("2 ranks", world2[0] / "resume2"), ("1 process", one)):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["resumed_from"].endswith("step_00000003"), name  # steps 4-6 ran from it
+        resumed = losses(run_dir)
+        assert len(resumed) == 6, name  # steps 1-3 kept from the checkpointed run, 4-6 new
+        for step, ((l, g), (l0, g0)) in enumerate(zip(resumed, uninterrupted), 1):
+            assert abs(l - l0) < LOSS_ATOL, f"{name}: step {step} loss {l} vs {l0}"
+            assert abs(g - g0) <= GRAD_RTOL * g0, f"{name}: step {step} grad norm {g} vs {g0}"
+        _assert_same_weights(run_dir, world4[0] / "ckpt4", name)
