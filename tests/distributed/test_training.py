@@ -1,12 +1,15 @@
 """FSDP2 (each strategy), DDP, TP and 2-D runs on CPU/gloo reproduce the one-process run, and
 a DCP checkpoint saved on 4 ranks resumes on 2 ranks and on 1 process with the same losses.
 
-Every layout trains the same tiny Llama from the same seeded init on the same global batch
+Every layout trains the same tiny Llama from the same saved init (streamed into each rank's
+shards) on the same global batch
 (8 sequences of 64 tokens per step; micro-batch = 8 / data-parallel degree), so the per-step
 losses and gradient norms must agree up to float32 reduction order. Stated tolerance: 1e-4
 absolute on the loss, 1e-3 relative on the grad norm, over 4 optimizer steps (measured: ~1e-6).
 The final HF export (gathered from shards by rank 0) must match the one-process weights
 within 1e-4 absolute (measured: ~2e-5).
+
+On a GPU machine the same tests run on CUDA/NCCL (train.device=auto): 4 GPUs for all of them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.helpers import job, losses, run_jobs
+from tests.distributed.helpers import job, losses, run_jobs, save_init
 from tunesmith.cli.main import run
 
 # Adam turns float32 reduction-order noise in tiny gradients into ~1e-5 weight differences.
@@ -32,14 +35,24 @@ def data(tiny_tokenizer_dir, demo_text):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def inits(tmp_path_factory):
+    """Saved initial models {tied: dir}: the layouts load them (sharded streaming load)."""
+    root = tmp_path_factory.mktemp("init")
+    return {tied: save_init(root / f"tied{int(tied)}", tied) for tied in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def reference(data, inits, tmp_path_factory):
     """One-process runs, tied and untied embeddings: {tied: run dir}."""
     root = tmp_path_factory.mktemp("ref")
     out = {}
     for tied in (True, False):
         d = root / f"tied{int(tied)}"
-        assert run(["-q", "train", *job(*data, d, tied=tied)]) == 0
+        assert run(["-q", "train", *job(*data, d, init=inits[tied])]) == 0
         out[tied] = d
+    d = root / "scratch"  # seeded from-scratch init, tied
+    assert run(["-q", "train", *job(*data, d)]) == 0
+    out["scratch"] = d
     return out
 
 
@@ -59,8 +72,9 @@ def _assert_same_weights(run_dir, ref_dir, what):
         torch.testing.assert_close(got[k], want[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{what}: {k}")
 
 
-# name -> (world size, data-parallel degree, tied, extra overrides)
+# name -> (world size, data-parallel degree, tied | "scratch", extra overrides)
 LAYOUTS = {
+    "full_shard_from_scratch": (2, 2, "scratch", ("parallel.strategy=full_shard",)),
     "full_shard": (2, 2, False, ("parallel.strategy=full_shard",)),
     "shard_grad_op+selective_ac": (2, 2, True, ("parallel.strategy=shard_grad_op",
                                                 "parallel.activation_checkpointing=selective")),
@@ -81,29 +95,31 @@ LAYOUTS = {
 CKPT_STEPS = ("train.max_steps=6", "checkpoint.every_steps=3", "parallel.strategy=full_shard")
 
 
-def _layout_jobs(world, data, root):
+def _layout_jobs(world, data, inits, root):
     names = [n for n, spec in LAYOUTS.items() if spec[0] == world]
     jobs = []
     for name in names:
         _, dp, tied, extra = LAYOUTS[name]
-        jobs.append(job(*data, root / name, dp=dp, tied=tied, extra=extra))
+        init = None if tied == "scratch" else inits[tied]
+        jobs.append(job(*data, root / name, dp=dp, extra=extra, init=init))
     return names, jobs
 
 
 @pytest.fixture(scope="module")
-def world4(data, tmp_path_factory):
+def world4(data, inits, tmp_path_factory):
+    # The checkpointed run starts from the seeded from-scratch init (sharded init path).
     root = tmp_path_factory.mktemp("w4")
-    names, jobs = _layout_jobs(4, data, root)
+    names, jobs = _layout_jobs(4, data, inits, root)
     jobs.append(job(*data, root / "ckpt4", dp=4, tied=False, extra=CKPT_STEPS))
     run_jobs(4, jobs, root)
     return root, names
 
 
 @pytest.fixture(scope="module")
-def world2(data, world4, tmp_path_factory):
+def world2(data, inits, world4, tmp_path_factory):
     """The 2-rank layouts, plus the 4-rank checkpoint resumed on 2 ranks (in one launch)."""
     root = tmp_path_factory.mktemp("w2")
-    names, jobs = _layout_jobs(2, data, root)
+    names, jobs = _layout_jobs(2, data, inits, root)
     shutil.copytree(world4[0] / "ckpt4", root / "resume2")
     jobs.append(job(*data, root / "resume2", dp=2, tied=False,
                     extra=(*CKPT_STEPS, "checkpoint.resume=3")))
