@@ -159,3 +159,18 @@ def test_checkpoint_from_4_ranks_resumes_on_2_and_1(data, world4, world2, tmp_pa
             assert abs(l - l0) < LOSS_ATOL, f"{name}: step {step} loss {l} vs {l0}"
             assert abs(g - g0) <= GRAD_RTOL * g0, f"{name}: step {step} grad norm {g} vs {g0}"
         _assert_same_weights(run_dir, world4[0] / "ckpt4", name)
+
+
+def test_export_of_a_4_rank_checkpoint_streams_the_final_weights(world4, tmp_path):
+    """`tunesmith export` on the DCP shards of 4 ranks, on one CPU process, file by file."""
+    run_dir = world4[0] / "ckpt4"  # its last checkpoint (step 6) is the final model
+    out = tmp_path / "hf"
+    assert run(["-q", "export", str(run_dir), "--out", str(out), "--max-shard-size", "100KB"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    got: dict[str, torch.Tensor] = {}
+    for f in out.glob("model-*.safetensors"):
+        got.update(load_file(f))
+    want = load_file(run_dir / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0, msg=k)
