@@ -32,6 +32,14 @@ def _mesh_key(g: DTensor) -> tuple:
     return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape))
 
 
+def _comm_device(g: torch.Tensor) -> torch.device:
+    """Where the norms are reduced: the mesh's device (NCCL needs GPU tensors even when FSDP2
+    CPU offload keeps the gradients in host memory)."""
+    if isinstance(g, DTensor) and g.device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return g.to_local().device if isinstance(g, DTensor) else g.device
+
+
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dtype=torch.float32) ** 2
 
@@ -41,7 +49,7 @@ def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if not grads:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.reshape(0)
-    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    device = _comm_device(grads[0])
     sq = torch.zeros(len(grads), dtype=torch.float32, device=device)  # [n] squared norms
     groups: dict[tuple, list[int]] = {}
     for i, g in enumerate(grads):
@@ -51,7 +59,7 @@ def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             sq[i] = _sq_norm(g).to(device)
     for idx in groups.values():  # same order on every rank: parameter order
         mesh = grads[idx[0]].device_mesh
-        local = torch.stack([_sq_norm(grads[i].to_local()) / _replicas(grads[i]) for i in idx])
+        local = torch.stack([_sq_norm(grads[i].to_local()).to(device) / _replicas(grads[i]) for i in idx])
         for dim in range(mesh.ndim):
             if mesh.size(dim) > 1:
                 dist.all_reduce(local, group=mesh.get_group(dim))

@@ -14,6 +14,7 @@ Large-model flow (no rank ever holds the full model):
         (DTensor's offset-based RNG gives every shard its slice of one random stream). On CPU
         meshes DTensor has no such RNG, so a full host copy is initialised and cut into shards
         instead (CPU runs are small), which also makes CPU runs match one process exactly.
+        With CPU offload (host-resident shards) each distinct shard uses its own seeded stream.
 """
 
 from __future__ import annotations
@@ -57,10 +58,24 @@ def _allocate(model: nn.Module, ctx: ParallelContext, offload: bool) -> None:
         reset()
 
 
+def _shard_coordinate(ctx: ParallelContext) -> int:
+    """This rank's position among the ranks holding *different* shards (dp_shard x tp); ranks
+    that are replicas of each other (dp_replicate) get the same number."""
+    assert ctx.mesh is not None
+    return ctx.mesh.get_local_rank("dp_shard") * ctx.layout.tp + ctx.mesh.get_local_rank("tp")
+
+
 def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, family: Any,
-                       model_cfg: Any, seed: int) -> None:
-    if ctx.mesh is not None and ctx.device.type == "cuda":
+                       model_cfg: Any, seed: int, offload: bool) -> None:
+    if ctx.mesh is not None and ctx.device.type == "cuda" and not offload:
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
+        model.init_weights(generator=gen)  # type: ignore[operator]
+        return
+    if offload:
+        # Shards live in host memory: DTensor's CUDA RNG does not cover them. Each distinct
+        # shard draws from its own seeded CPU stream (replicas alike), so shards are independent
+        # and replicas identical -- a valid init, though not the one-process values.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + _shard_coordinate(ctx))
         model.init_weights(generator=gen)  # type: ignore[operator]
         return
     from tunesmith.models import build_model, init_random
@@ -96,7 +111,7 @@ def materialize(model: nn.Module, ctx: ParallelContext, rt: Runtime, *, family: 
     if source is not None:
         _stream_pretrained(model, source, allow_pickle)
     else:
-        _init_from_scratch(model, ctx, rt, family, model_cfg, seed)
+        _init_from_scratch(model, ctx, rt, family, model_cfg, seed, offload)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()

@@ -233,7 +233,8 @@ def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Pat
     model = bundle.model  # blocks already compiled by parallelize() when train.compile
     steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    # FSDP2 CPU offload: the optimizer steps on host-resident shards (no fused CUDA kernel).
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else rt.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
     return Trainer(
         cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler,
