@@ -166,14 +166,16 @@ def test_overrides_accept_our_and_hf_names() -> None:
 
 
 def test_errors_are_helpful(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    with pytest.raises(TunesmithError, match=r"did you mean 'n_layers'"):
-        apply_overrides(preset("tiny"), {"n_layer": 3})
+    # GPT-2 names (n_layer, n_embd, ...) are valid overrides now; typos still get a hint.
+    assert apply_overrides(preset("tiny"), {"n_layer": 3}).n_layers == 3
+    with pytest.raises(TunesmithError, match=r"did you mean 'n_layers?'"):
+        apply_overrides(preset("tiny"), {"n_layerz": 3})
     with pytest.raises(TunesmithError, match=r"neither a preset.*did you mean 'llama3-8b'"):
         resolve_model_config("llama3-8bb")
-    with pytest.raises(TunesmithError, match=r"known: llama, mistral, qwen2"):
-        get_family("gpt2")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(TunesmithError, match=r"unsupported model_type 'gpt2'"):
+    with pytest.raises(TunesmithError, match=r"known: bert, gpt2, gpt_neox, llama, mistral, qwen2"):
+        get_family("not_a_model")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    with pytest.raises(TunesmithError, match=r"unsupported model_type 'not_a_model'"):
         resolve_model_config(str(tmp_path))
     with pytest.raises(TunesmithError, match=r"has no config.json"):
         resolve_model_config(str(tmp_path / ".."))

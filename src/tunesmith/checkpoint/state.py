@@ -78,7 +78,14 @@ class ModelState:
         return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=strict)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model, options=self._options())
+        sd = get_model_state_dict(self.model, options=self._options())
+        if self.trainable_only:
+            # torch drops frozen params found by named_parameters(), which lists a tied weight
+            # once: the second name (a frozen tied LM head) would slip through otherwise.
+            for name, p in self.model.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A trainable-only checkpoint lacks the frozen keys by design, so load non-strict and

@@ -1,4 +1,4 @@
-"""`tunesmith` command line: train, launch, eval, generate, export, demo.
+"""`tunesmith` command line: train, launch, eval, generate, export, merge, demo.
 
 User errors (`TunesmithError`, bad config/data) print one line and exit 2 (a NaN halt exits 3);
 `--debug` shows the traceback. Every subcommand is a thin shell over library functions.
@@ -61,10 +61,42 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tunesmith.eval.run import run_eval
 
+    if args.generate:
+        return _eval_generate(args)
     out = run_eval(
         args.model, args.data, block_size=args.block_size, batch_size=args.batch_size,
         device=args.device, precision=args.precision, text_column=args.text_column,
         max_batches=args.max_batches,
+    )
+    print(json.dumps(out))
+    return 0
+
+
+def _eval_generate(args: argparse.Namespace) -> int:
+    from tunesmith.config.tasks import SFTConfig
+    from tunesmith.eval.run import run_generate_eval
+
+    sft = SFTConfig()
+    if args.recipe:
+        from pydantic import ValidationError
+
+        from tunesmith.config.loader import read_yaml
+
+        try:
+            sft = SFTConfig.model_validate(read_yaml(args.recipe).get("sft") or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise TunesmithError(f"invalid sft section in {args.recipe}: {where}: "
+                                 f"{first['msg']}") from None
+    if args.format:
+        sft = sft.model_copy(update={"format": args.format})
+    if args.chat_template:
+        sft = sft.model_copy(update={"chat_template": args.chat_template})
+    out = run_generate_eval(
+        args.model, args.data, sft=sft, max_new_tokens=args.max_new_tokens,
+        max_samples=args.max_samples, output=args.output, device=args.device,
+        precision=args.precision,
     )
     print(json.dumps(out))
     return 0
@@ -78,6 +110,14 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
     )
     print(text)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from tunesmith.peft import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, device=args.device)
+    print(json.dumps({"merged_model": str(out)}))
     return 0
 
 
@@ -122,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=int, default=None)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "bf16-pure"])
+    e.add_argument("--generate", action="store_true",
+                   help="answer the prompts of an SFT file and report ROUGE-1/2/L, exact match")
+    e.add_argument("--recipe", default=None, help="--generate: take the sft section from here")
+    e.add_argument("--format", default=None,
+                   choices=["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"])
+    e.add_argument("--chat-template", default=None, help="tokenizer, llama3, chatml, alpaca")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--output", default=None, help="--generate: predictions JSONL path")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="generate text from a prompt (KV-cached)")
@@ -144,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow checkpoint metadata that needs arbitrary code to unpickle (trusted sources only)")
     x.set_defaults(func=_export)
+
+    m = sub.add_parser("merge", help="fold a PEFT adapter into its base model; write an HF model")
+    m.add_argument("base", help="base model: HF-format directory or hub id")
+    m.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + weights)")
+    m.add_argument("--out", required=True, help="output directory for the merged HF model")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="saved dtype (auto: the base checkpoint's)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
+    m.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
     d.add_argument("--output", default="outputs/demo")

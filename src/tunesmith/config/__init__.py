@@ -8,12 +8,13 @@ from tunesmith.config.schema import (
     OptimConfig,
     OutputConfig,
     ParallelConfig,
+    PeftConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig", "ParallelConfig",
-    "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
+    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
+    "ParallelConfig", "PeftConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
 ]

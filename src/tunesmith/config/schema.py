@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.config.tasks import GenerateEvalConfig, MLMConfig, SFTConfig
+
 
 class Section(BaseModel):
     """Base for every config section: strict keys, validated assignment."""
@@ -74,6 +76,13 @@ class DataConfig(Section):
     drop_last: bool = Field(True, description="Drop the last incomplete batch of an epoch.")
     max_train_samples: int | None = Field(None, gt=0, description="Truncate the training set.")
     max_eval_samples: int | None = Field(None, gt=0, description="Truncate the validation set.")
+    streaming: bool = Field(
+        False, description="Read training data lazily (local files or a hub dataset) instead "
+        "of tokenizing it up front; needs train.max_steps. Resumable, sharded over ranks.",
+    )
+    shuffle_buffer: int = Field(
+        10000, ge=0, description="streaming: records held for shuffling (0 = stream order).",
+    )
 
 
 class OptimConfig(Section):
@@ -128,6 +137,7 @@ class EvalConfig(Section):
     at_end: bool = True
     batch_size: int | None = Field(None, gt=0, description="Default: train.micro_batch_size.")
     max_batches: int | None = Field(None, gt=0)
+    generate: GenerateEvalConfig = Field(default_factory=GenerateEvalConfig)
 
 
 class LoggingConfig(Section):
@@ -250,12 +260,77 @@ class ParallelConfig(Section):
         return value
 
 
+class PeftConfig(Section):
+    """Parameter-efficient fine-tuning and layer freezing (see docs/peft.md)."""
+
+    method: Literal["none", "lora", "dora", "qlora"] = Field(
+        "none",
+        description="none: train all (unfrozen) weights; lora: low-rank adapters on a frozen base; "
+        "dora: LoRA plus a learned per-row magnitude (weight-decomposed); qlora: LoRA on a base "
+        "stored in 4-bit NF4 (needs torchao).",
+    )
+    r: int = Field(8, gt=0, description="LoRA rank: adapter matrices A [r, in] and B [out, r].")
+    alpha: float = Field(
+        16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter branch's input.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Linear layers that get adapters: a list of names (ours: wq, wk, wv, wo, w1, w2, "
+        "w3; or HF: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; a dotted suffix "
+        "such as layers.0.attention.wq also works), 'all-linear' (every linear layer except the LM "
+        "head), or one string taken as a regex that must match a whole module name (ours or HF).",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
+    from_checkpoint: str | None = Field(
+        None,
+        description="Continue training a PEFT-format adapter directory (adapter_config.json + "
+        "adapter_model.safetensors); its own r, alpha, targets and DoRA flag are used.",
+    )
+    save_merged: bool = Field(
+        False,
+        description="At the end of the run also write the adapters folded into the base as an HF "
+        "model to OUTPUT/final-merged (OUTPUT/final always holds the PEFT-format adapter).",
+    )
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype the frozen base weights are stored in. auto: the autocast dtype under "
+        "mixed precision (bf16 for qlora), else train.precision's; adapters keep the parameter dtype.",
+    )
+    freeze_layers: list[int] = Field(
+        default_factory=list,
+        description="Transformer block indices to freeze (no updates; with LoRA they get no adapters).",
+    )
+    num_freeze_layers: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
+    freeze_embeddings: bool = Field(
+        False, description="Freeze the input embedding (and the LM head when it is tied to it)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PeftConfig:
+        if self.method == "none":
+            if self.from_checkpoint is not None:
+                raise ValueError("peft.from_checkpoint needs peft.method lora, dora or qlora")
+            if self.save_merged:
+                raise ValueError("peft.save_merged needs peft.method lora, dora or qlora")
+        if any(i < 0 for i in self.freeze_layers):
+            raise ValueError("peft.freeze_layers holds block indices, which are >= 0")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("peft.target_modules is empty: name at least one module or use all-linear")
+        return self
+
+
 class RunConfig(Section):
     """A whole job: `tunesmith train RECIPE.yaml key=value ...` resolves to one of these."""
 
-    task: Literal["clm"] = "clm"
+    task: Literal["clm", "sft", "mlm"] = Field(
+        "clm", description="clm: raw-text causal LM; sft: instruction/chat/summarization data "
+        "(see sft.*); mlm: masked LM with an encoder (see mlm.*).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -264,6 +339,7 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
@@ -280,4 +356,8 @@ class RunConfig(Section):
             )
         if self.optim.name == "adafactor" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
+        if self.eval.generate.enabled and self.task != "sft":
+            raise ValueError("eval.generate needs task=sft (prompts and references)")
         return self

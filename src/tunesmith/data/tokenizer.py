@@ -79,9 +79,10 @@ def _load_local(path: Path, trust_remote_code: bool) -> Any:
         if _is_bare_sentencepiece(path):
             # AutoTokenizer on a lone SentencePiece tokenizer.model builds a generic backend
             # without the "▁" dummy prefix (wrong ids); LlamaTokenizer converts it faithfully.
+            # transformers 5 no longer defaults to adding BOS here; Llama models expect it.
             from transformers import LlamaTokenizer
 
-            return LlamaTokenizer.from_pretrained(str(path))
+            return LlamaTokenizer.from_pretrained(str(path), add_bos_token=True)
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any loader failure is bad input here
         model = path / "tokenizer.model"

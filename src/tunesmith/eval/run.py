@@ -34,7 +34,9 @@ def run_eval(
 
     rt = resolve_runtime(device, precision)
     model, tokenizer = load_for_inference(model_dir, rt)
-    max_pos = model.cfg.max_position_embeddings
+    from tunesmith.models import usable_positions
+
+    max_pos = usable_positions(model.cfg)
     block = block_size or min(1024, max_pos)
     dcfg = DataConfig(
         path=data, text_column=text_column, block_size=block, validation_split_percentage=0,
@@ -43,9 +45,16 @@ def run_eval(
     ds, _ = build_clm_datasets(dcfg, tokenizer, seed=0, max_positions=max_pos)
     if len(ds) == 0:
         raise TunesmithError(f"{data} holds fewer than block_size={block} tokens: nothing to evaluate")
+    collate = make_collator(dcfg, tokenizer)
+    from tunesmith.models import get_family
+
+    if get_family(model.cfg.model_type).kind == "masked":
+        # Encoders: masked-LM loss with fixed (content-seeded) masks, so runs compare.
+        from tunesmith.data.mlm import MaskingSpec, MLMCollator
+
+        collate = MLMCollator(MaskingSpec.from_tokenizer(tokenizer), seed=0)
     loader = StatefulLoader(
-        ds, batch_size=batch_size, collate_fn=make_collator(dcfg, tokenizer), shuffle=False,
-        seed=0, drop_last=False,
+        ds, batch_size=batch_size, collate_fn=collate, shuffle=False, seed=0, drop_last=False,
     )
     out = evaluate_loss(model, loader, rt, max_batches)
     return {**out, "block_size": block, "blocks": len(ds)}
@@ -71,3 +80,32 @@ def run_generate(
             eos_token_id=tokenizer.eos_token_id, generator=gen,
         )
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def run_generate_eval(
+    model_dir: str, data: str, *, sft: Any = None, max_new_tokens: int = 128,
+    max_samples: int | None = None, output: str | None = None, device: str = "auto",
+    precision: str = "bf16", temperature: float = 0.0, seed: int = 0,
+) -> dict[str, Any]:
+    """`tunesmith eval --generate`: answer every record of an SFT file, score ROUGE / EM."""
+    from tunesmith.config.tasks import SFTConfig
+    from tunesmith.data.records import RecordReader
+    from tunesmith.data.sft import SFTFormatter
+    from tunesmith.data.sft_data import filter_category, render_split
+    from tunesmith.eval.generation import evaluate_generation
+    from tunesmith.models import get_family, usable_positions
+
+    rt = resolve_runtime(device, precision)
+    model, tokenizer = load_for_inference(model_dir, rt)
+    if get_family(model.cfg.model_type).kind != "causal":
+        raise TunesmithError(f"eval --generate needs a causal LM; {model_dir} is an encoder")
+    sft = sft or SFTConfig()
+    formatter = SFTFormatter(sft, tokenizer, model_dir)
+    records, _ = filter_category(formatter, RecordReader(data).read_all(), sft, data)
+    items, _ = render_split(formatter, records, sft, data)
+    scores = evaluate_generation(
+        model, tokenizer, items, formatter.stop_ids(tokenizer), max_new_tokens=max_new_tokens,
+        max_positions=usable_positions(model.cfg), out_path=output, max_samples=max_samples,
+        temperature=temperature, seed=seed, autocast=rt.autocast(),
+    )
+    return {**scores, **({"predictions": output} if output else {})}

@@ -224,11 +224,12 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temp dir next to `out_dir`; on success it replaces `out_dir` by rename.
 
     A crash leaves only a hidden `.<name>.tmp-*` dir, never a half-written model. An existing
-    `out_dir` is replaced only when it is empty or looks like a saved model (has config.json).
+    `out_dir` is replaced only when it is empty or looks like a saved model (has config.json)
+    or adapter (has adapter_config.json).
     """
     final = Path(out_dir).resolve()
-    if final.exists() and (not final.is_dir() or (any(final.iterdir())
-                                                  and not (final / "config.json").exists())):
+    saved = (final / "config.json").exists() or (final / "adapter_config.json").exists()
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not saved)):
         raise TunesmithError(f"refusing to overwrite {final}: it exists and is not a saved model")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

@@ -23,29 +23,56 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
+from tunesmith.models import hf_generic
+from tunesmith.models.bert import config as bert_config
+from tunesmith.models.bert.adapter import BertStateDictAdapter
+from tunesmith.models.bert.config import BertConfig
+from tunesmith.models.bert.model import BertMLM
+from tunesmith.models.gpt2 import config as gpt2_config
+from tunesmith.models.gpt2.adapter import GPT2StateDictAdapter
+from tunesmith.models.gpt2.config import GPT2Config
+from tunesmith.models.gpt2.model import GPT2
 from tunesmith.models.llama.adapter import LlamaStateDictAdapter
 from tunesmith.models.llama.config import PRESET_NAMES, LlamaConfig, apply_overrides, preset
 from tunesmith.models.llama.model import KVCache, Llama
+from tunesmith.models.neox import config as neox_config
+from tunesmith.models.neox.adapter import NeoXStateDictAdapter
+from tunesmith.models.neox.config import NeoXConfig
+from tunesmith.models.neox.model import NeoX
 
 __all__ = [
-    "FAMILIES", "KVCache", "Llama", "LlamaConfig", "ModelFamily", "build_model", "get_family",
-    "init_random", "load_pretrained", "resolve_model_config", "save_pretrained", "write_hf_config",
+    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig",
+    "ModelFamily", "NeoX", "NeoXConfig",
+    "build_model", "get_family", "init_random", "load_pretrained", "resolve_model_config",
+    "save_pretrained", "write_hf_config",
 ]
+
+# A family's config dataclass (LlamaConfig, GPT2Config, BertConfig, ...). They share the
+# attributes the code below reads: model_type, vocab_size, max_position_embeddings,
+# tie_word_embeddings, bos/eos/pad_token_id, validate(), to_hf(), from_hf().
+ModelConfig = Any
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Everything needed to build, load and save one architecture family."""
+    """Everything needed to build, load and save one architecture family.
+
+    kind: "causal" (decoder LMs: clm/sft tasks, generation) or "masked" (encoders: mlm task).
+    """
 
     name: str
     model_types: tuple[str, ...]  # HF `model_type` values served by this family
-    config_cls: type[LlamaConfig]
-    model_cls: type[Llama]
-    adapter_cls: type[LlamaStateDictAdapter]
-    presets: Mapping[str, Callable[[], LlamaConfig]]
-    apply_overrides: Callable[[LlamaConfig, dict[str, Any] | None], LlamaConfig]
+    config_cls: type
+    model_cls: type[nn.Module]
+    adapter_cls: type
+    presets: Mapping[str, Callable[[], ModelConfig]]
+    apply_overrides: Callable[[ModelConfig, dict[str, Any] | None], ModelConfig]
+    kind: str = "causal"
+    # Families that load/save through transformers itself (the generic fallback).
+    load_fn: Callable[..., nn.Module] | None = None
+    save_fn: Callable[[nn.Module, Path], None] | None = None
 
-    def adapter(self, cfg: LlamaConfig) -> LlamaStateDictAdapter:
+    def adapter(self, cfg: ModelConfig) -> Any:
         return self.adapter_cls(cfg)
 
 
@@ -58,10 +85,60 @@ LLAMA_FAMILY = ModelFamily(
     presets={name: (lambda n=name: preset(n)) for name in PRESET_NAMES},
     apply_overrides=apply_overrides,
 )
-FAMILIES: dict[str, ModelFamily] = {mt: LLAMA_FAMILY for mt in LLAMA_FAMILY.model_types}
+GPT2_FAMILY = ModelFamily(
+    name="gpt2",
+    model_types=("gpt2",),
+    config_cls=GPT2Config,
+    model_cls=GPT2,
+    adapter_cls=GPT2StateDictAdapter,
+    presets={n: (lambda n=n: gpt2_config.preset(n)) for n in gpt2_config.PRESET_NAMES},
+    apply_overrides=gpt2_config.apply_overrides,
+)
+BERT_FAMILY = ModelFamily(
+    name="bert",
+    model_types=("bert", "roberta"),
+    config_cls=BertConfig,
+    model_cls=BertMLM,
+    adapter_cls=BertStateDictAdapter,
+    presets={n: (lambda n=n: bert_config.preset(n)) for n in bert_config.PRESET_NAMES},
+    apply_overrides=bert_config.apply_overrides,
+    kind="masked",
+)
+NEOX_FAMILY = ModelFamily(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    config_cls=NeoXConfig,
+    model_cls=NeoX,
+    adapter_cls=NeoXStateDictAdapter,
+    presets={n: (lambda n=n: neox_config.preset(n)) for n in neox_config.PRESET_NAMES},
+    apply_overrides=neox_config.apply_overrides,
+)
+FAMILIES: dict[str, ModelFamily] = {
+    mt: fam for fam in (LLAMA_FAMILY, GPT2_FAMILY, BERT_FAMILY, NEOX_FAMILY)
+    for mt in fam.model_types
+}
+# Any other model_type transformers knows runs through the (slower) generic HF wrapper.
+GENERIC_FAMILY = ModelFamily(
+    name="hf",
+    model_types=(),
+    config_cls=hf_generic.GenericConfig,
+    model_cls=hf_generic.HFCausalLM,
+    adapter_cls=hf_generic.GenericAdapter,
+    presets={},
+    apply_overrides=hf_generic.apply_overrides,
+    load_fn=hf_generic.load_generic,
+    save_fn=hf_generic.save_generic,
+)
+
+
+def usable_positions(cfg: ModelConfig) -> int:
+    """Longest sequence a config's position table/RoPE range covers (RoBERTa: 2 rows less)."""
+    return int(getattr(cfg, "max_positions", cfg.max_position_embeddings))
 
 
 def get_family(model_type: str) -> ModelFamily:
+    if model_type not in FAMILIES and model_type and hf_generic.known_model_type(model_type):
+        return GENERIC_FAMILY
     if model_type not in FAMILIES:
         raise TunesmithError(
             f"unsupported model_type {model_type!r}; known: {', '.join(sorted(FAMILIES))}"
@@ -99,7 +176,7 @@ def _local_config_path(source: str) -> Path | None:
 
 def resolve_model_config(
     source: str, overrides: dict[str, Any] | None = None
-) -> tuple[ModelFamily, LlamaConfig]:
+) -> tuple[ModelFamily, ModelConfig]:
     """Config from a preset name, a local dir / config.json path, or a hub id, plus overrides."""
     presets = _all_presets()
     local = _local_config_path(source)
@@ -123,7 +200,7 @@ def resolve_model_config(
 
 # ---------------------------------------------------------------------------- building
 def build_model(
-    family: ModelFamily, cfg: LlamaConfig, device: str | torch.device = "meta"
+    family: ModelFamily, cfg: ModelConfig, device: str | torch.device = "meta"
 ) -> nn.Module:
     """Construct the model on `device`. On meta nothing is allocated; elsewhere weights get
     `init_weights()` so the model is immediately usable."""
@@ -170,7 +247,7 @@ def _few(names: list[str], n: int = 5) -> str:
 
 def _plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False) -> dict[str, str]:
     """Check checkpoint names/shapes against the model; return hf name -> native name."""
-    cfg: LlamaConfig = model.cfg  # type: ignore[assignment]
+    cfg: ModelConfig = model.cfg
     adapter = get_family(cfg.model_type).adapter(cfg)
     expected = dict(model.state_dict(keep_vars=True))
     if cfg.tie_word_embeddings:
@@ -186,6 +263,7 @@ def _plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False) 
             continue
         if native is None:
             continue
+        shape = adapter.shape_to_native(hf_name, shape)
         if native not in expected:
             unexpected.append(hf_name)
         elif tuple(expected[native].shape) != shape:
@@ -220,8 +298,12 @@ def load_pretrained(
     then read one at a time (safetensors are memory-mapped, shard files visited in turn) and
     copied into the already-allocated parameters, so host memory never holds the model twice.
     """
+    family = get_family(model_on_meta.cfg.model_type)
+    if family.load_fn is not None:
+        return family.load_fn(model_on_meta, _weights_dir(source), device, _as_dtype(dtype))
     files = hfio.find_weight_files(_weights_dir(source))
     mapping = _plan_load(model_on_meta, files, allow_pickle)
+    adapter = get_family(model_on_meta.cfg.model_type).adapter(model_on_meta.cfg)
     model = model_on_meta
     model.to(dtype=_as_dtype(dtype))
     model.to_empty(device=torch.device(device))  # re-ties and recomputes RoPE (Llama._apply)
@@ -230,7 +312,7 @@ def load_pretrained(
         for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
             native = mapping.get(hf_name)
             if native is not None:
-                params[native].copy_(tensor)
+                params[native].copy_(adapter.tensor_to_native(hf_name, tensor))
             del tensor
     return model
 
@@ -243,7 +325,7 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def write_hf_config(out_dir: str | Path, cfg: LlamaConfig, dtype: torch.dtype | str) -> None:
+def write_hf_config(out_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype | str) -> None:
     """Write HF `config.json` and `generation_config.json` for `cfg` with weights in `dtype`."""
     out = Path(out_dir)
     hf_cfg = cfg.to_hf()
@@ -262,7 +344,7 @@ def write_hf_config(out_dir: str | Path, cfg: LlamaConfig, dtype: torch.dtype | 
 def save_pretrained(
     model: nn.Module,
     family: ModelFamily,
-    cfg: LlamaConfig,
+    cfg: ModelConfig,
     out_dir: str | Path,
     *,
     tokenizer: Any = None,
@@ -274,13 +356,19 @@ def save_pretrained(
     Everything is written to a hidden temp dir beside `out_dir` and renamed into place at
     the end. Tensors are copied to host one shard at a time.
     """
+    if family.save_fn is not None:
+        with hfio.atomic_output_dir(out_dir) as tmp:
+            family.save_fn(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return Path(out_dir)
     adapter = family.adapter(cfg)
     target = _as_dtype(dtype)
     hf_tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         hf_name = adapter.native_key_to_hf(name)
         if hf_name is not None:
-            hf_tensors[hf_name] = t
+            hf_tensors[hf_name] = adapter.tensor_to_hf(name, t)
     saved_dtype = target or next(iter(hf_tensors.values())).dtype
 
     def to_host(name: str) -> torch.Tensor:

@@ -2,8 +2,13 @@
 
 Model code never builds masks itself. It describes *what* may attend to what with an
 `AttnSpec`, turns it into backend arguments once per forward with `prepare_attention`, and
-calls `sdpa_attention(q, k, v, prepared)` in every layer. Swapping SDPA for FlexAttention or a
-varlen kernel later only means changing `PreparedAttention` and these two functions.
+calls `sdpa_attention(q, k, v, prepared)` in every layer. Decoders are causal; encoders (BERT,
+RoBERTa) prepare the same specs with `causal=False`.
+
+Backends: SDPA with a dense bool mask everywhere, except packed documents on CUDA, where
+FlexAttention with a block mask built from the doc ids skips the fully masked tiles (a dense
+[B, 1, T, T] mask costs O(T^2) memory and gives SDPA no way to skip work). The choice is made
+in `prepare_attention` (see `attention_backend`); layers only ever call `sdpa_attention`.
 
 Shapes used throughout:
     q: [B, H, T, hd]      queries of the current step (T new tokens)
@@ -13,8 +18,10 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,10 @@ import torch.nn.functional as F
 from tunesmith.errors import TunesmithError
 
 AttnKind = Literal["causal", "padding", "documents"]
+Backend = Literal["auto", "sdpa", "flex"]
+_BACKENDS = ("auto", "sdpa", "flex")
+# Process-wide choice; TUNESMITH_ATTENTION=sdpa|flex|auto overrides the default "auto".
+_backend: str = os.environ.get("TUNESMITH_ATTENTION", "auto")
 
 # `enable_gqa` landed in torch 2.5; older versions need the kv heads repeated by hand.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -72,10 +83,42 @@ class PreparedAttention:
 
     For SDPA: either `is_causal=True` with no mask, or a bool `mask` [B|1, 1, T, S], or
     neither (every query sees every key, e.g. one-token decode steps).
+    For FlexAttention: `block_mask` (a torch BlockMask over [B, T, S]); mask/is_causal unused.
     """
 
     mask: torch.Tensor | None
     is_causal: bool
+    block_mask: Any = None
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the backend for packed documents: auto (flex on CUDA when available), sdpa, flex.
+
+    "flex" also works on CPU (eager, slow): it exists so tests can check it against SDPA.
+    """
+    global _backend
+    if name not in _BACKENDS:
+        raise TunesmithError(f"unknown attention backend {name!r}; known: {', '.join(_BACKENDS)}")
+    _backend = name
+
+
+def attention_backend(device: torch.device) -> str:
+    """The backend `prepare_attention` uses for documents masks on `device`: sdpa or flex."""
+    if _backend not in _BACKENDS:
+        raise TunesmithError(
+            f"TUNESMITH_ATTENTION={_backend!r} is not a backend; use one of {', '.join(_BACKENDS)}"
+        )
+    if _backend != "auto":
+        return _backend if _backend == "sdpa" or _flex_available() else "sdpa"
+    return "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return False
+    return True
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -102,11 +145,17 @@ def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
 
 
 def prepare_attention(
-    spec: AttnSpec | None, q_len: int, kv_len: int, device: torch.device
+    spec: AttnSpec | None, q_len: int, kv_len: int, device: torch.device, *, causal: bool = True
 ) -> PreparedAttention:
-    """Turn a spec into SDPA arguments for T=q_len new queries over S=kv_len keys."""
+    """Turn a spec into backend arguments for T=q_len new queries over S=kv_len keys.
+
+    causal=False (encoders): every query may see every key allowed by the spec's padding or
+    document structure, earlier or later.
+    """
     spec = spec or AttnSpec()
     if spec.kind == "causal":
+        if not causal:
+            return PreparedAttention(mask=None, is_causal=False)
         if q_len == kv_len:
             return PreparedAttention(mask=None, is_causal=True)
         if q_len == 1:
@@ -114,15 +163,23 @@ def prepare_attention(
             return PreparedAttention(mask=None, is_causal=False)
         return PreparedAttention(_causal_mask(q_len, kv_len, device)[None, None], is_causal=False)
     if spec.kind == "padding":
-        return PreparedAttention(_padding_mask(spec, q_len, kv_len, device), is_causal=False)
+        return PreparedAttention(
+            _padding_mask(spec, q_len, kv_len, device, causal), is_causal=False
+        )
     if spec.kind == "documents":
-        return PreparedAttention(_documents_mask(spec, q_len, kv_len, device), is_causal=False)
+        _check_documents(spec, q_len, kv_len)
+        if attention_backend(device) == "flex":
+            block_mask = _documents_block_mask(spec, q_len, device, causal)
+            return PreparedAttention(None, False, block_mask)
+        return PreparedAttention(_documents_mask(spec, q_len, device, causal), is_causal=False)
     raise TunesmithError(
         f"unknown attention kind {spec.kind!r}; known: causal, padding, documents"
     )
 
 
-def _padding_mask(spec: AttnSpec, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+def _padding_mask(
+    spec: AttnSpec, q_len: int, kv_len: int, device: torch.device, causal: bool = True
+) -> torch.Tensor:
     keep = spec.attention_mask
     assert keep is not None
     if keep.shape[1] != kv_len:
@@ -130,8 +187,11 @@ def _padding_mask(spec: AttnSpec, q_len: int, kv_len: int, device: torch.device)
             f"attention_mask covers {keep.shape[1]} tokens but attention spans {kv_len} "
             "(cached + new); pass a mask for the whole sequence"
         )
-    causal = _causal_mask(q_len, kv_len, device)  # [T, S]
-    mask = causal[None] & keep.to(device=device, dtype=torch.bool)[:, None, :]  # [B, T, S]
+    keys = keep.to(device=device, dtype=torch.bool)[:, None, :]  # [B, 1, S]
+    if causal:
+        mask = _causal_mask(q_len, kv_len, device)[None] & keys  # [B, T, S]
+    else:
+        mask = keys.expand(-1, q_len, -1)  # [B, T, S]: every real key, before or after
     # Padded queries would otherwise see no key at all -> softmax NaN, and NaN hidden states
     # leak into later layers through 0 * NaN in the value matmul. Let each query see itself;
     # outputs at padded positions are meaningless anyway.
@@ -146,9 +206,7 @@ def _self_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     return k_pos == q_pos
 
 
-def _documents_mask(
-    spec: AttnSpec, q_len: int, kv_len: int, device: torch.device
-) -> torch.Tensor:
+def _check_documents(spec: AttnSpec, q_len: int, kv_len: int) -> None:
     doc = spec.doc_ids
     assert doc is not None
     if q_len != kv_len or doc.shape[1] != q_len:
@@ -156,9 +214,46 @@ def _documents_mask(
             "documents attention needs doc_ids for every token and no KV cache "
             f"(doc_ids covers {doc.shape[1]}, queries {q_len}, keys {kv_len})"
         )
-    doc = doc.to(device)
+
+
+def _documents_mask(
+    spec: AttnSpec, q_len: int, device: torch.device, causal: bool = True
+) -> torch.Tensor:
+    doc = spec.doc_ids.to(device)  # type: ignore[union-attr]  # [B, T]
     same_doc = doc[:, :, None] == doc[:, None, :]  # [B, T, T]
-    return (same_doc & _causal_mask(q_len, kv_len, device)[None])[:, None]  # [B, 1, T, T]
+    if causal:
+        same_doc = same_doc & _causal_mask(q_len, q_len, device)[None]
+    return same_doc[:, None]  # [B, 1, T, T]
+
+
+def _documents_block_mask(
+    spec: AttnSpec, q_len: int, device: torch.device, causal: bool = True
+) -> Any:
+    """FlexAttention BlockMask: query i sees key j iff same doc id (and j <= i when causal)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = spec.doc_ids.to(device)  # type: ignore[union-attr]  # [B, T]
+
+    def same_doc(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        keep = doc[b, q_idx] == doc[b, kv_idx]
+        return keep & (q_idx >= kv_idx) if causal else keep
+
+    # H=None: one mask shared by all heads. The mask_mod is traced, not run per element.
+    return create_block_mask(same_doc, doc.shape[0], None, q_len, q_len, device=device)
+
+
+_FLEX: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _flex_fn(device: torch.device) -> Callable[..., torch.Tensor]:
+    """flex_attention, compiled on CUDA (eager flex is a slow reference implementation)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _FLEX:
+        _FLEX["cuda"] = torch.compile(flex_attention)  # type: ignore[assignment]
+    return _FLEX["cuda"]
 
 
 def sdpa_attention(
@@ -175,6 +270,9 @@ def sdpa_attention(
     if not isinstance(attn, PreparedAttention):
         attn = prepare_attention(attn, q.shape[2], k.shape[2], q.device)
     n_rep = q.shape[1] // k.shape[1]
+    if attn.block_mask is not None:
+        out = _flex_fn(q.device)(q, k, v, block_mask=attn.block_mask, enable_gqa=n_rep > 1)
+        return out  # type: ignore[return-value]
     if n_rep > 1 and not _SDPA_HAS_GQA:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)

@@ -79,6 +79,9 @@ def generate(
         input_ids = input_ids[None]
     _check_args(input_ids, max_new_tokens, temperature, top_p)
     device = model.tok_embeddings.weight.device
+    if hasattr(model, "generate_tokens"):  # generic HF fallback: HF's own generate
+        return model.generate_tokens(input_ids.to(device), max_new_tokens, temperature,
+                                     eos_token_id, generator)
     input_ids = input_ids.to(device)
     if max_new_tokens == 0:
         return input_ids

@@ -19,7 +19,7 @@ import logging
 from torch import nn
 
 from tunesmith.config.schema import RunConfig
-from tunesmith.parallel.ac import apply_ac
+from tunesmith.parallel.ac import apply_activation_checkpointing
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
 from tunesmith.parallel.tp import apply_tp
@@ -43,7 +43,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         apply_tp(model, ctx.mesh["tp"])
         # loss_parallel=false: the fused loss gathers the head weight instead.
         model.output._tunesmith_gather_weight = not pc.loss_parallel  # type: ignore[union-attr]
-    n_ac = apply_ac(model, pc.activation_checkpointing, pc.ac_every)
+    n_ac = apply_activation_checkpointing(model, pc.activation_checkpointing, pc.ac_every)
     if cfg.train.compile:
         # Regional compile: each block in place (state-dict keys unchanged); blocks share one
         # graph, so compile time does not grow with depth.

@@ -78,6 +78,15 @@ def single_process() -> ParallelContext:
     return ParallelContext(Layout("no_shard", 1, 1, 1, 1))
 
 
+_CURRENT: list[ParallelContext] = []
+
+
+def current() -> ParallelContext | None:
+    """The context of the running job (set by `init_parallel`), for code far from the trainer
+    (task data loaders) that must shard by data-parallel rank, not by global rank."""
+    return _CURRENT[-1] if _CURRENT else None
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:
@@ -127,6 +136,7 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
     world, local_world = env_world()
     layout = layout or resolve_layout(pc, world, local_world)
     if world == 1:
+        _CURRENT[:] = []
         return ParallelContext(layout, device=device)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     device = _pick_device(device, local_rank)
@@ -138,6 +148,7 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
     mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh)
+    _CURRENT[:] = [ctx]
     if ctx.is_main:
         log.info("parallel: %s", layout.describe())
     return ctx

@@ -135,9 +135,36 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
     return Layout(strategy, rep, shard, pc.tp, world_size)
 
 
+_TP_FAMILIES = ("llama", "mistral", "qwen2")  # model types with a tensor-parallel plan
+
+
+def _check_single_process_features(cfg: RunConfig) -> None:
+    """Features not (yet) built for several processes: refused up front, not half-working."""
+    unsupported = []
+    pc = cfg.peft
+    if pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers:
+        unsupported.append("peft (LoRA/QLoRA/freezing)")
+    if cfg.data.streaming:
+        unsupported.append("data.streaming")
+    if cfg.eval.generate.enabled:
+        unsupported.append("eval.generate")
+    if unsupported:
+        raise TunesmithError(
+            f"{', '.join(unsupported)} run on one process only for now; launch with one "
+            "process or turn them off"
+        )
+
+
 def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:
     """Checks that need the model shape, the data settings or the device (still no comms)."""
     tp = layout.tp
+    if layout.world_size > 1:
+        _check_single_process_features(cfg)
+    if tp > 1 and getattr(model_cfg, "model_type", "llama") not in _TP_FAMILIES:
+        raise TunesmithError(
+            f"parallel.tp={tp}: tensor parallelism has a plan for the Llama family only "
+            f"({', '.join(_TP_FAMILIES)}), not {model_cfg.model_type!r}; use parallel.tp=1"
+        )
     if tp > 1:
         for name in ("n_heads", "n_kv_heads", "intermediate_size"):
             value = int(getattr(model_cfg, name))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from tunesmith.config.schema import RunConfig
@@ -39,22 +40,28 @@ def start_parallel(cfg: RunConfig, rt: Runtime, model_cfg: Any) -> tuple[Paralle
 
 
 def build_parallel_model(cfg: RunConfig, rt: Runtime, ctx: ParallelContext, family: Any,
-                         model_cfg: Any, pretrained: bool) -> nn.Module:
+                         model_cfg: Any, pretrained: bool, *, dtype: torch.dtype | None = None,
+                         prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """The model, parallelised and holding its weights (pretrained or seeded init).
 
-    One process: materialise first (as before), then parallelize (AC, compile). Several: build
-    on meta, parallelize, then allocate only this rank's shards and stream weights into them.
+    One process: materialise in `dtype` (default the runtime's parameter dtype), run
+    `prepare(model)` (PEFT), then parallelize (AC, compile). Several: build on meta,
+    parallelize, then allocate only this rank's shards and stream weights into them (PEFT is
+    refused there by `check_run`).
     """
     from tunesmith.models import build_model, init_random, load_pretrained
 
     mc = cfg.model
     model = build_model(family, model_cfg, device="meta")
     if not ctx.distributed:
+        dtype = dtype or rt.param_dtype
         if pretrained:
-            load_pretrained(model, mc.name, device=rt.device, dtype=rt.param_dtype,
+            load_pretrained(model, mc.name, device=rt.device, dtype=dtype,
                             allow_pickle=mc.allow_unsafe_pickle)
         else:
-            init_random(model, device=rt.device, dtype=rt.param_dtype, seed=cfg.train.seed)
+            init_random(model, device=rt.device, dtype=dtype, seed=cfg.train.seed)
+        if prepare is not None:
+            prepare(model)
         return parallelize(model, cfg, ctx, rt)
     from tunesmith.parallel.loading import materialize
 

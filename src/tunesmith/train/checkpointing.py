@@ -60,9 +60,13 @@ def _scaler_state(scaler: torch.amp.GradScaler | None) -> ObjectState:
 
 def trainer_state(trainer: Any, rng: RNGState | None = None) -> dict[str, Stateful]:
     """The `app_state` mapping for `CheckpointManager` covering everything `trainer` owns."""
+    from tunesmith.peft import checkpoint_model_state
+
     device = trainer.rt.device
     return {
-        "model": ModelState(trainer.model),
+        # Only trained tensors when a frozen base exists (LoRA, freezing): the base is reloaded
+        # from model.name on resume, so checkpoints stay small.
+        "model": checkpoint_model_state(trainer.model),
         "optim": OptimizerState(trainer.model, trainer.optimizer),
         "sched": ObjectState(trainer.scheduler.state_dict, trainer.scheduler.load_state_dict),
         "scaler": _scaler_state(trainer.scaler),

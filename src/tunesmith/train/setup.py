@@ -47,6 +47,8 @@ class ModelBundle:
     model_cfg: Any
     model: torch.nn.Module
     tokenizer: Any
+    tokenizer_source: str = ""
+    task: Any = None  # tunesmith.train.tasks.TaskData for sft / mlm / streaming runs
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -116,6 +118,8 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
     from tunesmith.models import resolve_model_config
     from tunesmith.parallel.dist import single_process
     from tunesmith.parallel.setup import build_parallel_model
+    from tunesmith.peft import apply_peft
+    from tunesmith.peft import base_dtype as peft_base_dtype
 
     mc = cfg.model
     family, model_cfg = resolve_model_config(mc.name, mc.overrides)
@@ -131,9 +135,17 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
     pretrained = has_weights(mc.name) and not mc.from_scratch
-    # Parallelised (TP / AC / compile / FSDP2 or DDP) and holding its weights.
-    model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained)
-    return ModelBundle(family, model_cfg, model, tokenizer)
+
+    def peft(m: torch.nn.Module) -> None:
+        # Freezing / LoRA / QLoRA on the loaded weights, before data prep (bad targets fail
+        # fast) and before parallelize compiles the blocks.
+        apply_peft(m, cfg.peft, rt, family, model_cfg)
+
+    # Parallelised (TP / AC / compile / FSDP2 or DDP) and holding its weights. A frozen PEFT
+    # base is loaded straight into its storage dtype (bf16 under mixed precision).
+    model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained,
+                                 dtype=peft_base_dtype(cfg.peft, rt), prepare=peft)
+    return ModelBundle(family, model_cfg, model, tokenizer, tok_source)
 
 
 def _is_preset(name: str) -> bool:
@@ -196,7 +208,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
     manager.cleanup_partial()  # rank 0 removes, between barriers
     seed_everything(cfg.train.seed)
-    bundle = build_model_bundle(cfg, rt, ctx)
+    bundle = build_model_bundle(cfg, rt, ctx)  # PEFT applied, then parallelised
     trainer = _make_trainer(cfg, rt, bundle, out_dir, ctx)
     if plan.checkpoint is not None and trainer.total_steps < plan.step:
         raise TunesmithError(
@@ -228,10 +240,23 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
 
 def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Path,
                   ctx: ParallelContext | None = None) -> Trainer:
-    max_pos = bundle.model_cfg.max_position_embeddings
-    train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos, ctx)
+    from tunesmith.models import usable_positions
+    from tunesmith.parallel.setup import main_rank_first
+    from tunesmith.train.tasks import build_task_data
+
+    max_pos = usable_positions(bundle.model_cfg)
+    with main_rank_first(ctx):  # rank 0 fills the tokenisation cache, the others read it
+        bundle.task = build_task_data(cfg, bundle.family, bundle.tokenizer, max_pos,
+                                      bundle.tokenizer_source)
+    if bundle.task is None:  # plain clm
+        train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos, ctx)
+    else:
+        train_loader, val_loader = bundle.task.train_loader, bundle.task.val_loader
     model = bundle.model  # blocks already compiled by parallelize() when train.compile
-    steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
+    if bundle.task is None or bundle.task.sized:
+        steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
+    else:  # a stream has no length: one "epoch" for the schedule is the whole run
+        steps_per_epoch = cfg.train.max_steps or 1
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     # FSDP2 CPU offload: the optimizer steps on host-resident shards (no fused CUDA kernel).
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else rt.device)
@@ -265,14 +290,28 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
 
     trainer, bundle = build_trainer(cfg)
     summary = trainer.train()
+    if bundle.task is not None:
+        from tunesmith.train.tasks import after_training
+
+        after_training(cfg, trainer, bundle, summary)
     out_dir = Path(cfg.output.dir)
     if cfg.output.save_final and not summary["interrupted"]:
+        from tunesmith.peft import is_peft_model, save_final
+
         final = out_dir / "final"
-        save = save_pretrained
-        if trainer.par is not None and trainer.par.distributed:
-            from tunesmith.parallel.export import save_pretrained_distributed as save
-        save(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
-        summary["final_model"] = str(final)
+        distributed = trainer.par is not None and trainer.par.distributed
+        if is_peft_model(bundle.model):  # the adapter in PEFT format (+ merged model if asked)
+            summary.update(save_final(bundle.model, bundle.family, bundle.model_cfg, cfg, out_dir,
+                                      bundle.tokenizer))
+        elif distributed:  # gathered tensor by tensor from the shards, rank 0 writes
+            from tunesmith.parallel.export import save_pretrained_distributed
+
+            save_pretrained_distributed(bundle.model, bundle.family, bundle.model_cfg, final,
+                                        tokenizer=bundle.tokenizer)
+            summary["final_model"] = str(final)
+        else:
+            save_pretrained(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
+            summary["final_model"] = str(final)
     if trainer.par is None or trainer.par.is_main:
         write_summary(out_dir, summary)
     return summary

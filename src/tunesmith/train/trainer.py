@@ -177,6 +177,9 @@ class Trainer:
         """
         k = self.cfg.train.grad_accum_steps
         loader = self.train_loader
+        if not hasattr(loader, "__len__"):
+            yield from self._stream_batches(k)
+            return
         while self.progress.step < self.total_steps:
             loader.set_epoch(self.progress.epoch)  # same epoch: keeps a restored position
             if len(loader) - loader.batches_done < k:
@@ -192,6 +195,20 @@ class Trainer:
                 yield group, epoch_end
                 if self.progress.step >= self.total_steps:
                     return
+
+    def _stream_batches(self, k: int) -> Iterator[tuple[list[dict], bool]]:
+        """A stream (no length, no epochs): groups of k until max_steps; its position lives in
+        the loader's own state_dict, so resume continues the stream exactly."""
+        batches = iter(self.train_loader)
+        while self.progress.step < self.total_steps:
+            group = []
+            for _ in range(k):
+                try:
+                    group.append(next(batches))
+                except StopIteration:  # the stream ran dry before max_steps
+                    return
+            self._data_epoch = 0
+            yield group, False
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One optimizer step over k micro-batches; returns device tensors (no host sync)."""

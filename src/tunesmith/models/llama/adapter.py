@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.adapter_base import StateDictAdapter
 from tunesmith.models.llama.config import LlamaConfig
 
 # native per-layer suffix <-> HF per-layer suffix (each with .weight / .bias appended)
@@ -39,7 +40,7 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-class LlamaStateDictAdapter:
+class LlamaStateDictAdapter(StateDictAdapter):
     """Maps names both ways for one config (needs `tie_word_embeddings`)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.common import SHAPE_ALIASES
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {
@@ -271,9 +272,10 @@ def apply_overrides(cfg: LlamaConfig, overrides: dict[str, Any] | None) -> Llama
         return copy.deepcopy(cfg)
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
-        ours = key if key in _FIELD_NAMES else HF_KEY_MAP.get(key)
+        # GPT-2 names (n_embd, n_head, n_layer, ...) are accepted too.
+        ours = key if key in _FIELD_NAMES else HF_KEY_MAP.get(key) or SHAPE_ALIASES.get(key)
         if ours is None:
-            valid = sorted(set(_FIELD_NAMES) | set(HF_KEY_MAP))
+            valid = sorted(set(_FIELD_NAMES) | set(HF_KEY_MAP) | set(SHAPE_ALIASES))
             close = difflib.get_close_matches(key, valid, n=1)
             hint = (f"; did you mean {close[0]!r}?" if close
                     else f"; valid keys: {', '.join(_FIELD_NAMES)}")

@@ -1,0 +1,257 @@
+"""LoRA fine-tuning throughput and memory: tunesmith vs HF transformers + peft, same GPU.
+
+    python benchmarks/bench_lora.py --shape llama3-8b --seq 2048 --micro-batch 4 --steps 30
+    python benchmarks/bench_lora.py --shape llama3.2-1b --seq 2048 --micro-batch 8 --steps 30
+
+LoRA r=16 (alpha 32, no dropout) on all linear layers except the LM head, randomly initialised
+base of the given shape, identical synthetic token batches (uniform ids, fixed seed), each
+variant in its own subprocess (clean allocator, fair peak memory). Variants:
+
+  tunesmith        bf16 frozen base (no fp32 copy), fp32 adapters + AdamW state, bf16 autocast,
+                   per-block torch.compile, fused chunked CE, no activation checkpointing
+  tunesmith-ac     the same plus per-block activation checkpointing (leanest dense variant)
+  tunesmith-qlora  NF4 base (torchao) + fp32 adapters, activation checkpointing, compiled blocks
+  tunesmith-eager  like `tunesmith` without torch.compile
+  hf-peft          transformers (bf16 weights, SDPA) + peft LoRA (fp32 adapters, peft's
+                   default) + HF Trainer (bf16 autocast, fused AdamW) + gradient checkpointing
+  hf-peft-nogc     the same without gradient checkpointing
+
+Throughput is the median step time after `--warmup` steps. Peak memory is measured from the
+end of model setup (so QLoRA's one-off bf16 -> NF4 conversion is not counted; `setup_gib`
+reports what the model occupies). Prints a markdown table; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-eager", "hf-peft", "hf-peft-nogc")
+DEFAULT = "tunesmith,tunesmith-ac,tunesmith-qlora,hf-peft"
+
+
+def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield torch.randint(0, vocab, (micro_batch, seq), generator=g)  # [B, T]
+
+
+def _gib(n_bytes: float) -> float:
+    return n_bytes / 2**30
+
+
+def _reset_memory(device: str) -> float | None:
+    """Clear the setup's leftovers, start peak tracking now; returns what the model holds."""
+    import torch
+
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return _gib(torch.cuda.memory_allocated())
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _tunesmith_model(args, variant: str):
+    """Base built in its storage dtype, then the same peft transforms a run applies."""
+    from tunesmith.config.schema import RunConfig
+    from tunesmith.models import build_model, init_random, resolve_model_config
+    from tunesmith.parallel import apply_activation_checkpointing
+    from tunesmith.peft import apply_peft, base_dtype
+    from tunesmith.train.runtime import resolve_runtime
+
+    compile_blocks = variant != "tunesmith-eager" and not args.no_compile
+    cfg = RunConfig.model_validate({
+        "data": {"path": "synthetic", "block_size": args.seq},
+        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks},
+        "optim": {"lr": 1e-4, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+        "peft": {"method": "qlora" if variant == "tunesmith-qlora" else "lora", "r": args.r,
+                 "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": "all-linear"},
+    })
+    rt = resolve_runtime(args.device, "bf16")
+    family, mcfg = resolve_model_config(args.shape)
+    model = build_model(family, mcfg, device="meta")
+    init_random(model, device=rt.device, dtype=base_dtype(cfg.peft, rt), seed=0)
+    apply_peft(model, cfg.peft, rt, family, mcfg)
+    if variant in ("tunesmith-ac", "tunesmith-qlora"):
+        apply_activation_checkpointing(model, "full")
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()
+    return cfg, rt, model
+
+
+def run_tunesmith(args, variant: str) -> dict:
+    """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
+    import torch
+
+    from tunesmith.peft import count_params
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.trainer import Trainer
+
+    cfg, rt, model = _tunesmith_model(args, variant)
+    opt = build_optimizer(model, cfg.optim, rt.device)
+    sched = build_scheduler(opt, cfg.schedule, args.steps, args.steps)
+    tr = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
+                 val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
+                 flops_per_token=1.0, peak_tflops=None)
+    setup_gib = _reset_memory(args.device)
+    times, losses = [], []
+    for ids in synthetic_batches(model.cfg.vocab_size, args.seq, args.micro_batch, args.steps):
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # [B, T]
+        batch = {"input_ids": ids, "labels": labels}
+        _sync(args.device)
+        t0 = time.perf_counter()
+        loss, _, _, _ = tr.train_step([batch])
+        _sync(args.device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    trainable, total = count_params(model)
+    return _result(args, times, losses, trainable, total, setup_gib)
+
+
+def run_hf_peft(args, gradient_checkpointing: bool) -> dict:
+    """transformers + peft + HF Trainer on the same shape and data."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from tunesmith.models import resolve_model_config
+
+    _, mcfg = resolve_model_config(args.shape)
+    hf_cfg = AutoConfig.for_model(**mcfg.to_hf())
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    # peft keeps adapters in fp32 by default (autocast_adapter_dtype=True): same split as ours.
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    data = [{"input_ids": ids[0], "labels": ids[0]} for ids in
+            synthetic_batches(mcfg.vocab_size, args.seq, 1, args.steps * args.micro_batch)]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            _sync(args.device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            _sync(args.device)
+            times.append(time.perf_counter() - self.t0)
+
+    targs = TrainingArguments(
+        output_dir="/tmp/hf_lora_bench", per_device_train_batch_size=args.micro_batch,
+        max_steps=args.steps, bf16=args.device == "cuda", use_cpu=args.device == "cpu",
+        optim="adamw_torch_fused" if args.device == "cuda" else "adamw_torch", learning_rate=1e-4,
+        weight_decay=0.0, logging_steps=10**9, save_strategy="no", report_to=[],
+        lr_scheduler_type="constant", disable_tqdm=True, gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Timer()])
+    setup_gib = _reset_memory(args.device)
+    trainer.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return _result(args, times, [], trainable, total, setup_gib)
+
+
+def _result(args, times, losses, trainable, total, setup_gib) -> dict:
+    import torch
+
+    steady = times[args.warmup:] or times
+    step_s = sorted(steady)[len(steady) // 2]  # median: robust to a stray slow step
+    cuda = args.device == "cuda"
+    return {
+        "tokens_per_s": args.micro_batch * args.seq / step_s,
+        "peak_mem_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else None,
+        "setup_gib": setup_gib,
+        "median_step_s": step_s,
+        "mean_step_s": sum(steady) / len(steady),
+        "trainable_params": trainable,
+        "total_params": total,
+        "first_losses": losses[:3],
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def child(args) -> None:
+    if args.variant.startswith("hf-peft"):
+        res = run_hf_peft(args, gradient_checkpointing=args.variant == "hf-peft")
+    else:
+        res = run_tunesmith(args, args.variant)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def _table(args, rows: dict) -> None:
+    print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.micro_batch}, LoRA r={args.r} all-linear, "
+          f"{args.steps} steps ({args.warmup} warm-up)")
+    print("| variant | tokens/s | peak mem (GiB) | model after setup (GiB) | median step (s) | trainable |")
+    print("|---|---|---|---|---|---|")
+    for v, r in rows.items():
+        if "error" in r:
+            print(f"| {v} | failed | | | | |")
+            continue
+        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        setup = f"{r['setup_gib']:.1f}" if r["setup_gib"] is not None else "n/a"
+        print(f"| {v} | {r['tokens_per_s']:,.0f} | {peak} | {setup} | {r['median_step_s']:.3f} | "
+              f"{r['trainable_params'] / 1e6:.1f}M |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama3.2-1b")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test only")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile everywhere")
+    p.add_argument("--json", default=None)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return child(args)
+    rows = {}
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            sys.exit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        cmd = [sys.executable, __file__, "--variant", v, "--shape", args.shape, "--seq", str(args.seq),
+               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--r", str(args.r), "--dropout", str(args.dropout), "--device", args.device]
+        cmd += ["--no-compile"] if args.no_compile else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            rows[v] = {"error": (proc.stderr or proc.stdout)[-3000:]}
+            print(f"{v} failed:\n{rows[v]['error']}", file=sys.stderr)
+            continue
+        rows[v] = json.loads(line[0][7:])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+    _table(args, rows)
+
+
+if __name__ == "__main__":
+    main()

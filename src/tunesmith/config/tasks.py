@@ -1,0 +1,103 @@
+"""Config sections of the non-CLM tasks: `sft:` (instruction / chat / summarization data),
+`mlm:` (masked LM) and `eval.generate:` (evaluation by generation). Kept apart from
+`schema.py` so the core schema stays small; `RunConfig` only references them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SFT_FORMATS = ("alpaca", "dolly", "chat", "sharegpt", "summarization", "custom")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SFTConfig(_Section):
+    format: Literal["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"] = Field(
+        "alpaca",
+        description="Record format: alpaca (instruction/input/output), dolly (instruction/"
+        "context/response/category), chat ([{role, content}] in `messages`), sharegpt "
+        "([{from, value}] in `conversations`), summarization (dialogue -> summary, SAMSum "
+        "names), custom (prompt_template + response_template over any fields).",
+    )
+    prompt_template: str | None = Field(
+        None, description="Python format string over record fields for the prompt, e.g. "
+        "'Question: {question}\\nAnswer: '. Replaces the format's default prompt.",
+    )
+    response_template: str | None = Field(
+        None, description="Format string for the trained response (custom format), e.g. "
+        "'{answer}'.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Rename the format's fields, e.g. {output: answer} "
+        "reads the alpaca response from `answer`.",
+    )
+    chat_template: str = Field(
+        "tokenizer", description="chat/sharegpt: 'tokenizer' (the tokenizer's own Jinja "
+        "template) or a built-in: llama3, chatml, alpaca.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to chats "
+                                      "that have none (built-in templates).")
+    category: list[str] | None = Field(
+        None, description="dolly: keep only these categories (e.g. [open_qa]).",
+    )
+    train_on_inputs: bool = Field(
+        False, description="Also train on prompt tokens; by default only response tokens "
+        "(assistant turns for chats) carry labels.",
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Examples longer than data.block_size: truncate (keep the "
+        "first block_size tokens), drop, or error. Counts are logged.",
+    )
+    invalid: Literal["error", "skip"] = Field(
+        "error", description="Records with missing/mistyped fields or empty responses: "
+        "error (one line naming record and field) or skip (counted).",
+    )
+    packing: bool = Field(
+        False, description="Pack several examples per row (up to data.block_size); attention "
+        "and positions stay within each example, so the loss equals unpacked training.",
+    )
+
+    @field_validator("category", mode="before")
+    @classmethod
+    def _one_category(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if self.format == "custom" and not (self.prompt_template and self.response_template):
+            raise ValueError("sft.format=custom needs sft.prompt_template and "
+                             "sft.response_template")
+        if self.category is not None and not self.category:
+            raise ValueError("sft.category must name at least one category")
+        return self
+
+
+class MLMConfig(_Section):
+    probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens selected for "
+                               "prediction (special tokens never are).")
+    mask_fraction: float = Field(0.8, ge=0, le=1, description="Selected tokens replaced by "
+                                 "the mask token.")
+    random_fraction: float = Field(0.1, ge=0, le=1, description="Selected tokens replaced by "
+                                   "a random token; the rest stay unchanged.")
+    whole_word: bool = Field(False, description="Select whole words (all their sub-tokens) "
+                             "instead of single tokens.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MLMConfig:
+        if self.mask_fraction + self.random_fraction > 1:
+            raise ValueError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
+        return self
+
+
+class GenerateEvalConfig(_Section):
+    enabled: bool = Field(False, description="After training, generate answers for the "
+                          "held-out SFT split and report ROUGE-1/2/L and exact match.")
+    max_new_tokens: int = Field(128, gt=0)
+    max_samples: int | None = Field(None, gt=0, description="Evaluate at most this many.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    output: str = Field("predictions.jsonl", description="Predictions file, relative to "
+                        "output.dir.")

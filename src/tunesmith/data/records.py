@@ -1,0 +1,205 @@
+"""Structured records (whole JSON objects / table rows) for instruction, chat and summarization
+data, read lazily and resumably.
+
+`RecordReader(path).iter_from(position)` yields `(position_after, where, record)`: `where` is
+the "file:line" / "file: record i" text every error message names, and `position_after` is a
+`RecordPosition` from which reading continues with the *next* record. Positions are small and
+JSON-serialisable, so a streaming loader can keep one in its checkpointed state:
+
+    .jsonl / JSON-lines .json / .txt   byte offset of the next line (resume is a seek)
+    .json array, .csv, .parquet        index of the next record in the file (resume re-reads
+                                       the file up to there: arrays must be parsed whole)
+
+Hub datasets are read with `datasets` (map-style via `load_dataset`, or `streaming=True`), where
+the position is the number of records already taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tunesmith.data.sources import (
+    TEXT_SUFFIXES,
+    _first_significant_byte,
+    _list_files,
+    _looks_like_path,
+    _utf8_lines,
+)
+from tunesmith.errors import TunesmithError
+
+
+@dataclass(frozen=True)
+class RecordPosition:
+    """Where the next record starts: file index, its record index, and a byte offset where
+    the format allows seeking (-1 otherwise). `index` counts records over all files."""
+
+    file: int = 0
+    record: int = 0
+    offset: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecordPosition:
+        return cls(**{k: int(d[k]) for k in ("file", "record", "offset", "index")})
+
+
+Item = tuple[RecordPosition, str, Any]  # (position after this record, where, record)
+
+
+class RecordReader:
+    """All records of a local file / directory, or of a hub dataset, in a fixed order."""
+
+    def __init__(self, path: str, *, dataset_config: str | None = None, split: str = "train",
+                 streaming_hub: bool = False) -> None:
+        self.path = path
+        self.dataset_config = dataset_config
+        self.split = split
+        self.streaming_hub = streaming_hub
+        local = Path(path).expanduser()
+        if local.exists():
+            self.files: list[Path] | None = _list_files(local)
+        elif _looks_like_path(path):
+            raise TunesmithError(f"{local}: no such file or directory")
+        else:
+            self.files = None  # a hub dataset name
+
+    def iter_from(self, pos: RecordPosition | None = None) -> Iterator[Item]:
+        pos = pos or RecordPosition()
+        if self.files is None:
+            yield from self._iter_hub(pos)
+            return
+        index = pos.index
+        for fi in range(pos.file, len(self.files)):
+            start = pos if fi == pos.file else RecordPosition(fi, 0, 0, index)
+            for rec_pos, where, rec in _iter_file(self.files[fi], fi, start.record, start.offset):
+                index += 1
+                yield RecordPosition(fi, rec_pos[0], rec_pos[1], index), where, rec
+
+    def read_all(self) -> list[tuple[str, Any]]:
+        return [(where, rec) for _, where, rec in self.iter_from()]
+
+    def _iter_hub(self, pos: RecordPosition) -> Iterator[Item]:
+        ds = load_hub_dataset(self.path, self.dataset_config, self.split, self.streaming_hub)
+        if pos.index:
+            ds = ds.skip(pos.index) if self.streaming_hub else ds.select(
+                range(pos.index, len(ds)))
+        for i, rec in enumerate(ds, start=pos.index):
+            yield (RecordPosition(0, i + 1, -1, i + 1),
+                   f"dataset '{self.path}': record {i}", rec)
+
+
+def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunesmithError(
+            f"data path '{name}' does not exist locally and could not be loaded from the Hugging "
+            f"Face hub (unreachable or offline?): {reason[:200]}"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------ per file
+# Each yields ((record index after, byte offset after or -1), where, record).
+FileItem = tuple[tuple[int, int], str, Any]
+
+
+def _iter_file(path: Path, fi: int, record: int, offset: int) -> Iterator[FileItem]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _iter_parquet(path, record)
+        return
+    try:
+        with open(path, "rb") as fh:
+            if suffix in TEXT_SUFFIXES:
+                yield from _iter_lines(path, fh, record, offset, parse=False)
+            elif suffix == ".jsonl" or (suffix == ".json" and _first_significant_byte(fh) != b"["):
+                yield from _iter_lines(path, fh, record, offset, parse=True)
+            elif suffix == ".json":
+                yield from _iter_json_array(path, fh, record)
+            else:
+                yield from _iter_csv(path, fh, record)
+    except OSError as exc:
+        raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool
+                ) -> Iterator[FileItem]:
+    """JSON lines (parse=True) or text lines as {"text": line}; resumes by seeking."""
+    fh.seek(max(offset, 0))
+    pos = max(offset, 0)
+    for lineno, line in _utf8_lines(path, fh):
+        pos += len(line.encode("utf-8")) + (3 if lineno == 1 and pos == 0 and _has_bom(path)
+                                            else 0)
+        stripped = line.strip()
+        if not stripped:
+            continue
+        # Line numbers are only known when reading from the start (a resume seeks).
+        where = f"{path}: record {record}" + (f" (line {lineno})" if offset <= 0 else "")
+        if not parse:
+            record += 1
+            yield (record, pos), where, {"text": line.rstrip("\r\n")}
+            continue
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise TunesmithError(f"{where}: malformed JSON line ({exc.msg} at column {exc.colno})"
+                                 ) from None
+        record += 1
+        yield (record, pos), where, obj
+
+
+def _has_bom(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(3) == b"\xef\xbb\xbf"
+
+
+def _iter_json_array(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]:
+    data = fh.read()
+    try:
+        records = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise TunesmithError(f"{path}: invalid UTF-8 at byte offset {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise TunesmithError(
+            f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    del data
+    for i in range(start, len(records)):
+        yield (i + 1, -1), f"{path}: record {i}", records[i]
+
+
+def _iter_csv(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]:
+    lines = (line for _, line in _utf8_lines(path, fh))
+    try:
+        reader = csv.DictReader(lines)
+        for i, row in enumerate(reader):
+            if i >= start:
+                yield (i + 1, -1), f"{path}:{reader.line_num}", dict(row)
+    except csv.Error as exc:
+        raise TunesmithError(f"{path}: malformed CSV ({exc})") from None
+
+
+def _iter_parquet(path: Path, start: int) -> Iterator[FileItem]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TunesmithError(f"{path}: not a readable parquet file ({exc})") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            if i >= start:
+                yield (i + 1, -1), f"{path}: row {i}", row
+            i += 1

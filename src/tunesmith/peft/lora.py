@@ -1,0 +1,188 @@
+"""The LoRA / DoRA linear layer that replaces a frozen `nn.Linear` from outside the model.
+
+    LoRA:  y = x W^T + b + s * B (A (drop x))          s = alpha / r   (alpha / sqrt(r): rsLoRA)
+    DoRA:  y = m / ||W + s B A||_row * (x W^T + s B A x) + b        (the norm is a constant)
+
+Shapes: W [out, in] frozen (dense, or NF4 for QLoRA), A [r, in], B [out, r], m [out].
+A is kaiming-uniform(a=sqrt(5)) and B zero, exactly as peft initialises them, so a fresh adapter
+leaves the model's outputs unchanged. The layer keeps the replaced module's parameter names
+(`weight`, `bias`), so the base model's state-dict keys do not move.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+from tunesmith.peft import quant
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Hyper-parameters of one adapter (shared by every targeted layer)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise TunesmithError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise TunesmithError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise TunesmithError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (optionally DoRA)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LoRASpec,
+                 adapter_dtype: torch.dtype) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = spec
+        self.scaling = spec.scaling
+        self.quantized = quant.is_nf4(weight)
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
+        dev = weight.device
+        self.lora_A = nn.Parameter(torch.empty(spec.r, in_features, device=dev, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, spec.r, device=dev, dtype=adapter_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        if spec.dora:
+            # ||W + s B A|| per output row = ||W|| at init (B = 0), so m leaves outputs unchanged.
+            self.lora_magnitude = nn.Parameter(self._row_norm().to(adapter_dtype))
+        else:
+            self.register_parameter("lora_magnitude", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, spec: LoRASpec, adapter_dtype: torch.dtype) -> LoRALinear:
+        """Wrap an `nn.Linear` (or an `NF4Linear`), taking over its Parameters (no copy)."""
+        return cls(linear.weight, linear.bias, spec, adapter_dtype)
+
+    # -- pieces ----------------------------------------------------------------------------
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight [out, in] as a plain tensor in `dtype` (dequantised when NF4)."""
+        return quant.dequantize(self.weight, dtype) if self.quantized else self.weight.to(dtype)
+
+    def _base(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """x [..., in] -> x W^T (+ b) [..., out] in the base's compute dtype."""
+        bias = self.bias if with_bias else None
+        if self.quantized:
+            y = quant.linear_nf4(x, self.weight)  # bf16 compute, weight dequantised per call
+            return y + bias.to(y.dtype) if bias is not None else y
+        if not _autocast_on(x) and x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)  # e.g. fp32 activations into a bf16 base, no autocast
+        return F.linear(x, self.weight, bias)
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B(A x): [..., in] -> [..., out]. Scaling the [.., r] product is the cheap spot."""
+        if not _autocast_on(x) and x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+    @torch.no_grad()
+    def _row_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output row [out], in fp32 and detached (DoRA paper, section 4.3)."""
+        delta = self.lora_B.float() @ self.lora_A.float()  # [out, in]
+        return torch.linalg.vector_norm(self.dense_weight(torch.float32) + self.scaling * delta, dim=1)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base(x)  # [..., out]
+        xa = self.dropout(x)
+        lora = self._adapter(xa)  # [..., out]
+        if self.lora_magnitude is None:
+            return (out + lora).to(out.dtype)
+        return self._dora(out, xa, lora)
+
+    def _dora(self, out: torch.Tensor, xa: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """DoRA as peft computes it: out + (m/n - 1) * W xa + m/n * s B A xa.
+
+        Without dropout W xa is the base output minus bias, so nothing is recomputed; with
+        dropout active the base matmul runs again on the dropped input, as in peft.
+        """
+        scale = self.lora_magnitude / self._row_norm()  # [out], broadcasts over [..., out]
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_nobias = out if self.bias is None else out - self.bias.to(out.dtype)
+        else:
+            base_nobias = self._base(xa, with_bias=False)
+        return (out + (scale - 1) * base_nobias + scale * lora).to(out.dtype)
+
+    # -- merging -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W' [out, in] in fp32 such that x W'^T + b equals this layer's (eval) output."""
+        w = self.dense_weight(torch.float32) + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        if self.lora_magnitude is not None:
+            w = (self.lora_magnitude.float() / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1) * w
+        return w
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain frozen nn.Linear holding the merged weight (in the base's dtype by default)."""
+        dtype = dtype or self.weight.dtype
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = nn.Parameter(self.merged_weight().to(dtype), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return lin
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by their local name (lora_A, lora_B[, lora_magnitude])."""
+        names = ("lora_A", "lora_B", "lora_magnitude")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def extra_repr(self) -> str:
+        kind = "dora" if self.lora_magnitude is not None else "lora"
+        q = ", nf4" if self.quantized else ""
+        return (f"in={self.in_features}, out={self.out_features}, {kind} r={self.spec.r}, "
+                f"scaling={self.scaling:g}{q}")
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight [out, in] is stored in NF4 (QLoRA, no adapter)."""
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant.linear_nf4(x, self.weight)  # [..., out] in bf16
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        dtype = dtype or self.weight.dtype
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = nn.Parameter(quant.dequantize(self.weight, dtype), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return lin

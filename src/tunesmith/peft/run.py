@@ -1,0 +1,139 @@
+"""The `peft` config section applied to a training run (called from tunesmith.train.setup).
+
+    base_dtype(cfg.peft, rt)        dtype to load the frozen base in (checks QLoRA's backend)
+    apply_peft(model, cfg.peft, ..) freezing / LoRA / DoRA / QLoRA / adapter from a checkpoint
+    save_final(...)                 OUTPUT/final = PEFT adapter (+ OUTPUT/final-merged)
+
+Precision: under mixed precision the frozen base is stored in the autocast dtype (bf16), so
+every step reads half the bytes and autocast has no fp32 copy to re-cast; adapters stay in the
+parameter dtype (fp32), so their gradients and AdamW state are fp32. QLoRA stores the block
+linear weights in NF4 and computes in bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+from tunesmith.peft import quant
+from tunesmith.peft.io import load_adapter, save_adapter
+from tunesmith.peft.lora import LoRASpec
+from tunesmith.peft.targets import KeyAdapter
+from tunesmith.peft.transform import (
+    apply_freezing,
+    apply_lora,
+    cast_frozen,
+    count_params,
+    frozen_block_set,
+    lora_modules,
+    merge_lora,
+    quantize_base,
+)
+
+if TYPE_CHECKING:
+    from tunesmith.config import PeftConfig, RunConfig
+    from tunesmith.models import ModelFamily
+    from tunesmith.models.llama.config import LlamaConfig
+    from tunesmith.train.runtime import Runtime
+
+log = logging.getLogger("tunesmith")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_dtype(pc: PeftConfig, rt: Runtime) -> torch.dtype:
+    """dtype the (frozen) base model is loaded in. Raises now when QLoRA cannot run here."""
+    if pc.method == "none":
+        return rt.param_dtype
+    if pc.method == "qlora":
+        quant.require_nf4()
+    if pc.base_dtype != "auto":
+        return _DTYPES[pc.base_dtype]
+    if pc.method == "qlora":
+        return torch.bfloat16  # NF4 dequantises to bf16 for compute
+    return rt.autocast_dtype or rt.param_dtype
+
+
+def _spec(pc: PeftConfig) -> LoRASpec:
+    return LoRASpec(r=pc.r, alpha=pc.alpha, dropout=pc.dropout, rslora=pc.rslora, dora=pc.method == "dora")
+
+
+def _load_checkpoint_adapter(model: nn.Module, adapter: KeyAdapter, pc: PeftConfig,
+                             adapter_dtype: torch.dtype) -> None:
+    files = load_adapter(model, adapter, pc.from_checkpoint, adapter_dtype=adapter_dtype)
+    if pc.method == "dora" and not files.spec.dora:
+        raise TunesmithError(f"peft.method=dora but {files.path} is a plain LoRA adapter; set peft.method=lora")
+    if pc.method == "lora" and files.spec.dora:
+        raise TunesmithError(f"peft.method=lora but {files.path} is a DoRA adapter; set peft.method=dora")
+    log.info("peft: continuing adapter %s (r=%d, alpha=%g%s)", files.path, files.spec.r,
+             files.spec.alpha, ", dora" if files.spec.dora else "")
+
+
+def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
+    for name, mod in lora_modules(model).items():
+        parts = name.split(".")
+        if parts[0] == "layers" and int(parts[1]) in blocks:
+            for p in mod.adapter_parameters().values():
+                p.requires_grad_(False)
+
+
+def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
+               model_cfg: LlamaConfig) -> nn.Module:
+    """Apply the `peft` config section to a freshly built/loaded model, in place.
+
+    method=none: only freezing. Otherwise (QLoRA: quantise the base first) adapters are added
+    to the targets (or loaded from `from_checkpoint`), everything else is frozen, and frozen
+    tensors are stored in base_dtype. Frozen blocks get no adapters.
+    """
+    blocks = frozen_block_set(model, pc.freeze_layers, pc.num_freeze_layers)
+    if pc.method == "none":
+        if blocks or pc.freeze_embeddings:
+            n = apply_freezing(model, blocks, pc.freeze_embeddings)
+            log.info("peft: froze %.2fM params (blocks %s%s)", n / 1e6, sorted(blocks) or "none",
+                     ", embeddings" if pc.freeze_embeddings else "")
+        return model
+    adapter = family.adapter(model_cfg)
+    if pc.method == "qlora":
+        n = quantize_base(model, adapter)
+        log.info("peft: %d linear layers stored in NF4", n)
+    if pc.from_checkpoint:
+        _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype)
+        _freeze_adapters_in(model, blocks)
+    else:
+        apply_lora(model, adapter, _spec(pc), pc.target_modules, adapter_dtype=rt.param_dtype,
+                   skip_blocks=blocks)
+    cast_frozen(model, base_dtype(pc, rt))
+    trainable, total = count_params(model)
+    log.info("peft %s: %d layers with adapters, %.3fM trainable of %.2fM params (%.3f%%)",
+             pc.method, len(lora_modules(model)), trainable / 1e6, total / 1e6,
+             100 * trainable / max(total, 1))
+    return model
+
+
+def _base_name(name: str) -> str:
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def save_final(model: nn.Module, family: ModelFamily, model_cfg: LlamaConfig, cfg: RunConfig,
+               out_dir: Path, tokenizer: Any) -> dict[str, str]:
+    """Run end of a LoRA run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final and,
+    with peft.save_merged, the merged HF model to OUTPUT/final-merged (merged in place last,
+    so do not train this model afterwards)."""
+    from tunesmith.models import save_pretrained
+
+    final = out_dir / "final"
+    save_adapter(model, family.adapter(model_cfg), final, base_model=_base_name(cfg.model.name),
+                 tokenizer=tokenizer)
+    out = {"final_model": str(final), "final_adapter": str(final)}
+    if cfg.peft.save_merged:
+        merge_lora(model)
+        merged = out_dir / "final-merged"
+        save_pretrained(model, family, model_cfg, merged, tokenizer=tokenizer)
+        out["final_merged_model"] = str(merged)
+    return out

@@ -1,0 +1,169 @@
+"""Transforms applied to a built model from outside (like torchtitan's parallelize_*).
+
+    apply_freezing(model, ...)        requires_grad=False on chosen blocks / embeddings
+    apply_lora(model, adapter, ...)   swap targeted nn.Linear for LoRALinear, freeze the base
+    quantize_base(model, ...)         QLoRA: every block linear's weight to NF4
+    merge_lora(model)                 fold adapters back into plain nn.Linear layers
+
+The model's own code is untouched; module paths and base parameter names stay the same, so
+compile/FSDP/activation checkpointing and HF save/load keep working on the transformed model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tunesmith.checkpoint import ModelState
+from tunesmith.errors import TunesmithError
+from tunesmith.peft import quant
+from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
+from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
+
+log = logging.getLogger("tunesmith")
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, new)
+
+
+def _n_blocks(model: nn.Module) -> int:
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TunesmithError(f"{type(model).__name__} has no `layers` list of transformer blocks")
+    return len(layers)
+
+
+def frozen_block_set(model: nn.Module, freeze_layers: Iterable[int], num_freeze_layers: int) -> set[int]:
+    """Block indices to freeze: the listed ones plus the first `num_freeze_layers`."""
+    n = _n_blocks(model)
+    chosen = set(freeze_layers) | set(range(num_freeze_layers))
+    bad = sorted(i for i in chosen if not 0 <= i < n)
+    if bad:
+        raise TunesmithError(f"peft freezing: block indices {bad} out of range; the model has {n} blocks (0..{n - 1})")
+    return chosen
+
+
+def apply_freezing(model: nn.Module, blocks: set[int], freeze_embeddings: bool) -> int:
+    """Freeze whole blocks and/or the input embedding (a tied LM head is the same tensor).
+
+    Returns the number of parameters frozen.
+    """
+    frozen: list[nn.Parameter] = []
+    layers = model.layers  # type: ignore[attr-defined]
+    for i in sorted(blocks):
+        frozen.extend(layers[i].parameters())
+    if freeze_embeddings:
+        frozen.append(model.tok_embeddings.weight)  # type: ignore[attr-defined]
+    for p in frozen:
+        p.requires_grad_(False)
+    return sum(p.numel() for p in {id(p): p for p in frozen}.values())
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen floating-point tensor in `dtype`, in place (Parameter identity kept,
+    so tied weights stay tied). NF4 weights are left alone."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and not quant.is_nf4(p):
+            p.data = p.data.to(dtype)
+
+
+def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
+    """QLoRA: store every block linear weight (all-linear; never the LM head) in NF4.
+
+    Run before `apply_lora`, which then wraps the NF4 layers (DoRA magnitudes are taken from
+    the dequantised weight the model really uses). One layer at a time, so peak memory is the
+    dense model plus one bf16 matrix. Returns the number of layers quantised.
+    """
+    quant.require_nf4()
+    cands = [c for c in linear_candidates(model, adapter)
+             if isinstance(model.get_submodule(c.native), nn.Linear)]
+    for c in cands:
+        quant.check_quantizable(c.native, model.get_submodule(c.native).weight)
+    for c in cands:
+        lin = model.get_submodule(c.native)
+        _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
+    return len(cands)
+
+
+def apply_lora(
+    model: nn.Module,
+    adapter: KeyAdapter,
+    spec: LoRASpec,
+    targets: str | Sequence[str] | Sequence[Candidate],
+    *,
+    adapter_dtype: torch.dtype = torch.float32,
+    skip_blocks: set[int] = frozenset(),
+) -> list[Candidate]:
+    """Freeze the whole model, then give each targeted linear layer a trainable adapter.
+
+    `adapter` is the family's state-dict adapter (for HF names); `targets` is what the config
+    says (names / all-linear / regex) or an explicit candidate list. Blocks in `skip_blocks`
+    (frozen by the user) get no adapter. Returns the candidates that were wrapped.
+    """
+    if targets and isinstance(targets, (list, tuple)) and isinstance(targets[0], Candidate):
+        chosen = list(targets)
+    else:
+        chosen = select_targets(model, adapter, targets)  # type: ignore[arg-type]
+    chosen = [c for c in chosen if c.block not in skip_blocks]
+    if not chosen:
+        raise TunesmithError("peft: every targeted layer is in a frozen block; nothing to train")
+    freeze_all(model)
+    for c in chosen:
+        mod = model.get_submodule(c.native)
+        if isinstance(mod, LoRALinear):
+            raise TunesmithError(f"peft: {c.native} already has an adapter")
+        _set_module(model, c.native, LoRALinear.from_linear(mod, spec, adapter_dtype))
+    return chosen
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True when the model carries LoRA/DoRA adapters (its checkpoints hold only adapters)."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def has_frozen_params(model: nn.Module) -> bool:
+    """True when some parameters are frozen (LoRA, QLoRA or layer freezing)."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def checkpoint_model_state(model: nn.Module) -> ModelState:
+    """The `ModelState` a trainer should checkpoint: only trainable tensors when anything is
+    frozen (the frozen base is reloaded from model.name on resume), else everything."""
+    return ModelState(model, trainable_only=has_frozen_params(model))
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every LoRALinear (and NF4Linear) with a plain nn.Linear holding the folded
+    weight, in place; the merge is computed in fp32 and stored in `dtype` (default: the base
+    weight's dtype, bf16 for NF4). Returns the number of adapters merged."""
+    merged = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            _set_module(model, name, mod.to_linear(dtype))
+            merged += 1
+        elif isinstance(mod, NF4Linear):
+            _set_module(model, name, mod.to_linear(dtype))
+    return merged
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) unique parameter counts."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)

@@ -1,0 +1,264 @@
+"""Task dispatch for `tunesmith train`: which data, collator and loader each task uses.
+
+    clm  raw text, packed blocks or lines (the original path, built in setup.build_loaders);
+         with data.streaming: a StreamingLoader cutting the stream into blocks
+    sft  instruction / chat / summarization records (tunesmith.data.sft*), response-only
+         labels, optional packing without cross-talk; streaming too
+    mlm  raw text as for clm, masked dynamically by MLMCollator; needs an encoder family
+
+`build_task_data` returns None for plain (non-streaming) clm so setup keeps its own path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunesmith.config import RunConfig
+from tunesmith.errors import TunesmithError
+
+log = logging.getLogger("tunesmith")
+
+
+@dataclass
+class TaskData:
+    train_loader: Any
+    val_loader: Any | None
+    sized: bool  # the train loader has a length (epochs); streams do not
+    stats: dict[str, Any] = field(default_factory=dict)
+    formatter: Any = None  # SFT: renders records; used again by evaluation by generation
+    val_rendered: list[Any] = field(default_factory=list)  # SFT held-out (where, Rendered)
+
+
+def check_task_family(cfg: RunConfig, family: Any) -> None:
+    kind = getattr(family, "kind", "causal")
+    if cfg.task == "mlm" and kind != "masked":
+        raise TunesmithError(
+            f"task=mlm needs an encoder (bert, roberta); model {cfg.model.name!r} is a "
+            f"{family.name} decoder: use task=clm or sft, or an encoder model")
+    if cfg.task in ("clm", "sft") and kind == "masked":
+        raise TunesmithError(
+            f"task={cfg.task} needs a causal LM; model {cfg.model.name!r} is a {family.name} "
+            "encoder: use task=mlm")
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's data-parallel rank and degree (0, 1 in one process). Tensor-parallel
+    ranks of one data-parallel group share a rank here: they must read the same batches."""
+    from tunesmith.parallel.dist import current
+
+    ctx = current()
+    return (ctx.dp_rank, ctx.dp_size) if ctx is not None else (0, 1)
+
+
+def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool) -> Any:
+    from tunesmith.data import StatefulLoader
+
+    rank, world = _rank_world()
+    if train:
+        loader = StatefulLoader(ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
+                                shuffle=True, seed=cfg.train.seed, drop_last=cfg.data.drop_last,
+                                rank=rank, world_size=world)
+        if len(loader) < cfg.train.grad_accum_steps:
+            raise TunesmithError(
+                f"the training set gives {len(loader)} micro-batches per epoch, fewer than "
+                f"train.grad_accum_steps={cfg.train.grad_accum_steps}: use more data or smaller "
+                "batches")
+        return loader
+    return StatefulLoader(ds, batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size,
+                          collate_fn=collate, shuffle=False, seed=cfg.train.seed,
+                          drop_last=False, rank=rank, world_size=world)
+
+
+def _mlm_collator(cfg: RunConfig, tokenizer: Any) -> Any:
+    from tunesmith.data.mlm import MaskingSpec, MLMCollator
+
+    m = cfg.mlm
+    spec = MaskingSpec.from_tokenizer(tokenizer, whole_word=m.whole_word)
+    return MLMCollator(spec, probability=m.probability, mask_fraction=m.mask_fraction,
+                       random_fraction=m.random_fraction, whole_word=m.whole_word,
+                       seed=cfg.train.seed, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+
+
+def _sft_collator(cfg: RunConfig, tokenizer: Any) -> Any:
+    from tunesmith.data.sft_data import SFTCollator, pad_id_of
+
+    return SFTCollator(pad_id_of(tokenizer), cfg.data.pad_to_multiple_of)
+
+
+def _sft_data(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
+    from tunesmith.data.sft_data import build_sft_datasets
+
+    if cfg.data.streaming:
+        return _sft_stream(cfg, tokenizer, tok_source)
+    data = build_sft_datasets(cfg.data, cfg.sft, tokenizer, seed=cfg.train.seed,
+                              tokenizer_source=tok_source)
+    collate = _sft_collator(cfg, tokenizer)
+    val = None
+    if data.val is not None and len(data.val):
+        val = _stateful(data.val, cfg, collate, False)
+    from tunesmith.data.sft import SFTFormatter
+
+    formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
+    return TaskData(_stateful(data.train, cfg, collate, True), val, True,
+                    {"train": data.stats.to_dict(),
+                     **({"validation": data.val_stats.to_dict()} if data.val_stats else {})},
+                    formatter, data.val_rendered)
+
+
+def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
+    from tunesmith.data.records import RecordReader
+    from tunesmith.data.sft import InvalidRecord, SFTFormatter
+    from tunesmith.data.sft_data import SFTStats, SFTTokenizer
+
+    formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
+    tok = SFTTokenizer(tokenizer, cfg.data.block_size, train_on_inputs=cfg.sft.train_on_inputs,
+                       overlong=cfg.sft.overlong)
+    stats = SFTStats()
+    categories = cfg.sft.category if cfg.sft.format == "dolly" else None
+
+    def encode(record: Any, where: str) -> Any:
+        stats.records += 1
+        if categories is not None and formatter.category_of(record) not in categories:
+            stats.filtered_category += 1
+            return None
+        try:
+            rendered = formatter(record, where)
+        except InvalidRecord as exc:
+            if cfg.sft.invalid != "skip":
+                raise
+            stats.note_skip(str(exc))
+            return None
+        (ids, mask), = tok.encode([rendered])
+        return tok.apply_policy(ids, mask, where, stats)
+
+    loader = _stream_loader(cfg, RecordReader(cfg.data.path, dataset_config=cfg.data.dataset_config,
+                                              split=cfg.data.split, streaming_hub=True),
+                            encode, "packed" if cfg.sft.packing else "examples",
+                            _sft_collator(cfg, tokenizer))
+    val, val_rendered = None, []
+    if cfg.data.validation_path:
+        from tunesmith.data.sft_data import build_sft_datasets, render_split
+
+        vcfg = cfg.data.model_copy(update={"path": cfg.data.validation_path,
+                                           "validation_path": None,
+                                           "validation_split_percentage": 0})
+        vdata = build_sft_datasets(vcfg, cfg.sft, tokenizer, seed=cfg.train.seed,
+                                   tokenizer_source=tok_source)
+        val = _stateful(vdata.train, cfg, _sft_collator(cfg, tokenizer), False)
+        from tunesmith.data.sft_data import filter_category
+
+        records, _ = filter_category(formatter, RecordReader(cfg.data.validation_path).read_all(),
+                                     cfg.sft, cfg.data.validation_path)
+        val_rendered, _ = render_split(formatter, records, cfg.sft, cfg.data.validation_path)
+    return TaskData(loader, val, False, {"train_stream": stats}, formatter, val_rendered)
+
+
+def _stream_loader(cfg: RunConfig, reader: Any, encode: Any, mode: str, collate: Any) -> Any:
+    from tunesmith.data.streaming import StreamingLoader
+
+    rank, world = _rank_world()  # each rank reads every world-th record of the stream
+    return StreamingLoader(reader, encode, mode=mode, batch_size=cfg.train.micro_batch_size,
+                           collate_fn=collate, block_size=cfg.data.block_size,
+                           seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                           rank=rank, world_size=world, drop_last=True)
+
+
+def _text_stream(cfg: RunConfig, tokenizer: Any, collate: Any) -> Any:
+    """Raw text records -> token lists (BOS as the tokenizer adds it, EOS per record)."""
+    from tunesmith.data.clm import _eos_to_append
+    from tunesmith.data.records import RecordReader
+
+    eos = _eos_to_append(cfg.data, tokenizer)
+    column = cfg.data.text_column
+
+    def encode(record: Any, where: str) -> list[int]:
+        text = record.get(column) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise TunesmithError(f"{where}: text column '{column}' missing or not a string "
+                                 "(set data.text_column)")
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        return ids + [eos] if eos is not None else ids
+
+    reader = RecordReader(cfg.data.path, dataset_config=cfg.data.dataset_config,
+                          split=cfg.data.split, streaming_hub=True)
+    mode = "blocks" if cfg.data.mode == "packed" else "examples"
+    if mode == "examples":
+        base = encode
+
+        def encode(record: Any, where: str) -> Any:  # type: ignore[no-redef]
+            ids = base(record, where)[: cfg.data.block_size]
+            return {"input_ids": ids} if ids else None
+
+    return _stream_loader(cfg, reader, encode, mode, collate)
+
+
+def _raw_text_data(cfg: RunConfig, tokenizer: Any, max_positions: int, collate: Any) -> TaskData:
+    """clm (streaming) and mlm: raw text with the given collator."""
+    from tunesmith.data import build_clm_datasets
+
+    if cfg.data.streaming:
+        val = None
+        if cfg.data.validation_path:
+            vcfg = cfg.data.model_copy(update={"path": cfg.data.validation_path,
+                                               "validation_path": None,
+                                               "validation_split_percentage": 0})
+            vds, _ = build_clm_datasets(vcfg, tokenizer, seed=cfg.train.seed,
+                                        max_positions=max_positions)
+            val = _stateful(vds, cfg, collate, False)
+        return TaskData(_text_stream(cfg, tokenizer, collate), val, False)
+    train_ds, val_ds = build_clm_datasets(cfg.data, tokenizer, seed=cfg.train.seed,
+                                          max_positions=max_positions)
+    val = _stateful(val_ds, cfg, collate, False) if val_ds is not None and len(val_ds) else None
+    return TaskData(_stateful(train_ds, cfg, collate, True), val, True)
+
+
+def build_task_data(cfg: RunConfig, family: Any, tokenizer: Any, max_positions: int,
+                    tok_source: str) -> TaskData | None:
+    """Loaders for cfg.task; None for plain clm (setup's own loaders)."""
+    check_task_family(cfg, family)
+    if cfg.data.block_size > max_positions:
+        raise TunesmithError(f"data.block_size={cfg.data.block_size} exceeds the model's max "
+                             f"positions ({max_positions})")
+    if cfg.task == "sft":
+        return _sft_data(cfg, tokenizer, tok_source)
+    if cfg.task == "mlm":
+        return _raw_text_data(cfg, tokenizer, max_positions, _mlm_collator(cfg, tokenizer))
+    if cfg.data.streaming:
+        from tunesmith.data import make_collator
+
+        return _raw_text_data(cfg, tokenizer, max_positions, make_collator(cfg.data, tokenizer))
+    return None
+
+
+def _stats_dict(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in stats.items()}
+
+
+def after_training(cfg: RunConfig, trainer: Any, bundle: Any, summary: dict[str, Any]) -> None:
+    """Task extras for the run summary: data counts, and evaluation by generation."""
+    task: TaskData = bundle.task
+    if task.stats:
+        summary["data"] = _stats_dict(task.stats)
+    g = cfg.eval.generate
+    if not g.enabled:
+        return
+    if not task.val_rendered:
+        log.warning("eval.generate: no held-out SFT records (set data.validation_path or "
+                    "data.validation_split_percentage); skipped")
+        return
+    from pathlib import Path
+
+    from tunesmith.eval.generation import evaluate_generation
+    from tunesmith.models import usable_positions
+
+    scores = evaluate_generation(
+        bundle.model, bundle.tokenizer, task.val_rendered,
+        task.formatter.stop_ids(bundle.tokenizer),
+        max_new_tokens=g.max_new_tokens, max_positions=usable_positions(bundle.model_cfg),
+        out_path=Path(cfg.output.dir) / g.output, max_samples=g.max_samples,
+        temperature=g.temperature, seed=cfg.train.seed, autocast=trainer.rt.autocast(),
+    )
+    summary.update({f"gen_{k}": v for k, v in scores.items()})
+    summary["predictions"] = str(Path(cfg.output.dir) / g.output)
