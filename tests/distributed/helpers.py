@@ -53,11 +53,13 @@ def save_init(out: Path, tied: bool, seed: int = 123) -> Path:
 
 def job(tok: Path, train: Path, valid: Path, out: Path, *, global_batch: int = 8, dp: int = 1,
         tied: bool = True, steps: int = 4, extra: tuple[str, ...] = (),
-        init: Path | None = None) -> list[str]:
+        init: Path | None = None, model: tuple[str, ...] = ()) -> list[str]:
     """Overrides for a few steps of a ~100K-param Llama; the global batch is fixed, so every
     layout sees the same samples per step (micro-batch = global / dp). `init`: start from that
-    saved model (streamed into the shards) instead of the seeded from-scratch init."""
-    model = [f"model.name={init}"] if init is not None else ["model.name=tiny", model_overrides(tied)]
+    saved model (streamed into the shards) instead of the seeded from-scratch init; `model`:
+    other model.* overrides (another family)."""
+    if not model:
+        model = (f"model.name={init}",) if init is not None else ("model.name=tiny", model_overrides(tied))
     return [
         *model, f"model.tokenizer={tok}",
         f"data.path={train}", f"data.validation_path={valid}", "data.block_size=64",
@@ -72,3 +74,6 @@ def losses(out: Path) -> list[tuple[float, float]]:
     """(loss, grad_norm) per logged step of a run directory."""
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+
+
+GPT2 = ("model.name=gpt2-tiny", "model.overrides={vocab_size: 512}")

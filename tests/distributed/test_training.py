@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.helpers import job, losses, run_jobs, save_init
+from tests.distributed.helpers import GPT2, job, losses, run_jobs, save_init
 from tunesmith.cli.main import run
 
 # Adam turns float32 reduction-order noise in tiny gradients into ~1e-5 weight differences.
@@ -53,6 +53,9 @@ def reference(data, inits, tmp_path_factory):
     d = root / "scratch"  # seeded from-scratch init, tied
     assert run(["-q", "train", *job(*data, d)]) == 0
     out["scratch"] = d
+    d = root / "gpt2"  # another family (learned positions, tied, biases), from scratch
+    assert run(["-q", "train", *job(*data, d, model=GPT2)]) == 0
+    out["gpt2"] = d
     return out
 
 
@@ -72,8 +75,9 @@ def _assert_same_weights(run_dir, ref_dir, what):
         torch.testing.assert_close(got[k], want[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{what}: {k}")
 
 
-# name -> (world size, data-parallel degree, tied | "scratch", extra overrides)
+# name -> (world size, data-parallel degree, reference: tied | "scratch" | "gpt2", extra overrides)
 LAYOUTS = {
+    "gpt2_full_shard": (2, 2, "gpt2", ("parallel.strategy=full_shard",)),
     "full_shard_from_scratch": (2, 2, "scratch", ("parallel.strategy=full_shard",)),
     "full_shard": (2, 2, False, ("parallel.strategy=full_shard",)),
     "shard_grad_op+selective_ac": (2, 2, True, ("parallel.strategy=shard_grad_op",
@@ -100,8 +104,9 @@ def _layout_jobs(world, data, inits, root):
     jobs = []
     for name in names:
         _, dp, tied, extra = LAYOUTS[name]
-        init = None if tied == "scratch" else inits[tied]
-        jobs.append(job(*data, root / name, dp=dp, extra=extra, init=init))
+        init = inits[tied] if isinstance(tied, bool) else None
+        model = GPT2 if tied == "gpt2" else ()
+        jobs.append(job(*data, root / name, dp=dp, extra=extra, init=init, model=model))
     return names, jobs
 
 

@@ -150,3 +150,23 @@ def test_deepspeed_missing_file_is_one_line(tmp_path, capsys):
     code = run(["train", "data.path=x", f"parallel.deepspeed_config={tmp_path / 'nope.json'}"])
     assert code == 2
     assert "parallel.deepspeed_config:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["peft.method=lora"], "peft (LoRA/QLoRA/freezing) run on one process only"),
+    (["peft.num_freeze_layers=1"], "peft (LoRA/QLoRA/freezing) run on one process only"),
+    (["data.streaming=true", "train.max_steps=5"], "data.streaming run on one process only"),
+])
+def test_single_process_features_refused_across_ranks(overrides, message):
+    cfg = load_config(None, ["data.path=x", *overrides])
+    with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_run(cfg, resolve_layout(cfg.parallel, 2), _tiny(), "cpu")
+    check_run(cfg, resolve_layout(cfg.parallel, 1), _tiny(), "cpu")  # one process: fine
+
+
+def test_tp_needs_a_family_with_a_plan():
+    cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
+    gpt2 = resolve_model_config("gpt2-tiny")[1]
+    with pytest.raises(TunesmithError, match="plan for the Llama family only"):
+        check_run(cfg, resolve_layout(cfg.parallel, 2), gpt2, "cpu")
+    check_run(load_config(None, ["data.path=x"]), resolve_layout(ParallelConfig(), 2), gpt2, "cpu")

@@ -158,6 +158,15 @@ def export_hf(
     tokenizer = _CopyTokenizerFiles(path / HF_SUBDIR)
     if not tokenizer.files:
         log.warning("checkpoint %s has no tokenizer files; exporting the model only", path)
+    if family.save_fn is not None:  # generic HF families save through transformers: whole model
+        _, _, full = load_checkpoint_model(path, allow_pickle=allow_pickle)
+        from tunesmith.models import save_pretrained
+
+        with torch.no_grad():
+            save_pretrained(full, family, cfg, out_dir, tokenizer=tokenizer,
+                            max_shard_size_bytes=shard, dtype=dtype)
+        log.info("exported %s -> %s", path, out_dir)
+        return Path(out_dir)
     order = [k for k in model.state_dict() if k in saved]  # the model's own tensor order
     _stream_to_hf(path, family, cfg, {k: saved[k] for k in order}, out_dir, tokenizer, shard, dtype,
                   allow_pickle)
@@ -192,7 +201,7 @@ def _stream_to_hf(path: Path, family: Any, cfg: Any, saved: dict[str, Any], out_
             _dcp_read(path, state, allow_pickle)
             cache.clear()
             cache.update({n: state["model"][fqn_of[n]] for n in group})
-        t = cache.pop(name)
+        t = adapter.tensor_to_hf(fqn_of[name], cache.pop(name))  # ours -> HF layout
         return t.to(target or t.dtype).contiguous()
 
     with hfio.atomic_output_dir(out_dir) as tmp:

@@ -40,12 +40,17 @@ def save_pretrained_distributed(
 
     adapter = family.adapter(cfg)
     target = _as_dtype(dtype)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}  # hf name -> (sharded) native tensor
+    native_of: dict[str, str] = {}
     for name, t in model.state_dict().items():
         hf_name = adapter.native_key_to_hf(name)
         if hf_name is not None:
-            tensors[hf_name] = t
+            tensors[hf_name], native_of[hf_name] = t, name
     names = list(tensors)
+
+    def gathered(n: str) -> torch.Tensor:
+        # Gather first: a layout change (GPT-2's transpose) needs the whole tensor.
+        return adapter.tensor_to_hf(native_of[n], _full_cpu(tensors[n], target))
 
     def nbytes(name: str) -> int:
         t = tensors[name]
@@ -56,13 +61,13 @@ def save_pretrained_distributed(
         # Join every gather in rank 0's order (the same shard plan), keep nothing.
         for shard in hfio.plan_shards([(n, nbytes(n)) for n in names], max_shard_size_bytes):
             for n in shard:
-                _full_cpu(tensors[n], target)
+                gathered(n)
         dist.barrier()
         return Path(out_dir)
     saved_dtype = target or next(iter(tensors.values())).dtype
     with hfio.atomic_output_dir(out_dir) as tmp:
         write_hf_config(tmp, cfg, saved_dtype)
-        hfio.save_safetensors_sharded(tmp, names, lambda n: _full_cpu(tensors[n], target),
+        hfio.save_safetensors_sharded(tmp, names, lambda n: gathered(n).contiguous(),
                                       nbytes, max_shard_size_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

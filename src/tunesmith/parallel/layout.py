@@ -136,9 +136,11 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
 
 
 _TP_FAMILIES = ("llama", "mistral", "qwen2")  # model types with a tensor-parallel plan
+# Model types with native modules (layers / tok_embeddings / output) that FSDP2 and DDP wrap.
+_NATIVE_FAMILIES = (*_TP_FAMILIES, "gpt2", "gpt_neox", "bert", "roberta")
 
 
-def _check_single_process_features(cfg: RunConfig) -> None:
+def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
     """Features not (yet) built for several processes: refused up front, not half-working."""
     unsupported = []
     pc = cfg.peft
@@ -148,6 +150,8 @@ def _check_single_process_features(cfg: RunConfig) -> None:
         unsupported.append("data.streaming")
     if cfg.eval.generate.enabled:
         unsupported.append("eval.generate")
+    if getattr(model_cfg, "model_type", "llama") not in _NATIVE_FAMILIES:
+        unsupported.append(f"the generic HF model type {model_cfg.model_type!r}")
     if unsupported:
         raise TunesmithError(
             f"{', '.join(unsupported)} run on one process only for now; launch with one "
@@ -159,7 +163,7 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
     """Checks that need the model shape, the data settings or the device (still no comms)."""
     tp = layout.tp
     if layout.world_size > 1:
-        _check_single_process_features(cfg)
+        _check_single_process_features(cfg, model_cfg)
     if tp > 1 and getattr(model_cfg, "model_type", "llama") not in _TP_FAMILIES:
         raise TunesmithError(
             f"parallel.tp={tp}: tensor parallelism has a plan for the Llama family only "

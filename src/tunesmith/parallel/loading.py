@@ -89,15 +89,17 @@ def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, fami
 
 def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool) -> None:
     from tunesmith.hf import io as hfio
-    from tunesmith.models import _plan_load, _weights_dir
+    from tunesmith.models import _plan_load, _weights_dir, get_family
 
+    cfg = model.cfg  # type: ignore[attr-defined]
+    adapter = get_family(cfg.model_type).adapter(cfg)
     files = hfio.find_weight_files(_weights_dir(source))
     mapping = _plan_load(model, files, allow_pickle)  # names and shapes checked from headers
     params = model.state_dict(keep_vars=True)
     for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
         native = mapping.get(hf_name)
-        if native is not None:
-            copy_full_into(params[native], tensor)
+        if native is not None:  # HF layout -> ours (e.g. GPT-2's Conv1D [in, out] transposed)
+            copy_full_into(params[native], adapter.tensor_to_native(hf_name, tensor))
         del tensor
 
 

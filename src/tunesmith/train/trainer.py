@@ -220,14 +220,15 @@ class Trainer:
         tokens = sum(_count_tokens(mb) for mb in micro_batches)
         samples = sum(mb["input_ids"].size(0) for mb in micro_batches)
         # DDP/FSDP average gradients over the dp ranks; dividing by count / dp undoes that.
+        # Throughput counts assume equal tokens per rank (exact for packed blocks).
         dp = self.par.dp_size if self.par is not None else 1
         loss_sum = torch.zeros((), device=self.rt.device)
         for mb in micro_batches:
-            loss_sum += self.forward_backward(mb, max(n_targets, 1) / dp)
+            loss_sum += self.forward_backward(mb, n_targets / dp)
         if self.par is not None:
             # The global batch's loss: logged, and what the NaN guard judges on every rank alike.
             self.par.all_reduce_dp(loss_sum)
-        loss = loss_sum / max(n_targets, 1)
+        loss = loss_sum / n_targets
         grad_norm = self._clip_and_step(loss)
         self.progress.step += 1
         self.progress.tokens_seen += tokens * dp
@@ -241,14 +242,15 @@ class Trainer:
     def _distributed(self) -> bool:
         return self.par is not None and self.par.distributed
 
-    def _global_count(self, local: int) -> int:
-        """`local` summed over data-parallel ranks (one tiny all-reduce per step)."""
+    def _global_count(self, local: int) -> int | torch.Tensor:
+        """Target count summed over data-parallel ranks, at least 1: an int in one process,
+        else a device scalar (one tiny all-reduce per step, never read back by the host)."""
         if self.par is None or self.par.dp_size == 1:
-            return local
-        t = torch.tensor(float(local), dtype=torch.float64, device=self.rt.device)
-        return int(self.par.all_reduce_dp(t).item())
+            return max(local, 1)
+        t = torch.tensor(float(local), dtype=torch.float32, device=self.rt.device)
+        return self.par.all_reduce_dp(t).clamp_(min=1.0)
 
-    def forward_backward(self, batch: dict, n_targets: float) -> torch.Tensor:
+    def forward_backward(self, batch: dict, n_targets: float | torch.Tensor) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its detached loss *sum*."""
         loss_sum = batch_loss_sum(self.model, batch, self.rt, need_grad=True)
         scaled = loss_sum / n_targets
