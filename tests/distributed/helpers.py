@@ -39,27 +39,26 @@ def model_overrides(tied: bool) -> str:
             f"intermediate_size: 128, max_position_embeddings: 512, tie_word_embeddings: {str(tied).lower()}}}")
 
 
-def save_init(out: Path, tied: bool, seed: int = 123) -> Path:
-    """A seeded random tiny Llama saved in HF format: runs that load it start identical on any
+def save_init(out: Path, tied: bool = True, seed: int = 123, preset: str = "tiny",
+              overrides: str | None = None) -> Path:
+    """A seeded random model saved in HF format: runs that load it start identical on any
     device (GPU runs included, where sharded random init is not bitwise the one-device init)."""
     from tunesmith.config.loader import parse_override
     from tunesmith.models import build_model, init_random, resolve_model_config, save_pretrained
 
-    overrides = parse_override(model_overrides(tied))[1]
-    family, cfg = resolve_model_config("tiny", overrides)
+    spec = parse_override(overrides or model_overrides(tied))[1]
+    family, cfg = resolve_model_config(preset, spec)
     model = init_random(build_model(family, cfg, "meta"), "cpu", "float32", seed)
     return save_pretrained(model, family, cfg, out)
 
 
 def job(tok: Path, train: Path, valid: Path, out: Path, *, global_batch: int = 8, dp: int = 1,
         tied: bool = True, steps: int = 4, extra: tuple[str, ...] = (),
-        init: Path | None = None, model: tuple[str, ...] = ()) -> list[str]:
+        init: Path | None = None) -> list[str]:
     """Overrides for a few steps of a ~100K-param Llama; the global batch is fixed, so every
     layout sees the same samples per step (micro-batch = global / dp). `init`: start from that
-    saved model (streamed into the shards) instead of the seeded from-scratch init; `model`:
-    other model.* overrides (another family)."""
-    if not model:
-        model = (f"model.name={init}",) if init is not None else ("model.name=tiny", model_overrides(tied))
+    saved model (streamed into the shards) instead of the seeded from-scratch init."""
+    model = (f"model.name={init}",) if init is not None else ("model.name=tiny", model_overrides(tied))
     return [
         *model, f"model.tokenizer={tok}",
         f"data.path={train}", f"data.validation_path={valid}", "data.block_size=64",
@@ -76,4 +75,4 @@ def losses(out: Path) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
 
 
-GPT2 = ("model.name=gpt2-tiny", "model.overrides={vocab_size: 512}")
+GPT2_OVERRIDES = "model.overrides={vocab_size: 512}"
