@@ -493,8 +493,32 @@ def test_loader_exact_resume(num_workers: int) -> None:
     assert head + tail == expected
     if num_workers == 0:
         assert data.reads == 3 * len(tail)  # skipped batches were never read
-    with pytest.raises(TunesmithError, match="batch_size was 3"):
+    with pytest.raises(TunesmithError, match="checkpoint read 3 samples per step"):
         StatefulLoader(_Rows(40), 4, seed=9).load_state_dict(state)
+
+
+def test_loader_resumes_across_world_sizes() -> None:
+    """4 ranks x batch 2 -> 2 ranks x batch 4 (same 8 samples per step): the global batches of
+    the remaining steps are the same sets of samples."""
+    def global_batches(world: int, batch: int, state: dict | None) -> list[set[int]]:
+        def ids(rows: list[dict]) -> list[int]:
+            return [r["input_ids"][0] for r in rows]
+
+        loaders = [StatefulLoader(_Rows(37), batch, collate_fn=ids, seed=5, rank=r, world_size=world)
+                   for r in range(world)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        per_rank = [list(loader) for loader in loaders]
+        return [set().union(*(set(rank[i]) for rank in per_rank)) for i in range(len(per_rank[0]))]
+
+    full = global_batches(4, 2, None)
+    state = StatefulLoader(_Rows(37), 2, seed=5, rank=0, world_size=4).state_dict()
+    state["batches_done"] = 2
+    assert global_batches(2, 4, state) == full[2:]
+    assert global_batches(1, 8, state) == full[2:]
+    with pytest.raises(TunesmithError, match="samples per step"):
+        StatefulLoader(_Rows(37), 2, seed=5, world_size=2).load_state_dict(state)
 
 
 def test_loader_too_small() -> None:

@@ -14,6 +14,7 @@ whose metadata legitimately names other classes.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import warnings
@@ -71,8 +72,8 @@ def _verify(path: Path) -> None:
         raise TunesmithError(f"checkpoint {path} failed verification: {reason}")
 
 
-def load_checkpoint_model(path: Path, *, allow_pickle: bool = False) -> tuple[Any, Any, nn.Module]:
-    """(family, model config, model on CPU in the saved dtype) from a training checkpoint."""
+def _checked_layout(path: Path, allow_pickle: bool) -> tuple[Any, Any, nn.Module, dict[str, Any]]:
+    """(family, config, meta model, saved {fqn: (shape, dtype)}) with shapes checked, no data read."""
     from tunesmith.models import build_model, resolve_model_config
 
     hf_dir = path / HF_SUBDIR
@@ -92,10 +93,11 @@ def load_checkpoint_model(path: Path, *, allow_pickle: bool = False) -> tuple[An
             f"checkpoint {path} does not match its {HF_SUBDIR}/config.json: {k} is {got}, "
             f"expected {list(expected[k])}"
         )
-    dtype = next(iter(saved.values()))[1]
-    model.to(dtype=dtype)
-    model.to_empty(device="cpu")  # re-ties embeddings, recomputes RoPE
-    state = {"model": ModelState(model).state_dict()}
+    return family, cfg, model, saved
+
+
+def _dcp_read(path: Path, state: dict[str, Any], allow_pickle: bool) -> None:
+    """Fill `state` ({"model": {fqn: tensor}}) in place from the checkpoint's DCP shards."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
@@ -105,6 +107,19 @@ def load_checkpoint_model(path: Path, *, allow_pickle: bool = False) -> tuple[An
     except Exception as e:  # noqa: BLE001 -- DCP wraps reader errors in several types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TunesmithError(f"could not read model tensors from {path}: {first}") from e
+
+
+def load_checkpoint_model(path: Path, *, allow_pickle: bool = False) -> tuple[Any, Any, nn.Module]:
+    """(family, model config, model on CPU in the saved dtype) from a training checkpoint.
+
+    Holds the whole model in host memory; `export_hf` streams instead.
+    """
+    family, cfg, model, saved = _checked_layout(path, allow_pickle)
+    dtype = next(iter(saved.values()))[1]
+    model.to(dtype=dtype)
+    model.to_empty(device="cpu")  # re-ties embeddings, recomputes RoPE
+    state = {"model": ModelState(model).state_dict()}
+    _dcp_read(path, state, allow_pickle)
     ModelState(model).load_state_dict(state["model"])
     return family, cfg, model.eval()
 
@@ -128,20 +143,68 @@ def export_hf(
     max_shard_size: str | int = "5GB",
     allow_pickle: bool = False,
 ) -> Path:
-    """Write checkpoint `checkpoint` (or a run dir's newest) as an HF model dir at `out_dir`."""
-    from tunesmith.models import save_pretrained
+    """Write checkpoint `checkpoint` (or a run dir's newest) as an HF model dir at `out_dir`.
 
+    Streams: one output file's tensors at a time are read from the DCP shards (whatever number
+    of ranks wrote them) and written, so host memory holds at most `max_shard_size`, never the
+    whole model, and no GPU is involved.
+    """
     path = find_checkpoint(checkpoint)
     _verify(path)
     shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if shard <= 0:
         raise TunesmithError(f"--max-shard-size must be positive, got {max_shard_size!r}")
-    family, cfg, model = load_checkpoint_model(path, allow_pickle=allow_pickle)
+    family, cfg, model, saved = _checked_layout(path, allow_pickle)
     tokenizer = _CopyTokenizerFiles(path / HF_SUBDIR)
     if not tokenizer.files:
         log.warning("checkpoint %s has no tokenizer files; exporting the model only", path)
-    with torch.no_grad():
-        save_pretrained(model, family, cfg, out_dir, tokenizer=tokenizer,
-                        max_shard_size_bytes=shard, dtype=dtype)
+    if family.save_fn is not None:  # generic HF families save through transformers: whole model
+        _, _, full = load_checkpoint_model(path, allow_pickle=allow_pickle)
+        from tunesmith.models import save_pretrained
+
+        with torch.no_grad():
+            save_pretrained(full, family, cfg, out_dir, tokenizer=tokenizer,
+                            max_shard_size_bytes=shard, dtype=dtype)
+        log.info("exported %s -> %s", path, out_dir)
+        return Path(out_dir)
+    order = [k for k in model.state_dict() if k in saved]  # the model's own tensor order
+    _stream_to_hf(path, family, cfg, {k: saved[k] for k in order}, out_dir, tokenizer, shard, dtype,
+                  allow_pickle)
     log.info("exported %s -> %s", path, out_dir)
     return Path(out_dir)
+
+
+def _stream_to_hf(path: Path, family: Any, cfg: Any, saved: dict[str, Any], out_dir: str | Path,
+                  tokenizer: Any, max_shard: int, dtype: str | None, allow_pickle: bool) -> None:
+    """HF safetensors written file by file; each file's tensors come from one partial DCP load."""
+    from tunesmith.hf import io as hfio
+    from tunesmith.models import _as_dtype, write_hf_config
+
+    adapter, target = family.adapter(cfg), _as_dtype(dtype)
+    fqn_of = {hf: fqn for fqn in saved if (hf := adapter.native_key_to_hf(fqn)) is not None}
+    names = list(fqn_of)
+
+    def nbytes(name: str) -> int:
+        shape, dt = saved[fqn_of[name]]
+        return math.prod(shape) * (target or dt).itemsize
+
+    # The same plan save_safetensors_sharded makes, so each file is one DCP read.
+    groups = hfio.plan_shards([(n, nbytes(n)) for n in names], max_shard)
+    group_of = {n: i for i, group in enumerate(groups) for n in group}
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in cache:
+            group = groups[group_of[name]]
+            want = {fqn_of[n]: torch.empty(saved[fqn_of[n]][0], dtype=saved[fqn_of[n]][1]) for n in group}
+            state = {"model": want}
+            _dcp_read(path, state, allow_pickle)
+            cache.clear()
+            cache.update({n: state["model"][fqn_of[n]] for n in group})
+        t = adapter.tensor_to_hf(fqn_of[name], cache.pop(name))  # ours -> HF layout
+        return t.to(target or t.dtype).contiguous()
+
+    with hfio.atomic_output_dir(out_dir) as tmp:
+        write_hf_config(tmp, cfg, target or next(iter(saved.values()))[1])
+        hfio.save_safetensors_sharded(tmp, names, get, nbytes, max_shard)
+        tokenizer.save_pretrained(str(tmp))

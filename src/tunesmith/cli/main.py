@@ -1,4 +1,4 @@
-"""`tunesmith` command line: train, eval, generate, export, merge, demo.
+"""`tunesmith` command line: train, launch, eval, generate, export, merge, demo.
 
 User errors (`TunesmithError`, bad config/data) print one line and exit 2 (a NaN halt exits 3);
 `--debug` shows the traceback. Every subcommand is a thin shell over library functions.
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
+from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, with_torchrun_record
 from tunesmith.errors import TunesmithError
 
 log = logging.getLogger("tunesmith")
@@ -29,6 +30,8 @@ def _train(args: argparse.Namespace) -> int:
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_config(recipe, overrides)
     summary = run_training(cfg)
+    if not is_main_rank():
+        return 0
     print(json.dumps(summary, indent=2))
     if summary.get("interrupted"):
         print(_resume_hint(recipe, overrides, summary), file=sys.stderr)
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="YAML recipe (optional: key=value overrides alone also work)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=_train)
+    add_launch_command(sub)
 
     e = sub.add_parser("eval", help="evaluation loss and perplexity of a model on a text file")
     e.add_argument("model", help="HF-format model directory (or hub id)")
@@ -211,7 +215,7 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or not is_main_rank() else logging.INFO,
         format="%(message)s", stream=sys.stderr,
     )
     try:
@@ -219,7 +223,7 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
     except TunesmithError as e:
         if args.debug:
             raise
-        print(f"tunesmith: error: {e}", file=sys.stderr)
+        report_error(e)
         return e.exit_code
     except KeyboardInterrupt as e:
         print("tunesmith: interrupted", file=sys.stderr)
@@ -227,7 +231,7 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(argv))
+    sys.exit(with_torchrun_record(lambda: run(argv))())
 
 
 if __name__ == "__main__":

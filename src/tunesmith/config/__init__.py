@@ -7,6 +7,7 @@ from tunesmith.config.schema import (
     ModelConfig,
     OptimConfig,
     OutputConfig,
+    ParallelConfig,
     PeftConfig,
     RunConfig,
     ScheduleConfig,
@@ -15,5 +16,5 @@ from tunesmith.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "OutputConfig",
-    "PeftConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
+    "ParallelConfig", "PeftConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "dump_config", "load_config",
 ]

@@ -196,6 +196,70 @@ class CheckpointConfig(Section):
         return self.every_steps is not None or self.every_epoch
 
 
+class ParallelConfig(Section):
+    """Multi-process layout: degrees of the device mesh and how parameters are spread over it.
+
+    The mesh is (dp_replicate, dp_shard, tp) and must multiply to the world size (nnodes x
+    nproc-per-node). -1 means "fill": the degree is chosen by the strategy (see
+    `tunesmith.parallel.layout`). With one process every setting is inert except
+    activation_checkpointing.
+    """
+
+    strategy: Literal["auto", "full_shard", "shard_grad_op", "no_shard", "hybrid_shard"] = Field(
+        "auto",
+        description="full_shard: FSDP2, params resharded after forward; shard_grad_op: kept "
+        "unsharded from forward to backward; no_shard: DDP (replicated); hybrid_shard: shard "
+        "within a node, replicate across nodes (HSDP); auto: full_shard, or hybrid_shard when "
+        "dp_replicate > 1.",
+    )
+    dp_replicate: int = Field(-1, description="Replicated data-parallel degree (-1: fill).")
+    dp_shard: int = Field(-1, description="Sharded data-parallel degree (-1: fill).")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (ranks of one node).")
+    cpu_offload: bool = Field(
+        False, description="FSDP2: keep sharded params, grads and optimizer state in host memory."
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Gradient reduction dtype under bf16 mixed precision."
+    )
+    forward_prefetch: int = Field(
+        1, ge=0, description="FSDP2: blocks whose all-gather is issued ahead in forward (0: off)."
+    )
+    backward_prefetch: int = Field(
+        1, ge=0, description="FSDP2: blocks whose all-gather is issued ahead in backward (0: off)."
+    )
+    loss_parallel: bool = Field(
+        True, description="TP: vocab-parallel fused cross-entropy on the sharded LM head (no "
+        "gather of the head or the logits); false gathers the head weight."
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none",
+        description="none; full: recompute whole blocks; selective: per-op, keep matmul and "
+        "attention outputs, recompute the rest.",
+    )
+    ac_every: int = Field(1, ge=1, description="Checkpoint every k-th block (full/selective).")
+    timeout_s: float = Field(
+        600.0, gt=0, description="Collective timeout: a hung or dead peer fails the job after this."
+    )
+    nccl_debug: Literal["OFF", "WARN", "INFO", "TRACE"] | None = Field(
+        None, description="NCCL_DEBUG for the job (unset: leave the environment's)."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Process-group backend; auto: nccl on CUDA, gloo on CPU."
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON to import: ZeRO stage and offload map onto strategy and "
+        "cpu_offload; batch/precision/clipping onto train.*; what is ignored is printed.",
+    )
+
+    @field_validator("dp_replicate", "dp_shard")
+    @classmethod
+    def _degree(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be a positive degree or -1 (fill)")
+        return value
+
+
 class PeftConfig(Section):
     """Parameter-efficient fine-tuning and layer freezing (see docs/peft.md)."""
 
@@ -274,6 +338,7 @@ class RunConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
 
     @model_validator(mode="after")

@@ -144,11 +144,20 @@ class StatefulLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore progress; the order-defining settings must match or the resume is not exact."""
         mine = self.state_dict()
-        for key in ("seed", "batch_size", "world_size", "num_samples", "shuffle", "drop_last"):
+        for key in ("seed", "num_samples", "shuffle", "drop_last"):
             if key in state and state[key] != mine[key]:
                 raise TunesmithError(
                     f"cannot resume the data loader exactly: {key} was {state[key]} in the "
                     f"checkpoint and is {mine[key]} now"
                 )
+        # Resharding (e.g. 4 ranks x 2 -> 2 ranks x 4): step i's global batch is always
+        # perm[i*b*W : (i+1)*b*W] and an epoch has N // (b*W) of them, so only the product
+        # b*W (samples per step across ranks) has to match for the same batches to follow.
+        saved = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))
+        if saved != self.batch_size * self.world_size:
+            raise TunesmithError(
+                f"cannot resume the data loader exactly: the checkpoint read {saved} samples per step "
+                f"(batch_size x data-parallel ranks), this run reads {self.batch_size * self.world_size}"
+            )
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])

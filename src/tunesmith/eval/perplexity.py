@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,7 +19,10 @@ def eval_metrics(loss_sum: float, count: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, loader, rt: Runtime, max_batches: int | None = None) -> dict:
+def evaluate_loss(model: nn.Module, loader, rt: Runtime, max_batches: int | None = None,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Loss over `loader`; with `all_reduce` (sum over data-parallel ranks, each holding its own
+    shard of the validation set) the sums and counts are global."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=rt.device)
@@ -29,4 +33,7 @@ def evaluate_loss(model: nn.Module, loader, rt: Runtime, max_batches: int | None
         count += int((batch["labels"] != IGNORE_INDEX).sum())  # host tensor: no device sync
         total += batch_loss_sum(model, batch, rt, need_grad=False)
     model.train(was_training)
+    if all_reduce is not None:
+        sums = all_reduce(torch.stack([total.double(), torch.tensor(float(count), device=total.device).double()]))
+        total, count = sums[0], int(sums[1].item())
     return eval_metrics(total.item(), count)

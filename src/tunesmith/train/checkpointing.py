@@ -73,8 +73,9 @@ def trainer_state(trainer: Any, rng: RNGState | None = None) -> dict[str, Statef
         "progress": ObjectState(trainer.progress.state_dict, trainer.progress.load_state_dict),
         "window": ObjectState(trainer.window.state_dict,
                               lambda sd: trainer.window.load_state_dict(sd, device)),
-        "loader": ObjectState(trainer.train_loader.state_dict, trainer.train_loader.load_state_dict,
-                              per_rank=True),
+        # Every data-parallel rank is at the same (epoch, batch) position, so one copy serves
+        # any world size on resume (per-rank copies would tie the checkpoint to its rank count).
+        "loader": ObjectState(trainer.train_loader.state_dict, trainer.train_loader.load_state_dict),
         "rng": rng if rng is not None else RNGState(),
     }
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tunesmith.models.attention import AttnSpec
+from tunesmith.parallel.fsdp import gathered_head_weight
 from tunesmith.train.loss import linear_cross_entropy
 from tunesmith.train.runtime import Runtime
 
@@ -37,17 +38,22 @@ def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool =
     attn, positions = attention_for(batch, dev)
     with rt.autocast():
         hidden = model(input_ids, positions=positions, attn=attn, return_hidden=True)  # [B, T, D]
-    hidden, head = head_with_bias(hidden, model.output)  # [B, T, D(+1)], [V, D(+1)]
+    # [V, D]; under FSDP2 the gathered head (the root keeps it gathered until backward), under
+    # TP a vocab-sharded DTensor that the loss handles vocab-parallel.
+    head = gathered_head_weight(model)
+    hidden, head = head_with_bias(hidden, model.output, head)  # [B, T, D(+1)], [V, D(+1)]
     if not need_grad:
         head = head.detach()
     return linear_cross_entropy(hidden, head, labels, compute_dtype=rt.compute_dtype)
 
 
-def head_with_bias(hidden: torch.Tensor, output: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def head_with_bias(hidden: torch.Tensor, output: nn.Module,
+                   weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden, weight) for the fused loss; a head bias (BERT/RoBERTa MLM decoder) is folded in
     as one extra column: [h, 1] @ [W, b]^T = h @ W^T + b, so the loss stays one fused matmul and
-    the bias still gets its gradient through the concatenation."""
-    weight = output.weight  # [V, D]
+    the bias still gets its gradient through the concatenation. `weight`: the head weight as
+    computation may use it (default `output.weight`)."""
+    weight = output.weight if weight is None else weight  # [V, D]
     bias = getattr(output, "bias", None)
     if bias is None:
         return hidden, weight

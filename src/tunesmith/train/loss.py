@@ -58,6 +58,14 @@ def _chunk_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 _COMPILED: dict[str, object] = {}
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _kernels(device: torch.device):
     """Compiled chunk kernels on CUDA (built once per process), eager elsewhere."""
     if device.type != "cuda":
@@ -129,8 +137,107 @@ def linear_cross_entropy(
 
     hidden [..., D] (final normed hidden states), weight [V, D] (the LM head), labels [...].
     compute_dtype: matmul dtype (bf16 under mixed precision); defaults to hidden's dtype.
+
+    Tensor parallel: `weight` may be a DTensor sharded on the vocab dim (Shard(0) over the TP
+    mesh) and `hidden` a sequence-sharded DTensor; the loss is then computed vocab-parallel on
+    each rank's [V/tp, D] slice without ever gathering the head or the logits.
     """
+    if _is_dtensor(hidden) or _is_dtensor(weight):
+        return _dtensor_linear_cross_entropy(hidden, weight, labels, compute_dtype, chunk_size)
     h = hidden.reshape(-1, hidden.size(-1))
     y = labels.reshape(-1).to(h.device)
     dtype = compute_dtype or h.dtype
     return _LinearCrossEntropy.apply(h, weight, y, dtype, chunk_size)
+
+
+# ---------------------------------------------------------------------------- tensor parallel
+def _vocab_parallel_chunks(hidden, w, labels, chunk_size, grad_h, grad_w, group, vocab_start) -> torch.Tensor:
+    """Like `_accumulate_chunks`, with w [V/tp, D] this rank's vocab rows [vocab_start, +V/tp).
+
+    The softmax normaliser needs every rank's logits: per chunk one MAX all-reduce (row max)
+    and one SUM all-reduce of [2, c] (row sum of exp, picked target logit). grad_h [N, D] gets
+    only this rank's vocab contribution; the caller sums it over the group once at the end.
+    """
+    import torch.distributed as dist
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    v_local = w.size(0)
+    for start in range(0, hidden.size(0), chunk_size):
+        h = hidden[start : start + chunk_size].to(w.dtype)  # [c, D]
+        y = labels[start : start + chunk_size]  # [c]
+        logits = (h @ w.t()).float()  # [c, V/tp]
+        row_max = logits.max(dim=-1).values  # [c]
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        valid = y != IGNORE_INDEX
+        mine = valid & (y >= vocab_start) & (y < vocab_start + v_local)  # target on this rank
+        local_y = torch.where(mine, y - vocab_start, 0)
+        exp = torch.exp(logits - row_max[:, None])  # [c, V/tp]
+        sums = torch.stack([exp.sum(-1), logits.gather(1, local_y[:, None]).squeeze(1) * mine])
+        dist.all_reduce(sums, group=group)  # [2, c]: sum of exp, target logit
+        lse = row_max + torch.log(sums[0])
+        total += ((lse - sums[1]) * valid).sum()
+        if grad_h is None and grad_w is None:
+            continue
+        g = exp / sums[0][:, None]  # softmax slice [c, V/tp]
+        g[torch.arange(g.size(0), device=g.device), local_y] -= mine.to(g.dtype)
+        g = (g * valid[:, None]).to(w.dtype)
+        if grad_h is not None:
+            grad_h[start : start + chunk_size] = (g @ w).float()
+        if grad_w is not None:
+            grad_w += (g.t() @ h).float()
+    return total
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, compute_dtype, chunk_size, group, vocab_start):
+        import torch.distributed as dist
+
+        needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # fp32 partial grads: summed over the TP group below, a bf16 sum would round twice.
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            total = _vocab_parallel_chunks(hidden, weight.to(compute_dtype), labels, chunk_size,
+                                           grad_h, grad_w, group, vocab_start)
+        if grad_h is not None:
+            dist.all_reduce(grad_h, group=group)  # [N, D]: sum over the vocab shards
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+def _dtensor_linear_cross_entropy(hidden, weight, labels, compute_dtype, chunk_size):
+    """hidden and/or weight are DTensors (tensor parallel): see `linear_cross_entropy`."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if isinstance(hidden, DTensor):
+        # Sequence-parallel hidden [B, T/tp, D] per rank -> the full [B, T, D] on every rank;
+        # autograd slices the (identical) full gradient back to each rank's part.
+        hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
+    if not isinstance(weight, DTensor):
+        return linear_cross_entropy(hidden, weight, labels, compute_dtype=compute_dtype, chunk_size=chunk_size)
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return linear_cross_entropy(hidden, weight.to_local(), labels, compute_dtype=compute_dtype,
+                                    chunk_size=chunk_size)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise RuntimeError(
+            f"LM head weight has placements {placements} on a {mesh.ndim}-D mesh; expected the "
+            "FSDP-gathered head (Shard(0) over the TP mesh only)"
+        )
+    n, vocab = mesh.size(), weight.shape[0]
+    vocab_start = mesh.get_local_rank() * -(-vocab // n)  # torch.chunk: ceil(V / n) rows each
+    h = hidden.reshape(-1, hidden.size(-1))
+    y = labels.reshape(-1).to(h.device)
+    return _VocabParallelLinearCrossEntropy.apply(
+        h, weight.to_local(), y, compute_dtype or h.dtype, chunk_size, mesh.get_group(), vocab_start
+    )

@@ -71,17 +71,21 @@ def peak_memory_gib(device: torch.device) -> float | None:
 class MetricsWriter:
     """Appends one JSON object per line; flushed per record so a crash loses nothing written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")
+        # Disabled on ranks other than 0: one metrics file per job.
+        self._f = open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, record: dict) -> None:
+        if self._f is None:
+            return
         clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 class LossWindow:

@@ -71,6 +71,33 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if _is_strict(k) and a[k] != b[k]]
 
 
+def reshard_differences(diffs: list[tuple[str, Any, Any]], saved: Mapping[str, Any], cfg: RunConfig,
+                        manifest: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Allow a different world size / micro-batch when the global batch stays the same.
+
+    A checkpoint saved on 4 ranks x micro-batch 2 resumes on 2 ranks x 4 (or 1 x 8): the
+    data-parallel degree comes from each run's `parallel` section and world size.
+    """
+    from tunesmith.config.schema import ParallelConfig
+    from tunesmith.parallel.layout import env_world, resolve_layout
+
+    rest = [d for d in diffs if d[0] != "train.micro_batch_size"]
+    try:
+        old_pc = ParallelConfig.model_validate(saved.get("parallel") or {})
+        old_dp = resolve_layout(old_pc, int(manifest.get("world_size", 1))).dp
+        world, local = env_world()
+        new_dp = resolve_layout(cfg.parallel, world, local).dp
+    except (TunesmithError, ValueError):
+        return diffs  # an unreadable layout: compare micro-batches as given
+    old_mb = int((saved.get("train") or {}).get("micro_batch_size", cfg.train.micro_batch_size))
+    if old_dp == new_dp:
+        return diffs  # same rank count: the micro-batch itself must match
+    if old_mb * old_dp != cfg.train.micro_batch_size * new_dp:
+        key = "global batch (train.micro_batch_size x data-parallel ranks)"
+        return [*rest, (key, f"{old_mb} x {old_dp}", f"{cfg.train.micro_batch_size} x {new_dp}")]
+    return rest
+
+
 def describe_differences(diffs: list[tuple[str, Any, Any]], what: str) -> str:
     shown = "; ".join(f"{k} ({what}: {old!r}, now: {new!r})" for k, old, new in diffs[:4])
     more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
@@ -104,6 +131,8 @@ def plan_resume(cfg: RunConfig, mgr: CheckpointManager) -> ResumePlan:
     if not saved:
         log.warning("checkpoint %s has no config.yaml: cannot check it matches this run", ckpt)
     diffs = config_differences(saved, cfg.model_dump(mode="json")) if saved else []
+    if saved:
+        diffs = reshard_differences(diffs, saved, cfg, mgr.read_manifest(ckpt))
     if diffs:
         raise TunesmithError(
             f"cannot resume from {ckpt}: the run config differs in "

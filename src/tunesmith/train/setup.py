@@ -12,7 +12,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from tunesmith.train.resume import (
 )
 from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
 from tunesmith.train.trainer import Trainer
+
+if TYPE_CHECKING:
+    from tunesmith.parallel.dist import ParallelContext
 
 log = logging.getLogger("tunesmith")
 
@@ -110,9 +113,12 @@ def has_weights(source: str) -> bool:
     return not is_preset(source) and "/" in source  # hub id "org/name"
 
 
-def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
+def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None = None) -> ModelBundle:
     from tunesmith.data import load_tokenizer
-    from tunesmith.models import build_model, init_random, load_pretrained, resolve_model_config
+    from tunesmith.models import resolve_model_config
+    from tunesmith.parallel.dist import single_process
+    from tunesmith.parallel.setup import build_parallel_model
+    from tunesmith.peft import apply_peft
     from tunesmith.peft import base_dtype as peft_base_dtype
 
     mc = cfg.model
@@ -128,14 +134,17 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime) -> ModelBundle:
             f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
-    model = build_model(family, model_cfg, device="meta")
-    # A frozen PEFT base is loaded straight into its storage dtype (bf16 under mixed precision).
-    dtype = peft_base_dtype(cfg.peft, rt)
-    if has_weights(mc.name) and not mc.from_scratch:
-        load_pretrained(model, mc.name, device=rt.device, dtype=dtype,
-                        allow_pickle=mc.allow_unsafe_pickle)
-    else:
-        init_random(model, device=rt.device, dtype=dtype, seed=cfg.train.seed)
+    pretrained = has_weights(mc.name) and not mc.from_scratch
+
+    def peft(m: torch.nn.Module) -> None:
+        # Freezing / LoRA / QLoRA on the loaded weights, before data prep (bad targets fail
+        # fast) and before parallelize compiles the blocks.
+        apply_peft(m, cfg.peft, rt, family, model_cfg)
+
+    # Parallelised (TP / AC / compile / FSDP2 or DDP) and holding its weights. A frozen PEFT
+    # base is loaded straight into its storage dtype (bf16 under mixed precision).
+    model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained,
+                                 dtype=peft_base_dtype(cfg.peft, rt), prepare=peft)
     return ModelBundle(family, model_cfg, model, tokenizer, tok_source)
 
 
@@ -145,22 +154,26 @@ def _is_preset(name: str) -> bool:
     return is_preset(name)
 
 
-def build_loaders(cfg: RunConfig, tokenizer, max_positions: int):
+def build_loaders(cfg: RunConfig, tokenizer, max_positions: int, ctx: ParallelContext | None = None):
     from tunesmith.data import StatefulLoader, build_clm_datasets, make_collator
+    from tunesmith.parallel.setup import main_rank_first
 
-    train_ds, val_ds = build_clm_datasets(
-        cfg.data, tokenizer, seed=cfg.train.seed, max_positions=max_positions
-    )
+    with main_rank_first(ctx):  # rank 0 fills the tokenisation cache, the others read it
+        train_ds, val_ds = build_clm_datasets(
+            cfg.data, tokenizer, seed=cfg.train.seed, max_positions=max_positions
+        )
+    # Data-parallel sharding: TP ranks of one data-parallel group read the same batches.
+    shard = {"rank": ctx.dp_rank, "world_size": ctx.dp_size} if ctx is not None else {}
     collate = make_collator(cfg.data, tokenizer)
     train_loader = StatefulLoader(
         train_ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate, shuffle=True,
-        seed=cfg.train.seed, drop_last=cfg.data.drop_last,
+        seed=cfg.train.seed, drop_last=cfg.data.drop_last, **shard,
     )
     val_loader = None
     if val_ds is not None and len(val_ds) > 0:
         val_loader = StatefulLoader(
             val_ds, batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size,
-            collate_fn=collate, shuffle=False, seed=cfg.train.seed, drop_last=False,
+            collate_fn=collate, shuffle=False, seed=cfg.train.seed, drop_last=False, **shard,
         )
     if len(train_loader) < cfg.train.grad_accum_steps:
         raise TunesmithError(
@@ -177,23 +190,26 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     builds, then the checkpoint load (shapes checked), the disk check, and only then anything
     written to the output directory. RNG states are applied by `train()` itself.
     """
+    from tunesmith.models import resolve_model_config
+    from tunesmith.parallel.deepspeed import apply_deepspeed
+    from tunesmith.parallel.setup import start_parallel
+
+    cfg = apply_deepspeed(cfg)
     out_dir = Path(cfg.output.dir)
     ck = cfg.checkpoint
     if ck.resume is None:
         check_output_dir(out_dir, cfg.output.overwrite)
     manager = CheckpointManager(out_dir, keep_last=ck.keep_last, verify=ck.verify)
-    manager.cleanup_partial()
     plan = plan_resume(cfg, manager)
     if ck.resume is not None:
         check_run_dir(out_dir, cfg, plan.checkpoint)
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
+    # Layout checks (exit 2 on every rank, before any communication), then the process group.
+    ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
+    manager.cleanup_partial()  # rank 0 removes, between barriers
     seed_everything(cfg.train.seed)
-    bundle = build_model_bundle(cfg, rt)
-    from tunesmith.peft import apply_peft
-
-    # Freezing / LoRA / QLoRA, before data prep (bad targets fail fast) and before compile.
-    apply_peft(bundle.model, cfg.peft, rt, bundle.family, bundle.model_cfg)
-    trainer = _make_trainer(cfg, rt, bundle, out_dir)
+    bundle = build_model_bundle(cfg, rt, ctx)  # PEFT applied, then parallelised
+    trainer = _make_trainer(cfg, rt, bundle, out_dir, ctx)
     if plan.checkpoint is not None and trainer.total_steps < plan.step:
         raise TunesmithError(
             f"this run has {trainer.total_steps} steps but checkpoint {plan.checkpoint} is at step "
@@ -210,7 +226,9 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
         trainer.rng_state = rng
     saves = ck.periodic or ck.save_on_exit
     check_disk(out_dir, estimate_bytes(app_state) if saves else 0)
-    prepare_output_dir(out_dir, cfg, plan.step if plan.checkpoint is not None else None)
+    if ctx.is_main:  # only rank 0 writes non-sharded files
+        prepare_output_dir(out_dir, cfg, plan.step if plan.checkpoint is not None else None)
+    ctx.barrier()
     log.info(
         "model %s: %.2fM params on %s (%s); %d steps (%d per epoch)%s",
         cfg.model.name, sum(p.numel() for p in trainer.model.parameters()) / 1e6, rt.device,
@@ -220,29 +238,28 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     return trainer, bundle
 
 
-def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Path) -> Trainer:
+def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Path,
+                  ctx: ParallelContext | None = None) -> Trainer:
     from tunesmith.models import usable_positions
+    from tunesmith.parallel.setup import main_rank_first
     from tunesmith.train.tasks import build_task_data
 
     max_pos = usable_positions(bundle.model_cfg)
-    bundle.task = build_task_data(cfg, bundle.family, bundle.tokenizer, max_pos,
-                                  bundle.tokenizer_source)
+    with main_rank_first(ctx):  # rank 0 fills the tokenisation cache, the others read it
+        bundle.task = build_task_data(cfg, bundle.family, bundle.tokenizer, max_pos,
+                                      bundle.tokenizer_source)
     if bundle.task is None:  # plain clm
-        train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos)
+        train_loader, val_loader = build_loaders(cfg, bundle.tokenizer, max_pos, ctx)
     else:
         train_loader, val_loader = bundle.task.train_loader, bundle.task.val_loader
-    model = bundle.model
-    if cfg.train.compile:
-        # Regional compile: each block compiled in place (state-dict keys unchanged); blocks
-        # share one graph, so compile time does not grow with depth.
-        for block in model.layers:
-            block.compile()
+    model = bundle.model  # blocks already compiled by parallelize() when train.compile
     if bundle.task is None or bundle.task.sized:
         steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
     else:  # a stream has no length: one "epoch" for the schedule is the whole run
         steps_per_epoch = cfg.train.max_steps or 1
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    # FSDP2 CPU offload: the optimizer steps on host-resident shards (no fused CUDA kernel).
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else rt.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
     return Trainer(
         cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -250,7 +267,7 @@ def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Pat
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         flops_per_token=float(model.flops_per_token(cfg.data.block_size)),
         peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops),
-        scaler=rt.grad_scaler(),
+        scaler=rt.grad_scaler(), par=ctx,
     )
 
 
@@ -282,11 +299,19 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         from tunesmith.peft import is_peft_model, save_final
 
         final = out_dir / "final"
+        distributed = trainer.par is not None and trainer.par.distributed
         if is_peft_model(bundle.model):  # the adapter in PEFT format (+ merged model if asked)
             summary.update(save_final(bundle.model, bundle.family, bundle.model_cfg, cfg, out_dir,
                                       bundle.tokenizer))
+        elif distributed:  # gathered tensor by tensor from the shards, rank 0 writes
+            from tunesmith.parallel.export import save_pretrained_distributed
+
+            save_pretrained_distributed(bundle.model, bundle.family, bundle.model_cfg, final,
+                                        tokenizer=bundle.tokenizer)
+            summary["final_model"] = str(final)
         else:
             save_pretrained(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
             summary["final_model"] = str(final)
-    write_summary(out_dir, summary)
+    if trainer.par is None or trainer.par.is_main:
+        write_summary(out_dir, summary)
     return summary

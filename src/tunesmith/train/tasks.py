@@ -44,12 +44,12 @@ def check_task_family(cfg: RunConfig, family: Any) -> None:
 
 
 def _rank_world() -> tuple[int, int]:
-    """This process's data-parallel rank and world size (0, 1 without torch.distributed)."""
-    import torch.distributed as dist
+    """This process's data-parallel rank and degree (0, 1 in one process). Tensor-parallel
+    ranks of one data-parallel group share a rank here: they must read the same batches."""
+    from tunesmith.parallel.dist import current
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ctx = current()
+    return (ctx.dp_rank, ctx.dp_size) if ctx is not None else (0, 1)
 
 
 def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool) -> Any:

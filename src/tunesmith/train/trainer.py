@@ -22,6 +22,8 @@ from torch import nn
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.parallel.grad import clip_grads_with_norm_
+from tunesmith.parallel.grad import grad_norms as dist_grad_norms
 from tunesmith.train.forward import batch_loss_sum
 from tunesmith.train.guard import NonFiniteGuard, grad_norms
 from tunesmith.train.loss import IGNORE_INDEX
@@ -81,13 +83,16 @@ class Trainer:
     checkpointer: Any = None  # tunesmith.train.checkpointing.Checkpointer; None: never save
     resumed_from: Path | None = None
     rng_state: Any = None  # DeferredRNGState restored from a checkpoint, applied in train()
+    par: Any = None  # tunesmith.parallel.dist.ParallelContext; None: one process
 
     def __post_init__(self) -> None:
         tc = self.cfg.train
         self.window = LossWindow()
         self.guard = NonFiniteGuard(
             tc.nan_policy, tc.max_consecutive_skips, self.progress, self.out_dir,
-            deferred=NonFiniteGuard.can_defer(self.optimizer, self.rt.device, self.scaler is not None),
+            # Sharded (DTensor) params: the host decides (every rank sees the same global norm).
+            deferred=NonFiniteGuard.can_defer(self.optimizer, self.rt.device, self.scaler is not None)
+            and not self._distributed,
             check_grad_norm=self.scaler is None,
         )
         self._data_epoch = self.progress.epoch
@@ -96,9 +101,9 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to `total_steps` (or a stop signal); returns the summary. Raises NonFiniteError."""
         cfg = self.cfg
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self._is_main)
         tput = Throughput(cfg.train.throughput_warmup_steps, self.flops_per_token, self.peak_tflops)
-        reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress)
+        reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress and self._is_main)
         loop = _Loop()
         t_start = time.perf_counter()
         try:
@@ -208,21 +213,44 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One optimizer step over k micro-batches; returns device tensors (no host sync)."""
         # Count targets on the host tensors before they move: the loss is normalised by the
-        # total count across all micro-batches, so k accumulated micro-batches give exactly the
-        # gradient of one k-times larger batch. (Data-parallel: all-reduced count, later.)
-        n_targets = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+        # total count across all micro-batches *and data-parallel ranks*, so k accumulated
+        # micro-batches on N ranks give exactly the gradient of one kN-times larger batch.
+        n_targets = self._global_count(
+            sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
         tokens = sum(_count_tokens(mb) for mb in micro_batches)
         samples = sum(mb["input_ids"].size(0) for mb in micro_batches)
+        # DDP/FSDP average gradients over the dp ranks; dividing by count / dp undoes that.
+        # Throughput counts assume equal tokens per rank (exact for packed blocks).
+        dp = self.par.dp_size if self.par is not None else 1
         loss_sum = torch.zeros((), device=self.rt.device)
         for mb in micro_batches:
-            loss_sum += self.forward_backward(mb, max(n_targets, 1))
-        loss = loss_sum / max(n_targets, 1)
+            loss_sum += self.forward_backward(mb, n_targets / dp)
+        if self.par is not None:
+            # The global batch's loss: logged, and what the NaN guard judges on every rank alike.
+            self.par.all_reduce_dp(loss_sum)
+        loss = loss_sum / n_targets
         grad_norm = self._clip_and_step(loss)
         self.progress.step += 1
-        self.progress.tokens_seen += tokens
-        return loss, grad_norm, tokens, samples
+        self.progress.tokens_seen += tokens * dp
+        return loss, grad_norm, tokens * dp, samples * dp
 
-    def forward_backward(self, batch: dict, n_targets: int) -> torch.Tensor:
+    @property
+    def _is_main(self) -> bool:
+        return self.par is None or self.par.is_main
+
+    @property
+    def _distributed(self) -> bool:
+        return self.par is not None and self.par.distributed
+
+    def _global_count(self, local: int) -> int | torch.Tensor:
+        """Target count summed over data-parallel ranks, at least 1: an int in one process,
+        else a device scalar (one tiny all-reduce per step, never read back by the host)."""
+        if self.par is None or self.par.dp_size == 1:
+            return max(local, 1)
+        t = torch.tensor(float(local), dtype=torch.float32, device=self.rt.device)
+        return self.par.all_reduce_dp(t).clamp_(min=1.0)
+
+    def forward_backward(self, batch: dict, n_targets: float | torch.Tensor) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its detached loss *sum*."""
         loss_sum = batch_loss_sum(self.model, batch, self.rt, need_grad=True)
         scaled = loss_sum / n_targets
@@ -237,10 +265,12 @@ class Trainer:
         params = [p for _, p in named]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm, per_param = grad_norms([p.grad for p in params])
+        # Sharded (FSDP2/TP DTensor) grads: norms of the full gradients, the same on all ranks.
+        norms = dist_grad_norms if self._distributed else grad_norms
+        grad_norm, per_param = norms([p.grad for p in params])
         max_norm = self.cfg.train.max_grad_norm
         if max_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+            clip_grads_with_norm_(params, max_norm, grad_norm)
         apply = self.guard.check(self.progress.step + 1, loss, grad_norm, per_param, [n for n, _ in named])
         if apply is None:
             self.guard.fused_step(self.optimizer)  # skipped on-device when non-finite
@@ -259,7 +289,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches)
+        reduce = self.par.all_reduce_dp if self.par is not None else None
+        return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches, reduce)
 
     def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter,
                       label: str | None = None) -> dict[str, float]:

@@ -1,0 +1,62 @@
+"""`parallelize(model, cfg, ctx, rt)`: tensor parallel -> activation checkpointing -> compile ->
+data parallel, the order in which the pieces compose:
+
+* TP first: it replaces parameters by DTensors on the TP mesh and adds the input/output
+  redistribution hooks that everything after must see as part of the block.
+* AC wraps each block's forward (hooks stay outside the recomputed region).
+* compile each block in place (FQNs unchanged; one graph shared by all blocks).
+* FSDP2 last: it shards whatever parameters it finds (DTensors under TP -> 2-D sharding) and
+  its hooks must be outermost, so compile does not trace its collectives.
+
+Works on a meta-device model (nothing allocated), which is how large models are built; see
+`tunesmith.parallel.loading.materialize`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from tunesmith.config.schema import RunConfig
+from tunesmith.parallel.ac import apply_activation_checkpointing
+from tunesmith.parallel.dist import ParallelContext
+from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
+from tunesmith.parallel.tp import apply_tp
+from tunesmith.train.runtime import Runtime
+
+log = logging.getLogger("tunesmith")
+
+
+def _dp_mesh(ctx: ParallelContext):
+    assert ctx.mesh is not None
+    if ctx.layout.strategy == "hybrid_shard":
+        return ctx.mesh["dp_replicate", "dp_shard"]  # 2-D: replicate outer, shard inner
+    return ctx.mesh["dp_shard"]
+
+
+def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
+    """Apply the configured parallelism to `model` in place and return it."""
+    pc, layout = cfg.parallel, ctx.layout
+    if ctx.distributed and layout.tp > 1:
+        assert ctx.mesh is not None
+        apply_tp(model, ctx.mesh["tp"])
+        # loss_parallel=false: the fused loss gathers the head weight instead.
+        model.output._tunesmith_gather_weight = not pc.loss_parallel  # type: ignore[union-attr]
+    n_ac = apply_activation_checkpointing(model, pc.activation_checkpointing, pc.ac_every)
+    if cfg.train.compile:
+        # Regional compile: each block in place (state-dict keys unchanged); blocks share one
+        # graph, so compile time does not grow with depth.
+        for block in model.layers:  # type: ignore[attr-defined]
+            block.compile()
+    if ctx.distributed and layout.dp > 1:
+        if layout.sharded:
+            apply_fsdp(model, _dp_mesh(ctx), layout, pc,
+                       mp_policy(rt.compute_dtype, rt.param_dtype, pc.reduce_dtype))
+        else:
+            apply_ddp(model, ctx.dp_mesh)
+    if ctx.is_main and (ctx.distributed or n_ac):
+        log.info("parallelize: %s; activation checkpointing %s on %d block(s)%s",
+                 layout.describe(), pc.activation_checkpointing, n_ac,
+                 "; compiled blocks" if cfg.train.compile else "")
+    return model

@@ -1,0 +1,159 @@
+"""Process group, device mesh and the per-rank facts the trainer needs (`ParallelContext`).
+
+`init_parallel` is the only place that starts collectives. It reads the torchrun environment
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; torchrun and our Slurm script both set them),
+validates the layout first (pure arithmetic, `tunesmith.parallel.layout`), and only then calls
+`init_process_group` with the configured timeout so a dead or hung peer fails the job instead
+of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from tunesmith.config.schema import ParallelConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.parallel.layout import Layout, env_world, resolve_layout
+
+log = logging.getLogger("tunesmith")
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits. With one process: rank 0 of 1, no mesh, no groups."""
+
+    layout: Layout
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: DeviceMesh | None = None  # 3-D (dp_replicate, dp_shard, tp)
+    dp_mesh: DeviceMesh | None = None  # 1-D, the flattened data-parallel ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only one that prints progress and writes non-sharded files."""
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.dp_mesh.get_group() if self.dp_mesh is not None else None
+
+    def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over data-parallel ranks in place (TP ranks of a DP group hold equal values)."""
+        if self.dp_mesh is not None and self.dp_size > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def single_process() -> ParallelContext:
+    return ParallelContext(Layout("no_shard", 1, 1, 1, 1))
+
+
+_CURRENT: list[ParallelContext] = []
+
+
+def current() -> ParallelContext | None:
+    """The context of the running job (set by `init_parallel`), for code far from the trainer
+    (task data loaders) that must shard by data-parallel rank, not by global rank."""
+    return _CURRENT[-1] if _CURRENT else None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise TunesmithError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _backend(pc: ParallelConfig, device: torch.device) -> str:
+    if pc.backend != "auto":
+        if pc.backend == "nccl" and device.type != "cuda":
+            raise TunesmithError("parallel.backend=nccl needs CUDA devices; use gloo on CPU")
+        return pc.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def set_comm_env(pc: ParallelConfig) -> None:
+    """Environment the communication libraries read at communicator creation."""
+    # NVLink multicast (NVLS) stays off: it needs fabric-manager support that not every
+    # machine has, and a failed NVLS setup hangs communicator init instead of failing.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if pc.nccl_debug is not None:
+        os.environ["NCCL_DEBUG"] = pc.nccl_debug
+    # A watchdog that aborts the communicator on error/timeout so a dead peer fails the job.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+
+
+def _pick_device(device: torch.device, local_rank: int) -> torch.device:
+    if device.type != "cuda":
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise TunesmithError(
+            f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+            "lower --nproc-per-node"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | None = None) -> ParallelContext:
+    """Validate the layout for this world, then (world > 1) start the process group and mesh.
+
+    Idempotent within a process: an already-initialised default group is reused.
+    """
+    world, local_world = env_world()
+    layout = layout or resolve_layout(pc, world, local_world)
+    if world == 1:
+        _CURRENT[:] = []
+        return ParallelContext(layout, device=device)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    device = _pick_device(device, local_rank)
+    set_comm_env(pc)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=pc.timeout_s)
+        dist.init_process_group(_backend(pc, device), timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh)
+    _CURRENT[:] = [ctx]
+    if ctx.is_main:
+        log.info("parallel: %s", layout.describe())
+    return ctx
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,89 @@
+"""Gradient norms and clipping that work for plain, FSDP2-sharded and TP DTensor gradients.
+
+The global norm is over the *full* gradients: ||g||^2 = sum over parameters of the squared norm
+of the unsharded gradient. For a DTensor gradient each rank holds one piece; pieces along Shard
+mesh dims are distinct, pieces along Replicate dims are copies. So each rank takes
+||local||^2 / (product of its Replicate dims' sizes), and the sum over every rank of the mesh
+(all-reduced one mesh dim at a time) is exactly the full squared norm, whatever the mix of
+placements (2-D FSDP x TP, TP with replicated norm weights, ...). Plain (DDP) gradients are
+identical on every rank after DDP's all-reduce and need no communication.
+
+Per-parameter norms are kept (one [n] vector all-reduced per mesh) because the NaN guard uses
+them to name the offending parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
+
+
+def _replicas(g: DTensor) -> int:
+    mesh = g.device_mesh
+    return math.prod(mesh.size(i) for i, p in enumerate(g.placements) if isinstance(p, Replicate))
+
+
+def _mesh_key(g: DTensor) -> tuple:
+    mesh = g.device_mesh
+    return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape))
+
+
+def _comm_device(g: torch.Tensor) -> torch.device:
+    """Where the norms are reduced: the mesh's device (NCCL needs GPU tensors even when FSDP2
+    CPU offload keeps the gradients in host memory)."""
+    if isinstance(g, DTensor) and g.device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return g.to_local().device if isinstance(g, DTensor) else g.device
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dtype=torch.float32) ** 2
+
+
+def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global L2 norm, per-gradient full L2 norms [n]); fp32, plain tensors, same on all ranks."""
+    if not grads:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero.reshape(0)
+    device = _comm_device(grads[0])
+    sq = torch.zeros(len(grads), dtype=torch.float32, device=device)  # [n] squared norms
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        if isinstance(g, DTensor):
+            groups.setdefault(_mesh_key(g), []).append(i)
+        else:
+            sq[i] = _sq_norm(g).to(device)
+    for idx in groups.values():  # same order on every rank: parameter order
+        mesh = grads[idx[0]].device_mesh
+        local = torch.stack([_sq_norm(grads[i].to_local()).to(device) / _replicas(grads[i]) for i in idx])
+        for dim in range(mesh.ndim):
+            if mesh.size(dim) > 1:
+                dist.all_reduce(local, group=mesh.get_group(dim))
+        sq[torch.tensor(idx, device=device)] = local.to(device)
+    per = sq.sqrt()
+    return torch.linalg.vector_norm(per), per
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients in place so their global norm (`total_norm`) is at most `max_norm`."""
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is None:
+            continue
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        local.mul_(coef.to(local.device, local.dtype))
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Measure the global gradient norm and clip to `max_norm` (None/inf: measure only)."""
+    params = [p for p in params if p.grad is not None]
+    total, _ = grad_norms([p.grad for p in params])
+    if max_norm is not None and not math.isinf(max_norm):
+        clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -1,0 +1,196 @@
+"""Parallel layout: resolve the mesh degrees of a `ParallelConfig` for a world size, and check
+them against the run (strategy options, model shape, data) before any process group exists.
+
+The device mesh is 3-D, outermost first: (dp_replicate, dp_shard, tp). Ranks that differ only
+in their tp coordinate form one tensor-parallel group (placed innermost so a TP group stays
+inside a node, where the links are fastest), and see the same data. The data-parallel world is
+dp_replicate x dp_shard. Strategy -> degrees:
+
+    full_shard / shard_grad_op   dp_replicate = 1, dp_shard fills
+    no_shard (DDP)               dp_shard = 1, dp_replicate fills
+    hybrid_shard (HSDP)          dp_shard = ranks per node / tp, dp_replicate fills (= nodes)
+    auto                         hybrid_shard if dp_replicate > 1 was given, else full_shard
+
+Everything here is pure arithmetic on the config, so `tunesmith launch` can reject a bad layout
+before starting a single worker, and each worker before touching a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.config.schema import ParallelConfig, RunConfig
+from tunesmith.errors import TunesmithError
+
+SHARDED = ("full_shard", "shard_grad_op", "hybrid_shard")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved degrees; `dp_replicate * dp_shard * tp == world_size`."""
+
+    strategy: str  # full_shard | shard_grad_op | no_shard | hybrid_shard
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    world_size: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many different batches one step sees."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def sharded(self) -> bool:
+        """True when FSDP2 manages the parameters (every strategy but no_shard)."""
+        return self.strategy in SHARDED
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int]:
+        return (self.dp_replicate, self.dp_shard, self.tp)
+
+    def describe(self) -> str:
+        return (f"{self.strategy} on {self.world_size} rank(s): dp_replicate={self.dp_replicate} "
+                f"x dp_shard={self.dp_shard} x tp={self.tp}")
+
+
+def env_world() -> tuple[int, int]:
+    """(world size, ranks per node) from the torchrun/Slurm-style environment; (1, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return world, local
+
+
+def _fill(value: int, other: int, tp: int, world: int, name: str) -> int:
+    if value != -1:
+        return value
+    if world % (other * tp):
+        raise TunesmithError(
+            f"cannot fill parallel.{name}: world size {world} is not divisible by "
+            f"{'dp_replicate' if name == 'dp_shard' else 'dp_shard'}={other} x tp={tp}"
+        )
+    return world // (other * tp)
+
+
+def _strategy_degrees(pc: ParallelConfig, world: int, local_world: int) -> tuple[str, int, int]:
+    """(strategy, dp_replicate, dp_shard) with -1s resolved according to the strategy."""
+    strategy, rep, shard, tp = pc.strategy, pc.dp_replicate, pc.dp_shard, pc.tp
+    if strategy == "auto":
+        strategy = "hybrid_shard" if rep > 1 else "full_shard"
+    if strategy in ("full_shard", "shard_grad_op"):
+        if rep > 1:
+            raise TunesmithError(
+                f"parallel.strategy={strategy} shards over every data-parallel rank; "
+                f"dp_replicate={rep} needs strategy=hybrid_shard (or no_shard for plain DDP)"
+            )
+        return strategy, 1, _fill(shard, 1, tp, world, "dp_shard")
+    if strategy == "no_shard":
+        if shard > 1:
+            raise TunesmithError(
+                f"parallel.strategy=no_shard replicates every parameter; dp_shard={shard} needs a "
+                "sharded strategy (full_shard, shard_grad_op or hybrid_shard)"
+            )
+        return strategy, _fill(rep, 1, tp, world, "dp_replicate"), 1
+    # hybrid_shard: shard inside a node by default, replicate across nodes.
+    if shard == -1 and rep == -1:
+        if local_world % tp:
+            raise TunesmithError(
+                f"parallel.tp={tp} does not divide the {local_world} ranks per node; "
+                "tensor-parallel groups must stay within a node"
+            )
+        shard = local_world // tp
+    if shard == -1:
+        shard = _fill(shard, rep, tp, world, "dp_shard")
+    return strategy, _fill(rep, shard, tp, world, "dp_replicate"), shard
+
+
+def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | None = None) -> Layout:
+    """Degrees for `world_size` ranks; a TunesmithError says exactly what does not fit."""
+    if world_size < 1:
+        raise TunesmithError(f"world size must be >= 1, got {world_size}")
+    local = local_world_size or world_size
+    if world_size % pc.tp:
+        raise TunesmithError(f"parallel.tp={pc.tp} does not divide the world size {world_size}")
+    strategy, rep, shard = _strategy_degrees(pc, world_size, local)
+    if rep * shard * pc.tp != world_size:
+        raise TunesmithError(
+            f"parallel degrees dp_replicate={rep} x dp_shard={shard} x tp={pc.tp} = "
+            f"{rep * shard * pc.tp} do not match the world size {world_size} "
+            "(nnodes x nproc-per-node); set one degree to -1 to fill"
+        )
+    if pc.tp > 1 and local % pc.tp:
+        raise TunesmithError(
+            f"parallel.tp={pc.tp} does not divide the {local} ranks per node; "
+            "tensor-parallel groups must stay within a node"
+        )
+    if strategy == "no_shard" and pc.tp > 1:
+        raise TunesmithError(
+            "parallel.strategy=no_shard (DDP) cannot be combined with tp > 1; use "
+            "strategy=hybrid_shard with dp_shard=1, which replicates the TP shards"
+        )
+    if pc.cpu_offload and strategy not in SHARDED:
+        raise TunesmithError("parallel.cpu_offload needs a sharded strategy (FSDP2), not no_shard")
+    return Layout(strategy, rep, shard, pc.tp, world_size)
+
+
+_TP_FAMILIES = ("llama", "mistral", "qwen2")  # model types with a tensor-parallel plan
+# Model types with native modules (layers / tok_embeddings / output) that FSDP2 and DDP wrap.
+_NATIVE_FAMILIES = (*_TP_FAMILIES, "gpt2", "gpt_neox", "bert", "roberta")
+
+
+def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
+    """Features not (yet) built for several processes: refused up front, not half-working."""
+    unsupported = []
+    pc = cfg.peft
+    if pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers:
+        unsupported.append("peft (LoRA/QLoRA/freezing)")
+    if cfg.data.streaming:
+        unsupported.append("data.streaming")
+    if cfg.eval.generate.enabled:
+        unsupported.append("eval.generate")
+    if getattr(model_cfg, "model_type", "llama") not in _NATIVE_FAMILIES:
+        unsupported.append(f"the generic HF model type {model_cfg.model_type!r}")
+    if unsupported:
+        raise TunesmithError(
+            f"{', '.join(unsupported)} run on one process only for now; launch with one "
+            "process or turn them off"
+        )
+
+
+def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:
+    """Checks that need the model shape, the data settings or the device (still no comms)."""
+    tp = layout.tp
+    if layout.world_size > 1:
+        _check_single_process_features(cfg, model_cfg)
+    if tp > 1 and getattr(model_cfg, "model_type", "llama") not in _TP_FAMILIES:
+        raise TunesmithError(
+            f"parallel.tp={tp}: tensor parallelism has a plan for the Llama family only "
+            f"({', '.join(_TP_FAMILIES)}), not {model_cfg.model_type!r}; use parallel.tp=1"
+        )
+    if tp > 1:
+        for name in ("n_heads", "n_kv_heads", "intermediate_size"):
+            value = int(getattr(model_cfg, name))
+            if value % tp:
+                raise TunesmithError(
+                    f"parallel.tp={tp} must divide the model's {name}={value} "
+                    "(each tensor-parallel rank holds whole heads / equal MLP slices)"
+                )
+        block = cfg.data.block_size if cfg.data.mode == "packed" else cfg.data.pad_to_multiple_of
+        if block is None or block % tp:
+            what = ("data.block_size" if cfg.data.mode == "packed"
+                    else "data.pad_to_multiple_of (lines mode)")
+            raise TunesmithError(
+                f"parallel.tp={tp} splits the sequence over the TP ranks (sequence parallel): "
+                f"{what}={block} must be a multiple of {tp}"
+            )
+    precision = cfg.train.precision
+    distributed = layout.world_size > 1
+    if distributed and precision == "fp16" and device_type == "cuda":
+        raise TunesmithError(
+            "train.precision=fp16 is not supported across ranks (its loss scaler does not handle "
+            "sharded gradients); use bf16"
+        )
+    if layout.world_size > 1 and cfg.parallel.cpu_offload and device_type != "cuda":
+        raise TunesmithError("parallel.cpu_offload moves GPU memory to the host; it needs CUDA")

@@ -1,0 +1,119 @@
+"""Materialise a parallelised meta-device model: allocate each rank's shards, then fill them.
+
+Large-model flow (no rank ever holds the full model):
+
+    model = build_model(family, cfg, "meta")        # nothing allocated
+    parallelize(model, ...)                          # TP / FSDP2 placements, still on meta
+    materialize(model, ctx, rt, source=...)          # to_empty: only local shards allocated
+      - pretrained: HF safetensors are memory-mapped and read one tensor at a time; each rank
+        cuts its own shard out of the full tensor (`distribute_tensor(src_data_rank=None)`:
+        no communication), copies it into its shard and drops the full tensor. Host memory per
+        rank: its shards plus one full tensor; the files themselves sit once in the page cache
+        of a node, shared by its ranks.
+      - from scratch: on GPUs, the model's own `init_weights` runs on the sharded DTensors
+        (DTensor's offset-based RNG gives every shard its slice of one random stream). On CPU
+        meshes DTensor has no such RNG, so a full host copy is initialised and cut into shards
+        instead (CPU runs are small), which also makes CPU runs match one process exactly.
+        With CPU offload (host-resident shards) each distinct shard uses its own seeded stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tunesmith.parallel.dist import ParallelContext
+from tunesmith.train.runtime import Runtime
+
+log = logging.getLogger("tunesmith")
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full (unsharded) value `full` into `param`, which may be a sharded DTensor."""
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    # Every rank holds `full`, so each can cut its own piece without communication. The cut is
+    # done on the mesh's device in the source dtype; the copy casts into the (fp32) shard.
+    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.to_local().copy_(shard.to_local())
+
+
+def _allocate(model: nn.Module, ctx: ParallelContext, offload: bool) -> None:
+    """to_empty on the right device. With CPU offload, params live on the host but buffers
+    (RoPE frequencies) must be on the GPU where compute happens."""
+    model.to_empty(device="cpu" if offload else ctx.device)
+    if offload:
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module._buffers[name] = buf.to(ctx.device)
+    reset = getattr(model, "reset_rope", None)
+    if callable(reset):
+        reset()
+
+
+def _shard_coordinate(ctx: ParallelContext) -> int:
+    """This rank's position among the ranks holding *different* shards (dp_shard x tp); ranks
+    that are replicas of each other (dp_replicate) get the same number."""
+    assert ctx.mesh is not None
+    return ctx.mesh.get_local_rank("dp_shard") * ctx.layout.tp + ctx.mesh.get_local_rank("tp")
+
+
+def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, family: Any,
+                       model_cfg: Any, seed: int, offload: bool) -> None:
+    if ctx.mesh is not None and ctx.device.type == "cuda" and not offload:
+        gen = torch.Generator(device=ctx.device).manual_seed(seed)
+        model.init_weights(generator=gen)  # type: ignore[operator]
+        return
+    if offload:
+        # Shards live in host memory: DTensor's CUDA RNG does not cover them. Each distinct
+        # shard draws from its own seeded CPU stream (replicas alike), so shards are independent
+        # and replicas identical -- a valid init, though not the one-process values.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + _shard_coordinate(ctx))
+        model.init_weights(generator=gen)  # type: ignore[operator]
+        return
+    from tunesmith.models import build_model, init_random
+
+    ref = init_random(build_model(family, model_cfg, "meta"), "cpu", rt.param_dtype, seed)
+    params = model.state_dict(keep_vars=True)
+    for name, value in ref.state_dict().items():
+        copy_full_into(params[name], value)
+    del ref
+
+
+def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool) -> None:
+    from tunesmith.hf import io as hfio
+    from tunesmith.models import _plan_load, _weights_dir, get_family
+
+    cfg = model.cfg  # type: ignore[attr-defined]
+    adapter = get_family(cfg.model_type).adapter(cfg)
+    files = hfio.find_weight_files(_weights_dir(source))
+    mapping = _plan_load(model, files, allow_pickle)  # names and shapes checked from headers
+    params = model.state_dict(keep_vars=True)
+    for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
+        native = mapping.get(hf_name)
+        if native is not None:  # HF layout -> ours (e.g. GPT-2's Conv1D [in, out] transposed)
+            copy_full_into(params[native], adapter.tensor_to_native(hf_name, tensor))
+        del tensor
+
+
+def materialize(model: nn.Module, ctx: ParallelContext, rt: Runtime, *, family: Any, model_cfg: Any,
+                source: str | None, seed: int, allow_pickle: bool = False, offload: bool = False) -> None:
+    """Allocate the (possibly sharded) meta model and fill it from `source` or a seeded init.
+
+    Call after `parallelize`. The model must already be in its parameter dtype (cast on meta).
+    """
+    _allocate(model, ctx, offload)
+    if source is not None:
+        _stream_pretrained(model, source, allow_pickle)
+    else:
+        _init_from_scratch(model, ctx, rt, family, model_cfg, seed, offload)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()

@@ -1,0 +1,36 @@
+"""Apply a model family's tensor-parallel plan (DTensor `parallelize_module`) from outside."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import parallelize_module
+
+from tunesmith.errors import TunesmithError
+
+
+def _plan_module(model: nn.Module):
+    """The family's plan module (only the Llama family exists today)."""
+    from tunesmith.models.llama import parallel_plan
+    from tunesmith.models.llama.model import Llama
+
+    if not isinstance(model, Llama):
+        raise TunesmithError(f"tensor parallelism has no plan for {type(model).__name__}")
+    return parallel_plan
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` in place over `tp_mesh` (1-D). Works on a meta-device model too.
+
+    Tied embeddings: parallelize_module gives tok_embeddings and output separate DTensor
+    parameters; both are Shard(0) of the same [V, D] matrix, so re-tying afterwards restores
+    one shared parameter with the right placement.
+    """
+    plan = _plan_module(model)
+    plan.check_tp_shape(model, tp_mesh.size())
+    for block in model.layers:  # type: ignore[attr-defined]
+        parallelize_module(block, tp_mesh, plan.block_plan())
+    parallelize_module(model, tp_mesh, plan.top_plan())
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
