@@ -83,6 +83,36 @@ def test_only_adapters_train_and_base_stays_bitwise(method: str) -> None:
         assert same != (name in trainable), name  # frozen: bitwise equal; adapters: moved
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lora_forward_and_grads_match_the_formula(autocast: bool) -> None:
+    """y = x W^T + b + s B (A x), and its gradients, for a [B, T, in] input that is not
+    contiguous (the fused addmm path reshapes); fp32 exact-ish, bf16 autocast within bf16."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40)
+    layer = LoRALinear.from_linear(base, LoRASpec(r=4, alpha=12), torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        if autocast:  # the bf16 base a mixed-precision run stores
+            layer.weight.data = layer.weight.data.bfloat16()
+            layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(3, 48, 5).transpose(1, 2).requires_grad_()  # [3, 5, 48], not contiguous
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    assert y.shape == (3, 5, 40) and y.dtype == (torch.bfloat16 if autocast else torch.float32)
+    g = torch.randn(3, 5, 40)
+    y.float().backward(g)
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    ref = xr @ layer.weight.float().t() + layer.bias.float() + 3.0 * (xr @ a.t()) @ b.t()
+    ref.backward(g)
+    for got, want in ((y.float(), ref), (x.grad, xr.grad), (layer.lora_A.grad, a.grad),
+                      (layer.lora_B.grad, b.grad)):
+        assert got.dtype == want.dtype == torch.float32
+        # bf16 autocast: a few bf16 ulps of the tensor's scale; fp32: rounding only.
+        atol = 2e-2 * want.abs().max().item() if autocast else 1e-5
+        torch.testing.assert_close(got, want, atol=atol, rtol=2e-2 if autocast else 1e-5)
+
+
 def test_freeze_layers_and_embeddings_without_lora() -> None:
     model, family, cfg = tiny_model(n_layers=3)
     pc = PeftConfig(freeze_layers=[2], num_freeze_layers=1, freeze_embeddings=True)

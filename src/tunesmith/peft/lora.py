@@ -97,10 +97,28 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, bias)
 
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B(A x): [..., in] -> [..., out]. Scaling the [.., r] product is the cheap spot."""
+        """s * B(A x): [..., in] -> [..., out] (DoRA; plain LoRA adds it in `_add_adapter`)."""
         if not _autocast_on(x) and x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)
+
+    def _add_adapter(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + s * B(A x) [..., out], the update accumulated straight into `out` by one addmm.
+
+        s is folded into B (it rides on the cast of the [out, r] weight to the compute dtype, in
+        the same kernel) rather than applied to the [N, r] activation: no separate scaling
+        kernel in forward, nor in backward. addmm adds the rank-r product to the base output
+        inside the GEMM (fp32 accumulation, one rounding) instead of materialising it and
+        adding in another pass. Under autocast, addmm computes in the autocast dtype.
+        """
+        auto = _autocast_on(x)
+        if not auto and x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        low = F.linear(x, self.lora_A)  # [..., r]
+        acc = out if auto else out.to(low.dtype)
+        y = torch.addmm(acc.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]),
+                        (self.lora_B * self.scaling).t())  # [N, out]
+        return y.view(out.shape).to(out.dtype)
 
     @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
@@ -111,11 +129,10 @@ class LoRALinear(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)  # [..., out]
-        xa = self.dropout(x)
-        lora = self._adapter(xa)  # [..., out]
+        xa = self.dropout(x) if self.spec.dropout > 0 and self.training else x
         if self.lora_magnitude is None:
-            return (out + lora).to(out.dtype)
-        return self._dora(out, xa, lora)
+            return self._add_adapter(out, xa)
+        return self._dora(out, xa, self._adapter(xa))
 
     def _dora(self, out: torch.Tensor, xa: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """DoRA as peft computes it: out + (m/n - 1) * W xa + m/n * s B A xa.
