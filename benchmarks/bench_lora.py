@@ -10,7 +10,11 @@ variant in its own subprocess (clean allocator, fair peak memory). Variants:
   tunesmith        bf16 frozen base (no fp32 copy), fp32 adapters + AdamW state, bf16 autocast,
                    per-block torch.compile, fused chunked CE, no activation checkpointing
   tunesmith-ac     the same plus per-block activation checkpointing (leanest dense variant)
-  tunesmith-qlora  NF4 base (torchao) + fp32 adapters, activation checkpointing, compiled blocks
+  tunesmith-qlora  NF4 base (torchao) + fp32 adapters, activation checkpointing, compiled blocks;
+                   each NF4 matmul dequantises its weight inside an opaque op, forward and
+                   backward, so only the NF4 storage persists (peak = model + AC activations
+                   + one dense weight)
+  tunesmith-qlora-noac  the same without activation checkpointing
   tunesmith-eager  like `tunesmith` without torch.compile
   hf-peft          transformers (bf16 weights, SDPA) + peft LoRA (fp32 adapters, peft's
                    default) + HF Trainer (bf16 autocast, fused AdamW) + gradient checkpointing
@@ -34,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-eager", "hf-peft", "hf-peft-nogc")
+VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-qlora-noac", "tunesmith-eager",
+            "hf-peft", "hf-peft-nogc")
 DEFAULT = "tunesmith,tunesmith-ac,tunesmith-qlora,hf-peft"
 
 
@@ -83,7 +88,7 @@ def _tunesmith_model(args, variant: str):
         "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks},
         "optim": {"lr": 1e-4, "weight_decay": 0.0},
         "schedule": {"name": "constant"},
-        "peft": {"method": "qlora" if variant == "tunesmith-qlora" else "lora", "r": args.r,
+        "peft": {"method": "qlora" if variant.startswith("tunesmith-qlora") else "lora", "r": args.r,
                  "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": "all-linear"},
     })
     rt = resolve_runtime(args.device, "bf16")
