@@ -88,6 +88,8 @@ LAYOUTS = {
                                             "parallel.activation_checkpointing=full")),
     "tp2": (2, 1, True, ("parallel.tp=2",)),
     "tp2_gathered_head": (2, 1, False, ("parallel.tp=2", "parallel.loss_parallel=false")),
+    "tp2_compiled+selective_ac": (2, 1, False, ("parallel.tp=2", "train.compile=true",
+                                                "parallel.activation_checkpointing=selective")),
     "hybrid_shard_2x2": (4, 4, False, ("parallel.strategy=hybrid_shard", "parallel.dp_replicate=2",
                                         "parallel.dp_shard=2")),
     "2d_fsdp2_x_tp2": (4, 2, True, ("parallel.strategy=full_shard", "parallel.tp=2",
