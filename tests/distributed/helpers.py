@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def worker_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    # Prepend, never replace: an existing PYTHONPATH may carry dependencies (GPU machines).
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")) if p
+    )
     env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **extra})
     return env
