@@ -64,7 +64,7 @@ def reference(data, inits, tmp_path_factory):
 def _assert_same(run_dir, ref_dir, what):
     got, want = losses(run_dir), losses(ref_dir)
     assert len(got) == len(want) == 4, what
-    for step, ((l, g), (l0, g0)) in enumerate(zip(got, want), 1):
+    for step, ((l, g), (l0, g0)) in enumerate(zip(got, want, strict=True), 1):
         assert abs(l - l0) < LOSS_ATOL, f"{what}: step {step} loss {l} vs {l0}"
         assert abs(g - g0) <= GRAD_RTOL * g0, f"{what}: step {step} grad norm {g} vs {g0}"
 
@@ -165,7 +165,7 @@ def test_checkpoint_from_4_ranks_resumes_on_2_and_1(data, world4, world2, tmp_pa
         assert summary["resumed_from"].endswith("step_00000003"), name  # steps 4-6 ran from it
         resumed = losses(run_dir)
         assert len(resumed) == 6, name  # steps 1-3 kept from the checkpointed run, 4-6 new
-        for step, ((l, g), (l0, g0)) in enumerate(zip(resumed, uninterrupted), 1):
+        for step, ((l, g), (l0, g0)) in enumerate(zip(resumed, uninterrupted, strict=True), 1):
             assert abs(l - l0) < LOSS_ATOL, f"{name}: step {step} loss {l} vs {l0}"
             assert abs(g - g0) <= GRAD_RTOL * g0, f"{name}: step {step} grad norm {g} vs {g0}"
         _assert_same_weights(run_dir, world4[0] / "ckpt4", name)
