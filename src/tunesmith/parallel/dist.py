@@ -9,6 +9,7 @@ of hanging it.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -145,6 +146,9 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
         timeout = datetime.timedelta(seconds=pc.timeout_s)
         dist.init_process_group(_backend(pc, device), timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
+        # Destroy the group before interpreter teardown: a gloo/NCCL group left alive until
+        # exit can abort the process ("terminate called without an active exception").
+        atexit.register(shutdown)
     mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh)
