@@ -22,7 +22,7 @@ def _fault_run(data, tmp_path, fault: str, extra: tuple[str, ...] = ()):
     argv = ["train", *job(*data, tmp_path / "run", dp=2, steps=6, extra=extra)]
     start = time.monotonic()
     proc = torchrun(2, [str(REPO / "tests/distributed/_fault_worker.py"), *argv], timeout=120,
-                    TUNESMITH_TEST_FAULT=fault, TUNESMITH_TEST_HANG_S="12")
+                    TUNESMITH_TEST_FAULT=fault, TUNESMITH_TEST_HANG_S="8")
     return proc, time.monotonic() - start
 
 
@@ -36,7 +36,7 @@ def test_raising_rank_ends_job_with_rank_and_error(data, tmp_path):
 
 
 def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
-    # Rank 1 sleeps 12 s inside step 3; rank 0 waits in the next collective and must give up
+    # Rank 1 sleeps 8 s inside step 3; rank 0 waits in the next collective and must give up
     # after parallel.timeout_s=3: the job fails (had nobody timed out, it would finish fine).
     proc, elapsed = _fault_run(data, tmp_path, "hang", ("parallel.timeout_s=3",))
     assert proc.returncode != 0

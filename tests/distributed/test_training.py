@@ -1,5 +1,6 @@
 """FSDP2 (each strategy), DDP, TP and 2-D runs on CPU/gloo reproduce the one-process run, and
-a DCP checkpoint saved on 4 ranks resumes on 2 ranks and on 1 process with the same losses.
+a DCP checkpoint saved on 4 ranks resumes on 2 ranks and on 1 process (and one saved by 1
+process on 2 ranks) with the same losses.
 
 Every layout trains the same tiny Llama from the same saved init (streamed into each rank's
 shards) on the same global batch
@@ -24,6 +25,8 @@ from safetensors.torch import load_file
 from tests.distributed.helpers import GPT2_OVERRIDES, job, losses, run_jobs, save_init
 from tunesmith.cli.main import run
 
+# Runs that checkpoint at step 3 and run on to 6 (the uninterrupted runs to compare with).
+CKPT_STEPS = ("train.max_steps=6", "checkpoint.every_steps=3", "parallel.strategy=full_shard")
 # Adam turns float32 reduction-order noise in tiny gradients into ~1e-5 weight differences.
 LOSS_ATOL, GRAD_RTOL, WEIGHT_ATOL = 1e-4, 1e-3, 1e-4
 
@@ -58,13 +61,16 @@ def reference(data, inits, tmp_path_factory):
     d = root / "gpt2"  # another family (learned positions, tied, biases, Conv1D layout in HF)
     assert run(["-q", "train", *job(*data, d, init=inits["gpt2"])]) == 0
     out["gpt2"] = d
+    d = root / "ckpt1"  # one process, checkpoint at step 3: resumed on 2 ranks below
+    assert run(["-q", "train", *job(*data, d, tied=False, extra=CKPT_STEPS)]) == 0
+    out["ckpt1"] = d
     return out
 
 
 def _assert_same(run_dir, ref_dir, what):
     got, want = losses(run_dir), losses(ref_dir)
     assert len(got) == len(want) == 4, what
-    for step, ((l, g), (l0, g0)) in enumerate(zip(got, want), 1):
+    for step, ((l, g), (l0, g0)) in enumerate(zip(got, want, strict=True), 1):
         assert abs(l - l0) < LOSS_ATOL, f"{what}: step {step} loss {l} vs {l0}"
         assert abs(g - g0) <= GRAD_RTOL * g0, f"{what}: step {step} grad norm {g} vs {g0}"
 
@@ -88,6 +94,8 @@ LAYOUTS = {
                                             "parallel.activation_checkpointing=full")),
     "tp2": (2, 1, True, ("parallel.tp=2",)),
     "tp2_gathered_head": (2, 1, False, ("parallel.tp=2", "parallel.loss_parallel=false")),
+    "tp2_compiled+selective_ac": (2, 1, False, ("parallel.tp=2", "train.compile=true",
+                                                "parallel.activation_checkpointing=selective")),
     "hybrid_shard_2x2": (4, 4, False, ("parallel.strategy=hybrid_shard", "parallel.dp_replicate=2",
                                         "parallel.dp_shard=2")),
     "2d_fsdp2_x_tp2": (4, 2, True, ("parallel.strategy=full_shard", "parallel.tp=2",
@@ -97,8 +105,6 @@ LAYOUTS = {
 }
 
 
-# A 4-rank FSDP2 run that checkpoints at step 3 and runs on to 6 (the uninterrupted run).
-CKPT_STEPS = ("train.max_steps=6", "checkpoint.every_steps=3", "parallel.strategy=full_shard")
 
 
 def _layout_jobs(world, data, inits, root):
@@ -124,12 +130,16 @@ def world4(data, inits, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def world2(data, inits, world4, tmp_path_factory):
-    """The 2-rank layouts, plus the 4-rank checkpoint resumed on 2 ranks (in one launch)."""
+def world2(data, inits, reference, world4, tmp_path_factory):
+    """The 2-rank layouts, the 4-rank checkpoint resumed on 2 ranks, and the one-process
+    checkpoint resumed on 2 ranks (more ranks than saved it), in one launch."""
     root = tmp_path_factory.mktemp("w2")
     names, jobs = _layout_jobs(2, data, inits, root)
     shutil.copytree(world4[0] / "ckpt4", root / "resume2")
     jobs.append(job(*data, root / "resume2", dp=2, tied=False,
+                    extra=(*CKPT_STEPS, "checkpoint.resume=3")))
+    shutil.copytree(reference["ckpt1"], root / "resume1to2")
+    jobs.append(job(*data, root / "resume1to2", dp=2, tied=False,
                     extra=(*CKPT_STEPS, "checkpoint.resume=3")))
     run_jobs(2, jobs, root)
     return root, names
@@ -163,10 +173,22 @@ def test_checkpoint_from_4_ranks_resumes_on_2_and_1(data, world4, world2, tmp_pa
         assert summary["resumed_from"].endswith("step_00000003"), name  # steps 4-6 ran from it
         resumed = losses(run_dir)
         assert len(resumed) == 6, name  # steps 1-3 kept from the checkpointed run, 4-6 new
-        for step, ((l, g), (l0, g0)) in enumerate(zip(resumed, uninterrupted), 1):
+        for step, ((l, g), (l0, g0)) in enumerate(zip(resumed, uninterrupted, strict=True), 1):
             assert abs(l - l0) < LOSS_ATOL, f"{name}: step {step} loss {l} vs {l0}"
             assert abs(g - g0) <= GRAD_RTOL * g0, f"{name}: step {step} grad norm {g} vs {g0}"
         _assert_same_weights(run_dir, world4[0] / "ckpt4", name)
+
+
+def test_checkpoint_from_1_process_resumes_on_2_ranks(world2, reference):
+    """Scale-up: rank 1 takes saved rank 0's RNG streams; model/optimizer/loader reshard."""
+    run_dir, uninterrupted = world2[0] / "resume1to2", losses(reference["ckpt1"])
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step_00000003")
+    resumed = losses(run_dir)
+    assert len(resumed) == len(uninterrupted) == 6
+    for step, ((l, g), (l0, g0)) in enumerate(zip(resumed, uninterrupted, strict=True), 1):
+        assert abs(l - l0) < LOSS_ATOL, f"step {step} loss {l} vs {l0}"
+        assert abs(g - g0) <= GRAD_RTOL * g0, f"step {step} grad norm {g} vs {g0}"
+    _assert_same_weights(run_dir, reference["ckpt1"], "1 -> 2 ranks")
 
 
 def test_export_of_a_4_rank_checkpoint_streams_the_final_weights(world4, tmp_path):

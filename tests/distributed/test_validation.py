@@ -170,3 +170,21 @@ def test_tp_needs_a_family_with_a_plan():
     with pytest.raises(TunesmithError, match="plan for the Llama family only"):
         check_run(cfg, resolve_layout(cfg.parallel, 2), gpt2, "cpu")
     check_run(load_config(None, ["data.path=x"]), resolve_layout(ParallelConfig(), 2), gpt2, "cpu")
+
+
+def test_launch_builds_torchrun_arguments():
+    import argparse
+
+    from tunesmith.parallel.launch import add_launch_args, torchrun_argv
+
+    p = argparse.ArgumentParser()
+    add_launch_args(p)
+    one = torchrun_argv(p.parse_args(["--nproc-per-node", "8", "r.yaml"]), "tunesmith", ["train", "r.yaml"])
+    assert "--standalone" in one and one[-4:] == ["-m", "tunesmith", "train", "r.yaml"]
+    multi = torchrun_argv(p.parse_args(["--nnodes", "4", "--nproc-per-node", "8", "--rdzv-endpoint",
+                                        "node0:29500", "--rdzv-id", "42", "r.yaml"]), "tunesmith", ["train"])
+    joined = " ".join(multi)
+    assert "--standalone" not in multi and "--nnodes 4" in joined
+    assert "--rdzv-endpoint node0:29500" in joined and "--rdzv-id 42" in joined
+    with pytest.raises(TunesmithError, match="needs --rdzv-endpoint"):
+        torchrun_argv(p.parse_args(["--nnodes", "2", "--nproc-per-node", "8"]), "tunesmith", ["train"])

@@ -15,8 +15,6 @@ all-gathered copies used for compute are bf16 and gradients are reduced in `redu
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -54,9 +52,6 @@ def apply_fsdp(
     mp: MixedPrecisionPolicy,
 ) -> None:
     """Shard `model` in place over `dp_mesh` (1-D for FSDP, 2-D (replicate, shard) for HSDP)."""
-    # Under TP the embedding returns a view of its DTensor's local tensor; FSDP2 warns that an
-    # in-place op on it would skip its pre-backward hook. The model only adds out of place.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPEmbedding\) returned a view")
     offload: OffloadPolicy = CPUOffloadPolicy() if pc.cpu_offload else OffloadPolicy()
     reshard = layout.strategy != "shard_grad_op"
     blocks = _blocks(model)

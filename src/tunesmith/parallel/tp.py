@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
@@ -19,6 +22,10 @@ def _plan_module(model: nn.Module):
     return parallel_plan
 
 
+def _detach_view(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.clone() if output._base is not None else output
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `model` in place over `tp_mesh` (1-D). Works on a meta-device model too.
 
@@ -31,6 +38,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for block in model.layers:  # type: ignore[attr-defined]
         parallelize_module(block, tp_mesh, plan.block_plan())
     parallelize_module(model, tp_mesh, plan.top_plan())
+    # The embedding's sequence-sharded output [B, T/tp, D] is a view of its DTensor's local
+    # tensor. Fed as is to a compiled first block, AOTAutograd hands the upstream redistribute
+    # a plain-tensor gradient and backward fails; a copy (small, once per forward) cuts the view.
+    model.tok_embeddings.register_forward_hook(_detach_view)  # type: ignore[union-attr]
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()

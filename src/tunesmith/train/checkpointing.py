@@ -25,6 +25,7 @@ from tunesmith.checkpoint import (
     Stateful,
 )
 from tunesmith.checkpoint.export import HF_SUBDIR
+from tunesmith.checkpoint.state import _rank
 from tunesmith.config import RunConfig
 
 log = logging.getLogger("tunesmith")
@@ -39,9 +40,19 @@ class DeferredRNGState(RNGState):
 
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None
+        # Resuming on more ranks than saved the checkpoint: this rank takes the streams of
+        # saved rank `source_rank` (rank % saved world size); set only around the load.
+        self.source_rank: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.source_rank is None:
+            return sd
+        return {f"rank_{self.source_rank}": next(iter(sd.values()))}  # the load template
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict
+        # Keyed as this rank's own entry, whichever saved rank it came from.
+        self._loaded = {f"rank_{_rank()}": v for v in state_dict.values()}
 
     def apply(self) -> None:
         if self._loaded is not None:

@@ -19,11 +19,13 @@ def _fmt(record: dict[str, Any]) -> str:
 
 
 class ProgressReporter:
-    def __init__(self, total: int, enabled: bool = True, stream=None):
+    def __init__(self, total: int, enabled: bool = True, stream=None, muted: bool = False):
         self.total = total
         self.stream = stream or sys.stderr
-        self.live = enabled and self.stream.isatty()
-        self.enabled = enabled
+        # muted: ranks other than 0 of a distributed job print nothing at all (notes included).
+        self.muted = muted
+        self.live = enabled and not muted and self.stream.isatty()
+        self.enabled = enabled and not muted
         self._bar = None
         self._task = None
 
@@ -52,6 +54,8 @@ class ProgressReporter:
             print(f"step {step}/{self.total}  {_fmt(record)}", file=self.stream, flush=True)
 
     def note(self, message: str) -> None:
+        if self.muted:
+            return
         if self._bar is not None:
             self._bar.console.print(message)
         else:

@@ -275,7 +275,16 @@ def _restore(trainer: Trainer, manager: CheckpointManager, ckpt: Path, app_state
     """Load every piece of training state from `ckpt` into the freshly built trainer."""
     check_model_matches(ckpt, trainer.model, app_state["model"].state_dict())
     live_groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-    manager.load(ckpt, app_state)
+    rng = app_state["rng"]
+    saved_world = int(manager.read_manifest(ckpt).get("world_size", 1))
+    par = trainer.par
+    if par is not None and par.world_size > saved_world and isinstance(rng, DeferredRNGState):
+        rng.source_rank = par.rank % saved_world  # more ranks than saved: reuse a saved stream
+    try:
+        manager.load(ckpt, app_state)
+    finally:
+        if isinstance(rng, DeferredRNGState):
+            rng.source_rank = None
     apply_optimizer_config(trainer.optimizer, trainer.scheduler, live_groups)
 
 

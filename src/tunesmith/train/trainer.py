@@ -103,7 +103,7 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self._is_main)
         tput = Throughput(cfg.train.throughput_warmup_steps, self.flops_per_token, self.peak_tflops)
-        reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress and self._is_main)
+        reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress, muted=not self._is_main)
         loop = _Loop()
         t_start = time.perf_counter()
         try:
