@@ -18,7 +18,6 @@ import torch
 
 from tunesmith.checkpoint import (
     CheckpointManager,
-    ModelState,
     ObjectState,
     OptimizerState,
     RNGState,
