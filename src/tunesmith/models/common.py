@@ -70,3 +70,25 @@ def split_hf_keys(
     if "torch_dtype" in kw:
         kw["torch_dtype"] = str(kw["torch_dtype"] or "float32").replace("torch.", "")
     return kw, extra
+
+
+# HF config keys that mean the same field in every family (each family adds its own shape keys).
+COMMON_HF_KEYS: dict[str, str] = {
+    "initializer_range": "initializer_range",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "model_type": "model_type",
+    "torch_dtype": "torch_dtype",
+    "dtype": "torch_dtype",
+}
+
+
+def preset_from_table(cls: type[C], table: dict[str, dict[str, Any]], name: str, kind: str) -> C:
+    """`cls(**table[name])`, or one clear error naming the closest preset of this family."""
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TunesmithError(f"unknown {kind} preset {name!r}{hint}; known: {', '.join(table)}")
+    return cls(**table[name])

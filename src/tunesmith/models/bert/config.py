@@ -8,12 +8,17 @@ padding tokens get, exactly as HF `create_position_ids_from_input_ids` does.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models.common import check_positive, override_fields, split_hf_keys
+from tunesmith.models.common import (
+    COMMON_HF_KEYS,
+    check_positive,
+    override_fields,
+    preset_from_table,
+    split_hf_keys,
+)
 
 MODEL_TYPES = ("bert", "roberta")
 _ARCHITECTURES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
@@ -29,14 +34,7 @@ HF_KEY_MAP: dict[str, str] = {
     "type_vocab_size": "type_vocab_size",
     "layer_norm_eps": "norm_eps",
     "hidden_act": "activation",
-    "initializer_range": "initializer_range",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-    "model_type": "model_type",
-    "torch_dtype": "torch_dtype",
-    "dtype": "torch_dtype",
+    **COMMON_HF_KEYS,
 }
 
 
@@ -171,9 +169,4 @@ PRESET_NAMES: tuple[str, ...] = tuple(_preset_table())
 
 
 def preset(name: str) -> BertConfig:
-    table = _preset_table()
-    if name not in table:
-        close = difflib.get_close_matches(name, table, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TunesmithError(f"unknown encoder preset {name!r}{hint}; known: {', '.join(table)}")
-    return BertConfig(**table[name])
+    return preset_from_table(BertConfig, _preset_table(), name, "encoder")

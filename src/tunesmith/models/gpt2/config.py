@@ -8,12 +8,17 @@ Llama): fine-tuning and the recipes here run without it; `resid_pdrop` and frien
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models.common import check_positive, override_fields, split_hf_keys
+from tunesmith.models.common import (
+    COMMON_HF_KEYS,
+    check_positive,
+    override_fields,
+    preset_from_table,
+    split_hf_keys,
+)
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 
@@ -26,14 +31,7 @@ HF_KEY_MAP: dict[str, str] = {
     "n_positions": "max_position_embeddings",
     "layer_norm_epsilon": "norm_eps",
     "activation_function": "activation",
-    "initializer_range": "initializer_range",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-    "model_type": "model_type",
-    "torch_dtype": "torch_dtype",
-    "dtype": "torch_dtype",
+    **COMMON_HF_KEYS,
 }
 
 
@@ -162,9 +160,4 @@ PRESET_NAMES: tuple[str, ...] = tuple(_preset_table())
 
 
 def preset(name: str) -> GPT2Config:
-    table = _preset_table()
-    if name not in table:
-        close = difflib.get_close_matches(name, table, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TunesmithError(f"unknown GPT-2 preset {name!r}{hint}; known: {', '.join(table)}")
-    return GPT2Config(**table[name])
+    return preset_from_table(GPT2Config, _preset_table(), name, "GPT-2")

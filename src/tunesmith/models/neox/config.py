@@ -8,12 +8,17 @@ transformers 5 layout (`rope_parameters`) and the 4.x one (`rotary_pct`, `rotary
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models.common import check_positive, override_fields, split_hf_keys
+from tunesmith.models.common import (
+    COMMON_HF_KEYS,
+    check_positive,
+    override_fields,
+    preset_from_table,
+    split_hf_keys,
+)
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -28,14 +33,7 @@ HF_KEY_MAP: dict[str, str] = {
     "hidden_act": "activation",
     "use_parallel_residual": "use_parallel_residual",
     "attention_bias": "attention_bias",
-    "initializer_range": "initializer_range",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-    "model_type": "model_type",
-    "torch_dtype": "torch_dtype",
-    "dtype": "torch_dtype",
+    **COMMON_HF_KEYS,
     "rotary_pct": "rotary_pct",
     "rotary_emb_base": "rope_theta",
 }
@@ -170,9 +168,4 @@ PRESET_NAMES: tuple[str, ...] = tuple(_preset_table())
 
 
 def preset(name: str) -> NeoXConfig:
-    table = _preset_table()
-    if name not in table:
-        close = difflib.get_close_matches(name, table, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TunesmithError(f"unknown GPT-NeoX preset {name!r}{hint}; known: {', '.join(table)}")
-    return NeoXConfig(**table[name])
+    return preset_from_table(NeoXConfig, _preset_table(), name, "GPT-NeoX")
