@@ -7,9 +7,7 @@ Tied embeddings: `lm_head.weight` is dropped when saving and tolerated (ignored)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 
-import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.models.adapter_base import StateDictAdapter
@@ -41,10 +39,11 @@ _HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 class LlamaStateDictAdapter(StateDictAdapter):
-    """Maps names both ways for one config (needs `tie_word_embeddings`)."""
+    """Maps names both ways for one config (needs `tie_word_embeddings`). Tensors map 1:1, so
+    the base class's whole-state-dict `to_hf` / `from_hf` apply unchanged (a tied model saves
+    no `lm_head.weight` and loads only `tok_embeddings.weight`)."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
-        self.cfg = cfg
+    cfg: LlamaConfig
 
     # -- single keys (used for streaming loads) -------------------------------------------
     def native_key_to_hf(self, key: str) -> str | None:
@@ -78,22 +77,3 @@ class LlamaStateDictAdapter(StateDictAdapter):
         except TunesmithError:
             return False
         return True
-
-    # -- whole state dicts ---------------------------------------------------------------------
-    def to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Native -> HF names. Non-persistent/unknown buffers are not expected here."""
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            hf_key = self.native_key_to_hf(key)
-            if hf_key is not None:
-                out[hf_key] = value
-        return out
-
-    def from_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """HF -> native names. A tied model gets only `tok_embeddings.weight`."""
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            native = self.hf_key_to_native(key)
-            if native is not None:
-                out[native] = value
-        return out
