@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The suite is the CPU/gloo parity suite, pinned to CPU so a GPU machine runs the same thing.
+# TUNESMITH_TEST_DEVICE=cuda runs it on CUDA/NCCL instead (the GPU parity check; one GPU a rank).
+TEST_DEVICE = os.environ.get("TUNESMITH_TEST_DEVICE", "cpu")
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -68,7 +71,7 @@ def job(tok: Path, train: Path, valid: Path, out: Path, *, global_batch: int = 8
         f"train.micro_batch_size={global_batch // dp}", "train.precision=fp32",
         f"train.max_steps={steps}", "logging.steps=1", "logging.progress=false",
         "optim.lr=3e-3", "schedule.warmup_steps=2", "eval.max_batches=2",
-        f"output.dir={out}", *extra,
+        f"output.dir={out}", f"train.device={TEST_DEVICE}", *extra,
     ]
 
 

@@ -10,7 +10,8 @@ absolute on the loss, 1e-3 relative on the grad norm, over 4 optimizer steps (me
 The final HF export (gathered from shards by rank 0) must match the one-process weights
 within 1e-4 absolute (measured: ~2e-5).
 
-On a GPU machine the same tests run on CUDA/NCCL (train.device=auto): 4 GPUs for all of them.
+The runs are pinned to CPU/gloo (also on GPU machines). `TUNESMITH_TEST_DEVICE=cuda` runs the same
+tests on CUDA/NCCL, one GPU a rank (4 GPUs for all of them).
 """
 
 from __future__ import annotations
