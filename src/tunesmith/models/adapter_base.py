@@ -7,10 +7,13 @@ change a tensor on the way, e.g. GPT-2's `Conv1D` stores weights as [in, out] wh
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from tunesmith.errors import TunesmithError
 
 
 class StateDictAdapter:
@@ -55,3 +58,55 @@ class StateDictAdapter:
             if native is not None:
                 out[native] = self.tensor_to_native(key, value)
         return out
+
+
+_NATIVE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+class TableAdapter(StateDictAdapter):
+    """Name mapping driven by tables: per-layer suffixes, top-level keys and the HF layer prefix.
+
+    Subclasses set the class attributes; the inverse maps and the HF layer pattern are derived
+    once per class. `normalize_hf_key` lets a family accept older checkpoint layouts.
+    """
+
+    FAMILY = "model"
+    LAYER_MAP: dict[str, str] = {}  # native layer suffix -> HF layer suffix (no .weight/.bias)
+    TOP_MAP: dict[str, str] = {}  # native top-level key -> HF key
+    HF_LAYER_PREFIX = ""  # e.g. "model.layers": HF layer i lives under f"{prefix}.{i}."
+    HF_HEAD = "lm_head.weight"  # HF name of the output head (absent when tied)
+    HF_IGNORED: re.Pattern[str] | None = None  # HF keys without learned state (old buffers)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._HF_LAYER_MAP = {v: k for k, v in cls.LAYER_MAP.items()}
+        cls._HF_TOP_MAP = {v: k for k, v in cls.TOP_MAP.items()}
+        cls._HF_LAYER_RE = re.compile(
+            rf"^{re.escape(cls.HF_LAYER_PREFIX)}\.(\d+)\.(.+)\.(weight|bias)$"
+        )
+
+    def normalize_hf_key(self, key: str) -> str:
+        return key
+
+    def native_key_to_hf(self, key: str) -> str | None:
+        if key == "output.weight" and self.cfg.tie_word_embeddings:
+            return None
+        if key in self.TOP_MAP:
+            return self.TOP_MAP[key]
+        m = _NATIVE_LAYER_RE.match(key)
+        if m and m.group(2) in self.LAYER_MAP:
+            return f"{self.HF_LAYER_PREFIX}.{m.group(1)}.{self.LAYER_MAP[m.group(2)]}.{m.group(3)}"
+        raise TunesmithError(f"state dict: no HF name for parameter {key!r}")
+
+    def hf_key_to_native(self, key: str) -> str | None:
+        key = self.normalize_hf_key(key)
+        if key == self.HF_HEAD and self.cfg.tie_word_embeddings:
+            return None
+        if self.HF_IGNORED is not None and self.HF_IGNORED.search(key):
+            return None
+        if key in self._HF_TOP_MAP:
+            return self._HF_TOP_MAP[key]
+        m = self._HF_LAYER_RE.match(key)
+        if m and m.group(2) in self._HF_LAYER_MAP:
+            return f"layers.{m.group(1)}.{self._HF_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+        raise TunesmithError(f"checkpoint: unexpected tensor {key!r} for a {self.FAMILY} model")

@@ -13,8 +13,7 @@ import re
 
 import torch
 
-from tunesmith.errors import TunesmithError
-from tunesmith.models.adapter_base import StateDictAdapter
+from tunesmith.models.adapter_base import TableAdapter
 
 _LAYER_MAP = {
     "attention_norm": "ln_1",
@@ -24,7 +23,6 @@ _LAYER_MAP = {
     "feed_forward.w1": "mlp.c_fc",
     "feed_forward.w2": "mlp.c_proj",
 }
-_HF_LAYER_MAP = {v: k for k, v in _LAYER_MAP.items()}
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _TOP_MAP = {
     "tok_embeddings.weight": "transformer.wte.weight",
@@ -33,9 +31,6 @@ _TOP_MAP = {
     "norm.bias": "transformer.ln_f.bias",
     "output.weight": "lm_head.weight",
 }
-_HF_TOP_MAP = {v: k for k, v in _TOP_MAP.items()}
-_NATIVE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
-_HF_LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_BUFFER_RE = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
@@ -46,29 +41,16 @@ def _with_prefix(key: str) -> str:
     return "transformer." + key
 
 
-class GPT2StateDictAdapter(StateDictAdapter):
-    def native_key_to_hf(self, key: str) -> str | None:
-        if key == "output.weight" and self.cfg.tie_word_embeddings:
-            return None
-        if key in _TOP_MAP:
-            return _TOP_MAP[key]
-        m = _NATIVE_LAYER_RE.match(key)
-        if m and m.group(2) in _LAYER_MAP:
-            return f"transformer.h.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
-        raise TunesmithError(f"state dict: no HF name for parameter {key!r}")
+class GPT2StateDictAdapter(TableAdapter):
+    FAMILY = "GPT-2"
+    LAYER_MAP = _LAYER_MAP
+    TOP_MAP = _TOP_MAP
+    HF_LAYER_PREFIX = "transformer.h"
+    HF_HEAD = "lm_head.weight"
+    HF_IGNORED = _HF_BUFFER_RE
 
-    def hf_key_to_native(self, key: str) -> str | None:
-        key = _with_prefix(key)
-        if key == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return None
-        if _HF_BUFFER_RE.match(key):
-            return None  # causal-mask buffers of old checkpoints: no learned state
-        if key in _HF_TOP_MAP:
-            return _HF_TOP_MAP[key]
-        m = _HF_LAYER_RE.match(key)
-        if m and m.group(2) in _HF_LAYER_MAP:
-            return f"layers.{m.group(1)}.{_HF_LAYER_MAP[m.group(2)]}.{m.group(3)}"
-        raise TunesmithError(f"checkpoint: unexpected tensor {key!r} for a GPT-2 model")
+    def normalize_hf_key(self, key: str) -> str:
+        return _with_prefix(key)
 
     @staticmethod
     def _is_conv1d_weight(hf_key: str) -> bool:
