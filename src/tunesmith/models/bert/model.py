@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.models.attention import (
@@ -34,12 +33,7 @@ from tunesmith.models.attention import (
     sdpa_attention,
 )
 from tunesmith.models.bert.config import BertConfig
-
-
-def activation(x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "relu":
-        return F.relu(x)
-    return F.gelu(x, approximate="none" if name == "gelu" else "tanh")
+from tunesmith.models.layers import DenseMLP, activation
 
 
 class EncoderAttention(nn.Module):
@@ -60,17 +54,6 @@ class EncoderAttention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, d))
 
 
-class EncoderMLP(nn.Module):
-    def __init__(self, cfg: BertConfig) -> None:
-        super().__init__()
-        self.activation = cfg.activation
-        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(activation(self.w1(x), self.activation))
-
-
 class EncoderBlock(nn.Module):
     """Post-LayerNorm block: h = LN(x + attn(x)); out = LN(h + mlp(h))."""
 
@@ -79,7 +62,7 @@ class EncoderBlock(nn.Module):
         self.layer_id = layer_id
         self.attention = EncoderAttention(cfg)
         self.attention_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.feed_forward = EncoderMLP(cfg)
+        self.feed_forward = DenseMLP(cfg.dim, cfg.intermediate_size, cfg.activation)
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, attn: PreparedAttention) -> torch.Tensor:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.models.attention import (
@@ -32,12 +31,8 @@ from tunesmith.models.attention import (
     sdpa_attention,
 )
 from tunesmith.models.gpt2.config import GPT2Config
+from tunesmith.models.layers import DenseMLP
 from tunesmith.models.llama.model import KVCache
-
-
-def gelu(x: torch.Tensor, activation: str) -> torch.Tensor:
-    # HF "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation.
-    return F.gelu(x, approximate="none" if activation == "gelu" else "tanh")
 
 
 class GPT2Attention(nn.Module):
@@ -61,17 +56,6 @@ class GPT2Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, d))
 
 
-class GPT2MLP(nn.Module):
-    def __init__(self, cfg: GPT2Config) -> None:
-        super().__init__()
-        self.activation = cfg.activation
-        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=True)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(gelu(self.w1(x), self.activation))
-
-
 class GPT2Block(nn.Module):
     def __init__(self, cfg: GPT2Config, layer_id: int) -> None:
         super().__init__()
@@ -79,7 +63,7 @@ class GPT2Block(nn.Module):
         self.attention_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = GPT2Attention(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.feed_forward = GPT2MLP(cfg)
+        self.feed_forward = DenseMLP(cfg.dim, cfg.intermediate_size, cfg.activation)
 
     def forward(self, x: torch.Tensor, attn: PreparedAttention,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.models.attention import (
@@ -29,6 +28,7 @@ from tunesmith.models.attention import (
 )
 from tunesmith.models.llama.model import KVCache, apply_rope, rope_cos_sin
 from tunesmith.models.neox.config import NeoXConfig
+from tunesmith.models.layers import DenseMLP
 
 
 def neox_inv_freq(cfg: NeoXConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -36,10 +36,6 @@ def neox_inv_freq(cfg: NeoXConfig, device: torch.device | str | None = None) -> 
     rd = cfg.rotary_dim
     exps = torch.arange(0, rd, 2, dtype=torch.int64, device=device).to(torch.float32) / rd
     return 1.0 / (cfg.rope_theta ** exps)
-
-
-def act(x: torch.Tensor, name: str) -> torch.Tensor:
-    return F.gelu(x, approximate="none" if name == "gelu" else "tanh")
 
 
 class NeoXAttention(nn.Module):
@@ -67,17 +63,6 @@ class NeoXAttention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, d))
 
 
-class NeoXMLP(nn.Module):
-    def __init__(self, cfg: NeoXConfig) -> None:
-        super().__init__()
-        self.activation = cfg.activation
-        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(act(self.w1(x), self.activation))
-
-
 class NeoXBlock(nn.Module):
     def __init__(self, cfg: NeoXConfig, layer_id: int) -> None:
         super().__init__()
@@ -86,7 +71,7 @@ class NeoXBlock(nn.Module):
         self.attention_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = NeoXAttention(cfg)
-        self.feed_forward = NeoXMLP(cfg)
+        self.feed_forward = DenseMLP(cfg.dim, cfg.intermediate_size, cfg.activation)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: PreparedAttention, cache: KVCache | None = None) -> torch.Tensor:
