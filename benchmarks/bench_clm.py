@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-eager", "hf-trainer")
 
@@ -168,15 +168,9 @@ def main() -> None:
         return child(args)
     rows = {}
     for v in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", v, "--shape", args.shape, "--seq", str(args.seq),
-               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            rows[v] = {"error": (proc.stderr or proc.stdout)[-3000:]}
-            print(f"{v} failed:\n{rows[v]['error']}", file=sys.stderr)
-            continue
-        rows[v] = json.loads(line[0][7:])
+        rows[v] = run_variant(__file__, v, [
+            "--shape", args.shape, "--seq", str(args.seq), "--micro-batch", str(args.micro_batch),
+            "--steps", str(args.steps), "--warmup", str(args.warmup)])
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.micro_batch}, {args.steps} steps "
