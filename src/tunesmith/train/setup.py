@@ -115,7 +115,7 @@ def has_weights(source: str) -> bool:
 
 def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None = None) -> ModelBundle:
     from tunesmith.data import load_tokenizer
-    from tunesmith.models import resolve_model_config
+    from tunesmith.models import is_preset, resolve_model_config
     from tunesmith.parallel.dist import single_process
     from tunesmith.parallel.setup import build_parallel_model
     from tunesmith.peft import apply_peft
@@ -123,7 +123,7 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
 
     mc = cfg.model
     family, model_cfg = resolve_model_config(mc.name, mc.overrides)
-    tok_source = mc.tokenizer or (mc.name if not _is_preset(mc.name) else None)
+    tok_source = mc.tokenizer or (mc.name if not is_preset(mc.name) else None)
     if tok_source is None:
         raise TunesmithError(
             f"model.name={mc.name!r} is a preset without a tokenizer: set model.tokenizer"
@@ -146,12 +146,6 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
     model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained,
                                  dtype=peft_base_dtype(cfg.peft, rt), prepare=peft)
     return ModelBundle(family, model_cfg, model, tokenizer, tok_source)
-
-
-def _is_preset(name: str) -> bool:
-    from tunesmith.models import is_preset
-
-    return is_preset(name)
 
 
 def build_loaders(cfg: RunConfig, tokenizer, max_positions: int, ctx: ParallelContext | None = None):
