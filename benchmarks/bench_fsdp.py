@@ -142,6 +142,7 @@ def _result(args, ctx, times, losses, flops, n_params, mem) -> dict:
         "median_step_s": step_s, "mean_step_s": sum(steady) / len(steady),
         "params": n_params, "flops_per_token": flops, "first_losses": losses[:3],
         "last_loss": losses[-1], "torch": torch.__version__,
+        "sdpa": os.environ.get("TUNESMITH_SDPA", "auto"),  # kernel preference (auto: cuDNN on sm_90)
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
     }
 

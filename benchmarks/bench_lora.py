@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -193,6 +194,7 @@ def _result(args, times, losses, trainable, total, setup_gib) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "first_losses": losses[:3],
+        "sdpa": os.environ.get("TUNESMITH_SDPA", "auto"),  # kernel preference (auto: cuDNN on sm_90)
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
     }

@@ -6,6 +6,11 @@
    SDPA-with-mask backends), and the attention fwd+bwd time of each backend at a 1B-like shape.
 2. Exact resume on CUDA: per-step losses of a 2N-step run vs N steps + resume to 2N (fp32, bf16).
 3. QLoRA on CUDA: a short NF4 LoRA run through the CLI trains (loss falls) and reports memory.
+4. SDPA kernels (cuDNN, FlashAttention-2): causal GQA attention at the Llama-3-8B head shape,
+   output and input-gradient error of each against an fp32 reference, and fwd+bwd time; plus
+   which kernel tunesmith's preference makes a plain SDPA call take.
+
+    --only sdpa    runs check 4 alone
 """
 
 from __future__ import annotations
@@ -68,6 +73,50 @@ def attention_timing(B=8, T=2048, H=32, Hkv=8, hd=64, n_docs=8) -> dict[str, flo
     return out
 
 
+def sdpa_kernels(B=2, T=4096, H=32, Hkv=8, hd=128) -> dict:
+    """Each SDPA kernel forced in turn vs an fp32 math reference: max abs error of the output
+    and of dq/dk/dv (bf16 inputs, causal, GQA), and median fwd+bwd ms."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, T, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+               for h in (H, Hkv, Hkv))
+    dout = torch.randn(B, H, T, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def fwd_bwd(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+        out.backward(dout.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = fwd_bwd(torch.float32)
+    report: dict = {}
+    for name, kernel in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel(kernel):
+            got = fwd_bwd(torch.bfloat16)
+            times = []
+            for i in range(15):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fwd_bwd(torch.bfloat16)
+                torch.cuda.synchronize()
+                if i >= 5:
+                    times.append(time.perf_counter() - t0)
+        errs = [(a - b).abs().max().item() for a, b in zip(got, ref)]
+        report[name] = {"max_abs_err_out_dq_dk_dv": errs, "ms": 1000 * sorted(times)[len(times) // 2]}
+    from tunesmith.models.attention import configure_sdpa
+
+    report["preferred"] = configure_sdpa(torch.device("cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(torch.bfloat16)
+    report["kernels_taken"] = sorted({e.key for e in prof.key_averages() if "sdpa" in e.key.lower()
+                                      or "flash" in e.key.lower() or "fmha" in e.key.lower()})[:6]
+    return report
+
+
 def resume_exactness(tmp: Path, precision: str) -> float:
     from tunesmith.cli.demo import train_tokenizer, write_corpus
     from tunesmith.cli.main import run
@@ -119,8 +168,18 @@ def qlora_run(tmp: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default=None)
+    p.add_argument("--only", choices=["sdpa"], default=None)
     args = p.parse_args()
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["sdpa"] = sdpa_kernels()
+    print("sdpa kernels:", json.dumps(report["sdpa"]), flush=True)
+    sdpa_ok = (report["sdpa"]["cudnn"]["max_abs_err_out_dq_dk_dv"][0]
+               <= 2 * report["sdpa"]["flash"]["max_abs_err_out_dq_dk_dv"][0] + 1e-3)
+    if args.only == "sdpa":
+        report["ok"] = sdpa_ok
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        sys.exit(0 if sdpa_ok else 1)
     report["packed_max_abs_diff"] = {b: packed_parity(b) for b in ("flex", "sdpa")}
     print("packed vs alone, max |logit diff|:", report["packed_max_abs_diff"], flush=True)
     report["attention_ms"] = attention_timing()
@@ -130,7 +189,7 @@ def main() -> None:
         print("resume vs uninterrupted, max rel loss diff:", report["resume_max_rel_diff"], flush=True)
         report["qlora"] = qlora_run(Path(d))
         print("qlora:", report["qlora"], flush=True)
-    ok = (max(report["packed_max_abs_diff"].values()) < 1e-4
+    ok = (sdpa_ok and max(report["packed_max_abs_diff"].values()) < 1e-4
           and max(report["resume_max_rel_diff"].values()) <= 1e-6
           and report["qlora"]["exit"] == 0 and report["qlora"]["last_loss"] < report["qlora"]["first_loss"])
     report["ok"] = ok

@@ -7,6 +7,7 @@ Test-only: production code has no fault hooks.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -31,5 +32,9 @@ trainer_mod.Trainer.train_step = _faulty_train_step
 
 if __name__ == "__main__":
     from tunesmith.cli.main import main
+
+    # Diagnosis only: a worker still alive after 60 s prints every thread's stack (it does not
+    # exit), so a test that times out shows where each rank was stuck.
+    faulthandler.dump_traceback_later(60, exit=False)
 
     main(sys.argv[1:])

@@ -28,10 +28,10 @@ def _fault_run(data, tmp_path, fault: str, extra: tuple[str, ...] = ()):
 
 def test_raising_rank_ends_job_with_rank_and_error(data, tmp_path):
     proc, elapsed = _fault_run(data, tmp_path, "raise")
-    assert proc.returncode != 0
+    assert proc.returncode != 0, proc.stderr[-3000:]
     # torchrun's summary names the root-cause rank and the recorded exception.
     assert "rank      : 1" in proc.stderr or "rank: 1" in proc.stderr, proc.stderr[-3000:]
-    assert "injected failure on rank 1" in proc.stderr
+    assert "injected failure on rank 1" in proc.stderr, proc.stderr[-3000:]
     assert elapsed < 90, f"took {elapsed:.0f}s to come down"
 
 
@@ -39,7 +39,7 @@ def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
     # Rank 1 sleeps 8 s inside step 3; rank 0 waits in the next collective and must give up
     # after parallel.timeout_s=3: the job fails (had nobody timed out, it would finish fine).
     proc, elapsed = _fault_run(data, tmp_path, "hang", ("parallel.timeout_s=3",))
-    assert proc.returncode != 0
+    assert proc.returncode != 0, proc.stderr[-3000:]
     assert "rank      : 0" in proc.stderr or "rank: 0" in proc.stderr, proc.stderr[-3000:]
     assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr[-3000:]
     assert elapsed < 90, f"took {elapsed:.0f}s to come down"

@@ -188,3 +188,17 @@ def test_launch_builds_torchrun_arguments():
     assert "--rdzv-endpoint node0:29500" in joined and "--rdzv-id 42" in joined
     with pytest.raises(TunesmithError, match="needs --rdzv-endpoint"):
         torchrun_argv(p.parse_args(["--nnodes", "2", "--nproc-per-node", "8"]), "tunesmith", ["train"])
+
+
+def test_worker_failures_without_nccl_keep_normal_exit():
+    """`run_worker` returns codes and re-raises bugs as usual when no NCCL group is up (the
+    os._exit path is for NCCL only; its end-to-end check is test_failures on CUDA)."""
+    from tunesmith.cli.dist import run_worker
+
+    assert run_worker(lambda: 2) == 2
+
+    def bug() -> int:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        run_worker(bug)

@@ -233,3 +233,21 @@ def test_loads_pickle_checkpoint_with_weights_only(tmp_path: Path) -> None:
     assert loaded.norm.weight.dtype == torch.bfloat16
     ref = model.layers[1].feed_forward.w2.weight.to(torch.bfloat16)
     assert torch.equal(loaded.layers[1].feed_forward.w2.weight, ref)
+
+
+def test_sdpa_preference_moves_one_kernel_first_and_rejects_unknown() -> None:
+    from tunesmith.models.attention import configure_sdpa
+
+    assert configure_sdpa(torch.device("cpu")) == "default"  # CPU: torch's order untouched
+    before = torch._C._get_sdp_priority_order()
+    try:
+        # An explicit choice needs no GPU to be recorded: it is a process-wide priority order.
+        assert configure_sdpa(torch.device("cuda"), "cudnn") == "cudnn"
+        from torch.nn.attention import SDPBackend
+
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(before)
+    finally:
+        torch._C._set_sdp_priority_order(before)
+    with pytest.raises(TunesmithError, match="TUNESMITH_SDPA='fa9'"):
+        configure_sdpa(torch.device("cpu"), "fa9")

@@ -67,6 +67,38 @@ def with_torchrun_record(fn: Callable[[], int]) -> Callable[[], int]:
     return record(fn)
 
 
+def run_worker(fn: Callable[[], int]) -> int:
+    """Run the CLI body; after a failure on NCCL, leave at once with `os._exit`.
+
+    The error is recorded (torchrun's error file) and printed first. Then, rather than let
+    interpreter teardown destroy a communicator that a peer may still be blocked in (which
+    can hang the job instead of failing it), the process exits without cleanup: torchrun sees
+    the failure, names this rank, and stops the others.
+    """
+    try:
+        code = with_torchrun_record(fn)()
+    except BaseException:
+        if not _hard_exit_needed():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code != 0 and _hard_exit_needed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _hard_exit_needed() -> bool:
+    try:
+        from tunesmith.parallel.dist import needs_hard_exit
+    except ImportError:
+        return False
+    return needs_hard_exit()
+
+
 def _launch(args: argparse.Namespace) -> int:
     from tunesmith.parallel.launch import launch
 

@@ -11,10 +11,10 @@ import json
 import logging
 import shlex
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
-from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, with_torchrun_record
+from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
 from tunesmith.errors import TunesmithError
 
 log = logging.getLogger("tunesmith")
@@ -231,7 +231,7 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(with_torchrun_record(lambda: run(argv))())
+    sys.exit(run_worker(lambda: run(argv)))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ _BACKENDS = ("auto", "sdpa", "flex")
 # Process-wide choice; TUNESMITH_ATTENTION=sdpa|flex|auto overrides the default "auto".
 _backend: str = os.environ.get("TUNESMITH_ATTENTION", "auto")
 
+# SDPA kernel preference on CUDA; TUNESMITH_SDPA=auto|cudnn|flash|efficient|default overrides.
+_SDPA_CHOICES = ("auto", "cudnn", "flash", "efficient", "default")
+_sdpa_pref: str = os.environ.get("TUNESMITH_SDPA", "auto")
+
 # `enable_gqa` landed in torch 2.5; older versions need the kv heads repeated by hand.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -111,6 +115,37 @@ def attention_backend(device: torch.device) -> str:
     if _backend != "auto":
         return _backend if _backend == "sdpa" or _flex_available() else "sdpa"
     return "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+
+
+def configure_sdpa(device: torch.device, choice: str | None = None) -> str:
+    """Set the process-wide SDPA kernel priority for `device`; returns the kernel put first.
+
+    SDPA tries its backends in a fixed order that puts FlashAttention-2 first. On Hopper
+    (sm_90) cuDNN's fused attention is much faster for training shapes (measured in
+    benchmarks/RESULTS.md) at the same accuracy, so "auto" puts cuDNN first there and keeps
+    torch's order elsewhere. This is a priority, not a restriction: a call cuDNN cannot serve
+    (a mask it does not support, say) falls back to the next kernel exactly as before. Set once
+    at setup (before any compile traces attention), never per call.
+    """
+    choice = choice or _sdpa_pref
+    if choice not in _SDPA_CHOICES:
+        raise TunesmithError(
+            f"TUNESMITH_SDPA={choice!r} is not a kernel choice; use one of {', '.join(_SDPA_CHOICES)}"
+        )
+    if device.type != "cuda":
+        return "default"
+    if choice == "auto":
+        choice = "cudnn" if torch.cuda.get_device_capability(device)[0] == 9 else "default"
+    setter = getattr(torch._C, "_set_sdp_priority_order", None)  # torch >= 2.6
+    if choice == "default" or setter is None:
+        return "default"
+    from torch.nn.attention import SDPBackend
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[choice]
+    order = [int(first)] + [b for b in torch._C._get_sdp_priority_order() if b != int(first)]
+    setter(order)
+    return choice
 
 
 def _flex_available() -> bool:

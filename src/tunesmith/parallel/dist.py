@@ -113,8 +113,11 @@ def set_comm_env(pc: ParallelConfig) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if pc.nccl_debug is not None:
         os.environ["NCCL_DEBUG"] = pc.nccl_debug
-    # A watchdog that aborts the communicator on error/timeout so a dead peer fails the job.
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # On a collective error or timeout the NCCL watchdog ends the process (so a dead or hung
+    # peer fails the job) *without* aborting the communicator first: mode 1 (abort, then tear
+    # down) hangs inside ncclCommAbort when the peer never aborts too, which is exactly the
+    # hung-peer case. 3 is also torch's default; a value the user exported wins.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
 
 
 def _pick_device(device: torch.device, local_rank: int) -> torch.device:
@@ -161,3 +164,13 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def needs_hard_exit() -> bool:
+    """True when this process must leave with `os._exit` after a failure.
+
+    After an error on NCCL a peer may still sit in a collective this rank will never join;
+    destroying (or, at interpreter teardown, aborting) the communicator can then block
+    forever, and the job would hang instead of failing. Gloo tears down cleanly.
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"

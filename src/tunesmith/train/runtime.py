@@ -68,6 +68,11 @@ def resolve_runtime(device_name: str, precision: str) -> Runtime:
         # TF32 for the few fp32 matmuls left (e.g. fp32 runs): same range, ~8x the rate.
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = precision != "fp32"
+        from tunesmith.models.attention import configure_sdpa
+
+        kernel = configure_sdpa(device)
+        if kernel != "default":
+            log.debug("attention: SDPA prefers the %s kernel on this GPU", kernel)
     return Runtime(device, precision, param_dtype, autocast_dtype)
 
 
