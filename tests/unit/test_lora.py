@@ -113,6 +113,32 @@ def test_lora_forward_and_grads_match_the_formula(autocast: bool) -> None:
         torch.testing.assert_close(got, want, atol=atol, rtol=2e-2 if autocast else 1e-5)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_shared_input_lora_equals_one_call_per_layer(monkeypatch, rslora: bool) -> None:
+    """q/k/v and gate/up read the same x: their A matrices run as one matmul
+    (`LoRALinear.forward_shared`). Outputs and every gradient equal the per-layer path."""
+    from tunesmith.peft import lora as lora_mod
+
+    def run(shared: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(lora_mod, "SHARE_INPUT", shared)
+        model, family, cfg = tiny_model()
+        torch.manual_seed(0)
+        apply_lora(model, family.adapter(cfg), LoRASpec(r=4, alpha=8, rslora=rslora), "all-linear")
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        out = model(ids())
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (out_a, grads_a), (out_b, grads_b) = run(True), run(False)
+    # fp32; the only difference is GEMM blocking (one [3r, in] matmul vs three [r, in]).
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any("attention.wk.lora_A" in n for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_freeze_layers_and_embeddings_without_lora() -> None:
     model, family, cfg = tiny_model(n_layers=3)
     pc = PeftConfig(freeze_layers=[2], num_freeze_layers=1, freeze_embeddings=True)

@@ -7,6 +7,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def shared_input(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """x [..., in] through several linear layers that all read it (q/k/v; gate/up).
+
+    The plain answer is each layer on its own. A layer type that does better when siblings
+    share their input (LoRA: one low-rank matmul for all of them, so x is read once instead of
+    once per layer) offers a static `forward_shared(x, layers)`; transforms install such
+    layers from outside, the model only says which calls share x. `forward_shared` may
+    return None to decline (then each layer runs alone).
+    """
+    fused = getattr(type(linears[0]), "forward_shared", None)
+    if fused is not None and all(type(m) is type(linears[0]) for m in linears):
+        out = fused(x, linears)
+        if out is not None:
+            return out
+    return tuple(m(x) for m in linears)
+
+
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """HF activation names: relu, gelu (exact erf), and the tanh approximation under its names
     gelu_new / gelu_pytorch_tanh / gelu_fast (each family's config validates which it accepts)."""

@@ -45,6 +45,11 @@ class LoRASpec:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+# LoRA layers that read the same input run their A matrices as one matmul (see
+# `LoRALinear.forward_shared`); tests switch it off to compare against one call per layer.
+SHARE_INPUT = True
+
+
 def _autocast_on(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
@@ -126,6 +131,35 @@ class LoRALinear(nn.Module):
         if self.lora_magnitude is None:
             return self._add_adapter(out, xa)
         return self._dora(out, xa, self._adapter(xa))
+
+    @staticmethod
+    def forward_shared(x: torch.Tensor, layers: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...] | None:
+        """Several LoRA layers on one input x [..., in] (q/k/v, gate/up): outputs [..., out_i].
+
+        Their A matrices run as one [sum r, in] matmul, so x is read once for the rank-r
+        projections in forward and once for all their A gradients in backward (the low-rank
+        matmuls are memory-bound: their cost is reading x). Each layer then adds its own
+        B update to its own base output. None (one call per layer instead) for DoRA, active
+        dropout, or tensor-parallel (DTensor) adapters.
+        """
+        from torch.distributed.tensor import DTensor
+
+        if not SHARE_INPUT or any(
+            m.lora_magnitude is not None or (m.spec.dropout > 0 and m.training)
+            or isinstance(m.lora_A, DTensor) for m in layers
+        ):
+            return None
+        a = torch.cat([m.lora_A for m in layers])  # [sum r, in]
+        xa = x if _autocast_on(x) or x.dtype == a.dtype else x.to(a.dtype)
+        low = F.linear(xa, a)  # [..., sum r]
+        outs, start = [], 0
+        for m in layers:
+            r = m.lora_A.shape[0]
+            up = F.linear(low[..., start:start + r], m.lora_B * m.scaling)  # [..., out]
+            out = m._base(x)
+            outs.append(out + up.to(out.dtype))
+            start += r
+        return tuple(outs)
 
     def _dora(self, out: torch.Tensor, xa: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """DoRA as peft computes it: out + (m/n - 1) * W xa + m/n * s B A xa.

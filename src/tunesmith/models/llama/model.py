@@ -32,6 +32,7 @@ from tunesmith.models.attention import (
     prepare_attention,
     sdpa_attention,
 )
+from tunesmith.models.layers import shared_input
 from tunesmith.models.llama.config import LlamaConfig
 
 
@@ -149,9 +150,10 @@ class Attention(nn.Module):
                 attn: PreparedAttention, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
         b, t, _ = x.shape
         # Head counts are inferred (-1) so tensor parallelism can shard heads from outside.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        xq, xk, xv = shared_input(x, self.wq, self.wk, self.wv)
+        q = xq.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = xk.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = xv.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # [B, Hkv, S, hd]
@@ -169,7 +171,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = shared_input(x, self.w1, self.w3)  # [..., intermediate] each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
