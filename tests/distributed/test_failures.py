@@ -11,6 +11,11 @@ from tests.distributed.helpers import REPO, job, torchrun
 
 pytestmark = pytest.mark.slow
 
+# "Promptly": far below the 600 s default collective timeout a real hang would wait. On NCCL,
+# survivors blocked in a CUDA wait only go at torchrun's SIGKILL 30 s after its SIGTERM;
+# measured on 2 H200 ranks, worker start included: 45 s (raise) and 86 s (hang).
+PROMPT_S = 150
+
 
 @pytest.fixture(scope="module")
 def data(tiny_tokenizer_dir, demo_text):
@@ -21,7 +26,7 @@ def data(tiny_tokenizer_dir, demo_text):
 def _fault_run(data, tmp_path, fault: str, extra: tuple[str, ...] = ()):
     argv = ["train", *job(*data, tmp_path / "run", dp=2, steps=6, extra=extra)]
     start = time.monotonic()
-    proc = torchrun(2, [str(REPO / "tests/distributed/_fault_worker.py"), *argv], timeout=120,
+    proc = torchrun(2, [str(REPO / "tests/distributed/_fault_worker.py"), *argv], timeout=240,
                     TUNESMITH_TEST_FAULT=fault, TUNESMITH_TEST_HANG_S="8")
     return proc, time.monotonic() - start
 
@@ -32,7 +37,7 @@ def test_raising_rank_ends_job_with_rank_and_error(data, tmp_path):
     # torchrun's summary names the root-cause rank and the recorded exception.
     assert "rank      : 1" in proc.stderr or "rank: 1" in proc.stderr, proc.stderr[-3000:]
     assert "injected failure on rank 1" in proc.stderr, proc.stderr[-3000:]
-    assert elapsed < 90, f"took {elapsed:.0f}s to come down"
+    assert elapsed < PROMPT_S, f"took {elapsed:.0f}s to come down"
 
 
 def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
@@ -42,7 +47,7 @@ def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "rank      : 0" in proc.stderr or "rank: 0" in proc.stderr, proc.stderr[-3000:]
     assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr[-3000:]
-    assert elapsed < 90, f"took {elapsed:.0f}s to come down"
+    assert elapsed < PROMPT_S, f"took {elapsed:.0f}s to come down"
 
 
 def test_launch_reports_failing_rank_in_one_line(data, tmp_path, monkeypatch, capsys):
