@@ -153,8 +153,8 @@ def test_deepspeed_missing_file_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["peft.method=lora"], "peft (LoRA/QLoRA/freezing) run on one process only"),
-    (["peft.num_freeze_layers=1"], "peft (LoRA/QLoRA/freezing) run on one process only"),
+    (["peft.method=qlora"], "peft.method=qlora (NF4 base) run on one process only"),
+    (["peft.method=lora", "peft.save_merged=true"], "peft.save_merged (merge the saved adapter"),
     (["data.streaming=true", "train.max_steps=5"], "data.streaming run on one process only"),
 ])
 def test_single_process_features_refused_across_ranks(overrides, message):
@@ -162,6 +162,15 @@ def test_single_process_features_refused_across_ranks(overrides, message):
     with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_run(cfg, resolve_layout(cfg.parallel, 2), _tiny(), "cpu")
     check_run(cfg, resolve_layout(cfg.parallel, 1), _tiny(), "cpu")  # one process: fine
+
+
+@pytest.mark.parametrize("overrides", [["peft.method=lora"], ["peft.num_freeze_layers=1"]])
+def test_peft_composes_with_data_parallel_but_not_tp(overrides):
+    cfg = load_config(None, ["data.path=x", *overrides])
+    check_run(cfg, resolve_layout(cfg.parallel, 2), _tiny(), "cpu")  # FSDP2 over 2 ranks: fine
+    tp = load_config(None, ["data.path=x", "parallel.tp=2", *overrides])
+    with pytest.raises(TunesmithError, match="not yet with tensor parallelism"):
+        check_run(tp, resolve_layout(tp.parallel, 2), _tiny(), "cpu")
 
 
 def test_tp_needs_a_family_with_a_plan():

@@ -245,11 +245,15 @@ def _few(names: list[str], n: int = 5) -> str:
     return ", ".join(sorted(names)[:n]) + more
 
 
-def _plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False) -> dict[str, str]:
-    """Check checkpoint names/shapes against the model; return hf name -> native name."""
+def _plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False,
+               skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Check checkpoint names/shapes against the model; return hf name -> native name.
+
+    `skip`: model tensors the checkpoint does not hold by design (LoRA adapters added to the
+    model before a sharded load)."""
     cfg: ModelConfig = model.cfg
     adapter = get_family(cfg.model_type).adapter(cfg)
-    expected = dict(model.state_dict(keep_vars=True))
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
     if cfg.tie_word_embeddings:
         expected.pop("output.weight", None)
     mapping: dict[str, str] = {}

@@ -144,8 +144,10 @@ def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
     """Features not (yet) built for several processes: refused up front, not half-working."""
     unsupported = []
     pc = cfg.peft
-    if pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers:
-        unsupported.append("peft (LoRA/QLoRA/freezing)")
+    if pc.method == "qlora":
+        unsupported.append("peft.method=qlora (NF4 base)")
+    if pc.method != "none" and pc.save_merged:
+        unsupported.append("peft.save_merged (merge the saved adapter with `tunesmith merge`)")
     if cfg.data.streaming:
         unsupported.append("data.streaming")
     if cfg.eval.generate.enabled:
@@ -164,6 +166,12 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
     tp = layout.tp
     if layout.world_size > 1:
         _check_single_process_features(cfg, model_cfg)
+    pc = cfg.peft
+    if tp > 1 and (pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers):
+        raise TunesmithError(
+            f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "
+            "(FSDP2, HSDP, DDP) but not yet with tensor parallelism; use parallel.tp=1"
+        )
     if tp > 1 and getattr(model_cfg, "model_type", "llama") not in _TP_FAMILIES:
         raise TunesmithError(
             f"parallel.tp={tp}: tensor parallelism has a plan for the Llama family only "

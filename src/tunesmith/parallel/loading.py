@@ -87,14 +87,15 @@ def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, fami
     del ref
 
 
-def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool) -> None:
+def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool,
+                       skip: frozenset[str] = frozenset()) -> None:
     from tunesmith.hf import io as hfio
     from tunesmith.models import _plan_load, _weights_dir, get_family
 
     cfg = model.cfg  # type: ignore[attr-defined]
     adapter = get_family(cfg.model_type).adapter(cfg)
     files = hfio.find_weight_files(_weights_dir(source))
-    mapping = _plan_load(model, files, allow_pickle)  # names and shapes checked from headers
+    mapping = _plan_load(model, files, allow_pickle, skip)  # names and shapes checked from headers
     params = model.state_dict(keep_vars=True)
     for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
         native = mapping.get(hf_name)
@@ -104,14 +105,16 @@ def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool) -> Non
 
 
 def materialize(model: nn.Module, ctx: ParallelContext, rt: Runtime, *, family: Any, model_cfg: Any,
-                source: str | None, seed: int, allow_pickle: bool = False, offload: bool = False) -> None:
+                source: str | None, seed: int, allow_pickle: bool = False, offload: bool = False,
+                skip: frozenset[str] = frozenset()) -> None:
     """Allocate the (possibly sharded) meta model and fill it from `source` or a seeded init.
 
     Call after `parallelize`. The model must already be in its parameter dtype (cast on meta).
+    `skip`: tensors the base checkpoint does not hold (LoRA adapters); the caller fills them.
     """
     _allocate(model, ctx, offload)
     if source is not None:
-        _stream_pretrained(model, source, allow_pickle)
+        _stream_pretrained(model, source, allow_pickle, skip)
     else:
         _init_from_scratch(model, ctx, rt, family, model_cfg, seed, offload)
     tie = getattr(model, "tie_weights", None)

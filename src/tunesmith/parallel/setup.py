@@ -41,13 +41,16 @@ def start_parallel(cfg: RunConfig, rt: Runtime, model_cfg: Any) -> tuple[Paralle
 
 def build_parallel_model(cfg: RunConfig, rt: Runtime, ctx: ParallelContext, family: Any,
                          model_cfg: Any, pretrained: bool, *, dtype: torch.dtype | None = None,
-                         prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+                         prepare: Callable[[nn.Module, bool], None] | None = None,
+                         fill: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """The model, parallelised and holding its weights (pretrained or seeded init).
 
-    One process: materialise in `dtype` (default the runtime's parameter dtype), run
-    `prepare(model)` (PEFT), then parallelize (AC, compile). Several: build on meta,
-    parallelize, then allocate only this rank's shards and stream weights into them (PEFT is
-    refused there by `check_run`).
+    `prepare(model, on_meta)` changes the model's structure (PEFT: freezing, LoRA layers,
+    frozen dtypes); `fill(model)` then gives the new tensors their values (adapter init or a
+    loaded adapter). One process: materialise in `dtype` (default the runtime's parameter
+    dtype), prepare, fill, then parallelize (AC, compile). Several: build on meta, prepare on
+    meta, parallelize, allocate only this rank's shards and stream the base weights into them,
+    then fill the adapters shard by shard.
     """
     from tunesmith.models import build_model, init_random, load_pretrained
 
@@ -61,15 +64,23 @@ def build_parallel_model(cfg: RunConfig, rt: Runtime, ctx: ParallelContext, fami
         else:
             init_random(model, device=rt.device, dtype=dtype, seed=cfg.train.seed)
         if prepare is not None:
-            prepare(model)
+            prepare(model, False)
+        if fill is not None:
+            fill(model)
         return parallelize(model, cfg, ctx, rt)
     from tunesmith.parallel.loading import materialize
 
     model.to(dtype=rt.param_dtype)  # on meta: metadata only, before sharding fixes dtypes
+    base_names = frozenset(model.state_dict())
+    if prepare is not None:
+        prepare(model, True)  # before FSDP2: it shards whatever parameters exist then
+    added = frozenset(model.state_dict()) - base_names
     parallelize(model, cfg, ctx, rt)
     materialize(model, ctx, rt, family=family, model_cfg=model_cfg,
                 source=mc.name if pretrained else None, seed=cfg.train.seed,
-                allow_pickle=mc.allow_unsafe_pickle, offload=cfg.parallel.cpu_offload)
+                allow_pickle=mc.allow_unsafe_pickle, offload=cfg.parallel.cpu_offload, skip=added)
+    if fill is not None:
+        fill(model)
     return model
 
 

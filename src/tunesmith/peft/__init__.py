@@ -16,7 +16,7 @@ from tunesmith.peft.io import AdapterFiles, adapter_state_dict, load_adapter, re
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.merge import merge_adapter
 from tunesmith.peft.quant import nf4_available
-from tunesmith.peft.run import apply_peft, base_dtype, save_final
+from tunesmith.peft.run import apply_peft, base_dtype, fill_peft, save_final
 from tunesmith.peft.targets import ALL_LINEAR, select_targets
 from tunesmith.peft.transform import (
     apply_freezing,
@@ -25,6 +25,7 @@ from tunesmith.peft.transform import (
     count_params,
     frozen_block_set,
     has_frozen_params,
+    init_adapters,
     is_peft_model,
     lora_modules,
     merge_lora,
@@ -34,7 +35,8 @@ from tunesmith.peft.transform import (
 __all__ = [
     "ALL_LINEAR", "AdapterFiles", "LoRALinear", "LoRASpec", "NF4Linear", "adapter_state_dict",
     "apply_freezing", "apply_lora", "apply_peft", "base_dtype", "checkpoint_model_state",
-    "count_params", "frozen_block_set", "has_frozen_params", "is_peft_model", "load_adapter",
+    "count_params", "fill_peft", "frozen_block_set", "has_frozen_params", "init_adapters",
+    "is_peft_model", "load_adapter",
     "lora_modules", "merge_adapter", "merge_lora", "nf4_available", "quantize_base",
     "read_adapter", "save_adapter", "save_final", "select_targets",
 ]

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
@@ -64,7 +66,8 @@ def adapter_state_dict(model: nn.Module, adapter: KeyAdapter) -> dict[str, torch
     for name, mod in lora_modules(model).items():
         hf = hf_module_name(adapter, name)
         for local, t in mod.adapter_parameters().items():
-            out[f"{PREFIX}{hf}.{_TO_PEFT[local]}"] = t.detach().to("cpu").contiguous()
+            full = t.full_tensor() if isinstance(t, DTensor) else t  # sharded: a collective
+            out[f"{PREFIX}{hf}.{_TO_PEFT[local]}"] = full.detach().to("cpu").contiguous()
     return out
 
 
@@ -94,7 +97,9 @@ def save_adapter(model: nn.Module, adapter: KeyAdapter, out_dir: str | Path, *, 
     from safetensors.torch import save_file
 
     cfg = adapter_config(model, adapter, base_model)
-    tensors = adapter_state_dict(model, adapter)
+    tensors = adapter_state_dict(model, adapter)  # every rank: gathering shards is collective
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return Path(out_dir)  # rank 0 writes
     with hfio.atomic_output_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         hfio.write_json(tmp / ADAPTER_CONFIG, cfg)
@@ -206,14 +211,26 @@ def _plan(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> list[Ca
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter: KeyAdapter, path: str | Path, *,
-                 adapter_dtype: torch.dtype = torch.float32) -> AdapterFiles:
-    """Give `model` the adapters stored at `path` (frozen base, trainable adapters)."""
+                 adapter_dtype: torch.dtype = torch.float32, values: bool = True) -> AdapterFiles:
+    """Give `model` the adapters stored at `path` (frozen base, trainable adapters).
+
+    values=False only adds the adapter layers (a meta-device model about to be sharded);
+    `copy_adapter_values` fills them once the shards exist."""
     files = read_adapter(path)
     chosen = _plan(model, adapter, files)
     apply_lora(model, adapter, files.spec, chosen, adapter_dtype=adapter_dtype)
-    by_hf = {c.hf: c.native for c in chosen}
-    for hf, tensors in files.tensors.items():
-        mod = model.get_submodule(by_hf[hf])
-        for local, t in tensors.items():
-            getattr(mod, local).copy_(t)
+    if values:
+        copy_adapter_values(model, adapter, files)
     return files
+
+
+@torch.no_grad()
+def copy_adapter_values(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> None:
+    """Copy the adapter tensors of `files` into the model's (possibly sharded) adapters."""
+    from tunesmith.parallel.loading import copy_full_into
+
+    by_hf = {hf_module_name(adapter, name): mod for name, mod in lora_modules(model).items()}
+    for hf, tensors in files.tensors.items():
+        mod = by_hf[hf]
+        for local, t in tensors.items():
+            copy_full_into(getattr(mod, local), t)

@@ -119,6 +119,16 @@ class LoRALinear(nn.Module):
         return out + self._adapter(x).to(out.dtype)
 
     @torch.no_grad()
+    def base_row_norm(self) -> torch.Tensor:
+        """||W|| per output row [out] in fp32: DoRA's magnitude at init (B = 0). A sharded
+        (DTensor) W is gathered first, so this is a collective: call it on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        w = self.weight
+        dense = w.full_tensor().float() if isinstance(w, DTensor) else self.dense_weight(torch.float32)
+        return torch.linalg.vector_norm(dense, dim=1)
+
+    @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row [out], in fp32 and detached (DoRA paper, section 4.3)."""
         delta = self.lora_B.float() @ self.lora_A.float()  # [out, in]

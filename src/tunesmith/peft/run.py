@@ -2,6 +2,7 @@
 
     base_dtype(cfg.peft, rt)        dtype to load the frozen base in (checks QLoRA's backend)
     apply_peft(model, cfg.peft, ..) freezing / LoRA / DoRA / QLoRA / adapter from a checkpoint
+    fill_peft(model, cfg.peft, ..)  the adapters' values: seeded init, or the loaded adapter
     save_final(...)                 OUTPUT/final = PEFT adapter (+ OUTPUT/final-merged)
 
 Precision: under mixed precision the frozen base is stored in the autocast dtype (bf16), so
@@ -21,7 +22,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import quant
-from tunesmith.peft.io import load_adapter, save_adapter
+from tunesmith.peft.io import copy_adapter_values, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
 from tunesmith.peft.targets import KeyAdapter
 from tunesmith.peft.transform import (
@@ -30,6 +31,7 @@ from tunesmith.peft.transform import (
     cast_frozen,
     count_params,
     frozen_block_set,
+    init_adapters,
     lora_modules,
     merge_lora,
     quantize_base,
@@ -64,8 +66,9 @@ def _spec(pc: PeftConfig) -> LoRASpec:
 
 
 def _load_checkpoint_adapter(model: nn.Module, adapter: KeyAdapter, pc: PeftConfig,
-                             adapter_dtype: torch.dtype) -> None:
-    files = load_adapter(model, adapter, pc.from_checkpoint, adapter_dtype=adapter_dtype)
+                             adapter_dtype: torch.dtype, values: bool) -> None:
+    files = load_adapter(model, adapter, pc.from_checkpoint, adapter_dtype=adapter_dtype,
+                         values=values)
     if pc.method == "dora" and not files.spec.dora:
         raise TunesmithError(f"peft.method=dora but {files.path} is a plain LoRA adapter; set peft.method=lora")
     if pc.method == "lora" and files.spec.dora:
@@ -83,12 +86,14 @@ def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
 
 
 def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
-               model_cfg: LlamaConfig) -> nn.Module:
+               model_cfg: LlamaConfig, *, on_meta: bool = False) -> nn.Module:
     """Apply the `peft` config section to a freshly built/loaded model, in place.
 
     method=none: only freezing. Otherwise (QLoRA: quantise the base first) adapters are added
     to the targets (or loaded from `from_checkpoint`), everything else is frozen, and frozen
-    tensors are stored in base_dtype. Frozen blocks get no adapters.
+    tensors are stored in base_dtype. Frozen blocks get no adapters. `on_meta`: the model is
+    still on the meta device (sharded runs): only the structure changes, `fill_peft` gives the
+    adapters their values after the shards are allocated.
     """
     blocks = frozen_block_set(model, pc.freeze_layers, pc.num_freeze_layers)
     if pc.method == "none":
@@ -102,7 +107,7 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
         n = quantize_base(model, adapter)
         log.info("peft: %d linear layers stored in NF4", n)
     if pc.from_checkpoint:
-        _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype)
+        _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype, values=not on_meta)
         _freeze_adapters_in(model, blocks)
     else:
         apply_lora(model, adapter, _spec(pc), pc.target_modules, adapter_dtype=rt.param_dtype,
@@ -113,6 +118,20 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
              pc.method, len(lora_modules(model)), trainable / 1e6, total / 1e6,
              100 * trainable / max(total, 1))
     return model
+
+
+def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: LlamaConfig,
+              seed: int, *, loaded: bool) -> None:
+    """The adapters' starting values: the `from_checkpoint` adapter (unless `loaded` already),
+    else a seeded init identical in one process and in every sharded layout. Collective when
+    the model is sharded: call on every rank."""
+    if pc.method == "none":
+        return
+    if pc.from_checkpoint:
+        if not loaded:
+            copy_adapter_values(model, family.adapter(model_cfg), read_adapter(pc.from_checkpoint))
+        return
+    init_adapters(model, seed)
 
 
 def _base_name(name: str) -> str:

@@ -12,6 +12,7 @@ compile/FSDP/activation checkpointing and HF save/load keep working on the trans
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -126,6 +127,24 @@ def apply_lora(
             raise TunesmithError(f"peft: {c.native} already has an adapter")
         _set_module(model, c.native, LoRALinear.from_linear(mod, spec, adapter_dtype))
     return chosen
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """(Re)initialise every adapter from `seed`: A kaiming-uniform (a=sqrt(5), as peft: bound
+    1/sqrt(in)), B zeros, DoRA magnitude = ||W|| per row. Each full tensor is drawn on the
+    host in module order and copied into the (possibly sharded) parameter, so one process and
+    any sharded layout start from identical adapters. Collective when sharded: every rank."""
+    from tunesmith.parallel.loading import copy_full_into
+
+    gen = torch.Generator().manual_seed(seed)
+    for mod in lora_modules(model).values():
+        bound = 1.0 / math.sqrt(mod.in_features)
+        a = torch.empty(tuple(mod.lora_A.shape)).uniform_(-bound, bound, generator=gen)  # [r, in]
+        copy_full_into(mod.lora_A, a)
+        copy_full_into(mod.lora_B, torch.zeros(tuple(mod.lora_B.shape)))
+        if mod.lora_magnitude is not None:
+            copy_full_into(mod.lora_magnitude, mod.base_row_norm())
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -118,7 +118,7 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
     from tunesmith.models import is_preset, resolve_model_config
     from tunesmith.parallel.dist import single_process
     from tunesmith.parallel.setup import build_parallel_model
-    from tunesmith.peft import apply_peft
+    from tunesmith.peft import apply_peft, fill_peft
     from tunesmith.peft import base_dtype as peft_base_dtype
 
     mc = cfg.model
@@ -136,15 +136,20 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
         )
     pretrained = has_weights(mc.name) and not mc.from_scratch
 
-    def peft(m: torch.nn.Module) -> None:
-        # Freezing / LoRA / QLoRA on the loaded weights, before data prep (bad targets fail
-        # fast) and before parallelize compiles the blocks.
-        apply_peft(m, cfg.peft, rt, family, model_cfg)
+    def peft(m: torch.nn.Module, on_meta: bool) -> None:
+        # Freezing / LoRA / QLoRA, before data prep (bad targets fail fast) and before
+        # parallelize compiles and shards the blocks.
+        apply_peft(m, cfg.peft, rt, family, model_cfg, on_meta=on_meta)
 
+    def adapters(m: torch.nn.Module) -> None:
+        # One process: apply_peft already copied a from_checkpoint adapter (a real model).
+        fill_peft(m, cfg.peft, family, model_cfg, cfg.train.seed, loaded=not sharded)
+
+    sharded = ctx is not None and ctx.distributed
     # Parallelised (TP / AC / compile / FSDP2 or DDP) and holding its weights. A frozen PEFT
     # base is loaded straight into its storage dtype (bf16 under mixed precision).
     model = build_parallel_model(cfg, rt, ctx or single_process(), family, model_cfg, pretrained,
-                                 dtype=peft_base_dtype(cfg.peft, rt), prepare=peft)
+                                 dtype=peft_base_dtype(cfg.peft, rt), prepare=peft, fill=adapters)
     return ModelBundle(family, model_cfg, model, tokenizer, tok_source)
 
 
