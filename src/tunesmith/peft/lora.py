@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         if spec.dora:
             # ||W + s B A|| per output row = ||W|| at init (B = 0), so m leaves outputs unchanged.
-            self.lora_magnitude = nn.Parameter(self._row_norm().to(adapter_dtype))
+            self.lora_magnitude = nn.Parameter(self.base_row_norm().to(adapter_dtype))
         else:
             self.register_parameter("lora_magnitude", None)
 
@@ -88,7 +88,12 @@ class LoRALinear(nn.Module):
 
     # -- pieces ----------------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight [out, in] as a plain tensor in `dtype` (dequantised when NF4)."""
+        """The base weight [out, in] as a plain tensor in `dtype` (dequantised when NF4). A
+        sharded (DTensor) weight is gathered first: a collective, call it on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(self.weight, DTensor):
+            return self.weight.full_tensor().to(dtype)
         return quant.dequantize(self.weight, dtype) if self.quantized else self.weight.to(dtype)
 
     def _base(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
@@ -101,11 +106,17 @@ class LoRALinear(nn.Module):
             x = x.to(self.weight.dtype)  # e.g. fp32 activations into a bf16 base, no autocast
         return F.linear(x, self.weight, bias)
 
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x cast to the adapters' dtype, unless autocast already decides the matmul dtype."""
+        return x if _autocast_on(x) or x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+
+    def _up(self, low: torch.Tensor) -> torch.Tensor:
+        """s * B low: [..., r] -> [..., out]."""
+        return F.linear(low, self.lora_B * self.scaling)
+
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         """s * B(A x): [..., in] -> [..., out] (LoRA adds it to the base output; DoRA rescales)."""
-        if not _autocast_on(x) and x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)
+        return self._up(F.linear(self._adapter_input(x), self.lora_A))
 
     def _add_adapter(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + s * B(A x) [..., out]: two thin matmuls, then a plain add.
@@ -120,13 +131,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def base_row_norm(self) -> torch.Tensor:
-        """||W|| per output row [out] in fp32: DoRA's magnitude at init (B = 0). A sharded
-        (DTensor) W is gathered first, so this is a collective: call it on every rank."""
-        from torch.distributed.tensor import DTensor
-
-        w = self.weight
-        dense = w.full_tensor().float() if isinstance(w, DTensor) else self.dense_weight(torch.float32)
-        return torch.linalg.vector_norm(dense, dim=1)
+        """||W|| per output row [out] in fp32: DoRA's magnitude at init (B = 0). Collective
+        when W is sharded (see `dense_weight`)."""
+        return torch.linalg.vector_norm(self.dense_weight(torch.float32), dim=1)
 
     @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
@@ -160,15 +167,11 @@ class LoRALinear(nn.Module):
         ):
             return None
         a = torch.cat([m.lora_A for m in layers])  # [sum r, in]
-        xa = x if _autocast_on(x) or x.dtype == a.dtype else x.to(a.dtype)
-        low = F.linear(xa, a)  # [..., sum r]
-        outs, start = [], 0
-        for m in layers:
-            r = m.lora_A.shape[0]
-            up = F.linear(low[..., start:start + r], m.lora_B * m.scaling)  # [..., out]
+        low = F.linear(layers[0]._adapter_input(x), a)  # [..., sum r]
+        outs = []
+        for m, part in zip(layers, low.split([m.lora_A.shape[0] for m in layers], dim=-1)):
             out = m._base(x)
-            outs.append(out + up.to(out.dtype))
-            start += r
+            outs.append(out + m._up(part).to(out.dtype))  # [..., out_i]
         return tuple(outs)
 
     def _dora(self, out: torch.Tensor, xa: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:

@@ -131,17 +131,17 @@ def apply_lora(
 
 @torch.no_grad()
 def init_adapters(model: nn.Module, seed: int) -> None:
-    """(Re)initialise every adapter from `seed`: A kaiming-uniform (a=sqrt(5), as peft: bound
-    1/sqrt(in)), B zeros, DoRA magnitude = ||W|| per row. Each full tensor is drawn on the
-    host in module order and copied into the (possibly sharded) parameter, so one process and
-    any sharded layout start from identical adapters. Collective when sharded: every rank."""
+    """(Re)initialise every adapter from `seed` the way `LoRALinear` does (as peft: A
+    kaiming-uniform(a=sqrt(5)), B zeros, DoRA magnitude = ||W|| per row). Each full tensor is
+    drawn on the host in module order and copied into the (possibly sharded) parameter, so
+    one process and any sharded layout start from identical adapters. Collective when
+    sharded: every rank."""
     from tunesmith.parallel.loading import copy_full_into
 
     gen = torch.Generator().manual_seed(seed)
     for mod in lora_modules(model).values():
-        bound = 1.0 / math.sqrt(mod.in_features)
-        a = torch.empty(tuple(mod.lora_A.shape)).uniform_(-bound, bound, generator=gen)  # [r, in]
-        copy_full_into(mod.lora_A, a)
+        a = torch.empty(tuple(mod.lora_A.shape))  # [r, in]
+        copy_full_into(mod.lora_A, nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen))
         copy_full_into(mod.lora_B, torch.zeros(tuple(mod.lora_B.shape)))
         if mod.lora_magnitude is not None:
             copy_full_into(mod.lora_magnitude, mod.base_row_norm())
