@@ -20,7 +20,7 @@ Typical use by a trainer::
 
 from tunesmith.checkpoint.manager import CheckpointManager, VerifyMode, check_disk, estimate_bytes
 from tunesmith.checkpoint.safe_load import load_weights_file
-from tunesmith.checkpoint.state import ModelState, ObjectState, OptimizerState, RNGState, Stateful
+from tunesmith.checkpoint.state import ModelState, ObjectState, OptimizerState, RNGState, Stateful, process_rank
 
 __all__ = [
     "CheckpointManager",
@@ -33,4 +33,5 @@ __all__ = [
     "OptimizerState",
     "RNGState",
     "Stateful",
+    "process_rank",
 ]

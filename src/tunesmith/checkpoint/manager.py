@@ -36,7 +36,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tunesmith import __version__
-from tunesmith.checkpoint.state import Stateful, _tensor_bytes
+from tunesmith.checkpoint.state import Stateful, _tensor_bytes, process_rank
 from tunesmith.errors import TunesmithError
 
 __all__ = ["CheckpointManager", "estimate_bytes", "check_disk", "VerifyMode"]
@@ -62,7 +62,7 @@ def _distributed() -> bool:
 
 
 def _is_rank0() -> bool:
-    return not _distributed() or dist.get_rank() == 0
+    return process_rank() == 0
 
 
 def _barrier() -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "OptimizerState",
     "RNGState",
     "ObjectState",
+    "process_rank",
 ]
 
 
@@ -46,7 +47,8 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's global rank; 0 when no process group is running."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -155,10 +157,10 @@ class RNGState:
         }
         if torch.cuda.is_available():
             state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        return {f"rank_{_rank()}": state}
+        return {f"rank_{process_rank()}": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        key = f"rank_{_rank()}"
+        key = f"rank_{process_rank()}"
         if key not in state_dict:
             raise TunesmithError(f"RNG state has no entry for {key} (saved with a different world size?)")
         state = state_dict[key]
@@ -193,7 +195,7 @@ class ObjectState:
         self.per_rank = per_rank
 
     def _key(self) -> str:
-        return f"rank_{_rank()}" if self.per_rank else "data"
+        return f"rank_{process_rank()}" if self.per_rank else "data"
 
     def state_dict(self) -> dict[str, Any]:
         buf = io.BytesIO()

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from tunesmith.checkpoint import process_rank
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
 from tunesmith.peft.lora import LoRALinear, LoRASpec
@@ -98,7 +98,7 @@ def save_adapter(model: nn.Module, adapter: KeyAdapter, out_dir: str | Path, *, 
 
     cfg = adapter_config(model, adapter, base_model)
     tensors = adapter_state_dict(model, adapter)  # every rank: gathering shards is collective
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if process_rank() != 0:
         return Path(out_dir)  # rank 0 writes
     with hfio.atomic_output_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

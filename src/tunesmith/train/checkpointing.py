@@ -24,7 +24,7 @@ from tunesmith.checkpoint import (
     Stateful,
 )
 from tunesmith.checkpoint.export import HF_SUBDIR
-from tunesmith.checkpoint.state import _rank
+from tunesmith.checkpoint.state import process_rank
 from tunesmith.config import RunConfig
 
 log = logging.getLogger("tunesmith")
@@ -51,7 +51,7 @@ class DeferredRNGState(RNGState):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Keyed as this rank's own entry, whichever saved rank it came from.
-        self._loaded = {f"rank_{_rank()}": v for v in state_dict.values()}
+        self._loaded = {f"rank_{process_rank()}": v for v in state_dict.values()}
 
     def apply(self) -> None:
         if self._loaded is not None:
