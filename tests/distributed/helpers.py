@@ -82,3 +82,30 @@ def losses(out: Path) -> list[tuple[float, float]]:
 
 
 GPT2_OVERRIDES = "model.overrides={vocab_size: 512}"
+
+
+def resume_jobs(data: tuple[Path, Path, Path], root: Path, extra: tuple[str, ...], init: Path,
+                dp: int = 2) -> list[list[str]]:
+    """An uninterrupted 6-step run (root/resume_full) and one stopped at 3 and resumed to 6
+    (root/resume_part); `extra` must checkpoint every 3 steps with a constant schedule."""
+    return [
+        job(*data, root / "resume_full", dp=dp, steps=6, extra=extra, init=init),
+        job(*data, root / "resume_part", dp=dp, steps=3, extra=extra, init=init),
+        job(*data, root / "resume_part", dp=dp, steps=6, init=init, extra=(*extra, "checkpoint.resume=auto")),
+    ]
+
+
+def assert_resumed_exactly(root: Path, loss_atol: float, grad_rtol: float) -> list[str]:
+    """The resumed run of `resume_jobs` matches the uninterrupted one step by step; returns
+    the model keys its sharded checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    full, part = losses(root / "resume_full"), losses(root / "resume_part")
+    assert len(full) == len(part) == 6
+    for step, ((l, g), (l0, g0)) in enumerate(zip(part, full, strict=True), 1):
+        assert abs(l - l0) < loss_atol, f"step {step} loss {l} vs {l0}"
+        assert abs(g - g0) <= grad_rtol * g0, f"step {step} grad norm {g} vs {g0}"
+    summary = json.loads((root / "resume_part" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_00000003")
+    ckpt = root / "resume_part" / "checkpoints" / "step_00000003"
+    return list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)

@@ -16,6 +16,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models import resolve_model_config
 from tunesmith.parallel.deepspeed import apply_deepspeed, map_deepspeed
 from tunesmith.parallel.layout import check_run, resolve_layout
+from tunesmith.peft import nf4_available
 
 
 def layout(world: int, local: int | None = None, **kw):
@@ -153,7 +154,6 @@ def test_deepspeed_missing_file_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["peft.method=qlora"], "peft.method=qlora (NF4 base) run on one process only"),
     (["peft.method=lora", "peft.save_merged=true"], "peft.save_merged (merge the saved adapter"),
     (["data.streaming=true", "train.max_steps=5"], "data.streaming run on one process only"),
 ])
@@ -171,6 +171,35 @@ def test_peft_composes_with_data_parallel_but_not_tp(overrides):
     tp = load_config(None, ["data.path=x", "parallel.tp=2", *overrides])
     with pytest.raises(TunesmithError, match="not yet with tensor parallelism"):
         check_run(tp, resolve_layout(tp.parallel, 2), _tiny(), "cpu")
+
+
+def test_qlora_composes_with_data_parallel_but_not_tp():
+    cfg = load_config(None, ["data.path=x", "peft.method=qlora"])
+    for strategy in ("full_shard", "hybrid_shard", "no_shard"):
+        check_run(cfg, resolve_layout(ParallelConfig(strategy=strategy), 2), _tiny(), "cpu")
+    tp = load_config(None, ["data.path=x", "peft.method=qlora", "parallel.tp=2"])
+    with pytest.raises(TunesmithError, match="parallel.tp=2: QLoRA's NF4 base weights shard with "
+                                             "FSDP2/HSDP/DDP only") as e:
+        check_run(tp, resolve_layout(tp.parallel, 2), _tiny(), "cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not nf4_available(), reason="torchao with NF4Tensor is not installed")
+def test_qlora_nf4_weights_must_split_into_whole_shards():
+    """FSDP2 cuts each NF4 weight's codes and scales by rows: 2 shards of a 128x128 weight would
+    each hold half of its one 64x256-element scale block. Refused on a meta model, no comms."""
+    from tunesmith.peft.run import check_layout
+
+    pc = load_config(None, ["data.path=x", "peft.method=qlora"]).peft
+    family, small = resolve_model_config("tiny", {"dim": 128, "n_heads": 4, "n_kv_heads": 4,
+                                                  "intermediate_size": 256})
+    check_layout(pc, family, small, 1)
+    with pytest.raises(TunesmithError, match=r"QLoRA over 2 sharded ranks: layers.0.attention.wq "
+                                             r"weight \[128, 128\] cannot be split into 2 NF4 shards"):
+        check_layout(pc, family, small, 2)
+    family, wide = resolve_model_config("tiny", {"dim": 256, "n_heads": 4, "n_kv_heads": 2,
+                                                 "intermediate_size": 512})
+    check_layout(pc, family, wide, 2)  # every weight holds 2 x 64 x 256 elements or more
 
 
 def test_tp_needs_a_family_with_a_plan():

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from tunesmith.config.schema import ParallelConfig
 from tunesmith.parallel.layout import Layout
+from tunesmith.parallel.quantized import is_quantized
 
 _REDUCE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -77,6 +78,21 @@ def _set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
         block.set_modules_to_backward_prefetch(nxt if backward > 0 else [])
 
 
+class _QuantizedParams(nn.Module):
+    """Stands for `model`'s NF4 (QLoRA) weights in replicate()'s `ignored_modules`, which
+    collects their parameters at DDP's lazy init (first forward, after materialisation).
+
+    DDP would broadcast them from rank 0 at init, which an NF4 tensor does not support; they
+    need no sync: frozen, and quantised from the same file on every rank."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._owner = [model]  # a list, so the model is not registered as a child
+
+    def parameters(self, recurse: bool = True):  # noqa: ARG002 -- nn.Module's signature
+        return iter([p for p in self._owner[0].parameters() if is_quantized(p)])
+
+
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:
     """no_shard: classic DDP (bucketed all-reduce overlapped with backward) via `replicate`."""
     from torch.distributed._composable.replicate import replicate
@@ -86,7 +102,7 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:
     kwargs: dict = {"process_group": dp_mesh.get_group()}
     if dp_mesh.device_type == "cuda":
         kwargs["device_ids"] = [torch.cuda.current_device()]
-    replicate(model, **kwargs)
+    replicate(model, ignored_modules=[_QuantizedParams(model)], **kwargs)
 
 
 def gathered_head_weight(model: nn.Module) -> torch.Tensor:

@@ -144,8 +144,6 @@ def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
     """Features not (yet) built for several processes: refused up front, not half-working."""
     unsupported = []
     pc = cfg.peft
-    if pc.method == "qlora":
-        unsupported.append("peft.method=qlora (NF4 base)")
     if pc.method != "none" and pc.save_merged:
         unsupported.append("peft.save_merged (merge the saved adapter with `tunesmith merge`)")
     if cfg.data.streaming:
@@ -167,6 +165,11 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
     if layout.world_size > 1:
         _check_single_process_features(cfg, model_cfg)
     pc = cfg.peft
+    if tp > 1 and pc.method == "qlora":
+        raise TunesmithError(
+            f"parallel.tp={tp}: QLoRA's NF4 base weights shard with FSDP2/HSDP/DDP only, not with "
+            "tensor parallelism; use parallel.tp=1"
+        )
     if tp > 1 and (pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers):
         raise TunesmithError(
             f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "

@@ -15,6 +15,8 @@ Large-model flow (no rank ever holds the full model):
         meshes DTensor has no such RNG, so a full host copy is initialised and cut into shards
         instead (CPU runs are small), which also makes CPU runs match one process exactly.
         With CPU offload (host-resident shards) each distinct shard uses its own seeded stream.
+        NF4 (QLoRA) weights cannot be drawn in place: a model holding them always takes the
+        host-copy path, each full weight quantised and cut as FSDP2 cut it (parallel.quantized).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunesmith.parallel.dist import ParallelContext
+from tunesmith.parallel.quantized import copy_full_into_quantized, is_quantized
 from tunesmith.train.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
@@ -35,6 +38,9 @@ log = logging.getLogger("tunesmith")
 @torch.no_grad()
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy the full (unsharded) value `full` into `param`, which may be a sharded DTensor."""
+    if is_quantized(param):  # NF4 (QLoRA): quantised whole, then cut as FSDP2 cut it
+        copy_full_into_quantized(param, full)
+        return
     if not isinstance(param, DTensor):
         param.copy_(full)
         return
@@ -67,11 +73,13 @@ def _shard_coordinate(ctx: ParallelContext) -> int:
 
 def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, family: Any,
                        model_cfg: Any, seed: int, offload: bool) -> None:
-    if ctx.mesh is not None and ctx.device.type == "cuda" and not offload:
+    # NF4 weights (QLoRA) cannot be drawn in place: they take the host-copy path below.
+    quantized = any(is_quantized(p) for p in model.parameters())
+    if ctx.mesh is not None and ctx.device.type == "cuda" and not offload and not quantized:
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
         model.init_weights(generator=gen)  # type: ignore[operator]
         return
-    if offload:
+    if offload and not quantized:
         # Shards live in host memory: DTensor's CUDA RNG does not cover them. Each distinct
         # shard draws from its own seeded CPU stream (replicas alike), so shards are independent
         # and replicas identical -- a valid init, though not the one-process values.

@@ -19,21 +19,25 @@ from torch import nn
 from tunesmith.config.schema import RunConfig
 from tunesmith.parallel.apply import parallelize
 from tunesmith.parallel.dist import ParallelContext, init_parallel
-from tunesmith.parallel.layout import check_run, env_world, resolve_layout
+from tunesmith.parallel.layout import Layout, check_run, env_world, resolve_layout
 from tunesmith.train.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
 
-def start_parallel(cfg: RunConfig, rt: Runtime, model_cfg: Any) -> tuple[ParallelContext, Runtime]:
+def start_parallel(cfg: RunConfig, rt: Runtime, model_cfg: Any,
+                   preflight: Callable[[Layout], None] | None = None) -> tuple[ParallelContext, Runtime]:
     """Check the layout against the world, model and data, then start the process group.
 
     Every check that can fail on the user's input runs before `init_process_group`, so a bad
     layout exits 2 on every rank at once instead of leaving peers waiting in a rendezvous.
+    `preflight(layout)`: the caller's own checks of the resolved layout (e.g. QLoRA's shards).
     """
     world, local_world = env_world()
     layout = resolve_layout(cfg.parallel, world, local_world)
     check_run(cfg, layout, model_cfg, rt.device.type)
+    if preflight is not None:
+        preflight(layout)
     ctx = init_parallel(cfg.parallel, rt.device, layout)
     # Per-rank GPU (cuda:LOCAL_RANK): the runtime points at it from here on.
     return ctx, dataclasses.replace(rt, device=ctx.device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from types import ModuleType
 
 import torch
@@ -105,6 +106,21 @@ def check_quantizable(name: str, weight: torch.Tensor) -> None:
         raise TunesmithError(
             f"QLoRA: {name} weight {list(weight.shape)} has {n} elements; NF4 needs a multiple of "
             f"{BLOCK_SIZE * SCALER_BLOCK_SIZE} (use lora, or a model whose widths are multiples of 128)"
+        )
+
+
+def check_shardable(name: str, shape: tuple[int, ...], shards: int) -> None:
+    """FSDP2 cuts an NF4 weight [out, in] into `shards` row blocks of its storage: every block
+    must hold whole rows and whole second-level scale blocks (64 x 256 elements), else the
+    4-bit codes and their scales could not be split at the same place (no padding exists for
+    them)."""
+    rows, numel = shape[0], math.prod(shape)
+    unit = BLOCK_SIZE * SCALER_BLOCK_SIZE
+    if rows % shards or (numel // shards) % unit:
+        raise TunesmithError(
+            f"QLoRA over {shards} sharded ranks: {name} weight {list(shape)} cannot be split into "
+            f"{shards} NF4 shards (each needs whole rows and a multiple of {unit} elements); use "
+            "fewer dp_shard ranks (parallel.dp_shard, or strategy=hybrid_shard / no_shard)"
         )
 
 

@@ -1,6 +1,7 @@
 """The `peft` config section applied to a training run (called from tunesmith.train.setup).
 
     base_dtype(cfg.peft, rt)        dtype to load the frozen base in (checks QLoRA's backend)
+    check_layout(cfg.peft, ..)      QLoRA: NF4 weights split evenly over the FSDP2 shards
     apply_peft(model, cfg.peft, ..) freezing / LoRA / DoRA / QLoRA / adapter from a checkpoint
     fill_peft(model, cfg.peft, ..)  the adapters' values: seeded init, or the loaded adapter
     save_final(...)                 OUTPUT/final = PEFT adapter (+ OUTPUT/final-merged)
@@ -59,6 +60,18 @@ def base_dtype(pc: PeftConfig, rt: Runtime) -> torch.dtype:
     if pc.method == "qlora":
         return torch.bfloat16  # NF4 dequantises to bf16 for compute
     return rt.autocast_dtype or rt.param_dtype
+
+
+def check_layout(pc: PeftConfig, family: ModelFamily, model_cfg: LlamaConfig, dp_shard: int) -> None:
+    """QLoRA under FSDP2: every NF4 weight must split evenly over the `dp_shard` ranks.
+
+    Checked on a meta-device model (nothing allocated), before any process group exists."""
+    if pc.method != "qlora" or dp_shard <= 1:
+        return
+    from tunesmith.models import build_model
+    from tunesmith.peft.transform import check_nf4_shards
+
+    check_nf4_shards(build_model(family, model_cfg, device="meta"), family.adapter(model_cfg), dp_shard)
 
 
 def _spec(pc: PeftConfig) -> LoRASpec:

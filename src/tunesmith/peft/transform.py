@@ -80,6 +80,21 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+def _quantized_targets(model: nn.Module, adapter: KeyAdapter) -> list[Candidate]:
+    """The linear layers QLoRA stores in NF4: every block linear (never the LM head)."""
+    return [c for c in linear_candidates(model, adapter) if isinstance(model.get_submodule(c.native), nn.Linear)]
+
+
+def check_nf4_shards(model: nn.Module, adapter: KeyAdapter, shards: int) -> None:
+    """Raise now when some NF4 weight cannot be split over `shards` FSDP2 ranks (works on a
+    meta-device model, so it runs before any process group exists)."""
+    for c in _quantized_targets(model, adapter):
+        weight = model.get_submodule(c.native).weight
+        quant.check_quantizable(c.native, weight)
+        if shards > 1:
+            quant.check_shardable(c.native, tuple(weight.shape), shards)
+
+
 def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
     """QLoRA: store every block linear weight (all-linear; never the LM head) in NF4.
 
@@ -88,10 +103,8 @@ def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
     dense model plus one bf16 matrix. Returns the number of layers quantised.
     """
     quant.require_nf4()
-    cands = [c for c in linear_candidates(model, adapter)
-             if isinstance(model.get_submodule(c.native), nn.Linear)]
-    for c in cands:
-        quant.check_quantizable(c.native, model.get_submodule(c.native).weight)
+    check_nf4_shards(model, adapter, 1)
+    cands = _quantized_targets(model, adapter)
     for c in cands:
         lin = model.get_submodule(c.native)
         _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy

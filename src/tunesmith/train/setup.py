@@ -192,6 +192,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     from tunesmith.models import resolve_model_config
     from tunesmith.parallel.deepspeed import apply_deepspeed
     from tunesmith.parallel.setup import start_parallel
+    from tunesmith.peft.run import check_layout as check_peft_layout
 
     cfg = apply_deepspeed(cfg)
     out_dir = Path(cfg.output.dir)
@@ -204,7 +205,9 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
         check_run_dir(out_dir, cfg, plan.checkpoint)
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
     # Layout checks (exit 2 on every rank, before any communication), then the process group.
-    ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
+    family, model_cfg = resolve_model_config(cfg.model.name, cfg.model.overrides)
+    ctx, rt = start_parallel(cfg, rt, model_cfg,
+                             preflight=lambda lay: check_peft_layout(cfg.peft, family, model_cfg, lay.dp_shard))
     manager.cleanup_partial()  # rank 0 removes, between barriers
     seed_everything(cfg.train.seed)
     bundle = build_model_bundle(cfg, rt, ctx)  # PEFT applied, then parallelised

@@ -1,0 +1,198 @@
+"""QLoRA at scale: memory per GPU by formula, and a one-layer measurement under FSDP2.
+
+    python3 benchmarks/check_longctx.py qlora-memory --out OUT        # formula table, CPU is fine
+    python3 benchmarks/check_longctx.py qlora-layer --gpus 2 --out OUT # GPUs: one block, measured
+
+`qlora-memory` writes OUT/qlora_memory.{json,md}: for the Llama-3-8B and -70B shapes (QLoRA
+r=16 on every block linear, NF4 base, bf16 embeddings/head, fp32 adapters with AdamW) the bytes
+each GPU holds under FSDP2 full_shard on 1/2/4/8 GPUs, split into the persistent sharded state
+and the transient gathered weights; activations are separate (they depend on batch, sequence
+and checkpointing).
+
+`qlora-layer` starts itself under torchrun on --gpus GPUs (FSDP2 full_shard, NCCL) and, for
+each shape truncated to --n-layers blocks (default 1), builds the model exactly as `tunesmith
+train` does (meta -> NF4 + LoRA on meta -> FSDP2 -> shards allocated -> filled), measures the
+allocated bytes after building (compared with the formula for that truncated model), then
+trains --steps steps on random tokens (bf16, full activation checkpointing, chunked loss) and
+reports the peak. Writes OUT/qlora_layer.json. Guarded: each shape runs in its own torchrun
+with a timeout, an OOM or failure is recorded and the next shape still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GiB = 1024**3
+# NF4 bytes per weight element: a 4-bit code, one int8 scale per 64 elements and one fp32
+# factor per 64 x 256 elements (torchao's defaults, double quantisation).
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+ADAPTER_BYTES = 4 + 4 + 8  # fp32 weight + fp32 grad + AdamW exp_avg and exp_avg_sq
+SHAPES = ("llama3-8b", "llama3-70b")
+
+
+# ----------------------------------------------------------------------------- formula
+def linear_shapes(mcfg) -> list[tuple[int, int]]:
+    """[out, in] of one block's linear layers (q, k, v, o, gate, up, down)."""
+    d, hd = mcfg.dim, mcfg.dim // mcfg.n_heads
+    kv, ffn = mcfg.n_kv_heads * hd, mcfg.intermediate_size
+    return [(d, d), (kv, d), (kv, d), (d, d), (ffn, d), (ffn, d), (d, ffn)]
+
+
+def qlora_bytes(mcfg, gpus: int, r: int = 16, prefetch: int = 1) -> dict:
+    """Bytes per GPU of QLoRA under FSDP2 full_shard on `gpus` GPUs (1 = one process)."""
+    lins = linear_shapes(mcfg)
+    block = sum(o * i for o, i in lins)
+    lin_total = block * mcfg.n_layers
+    embed = mcfg.vocab_size * mcfg.dim
+    head = 0 if mcfg.tie_word_embeddings else embed
+    norms = mcfg.dim * (2 * mcfg.n_layers + 1)
+    adapters = r * sum(o + i for o, i in lins) * mcfg.n_layers
+    persistent = {
+        "nf4_base": lin_total * NF4_BYTES / gpus,
+        "bf16_embed_head_norms": (embed + head + norms) * 2 / gpus,
+        "adapters_grads_adamw": adapters * ADAPTER_BYTES / gpus,
+    }
+    gathered_blocks = min(1 + prefetch, mcfg.n_layers)
+    transient = {
+        # every block in flight all-gathers its NF4 storage (current + prefetched ones)
+        "gathered_nf4_blocks": (gathered_blocks * block * NF4_BYTES) if gpus > 1 else 0.0,
+        # one dense bf16 weight exists only inside its matmul (tunesmith::nf4_linear)
+        "dense_bf16_weight": max(o * i for o, i in lins) * 2,
+        # the root unit (LM head) stays gathered from forward through the loss's backward
+        "gathered_head_bf16": (head or embed) * 2 if gpus > 1 else 0.0,
+    }
+    p, t = sum(persistent.values()), sum(transient.values())
+    return {"gpus": gpus, "persistent": persistent, "transient": transient,
+            "persistent_gib": p / GiB, "transient_gib": t / GiB, "total_gib": (p + t) / GiB,
+            "nf4_params": lin_total, "adapter_params": adapters}
+
+
+def qlora_memory(args) -> None:
+    from tunesmith.models import resolve_model_config
+
+    rows = []
+    for shape in SHAPES:
+        mcfg = resolve_model_config(shape)[1]
+        for g in (1, 2, 4, 8):
+            rows.append({"shape": shape, **qlora_bytes(mcfg, g, r=args.r)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qlora_memory.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| shape | GPUs | NF4 base | bf16 embed+head | adapters+grads+AdamW | gathered (transient) | total, no activations |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, t = r["persistent"], r["transient"]
+        lines.append(f"| {r['shape']} | {r['gpus']} | {p['nf4_base'] / GiB:.2f} | "
+                     f"{p['bf16_embed_head_norms'] / GiB:.2f} | {p['adapters_grads_adamw'] / GiB:.2f} | "
+                     f"{r['transient_gib']:.2f} | {r['total_gib']:.2f} GiB |")
+    (out / "qlora_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- one layer
+def _worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from tunesmith.config.schema import RunConfig
+    from tunesmith.models import resolve_model_config
+    from tunesmith.parallel.setup import build_parallel_model, start_parallel
+    from tunesmith.peft import apply_peft, base_dtype, fill_peft
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.train.trainer import Trainer
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    cfg = RunConfig.model_validate({
+        "data": {"path": "synthetic", "block_size": args.seq},
+        "train": {"micro_batch_size": 1, "precision": "bf16", "max_grad_norm": 1.0},
+        "optim": {"lr": 1e-4}, "schedule": {"name": "constant"},
+        "peft": {"method": "qlora", "r": args.r, "alpha": 2 * args.r},
+        "parallel": {"strategy": "full_shard", "activation_checkpointing": "full", "timeout_s": 300},
+    })
+    family, mcfg = resolve_model_config(args.shape, {"n_layers": args.n_layers})
+    rt = resolve_runtime("cuda", "bf16")
+    ctx, rt = start_parallel(cfg, rt, mcfg)
+    model = build_parallel_model(
+        cfg, rt, ctx, family, mcfg, pretrained=False, dtype=base_dtype(cfg.peft, rt),
+        prepare=lambda m, on_meta: apply_peft(m, cfg.peft, rt, family, mcfg, on_meta=on_meta),
+        fill=lambda m: fill_peft(m, cfg.peft, family, mcfg, 0, loaded=False))
+    torch.cuda.synchronize()
+    built = torch.cuda.memory_allocated()
+    opt = build_optimizer(model, cfg.optim, rt.device)
+    trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt,
+                      scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
+                      train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,
+                      steps_per_epoch=args.steps, flops_per_token=0.0, peak_tflops=None, par=ctx)
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(ctx.rank)
+    losses, times = [], []
+    for _ in range(args.steps):
+        ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    mem = torch.tensor([built, torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
+                        torch.cuda.max_memory_reserved()], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    if ctx.is_main:
+        f = qlora_bytes(mcfg, ctx.world_size, r=args.r)
+        print("RESULT " + json.dumps({
+            "shape": args.shape, "n_layers": args.n_layers, "gpus": ctx.world_size, "seq": args.seq,
+            "built_gib": mem[0].item() / GiB, "after_steps_gib": mem[1].item() / GiB,
+            "peak_allocated_gib": mem[2].item() / GiB, "peak_reserved_gib": mem[3].item() / GiB,
+            "formula_persistent_gib": f["persistent_gib"], "formula_transient_gib": f["transient_gib"],
+            "losses": losses, "step_s": times,
+            "torch": torch.__version__, "device_name": torch.cuda.get_device_name()}), flush=True)
+    dist.destroy_process_group()
+
+
+def qlora_layer(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for shape in SHAPES:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(args.gpus), __file__, "worker", "--shape", shape, "--n-layers", str(args.n_layers),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--r", str(args.r)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            results.append(found[0] if found else {"shape": shape, "error": proc.stderr[-3000:]})
+        except subprocess.TimeoutExpired:
+            results.append({"shape": shape, "error": f"timeout after {args.timeout}s"})
+        print(json.dumps(results[-1])[:2000], flush=True)
+        (out / "qlora_layer.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["qlora-memory", "qlora-layer", "worker"])
+    ap.add_argument("--out", default="outputs/longctx")
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--shape", default="llama3-70b")
+    ap.add_argument("--n-layers", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--timeout", type=int, default=100)
+    args = ap.parse_args()
+    {"qlora-memory": qlora_memory, "qlora-layer": qlora_layer, "worker": _worker}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
