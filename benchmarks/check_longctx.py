@@ -90,7 +90,7 @@ def qlora_memory(args) -> None:
     lines = ["| shape | GPUs | NF4 base | bf16 embed+head | adapters+grads+AdamW | gathered (transient) | total, no activations |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        p, t = r["persistent"], r["transient"]
+        p = r["persistent"]
         lines.append(f"| {r['shape']} | {r['gpus']} | {p['nf4_base'] / GiB:.2f} | "
                      f"{p['bf16_embed_head_norms'] / GiB:.2f} | {p['adapters_grads_adamw'] / GiB:.2f} | "
                      f"{r['transient_gib']:.2f} | {r['total_gib']:.2f} GiB |")
