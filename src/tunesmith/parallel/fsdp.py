@@ -89,7 +89,7 @@ class _QuantizedParams(nn.Module):
         super().__init__()
         self._owner = [model]  # a list, so the model is not registered as a child
 
-X
+    def parameters(self, recurse: bool = True):  # nn.Module's signature; always all of them
         return iter([p for p in self._owner[0].parameters() if is_quantized(p)])
 
 
