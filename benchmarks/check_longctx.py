@@ -168,20 +168,104 @@ def qlora_layer(args) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(args.gpus), __file__, "worker", "--shape", shape, "--n-layers", str(args.n_layers),
                "--seq", str(args.seq), "--steps", str(args.steps), "--r", str(args.r)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            results.append(found[0] if found else {"shape": shape, "error": proc.stderr[-3000:]})
-        except subprocess.TimeoutExpired:
-            results.append({"shape": shape, "error": f"timeout after {args.timeout}s"})
+        results.append(_guarded(cmd, args.timeout, {"shape": shape}))
         print(json.dumps(results[-1])[:2000], flush=True)
         (out / "qlora_layer.json").write_text(json.dumps(results, indent=1))
 
 
+# ----------------------------------------------------------------------------- offload
+OFFLOAD_VARIANTS = {"none": ("none", False), "full_ac": ("full", False),
+                    "full_ac+offload": ("full", True), "offload": ("none", True)}
+
+
+def _offload_worker(args) -> None:
+    """One variant on one GPU: Llama-3-8B shape truncated to --n-layers blocks, LoRA r=16 on a
+    bf16 base (so activations dominate), compiled blocks, bf16; median step time and peak."""
+    import torch
+
+    from tunesmith.config.schema import RunConfig
+    from tunesmith.models import resolve_model_config
+    from tunesmith.parallel.dist import single_process
+    from tunesmith.parallel.setup import build_parallel_model
+    from tunesmith.peft import apply_peft, base_dtype, fill_peft
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.train.trainer import Trainer
+
+    ac, offload = OFFLOAD_VARIANTS[args.variant]
+    cfg = RunConfig.model_validate({
+        "data": {"path": "synthetic", "block_size": args.seq},
+        "train": {"micro_batch_size": 1, "precision": "bf16", "compile": True},
+        "optim": {"lr": 1e-4}, "schedule": {"name": "constant"},
+        "peft": {"method": "lora", "r": 16, "alpha": 32},
+        "parallel": {"activation_checkpointing": ac, "activation_offload": offload},
+    })
+    family, mcfg = resolve_model_config("llama3-8b", {"n_layers": args.n_layers})
+    rt = resolve_runtime("cuda", "bf16")
+    model = build_parallel_model(
+        cfg, rt, single_process(), family, mcfg, pretrained=False, dtype=base_dtype(cfg.peft, rt),
+        prepare=lambda m, on_meta: apply_peft(m, cfg.peft, rt, family, mcfg, on_meta=on_meta),
+        fill=lambda m: fill_peft(m, cfg.peft, family, mcfg, 0, loaded=True))
+    opt = build_optimizer(model, cfg.optim, rt.device)
+    trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt,
+                      scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
+                      train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,
+                      steps_per_epoch=args.steps, flops_per_token=0.0, peak_tflops=None)
+    g = torch.Generator().manual_seed(0)
+    times, losses = [], []
+    for step in range(args.steps):
+        if step == 1:
+            torch.cuda.reset_peak_memory_stats()  # after the compile step
+        ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g).pin_memory()
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    step_s = sorted(times[1:])[len(times[1:]) // 2]
+    print("RESULT " + json.dumps({
+        "variant": args.variant, "n_layers": args.n_layers, "seq": args.seq,
+        "tokens_per_s": args.seq / step_s, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB, "losses": losses,
+        "torch": torch.__version__, "device_name": torch.cuda.get_device_name()}), flush=True)
+
+
+def offload_table(args) -> None:
+    """none / full AC / full AC + offload / offload alone, each in its own process."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in OFFLOAD_VARIANTS:
+        cmd = [sys.executable, __file__, "offload-worker", "--variant", variant, "--seq", str(args.seq),
+               "--n-layers", str(args.n_layers), "--steps", str(args.steps)]
+        results.append(_guarded(cmd, args.timeout, {"variant": variant}))
+        print(json.dumps(results[-1])[:1500], flush=True)
+        (out / "offload.json").write_text(json.dumps(results, indent=1))
+    lines = ["| variant | tokens/s | peak allocated | peak reserved |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['peak_allocated_gib']:.1f} GiB | "
+              f"{r['peak_reserved_gib']:.1f} GiB |" if "error" not in r else f"| {r['variant']} | {r['error'][-200:]!r} | | |"
+              for r in results]
+    (out / "offload.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _guarded(cmd: list[str], timeout: int, tag: dict) -> dict:
+    """Run one measurement process; its RESULT line, or the error (OOM, timeout, crash)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {**tag, "error": f"timeout after {timeout}s"}
+    found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return found[0] if found else {**tag, "error": proc.stderr[-3000:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["qlora-memory", "qlora-layer", "worker"])
+    ap.add_argument("mode", choices=["qlora-memory", "qlora-layer", "offload", "worker", "offload-worker"])
+    ap.add_argument("--variant", choices=list(OFFLOAD_VARIANTS), default="none")
     ap.add_argument("--out", default="outputs/longctx")
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--shape", default="llama3-70b")
@@ -191,7 +275,10 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--timeout", type=int, default=100)
     args = ap.parse_args()
-    {"qlora-memory": qlora_memory, "qlora-layer": qlora_layer, "worker": _worker}[args.mode](args)
+    if args.mode in ("offload", "offload-worker") and args.seq == 4096 and args.n_layers == 1:
+        args.seq, args.n_layers = 8192, 8  # offload defaults: 8 blocks of the 8B shape at 8k
+    {"qlora-memory": qlora_memory, "qlora-layer": qlora_layer, "offload": offload_table,
+     "worker": _worker, "offload-worker": _offload_worker}[args.mode](args)
 
 
 if __name__ == "__main__":

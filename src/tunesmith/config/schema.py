@@ -237,6 +237,12 @@ class ParallelConfig(Section):
         "attention outputs, recompute the rest.",
     )
     ac_every: int = Field(1, ge=1, description="Checkpoint every k-th block (full/selective).")
+    activation_offload: bool = Field(
+        False,
+        description="Move each block's saved activations to pinned host memory during forward "
+        "and prefetch them back in backward, on side streams (CUDA; a no-op on CPU). With full "
+        "activation checkpointing only the block inputs are saved, so only they move.",
+    )
     timeout_s: float = Field(
         600.0, gt=0, description="Collective timeout: a hung or dead peer fails the job after this."
     )

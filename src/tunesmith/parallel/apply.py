@@ -4,6 +4,7 @@ data parallel, the order in which the pieces compose:
 * TP first: it replaces parameters by DTensors on the TP mesh and adds the input/output
   redistribution hooks that everything after must see as part of the block.
 * AC wraps each block's forward (hooks stay outside the recomputed region).
+* activation offload wraps that (saved tensors of the block, or AC's kept inputs, to the host).
 * compile each block in place (FQNs unchanged; one graph shared by all blocks).
 * FSDP2 last: it shards whatever parameters it finds (DTensors under TP -> 2-D sharding) and
   its hooks must be outermost, so compile does not trace its collectives.
@@ -22,6 +23,7 @@ from tunesmith.config.schema import RunConfig
 from tunesmith.parallel.ac import apply_activation_checkpointing
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
+from tunesmith.parallel.offload import apply_activation_offload
 from tunesmith.parallel.tp import apply_tp
 from tunesmith.train.runtime import Runtime
 
@@ -44,6 +46,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         # loss_parallel=false: the fused loss gathers the head weight instead.
         model.output._tunesmith_gather_weight = not pc.loss_parallel  # type: ignore[union-attr]
     n_ac = apply_activation_checkpointing(model, pc.activation_checkpointing, pc.ac_every)
+    if pc.activation_offload:  # outside AC: the inputs AC keeps are what it offloads
+        apply_activation_offload(model, rt.device)
     if cfg.train.compile:
         # Regional compile: each block in place (state-dict keys unchanged); blocks share one
         # graph, so compile time does not grow with depth.
@@ -56,7 +60,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         else:
             apply_ddp(model, ctx.dp_mesh)
     if ctx.is_main and (ctx.distributed or n_ac):
-        log.info("parallelize: %s; activation checkpointing %s on %d block(s)%s",
+        log.info("parallelize: %s; activation checkpointing %s on %d block(s)%s%s",
                  layout.describe(), pc.activation_checkpointing, n_ac,
+                 "; activation offload" if pc.activation_offload else "",
                  "; compiled blocks" if cfg.train.compile else "")
     return model
