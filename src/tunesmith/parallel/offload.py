@@ -121,9 +121,11 @@ class ActivationOffloader:
         return slot
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:  # force=True on CPU: a separate host copy, same code path otherwise
-            return t.detach().clone()
-        host = torch.empty_like(t, device="cpu", pin_memory=True)
+        """A contiguous host copy [same shape]; pinned and asynchronous on CUDA (force=True on
+        CPU: a plain copy, otherwise the same path, so CPU tests see the same layouts)."""
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        if not self.cuda:
+            return host.copy_(t.detach())
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h):
             host.copy_(t, non_blocking=True)
