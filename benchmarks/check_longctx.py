@@ -119,34 +119,38 @@ def _worker(args) -> None:
         "peft": {"method": "qlora", "r": args.r, "alpha": 2 * args.r},
         "parallel": {"strategy": "full_shard", "activation_checkpointing": "full", "timeout_s": 300},
     })
-    family, mcfg = resolve_model_config(args.shape, {"n_layers": args.n_layers})
-    rt = resolve_runtime("cuda", "bf16")
+    family, mcfg = resolve_model_config(args.shape, {"n_layers": args.n_layers, **json.loads(args.overrides)})
+    cuda = args.device == "cuda"
+    rt = resolve_runtime(args.device, "bf16")
     ctx, rt = start_parallel(cfg, rt, mcfg)
     model = build_parallel_model(
         cfg, rt, ctx, family, mcfg, pretrained=False, dtype=base_dtype(cfg.peft, rt),
         prepare=lambda m, on_meta: apply_peft(m, cfg.peft, rt, family, mcfg, on_meta=on_meta),
         fill=lambda m: fill_peft(m, cfg.peft, family, mcfg, 0, loaded=False))
-    torch.cuda.synchronize()
-    built = torch.cuda.memory_allocated()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    built = torch.cuda.memory_allocated() if cuda else 0
     opt = build_optimizer(model, cfg.optim, rt.device)
     trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt,
                       scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
                       train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,
                       steps_per_epoch=args.steps, flops_per_token=0.0, peak_tflops=None, par=ctx)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(ctx.rank)
     losses, times = [], []
     for _ in range(args.steps):
         ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g)
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    mem = torch.tensor([built, torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
-                        torch.cuda.max_memory_reserved()], dtype=torch.float64, device=ctx.device)
+    stats = ([built, torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
+              torch.cuda.max_memory_reserved()] if cuda else [0.0] * 4)
+    mem = torch.tensor(stats, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     if ctx.is_main:
         f = qlora_bytes(mcfg, ctx.world_size, r=args.r)
@@ -156,19 +160,23 @@ def _worker(args) -> None:
             "peak_allocated_gib": mem[2].item() / GiB, "peak_reserved_gib": mem[3].item() / GiB,
             "formula_persistent_gib": f["persistent_gib"], "formula_transient_gib": f["transient_gib"],
             "losses": losses, "step_s": times,
-            "torch": torch.__version__, "device_name": torch.cuda.get_device_name()}), flush=True)
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name() if cuda else "cpu"}), flush=True)
     dist.destroy_process_group()
 
 
 def qlora_layer(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for shape in SHAPES:
+    results, deadline = [], time.monotonic() + args.budget
+    for shape in args.shapes.split(","):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(args.gpus), __file__, "worker", "--shape", shape, "--n-layers", str(args.n_layers),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--r", str(args.r)]
-        results.append(_guarded(cmd, args.timeout, {"shape": shape}))
+               "--seq", str(args.seq), "--steps", str(args.steps), "--lora-r", str(args.r),
+               "--device", args.device, "--overrides", args.overrides]
+        left = int(deadline - time.monotonic())
+        results.append(_guarded(cmd, min(args.timeout, left), {"shape": shape}) if left > 10
+                       else {"shape": shape, "error": "skipped: time budget spent"})
         print(json.dumps(results[-1])[:2000], flush=True)
         (out / "qlora_layer.json").write_text(json.dumps(results, indent=1))
 
@@ -179,7 +187,7 @@ OFFLOAD_VARIANTS = {"none": ("none", False), "full_ac": ("full", False),
 
 
 def _offload_worker(args) -> None:
-    """One variant on one GPU: Llama-3-8B shape truncated to --n-layers blocks, LoRA r=16 on a
+    """One variant on one GPU: the Llama-3-8B shape (--shape) truncated to --n-layers blocks, LoRA r=16 on a
     bf16 base (so activations dominate), compiled blocks, bf16; median step time and peak."""
     import torch
 
@@ -195,13 +203,15 @@ def _offload_worker(args) -> None:
     ac, offload = OFFLOAD_VARIANTS[args.variant]
     cfg = RunConfig.model_validate({
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": 1, "precision": "bf16", "compile": True},
+        "train": {"micro_batch_size": 1, "precision": "bf16", "compile": not args.no_compile},
         "optim": {"lr": 1e-4}, "schedule": {"name": "constant"},
         "peft": {"method": "lora", "r": 16, "alpha": 32},
         "parallel": {"activation_checkpointing": ac, "activation_offload": offload},
     })
-    family, mcfg = resolve_model_config("llama3-8b", {"n_layers": args.n_layers})
-    rt = resolve_runtime("cuda", "bf16")
+    family, mcfg = resolve_model_config(args.shape, {"n_layers": args.n_layers, **json.loads(args.overrides)})
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rt = resolve_runtime(args.device, "bf16")
     model = build_parallel_model(
         cfg, rt, single_process(), family, mcfg, pretrained=False, dtype=base_dtype(cfg.peft, rt),
         prepare=lambda m, on_meta: apply_peft(m, cfg.peft, rt, family, mcfg, on_meta=on_meta),
@@ -214,33 +224,38 @@ def _offload_worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     times, losses = [], []
     for step in range(args.steps):
-        if step == 1:
+        if step == 1 and cuda:
             torch.cuda.reset_peak_memory_stats()  # after the compile step
-        ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g).pin_memory()
+        ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g)
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     step_s = sorted(times[1:])[len(times[1:]) // 2]
     print("RESULT " + json.dumps({
         "variant": args.variant, "n_layers": args.n_layers, "seq": args.seq,
-        "tokens_per_s": args.seq / step_s, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB, "losses": losses,
-        "torch": torch.__version__, "device_name": torch.cuda.get_device_name()}), flush=True)
+        "tokens_per_s": args.seq / step_s,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB if cuda else 0.0,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB if cuda else 0.0, "losses": losses,
+        "torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else "cpu"}), flush=True)
 
 
 def offload_table(args) -> None:
     """none / full AC / full AC + offload / offload alone, each in its own process."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, deadline = [], time.monotonic() + args.budget
     for variant in OFFLOAD_VARIANTS:
         cmd = [sys.executable, __file__, "offload-worker", "--variant", variant, "--seq", str(args.seq),
-               "--n-layers", str(args.n_layers), "--steps", str(args.steps)]
-        results.append(_guarded(cmd, args.timeout, {"variant": variant}))
+               "--n-layers", str(args.n_layers), "--steps", str(args.steps), "--shape", args.shape,
+               "--device", args.device, "--overrides", args.overrides,
+               *(["--no-compile"] if args.no_compile else [])]
+        left = int(deadline - time.monotonic())
+        results.append(_guarded(cmd, min(args.timeout, left), {"variant": variant}) if left > 10
+                       else {"variant": variant, "error": "skipped: time budget spent"})
         print(json.dumps(results[-1])[:1500], flush=True)
         (out / "offload.json").write_text(json.dumps(results, indent=1))
     lines = ["| variant | tokens/s | peak allocated | peak reserved |", "|---|---|---|---|"]
@@ -272,11 +287,18 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=1)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--timeout", type=int, default=100)
+    ap.add_argument("--lora-r", dest="r", type=int, default=16)
+    ap.add_argument("--timeout", type=int, default=100, help="seconds per measurement process")
+    ap.add_argument("--budget", type=int, default=220, help="seconds for the whole mode")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the same code (gloo)")
+    ap.add_argument("--overrides", default="{}", help="model overrides (JSON), e.g. for a CPU smoke run")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="qlora-layer: the shapes to measure")
     args = ap.parse_args()
-    if args.mode in ("offload", "offload-worker") and args.seq == 4096 and args.n_layers == 1:
-        args.seq, args.n_layers = 8192, 8  # offload defaults: 8 blocks of the 8B shape at 8k
+    if args.mode in ("offload", "offload-worker") and args.shape == "llama3-70b":
+        args.shape = "llama3-8b"  # offload defaults: 8 blocks of the 8B shape at 8k
+        if args.seq == 4096 and args.n_layers == 1:
+            args.seq, args.n_layers = 8192, 8
     {"qlora-memory": qlora_memory, "qlora-layer": qlora_layer, "offload": offload_table,
      "worker": _worker, "offload-worker": _offload_worker}[args.mode](args)
 

@@ -13,8 +13,9 @@ How (torch.autograd.graph.saved_tensors_hooks around each block's forward):
   block ahead), so the copies overlap the backward compute of block i. The compute stream
   waits on the copy's event only when it needs that tensor.
 
-Kept on the GPU: parameters (and FSDP2's gathered ones), tensors below `min_bytes` (masks,
-RoPE tables: not worth a transfer) and anything not on the compute device. One tensor saved
+Kept on the GPU: parameters (and FSDP2's gathered ones), integer tensors (QLoRA's NF4 codes and
+scales, token ids, masks), tensors below `min_bytes` (RoPE tables: not worth a transfer) and
+anything not on the compute device. One tensor saved
 several times in a block (e.g. the normalised input of q, k and v) is copied once.
 
 Composes with activation checkpointing: the offload wraps the checkpointed forward, so with
@@ -42,6 +43,17 @@ log = logging.getLogger("tunesmith")
 
 _MARK = "_tunesmith_offloaded"
 MIN_BYTES = 1 << 20  # smaller tensors stay on the device: the transfer costs more than it saves
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """True when `t`'s strides are a permutation of a contiguous layout (no gaps, no overlap):
+    then a buffer with the same strides holds exactly its elements."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class _Stash:
@@ -102,8 +114,10 @@ class ActivationOffloader:
         return torch._dynamo.disable(run, recursive=False)
 
     def _keep(self, t: torch.Tensor) -> bool:
+        # Integer tensors are weights' storage (QLoRA's NF4 codes and scales, saved by
+        # tunesmith::nf4_linear and re-gathered by FSDP2) or ids and masks: never activations.
         return (not self.enabled or isinstance(t, nn.Parameter) or t.device != self.device
-                or t.numel() * t.element_size() < self.min_bytes)
+                or not t.is_floating_point() or t.numel() * t.element_size() < self.min_bytes)
 
     def _pack(self, stash: _Stash, t: torch.Tensor) -> Any:
         if self._keep(t):
@@ -121,9 +135,13 @@ class ActivationOffloader:
         return slot
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous host copy [same shape]; pinned and asynchronous on CUDA (force=True on
-        CPU: a plain copy, otherwise the same path, so CPU tests see the same layouts)."""
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        """A host copy with the same shape and, when dense, the same strides (so backward runs
+        the same kernels); pinned and asynchronous on CUDA (force=True on CPU: a plain copy,
+        otherwise the same path)."""
+        if _dense(t):
+            host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        else:  # e.g. an expanded view: stored compact
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
         if not self.cuda:
             return host.copy_(t.detach())
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
