@@ -3,7 +3,8 @@
     python benchmarks/bench_clm.py --shape llama3.2-1b --seq 2048 --micro-batch 8 --steps 40
 
 Variants: tunesmith (compiled blocks), tunesmith-eager, tunesmith-float8 / tunesmith-float8-rowwise
-(train.float8=tensorwise / rowwise, default layer rule, compiled), hf-trainer. MFU always uses
+(train.float8=tensorwise / rowwise, default layer rule, compiled), tunesmith-float8-all (tensorwise,
+train.float8_filter=all: wk/wv too), hf-trainer. MFU always uses
 the bf16 peak, float8 variants included.
 
 Each variant runs in its own subprocess (clean allocator, fair peak memory) on identical
@@ -25,8 +26,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
-VARIANTS = ("tunesmith", "tunesmith-eager", "tunesmith-float8", "tunesmith-float8-rowwise", "hf-trainer")
-FLOAT8 = {"tunesmith-float8": "tensorwise", "tunesmith-float8-rowwise": "rowwise"}
+VARIANTS = ("tunesmith", "tunesmith-eager", "tunesmith-float8", "tunesmith-float8-rowwise",
+            "tunesmith-float8-all", "hf-trainer")
+FLOAT8 = {"tunesmith-float8": "tensorwise", "tunesmith-float8-rowwise": "rowwise",
+          "tunesmith-float8-all": "tensorwise"}
 
 
 def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int = 0):
@@ -59,7 +62,7 @@ def run_tunesmith(args, compile_blocks: bool, float8: str = "none") -> dict:
     cfg = RunConfig.model_validate({
         "data": {"path": "synthetic", "block_size": args.seq},
         "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks,
-                  "float8": float8},
+                  "float8": float8, "float8_filter": "all" if args.variant.endswith("-all") else "auto"},
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
     })
