@@ -19,6 +19,7 @@ import torch
 from tunesmith.checkpoint import CheckpointManager, check_disk, estimate_bytes
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.errors import TunesmithError
+from tunesmith.observe import check_trackers
 from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState, hf_files_writer, trainer_state
 from tunesmith.train.guard import DIAGNOSTICS_FILE
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -194,6 +195,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     from tunesmith.parallel.setup import start_parallel
 
     cfg = apply_deepspeed(cfg)
+    check_trackers(cfg.logging)  # a missing tracker library fails before any work
     out_dir = Path(cfg.output.dir)
     ck = cfg.checkpoint
     if ck.resume is None:
@@ -320,6 +322,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         else:
             save_pretrained(bundle.model, bundle.family, bundle.model_cfg, final, tokenizer=bundle.tokenizer)
             summary["final_model"] = str(final)
+    # Trackers get the summary (and OUTPUT/final with logging.log_model); report.html is written.
+    trainer.observer.finish(summary, out_dir / "final")
     if trainer.par is None or trainer.par.is_main:
         write_summary(out_dir, summary)
     return summary
