@@ -60,7 +60,7 @@ def test_end_of_run_report_and_comparison(two_runs, tmp_path, capsys):
     p.feed(html)
     assert {"a: train loss", "b: train loss", "a: eval loss", "b: eval perplexity", "a: lr",
             "b: tokens/s (window)", "a: grad norm"} <= set(p.series)
-    assert p.diff_rows == ["optim.lr"]  # the only config key that differs
+    assert p.diff_rows == ["optim.lr", "output.dir"]  # the only config keys that differ
     assert "script" not in p.tags and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
 
 
