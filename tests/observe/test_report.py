@@ -84,3 +84,58 @@ def test_running_and_interrupted_runs(two_runs, tmp_path):
 def test_not_a_run_directory_is_exit_2(tmp_path, capsys):
     assert run(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
     assert "is not a tunesmith run directory" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CPU_CHARTS = {"loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "skipped"}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(two_runs, tmp_path, capsys):
+    """Both reports open offline in Chromium: every chart drawn with its series, no console error,
+    no request beyond the file itself; a screenshot is taken (kept in docs/ when
+    TUNESMITH_DOCS_SCREENSHOTS names a folder)."""
+    import os
+
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright").sync_playwright
+    a, b = two_runs
+    cmp_html = tmp_path / "cmp.html"
+    assert run(["report", str(a), str(b), "--out", str(cmp_html)]) == 0
+    capsys.readouterr()
+    keep = os.environ.get("TUNESMITH_DOCS_SCREENSHOTS")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            for page_file, runs in ((a / "report.html", ["a"]), (cmp_html, ["a", "b"])):
+                ctx = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True)
+                page = ctx.new_page()
+                problems, requests = [], []
+                page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.on("request", lambda r: requests.append(r.url))
+                page.goto(page_file.as_uri(), wait_until="load")
+                charts = page.eval_on_selector_all("div.card", """cards => cards.map(c => ({
+                    id: c.dataset.chart,
+                    width: c.querySelector('svg.chart').getBoundingClientRect().width,
+                    paths: [...c.querySelectorAll('svg.chart path[data-series]')]
+                        .filter(p => p.getAttribute('d').length > 8).map(p => p.dataset.series),
+                    markers: [...c.querySelectorAll('svg.chart [data-marker]')].map(m => m.dataset.marker)}))""")
+                assert {c["id"] for c in charts} == CPU_CHARTS
+                for c in charts:
+                    assert c["width"] > 200 and c["paths"], c
+                    assert "checkpoint" in c["markers"], c
+                loss = next(c for c in charts if c["id"] == "loss")["paths"]
+                prefix = (lambda r: f"{r}: ") if len(runs) > 1 else (lambda r: "")
+                assert {f"{prefix(r)}{s}" for r in runs for s in ("train loss", "eval loss")} <= set(loss)
+                shot = tmp_path / f"{page_file.stem}.png"
+                page.screenshot(path=str(shot), full_page=False)
+                assert shot.stat().st_size > 20_000  # a drawn page, not a blank one
+                assert not problems, problems
+                assert requests == [page_file.as_uri()], requests
+                if keep:
+                    shutil.copy(shot, os.path.join(keep, f"report-{'compare' if len(runs) > 1 else 'run'}.png"))
+                ctx.close()
+        finally:
+            browser.close()
