@@ -32,16 +32,20 @@ from _variants import run_variant  # noqa: E402
 
 
 def _data(root: Path) -> tuple[Path, Path]:
-    """A small BPE tokenizer and text from Python's bundled docs (no download), as the demo."""
+    """A small BPE tokenizer and text from Python's bundled docs (no download), as the demo; the
+    text repeated so that the whole run is one epoch (~150k tokens per copy)."""
     from tunesmith.cli.demo import train_tokenizer, write_corpus
 
     train, _ = write_corpus(root / "data", seed=0)
-    return train, train_tokenizer(train, root / "tokenizer", vocab_size=512)
+    tok = train_tokenizer(train, root / "tokenizer", vocab_size=512)
+    big = root / "data" / "train_x16.txt"
+    big.write_text(train.read_text(encoding="utf-8") * 16, encoding="utf-8")
+    return big, tok
 
 
 def _train(out: Path, args, train: Path, tok: Path, extra: list[str], env: dict) -> dict:
     ov = [f"model.name={args.shape}", f"model.tokenizer={tok}", f"data.path={train}",
-          f"data.block_size={args.seq}", "data.validation_split_percentage=2",
+          f"data.block_size={args.seq}", f"data.validation_path={train.parent / 'valid.txt'}",
           f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
           "train.precision=bf16", "train.compile=true", f"train.throughput_warmup_steps={args.warmup}",
           "optim.lr=1e-4", "optim.weight_decay=0.1", "schedule.name=constant",
