@@ -96,7 +96,9 @@ def main() -> None:
         "summary_vs_bench": vs_bench, "summary_vs_bench_ok": vs_bench is not None and abs(vs_bench) <= 0.03,
         "observe_overhead": overhead, "observe_overhead_ok": overhead < 0.01,
         "tracker_report_s_share": (observed.get("tracker_s", 0) + observed.get("report_s", 0)) / observed["runtime_s"],
-        "memory_snapshot": snap.is_file(), "trace": sorted(str(t) for t in (out / "observed" / "profile").glob("trace_*")),
+        "memory_snapshot": snap.is_file(),
+        "health_fields": sorted({k for line in (out / "observed" / "metrics.jsonl").read_text().splitlines()
+                                 for k in json.loads(line) if k.startswith(("mem_", "gpu_"))}), "trace": sorted(str(t) for t in (out / "observed" / "profile").glob("trace_*")),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     fmt = lambda v: f"{v:,.0f}"  # noqa: E731
@@ -113,7 +115,8 @@ def main() -> None:
     md += ["", f"summary.json vs bench_clm: {100 * vs_bench:+.2f}% (within 3%: {result['summary_vs_bench_ok']})"
            if vs_bench is not None else "bench_clm failed",
            f"tracker + report overhead on train tokens/s: {100 * overhead:+.2f}% (under 1%: "
-           f"{result['observe_overhead_ok']}); memory snapshot written: {result['memory_snapshot']}",
+           f"{result['observe_overhead_ok']}); memory snapshot written: {result['memory_snapshot']}; "
+           f"GPU health fields: {', '.join(result['health_fields'])}",
            f"measured/formula FLOPs: {observed.get('measured_vs_formula')}; top kernels: {observed.get('top_kernels')}"]
     (out / "result.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
