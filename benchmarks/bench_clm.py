@@ -36,7 +36,7 @@ def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int 
 def _flops_and_peak(model, seq):
     import torch
 
-    from tunesmith.train.runtime import peak_tflops
+    from tunesmith.runtime import peak_tflops
 
     return float(model.flops_per_token(seq)), peak_tflops(torch.device("cuda"))
 
@@ -48,7 +48,7 @@ def run_tunesmith(args, compile_blocks: bool) -> dict:
     from tunesmith.config.schema import RunConfig
     from tunesmith.models import build_model, init_random, resolve_model_config
     from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.runtime import resolve_runtime
     from tunesmith.train.trainer import Trainer
 
     cfg = RunConfig.model_validate({

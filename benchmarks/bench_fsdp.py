@@ -66,7 +66,7 @@ def _build(args):
     from tunesmith.models import resolve_model_config
     from tunesmith.parallel.setup import build_parallel_model, start_parallel
     from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import peak_tflops, resolve_runtime
+    from tunesmith.runtime import peak_tflops, resolve_runtime
     from tunesmith.train.trainer import Trainer
 
     cfg = _run_config(args)
@@ -128,7 +128,7 @@ def worker(args) -> None:
 def _result(args, ctx, times, losses, flops, n_params, mem) -> dict:
     import torch
 
-    from tunesmith.train.runtime import peak_tflops
+    from tunesmith.runtime import peak_tflops
 
     steady = times[args.warmup:]
     step_s = sorted(steady)[len(steady) // 2]  # median: robust to a stray slow step

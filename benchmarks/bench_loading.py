@@ -117,7 +117,7 @@ def worker(args) -> None:
     from tunesmith.parallel.apply import parallelize
     from tunesmith.parallel.loading import materialize
     from tunesmith.parallel.setup import start_parallel
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.runtime import resolve_runtime
 
     cfg = RunConfig.model_validate({"data": {"path": "x", "block_size": 4096},
                                     "model": {"name": args.model_dir},

@@ -81,7 +81,7 @@ def _tunesmith_model(args, variant: str):
     from tunesmith.models import build_model, init_random, resolve_model_config
     from tunesmith.parallel import apply_activation_checkpointing
     from tunesmith.peft import apply_peft, base_dtype
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.runtime import resolve_runtime
 
     compile_blocks = variant != "tunesmith-eager" and not args.no_compile
     cfg = RunConfig.model_validate({

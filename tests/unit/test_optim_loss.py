@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tunesmith.config.schema import ScheduleConfig
-from tunesmith.train.loss import cross_entropy_sum, linear_cross_entropy
+from tunesmith.objective.loss import cross_entropy_sum, linear_cross_entropy
 from tunesmith.train.optim import lr_factor, param_groups
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.runtime import Runtime, resolve_runtime
+from tunesmith.runtime import Runtime, resolve_runtime
 
 
 def load_for_inference(source: str, rt: Runtime) -> tuple[torch.nn.Module, Any]:
@@ -68,7 +68,7 @@ def run_generate(
 
     if temperature < 0:
         raise TunesmithError(f"--temperature must be >= 0, got {temperature}")
-    from tunesmith.train.runtime import resolve_device
+    from tunesmith.runtime import resolve_device
 
     rt = resolve_runtime(device, "bf16" if resolve_device(device).type == "cuda" else "fp32")
     model, tokenizer = load_for_inference(model_dir, rt)

@@ -25,6 +25,7 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.models.adapter_base import StateDictAdapter
 from tunesmith.models.attention import AttnSpec, _causal_mask, document_positions
+from tunesmith.models.family import ModelFamily
 
 # Config attributes that change logits after the LM head; the fused loss cannot honour them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -221,3 +222,18 @@ def load_generic(model: HFCausalLM, source: str | Path, device: torch.device | s
 
 def save_generic(model: HFCausalLM, out_dir: Path) -> None:
     model.hf.save_pretrained(str(out_dir))
+
+
+# The fallback family: any model_type transformers knows and no folder here serves.
+FAMILY = ModelFamily(
+    name="hf",
+    model_types=(),
+    config_cls=GenericConfig,
+    model_cls=HFCausalLM,
+    adapter_cls=GenericAdapter,
+    presets={},
+    apply_overrides=apply_overrides,
+    shardable=False,
+    load_fn=load_generic,
+    save_fn=save_generic,
+)

@@ -40,7 +40,7 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 def validate(recipe: str | None, overrides: list[str], world: int, local_world: int):
     """Load the run config and check its layout for `world` ranks; nothing is started."""
     from tunesmith.config import load_config
-    from tunesmith.parallel.deepspeed import apply_deepspeed
+    from tunesmith.config.deepspeed import apply_deepspeed
     from tunesmith.parallel.layout import resolve_layout
 
     cfg = apply_deepspeed(load_config(recipe, overrides))

@@ -26,8 +26,11 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from tunesmith.hf import io as hfio
+from tunesmith.models.io import build_model, init_random, plan_load, weights_dir
+from tunesmith.models.registry import family_of
 from tunesmith.parallel.dist import ParallelContext
-from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
@@ -78,8 +81,6 @@ def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, fami
         gen = torch.Generator().manual_seed(seed * 1_000_003 + _shard_coordinate(ctx))
         model.init_weights(generator=gen)  # type: ignore[operator]
         return
-    from tunesmith.models import build_model, init_random
-
     ref = init_random(build_model(family, model_cfg, "meta"), "cpu", rt.param_dtype, seed)
     params = model.state_dict(keep_vars=True)
     for name, value in ref.state_dict().items():
@@ -89,13 +90,10 @@ def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, fami
 
 def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool,
                        skip: frozenset[str] = frozenset()) -> None:
-    from tunesmith.hf import io as hfio
-    from tunesmith.models import _plan_load, _weights_dir, get_family
-
     cfg = model.cfg  # type: ignore[attr-defined]
-    adapter = get_family(cfg.model_type).adapter(cfg)
-    files = hfio.find_weight_files(_weights_dir(source))
-    mapping = _plan_load(model, files, allow_pickle, skip)  # names and shapes checked from headers
+    adapter = family_of(model).adapter(cfg)
+    files = hfio.find_weight_files(weights_dir(source))
+    mapping = plan_load(model, files, allow_pickle, skip)  # names and shapes checked from headers
     params = model.state_dict(keep_vars=True)
     for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
         native = mapping.get(hf_name)

@@ -20,7 +20,7 @@ from tunesmith.config.schema import RunConfig
 from tunesmith.parallel.apply import parallelize
 from tunesmith.parallel.dist import ParallelContext, init_parallel
 from tunesmith.parallel.layout import check_run, env_world, resolve_layout
-from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from tunesmith.config import PeftConfig, RunConfig
     from tunesmith.models import ModelFamily
     from tunesmith.models.llama.config import LlamaConfig
-    from tunesmith.train.runtime import Runtime
+    from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 

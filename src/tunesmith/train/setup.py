@@ -29,7 +29,7 @@ from tunesmith.train.resume import (
     plan_resume,
     truncate_metrics,
 )
-from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
+from tunesmith.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
 from tunesmith.train.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     written to the output directory. RNG states are applied by `train()` itself.
     """
     from tunesmith.models import resolve_model_config
-    from tunesmith.parallel.deepspeed import apply_deepspeed
+    from tunesmith.config.deepspeed import apply_deepspeed
     from tunesmith.parallel.setup import start_parallel
 
     cfg = apply_deepspeed(cfg)

@@ -24,13 +24,13 @@ from tunesmith.config.schema import RunConfig
 from tunesmith.eval.perplexity import evaluate_loss
 from tunesmith.parallel.grad import clip_grads_with_norm_
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
-from tunesmith.train.forward import batch_loss_sum
+from tunesmith.objective.forward import batch_loss_sum
 from tunesmith.train.guard import NonFiniteGuard, grad_norms
-from tunesmith.train.loss import IGNORE_INDEX
+from tunesmith.objective.loss import IGNORE_INDEX
 from tunesmith.train.metrics import LossWindow, MetricsWriter, Throughput, peak_memory_gib
 from tunesmith.train.preempt import StopRequest
 from tunesmith.train.progress import ProgressReporter
-from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
