@@ -47,7 +47,7 @@ def run_tunesmith(args, compile_blocks: bool) -> dict:
 
     from tunesmith.config.schema import RunConfig
     from tunesmith.models import build_model, init_random, resolve_model_config
-    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.optim import build_optimizer, build_scheduler
     from tunesmith.runtime import resolve_runtime
     from tunesmith.train.trainer import Trainer
 

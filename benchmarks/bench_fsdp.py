@@ -65,7 +65,7 @@ def _build(args):
 
     from tunesmith.models import resolve_model_config
     from tunesmith.parallel.setup import build_parallel_model, start_parallel
-    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.optim import build_optimizer, build_scheduler
     from tunesmith.runtime import peak_tflops, resolve_runtime
     from tunesmith.train.trainer import Trainer
 

@@ -110,7 +110,7 @@ def run_tunesmith(args, variant: str) -> dict:
     import torch
 
     from tunesmith.peft import count_params
-    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.optim import build_optimizer, build_scheduler
     from tunesmith.train.trainer import Trainer
 
     cfg, rt, model = _tunesmith_model(args, variant)

@@ -77,7 +77,7 @@ def test_grad_accumulation_equals_large_batch(tiny_tokenizer_dir):
     """k micro-batches with different target counts == one k-times larger batch (fp32)."""
     from tunesmith.config import RunConfig
     from tunesmith.models import build_model, init_random, resolve_model_config
-    from tunesmith.train.optim import build_scheduler
+    from tunesmith.optim import build_scheduler
     from tunesmith.runtime import resolve_runtime
     from tunesmith.train.trainer import Trainer
 

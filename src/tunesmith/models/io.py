@@ -145,6 +145,7 @@ def load_pretrained(
     """
     family = family_of(model_on_meta)
     if family.load_fn is not None:
+        model_on_meta.to(dtype=as_dtype(dtype))
         return family.load_fn(model_on_meta, weights_dir(source), device, as_dtype(dtype))
     files = hfio.find_weight_files(weights_dir(source))
     mapping = plan_load(model_on_meta, files, allow_pickle)
