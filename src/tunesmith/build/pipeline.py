@@ -1,7 +1,7 @@
 """The assembly pipeline: a run config in, a runnable model and optimizer out, in one order.
 
     runtime -> spec -> processes -> build_on_meta -> adapt -> parallelize -> materialize
-            -> fill_adapters -> optimizer
+            -> quantize -> fill_adapters -> optimizer
 
 The order is the same for one process and for N: the model is always built on the meta device,
 transformed there (nothing allocated), parallelised, and only then given memory and values. One
@@ -30,7 +30,7 @@ from tunesmith.parallel.apply import parallelize as parallelize_model
 from tunesmith.parallel.dist import ParallelContext, init_parallel
 from tunesmith.parallel.layout import check_run, env_world, resolve_layout
 from tunesmith.parallel.loading import materialize as materialize_model
-from tunesmith.peft import apply_peft, fill_peft
+from tunesmith.peft import apply_peft, fill_peft, quantize_peft_base
 from tunesmith.runtime import Runtime, resolve_runtime, seed_everything
 
 log = logging.getLogger("tunesmith")
@@ -102,8 +102,8 @@ def build_on_meta(a: Assembly) -> None:
 
 
 def adapt(a: Assembly) -> None:
-    """Structural transforms on meta (PEFT: freezing, LoRA / DoRA layers, the QLoRA NF4 base,
-    frozen tensors stored in the base dtype). Before parallelize: FSDP2 shards the parameters
+    """Structural transforms on meta (PEFT: freezing, LoRA / DoRA layers, frozen tensors stored
+    in the base dtype; the QLoRA base is quantised by `quantize`, which needs values). Before parallelize: FSDP2 shards the parameters
     that exist when it runs, and compile/AC must wrap the final modules."""
     s = a.need("spec")
     apply_peft(a.need("model"), a.cfg.peft, a.need("rt"), s.family, s.model_cfg, on_meta=True)
@@ -131,6 +131,16 @@ def materialize(a: Assembly) -> None:
                       skip=a.added_names)
 
 
+def quantize(a: Assembly) -> None:
+    """QLoRA: the frozen block linears to NF4 now that they hold their values (quantising needs
+    them; one layer at a time, so the peak is the dense bf16 model plus one matrix). Before
+    fill_adapters: DoRA's initial magnitude is the norm of the weight the model really uses,
+    the dequantised one. (Refused under N processes: QLoRA shards would instead quantise each
+    shard as `materialize` fills it, and this step would go.)"""
+    s = a.need("spec")
+    quantize_peft_base(a.need("model"), a.cfg.peft, s.family, s.model_cfg)
+
+
 def fill_adapters(a: Assembly) -> None:
     """The added tensors' values: a seeded adapter init (identical in any layout) or the
     adapter of `peft.from_checkpoint`. After materialize: shards exist to copy into, and
@@ -148,8 +158,8 @@ def optimizer(a: Assembly) -> None:
 
 Step = Callable[[Assembly], None]
 STEPS: tuple[Step, ...] = (
-    runtime, spec, processes, build_on_meta, adapt, parallelize, materialize, fill_adapters,
-    optimizer,
+    runtime, spec, processes, build_on_meta, adapt, parallelize, materialize, quantize,
+    fill_adapters, optimizer,
 )
 
 

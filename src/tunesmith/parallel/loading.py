@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunesmith.hf import io as hfio
-from tunesmith.models.io import build_model, init_random, plan_load, weights_dir
+from tunesmith.models.io import build_model, plan_load, weights_dir
 from tunesmith.models.registry import family_of
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.runtime import Runtime
@@ -93,8 +93,15 @@ def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, fami
     # Transformed modules (LoRA / NF4 layers) are not what the family's init expects: a plain
     # reference model is initialised (one process: on its device, like `init_random`) and
     # copied into the transformed one, tensor by tensor.
+    # Each reference tensor is drawn in the dtype its target holds (frozen bf16 base, fp32
+    # trainables), exactly as if the family's init had run on the transformed model.
     ref_device = ctx.device if ctx.mesh is None else torch.device("cpu")
-    ref = init_random(build_model(family, model_cfg, "meta"), ref_device, rt.param_dtype, seed)
+    ref = build_model(family, model_cfg, "meta")
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    for name, p in ref.named_parameters():
+        p.data = p.data.to(dtypes.get(name, p.dtype))  # on meta: metadata only
+    ref.to_empty(device=ref_device)
+    ref.init_weights(generator=torch.Generator(device=ref_device).manual_seed(seed))  # type: ignore[operator]
     params = model.state_dict(keep_vars=True)
     for name, value in ref.state_dict().items():
         if name in params:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from tunesmith.config import PeftConfig, RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.models.family import ModelConfig, ModelFamily
+from tunesmith.models.io import save_pretrained
 from tunesmith.peft import quant
 from tunesmith.peft.io import copy_adapter_values, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
@@ -36,12 +39,7 @@ from tunesmith.peft.transform import (
     merge_lora,
     quantize_base,
 )
-
-if TYPE_CHECKING:
-    from tunesmith.config import PeftConfig, RunConfig
-    from tunesmith.models import ModelFamily
-    from tunesmith.models.llama.config import LlamaConfig
-    from tunesmith.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
@@ -86,7 +84,7 @@ def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
 
 
 def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
-               model_cfg: LlamaConfig, *, on_meta: bool = False) -> nn.Module:
+               model_cfg: ModelConfig, *, on_meta: bool = False) -> nn.Module:
     """Apply the `peft` config section to a freshly built/loaded model, in place.
 
     method=none: only freezing. Otherwise (QLoRA: quantise the base first) adapters are added
@@ -103,9 +101,8 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
                      ", embeddings" if pc.freeze_embeddings else "")
         return model
     adapter = family.adapter(model_cfg)
-    if pc.method == "qlora":
-        n = quantize_base(model, adapter)
-        log.info("peft: %d linear layers stored in NF4", n)
+    if pc.method == "qlora" and not on_meta:  # on meta: `quantize_peft_base` after loading
+        quantize_peft_base(model, pc, family, model_cfg)
     if pc.from_checkpoint:
         _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype, values=not on_meta)
         _freeze_adapters_in(model, blocks)
@@ -120,7 +117,17 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
     return model
 
 
-def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: LlamaConfig,
+def quantize_peft_base(model: nn.Module, pc: PeftConfig, family: ModelFamily,
+                       model_cfg: ModelConfig) -> None:
+    """QLoRA: the block linears' weights to NF4 (a no-op for other methods). Needs the values,
+    so a model built on meta is quantised after it is materialised."""
+    if pc.method != "qlora":
+        return
+    n = quantize_base(model, family.adapter(model_cfg))
+    log.info("peft: %d linear layers stored in NF4", n)
+
+
+def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: ModelConfig,
               seed: int, *, loaded: bool) -> None:
     """The adapters' starting values: the `from_checkpoint` adapter (unless `loaded` already),
     else a seeded init identical in one process and in every sharded layout. Collective when
@@ -139,13 +146,11 @@ def _base_name(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-def save_final(model: nn.Module, family: ModelFamily, model_cfg: LlamaConfig, cfg: RunConfig,
+def save_final(model: nn.Module, family: ModelFamily, model_cfg: ModelConfig, cfg: RunConfig,
                out_dir: Path, tokenizer: Any) -> dict[str, str]:
     """Run end of a LoRA run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final and,
     with peft.save_merged, the merged HF model to OUTPUT/final-merged (merged in place last,
     so do not train this model afterwards)."""
-    from tunesmith.models import save_pretrained
-
     final = out_dir / "final"
     save_adapter(model, family.adapter(model_cfg), final, base_model=_base_name(cfg.model.name),
                  tokenizer=tokenizer)

@@ -83,18 +83,25 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
     """QLoRA: store every block linear weight (all-linear; never the LM head) in NF4.
 
-    Run before `apply_lora`, which then wraps the NF4 layers (DoRA magnitudes are taken from
-    the dequantised weight the model really uses). One layer at a time, so peak memory is the
+    Either before `apply_lora`, which then wraps the NF4 layers, or after it (the assembly
+    pipeline adds adapters on meta and quantises once the loaded values exist): a LoRA layer's
+    base weight is then quantised in place. DoRA magnitudes are (re)computed by
+    `init_adapters` from the dequantised weight the model really uses. One layer at a time, so peak memory is the
     dense model plus one bf16 matrix. Returns the number of layers quantised.
     """
     quant.require_nf4()
     cands = [c for c in linear_candidates(model, adapter)
-             if isinstance(model.get_submodule(c.native), nn.Linear)]
+             if isinstance(model.get_submodule(c.native), (nn.Linear, LoRALinear))
+             and not quant.is_nf4(model.get_submodule(c.native).weight)]
     for c in cands:
         quant.check_quantizable(c.native, model.get_submodule(c.native).weight)
     for c in cands:
         lin = model.get_submodule(c.native)
-        _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
+        if isinstance(lin, LoRALinear):  # adapters added first (the assembly order): keep them
+            lin.weight = nn.Parameter(quant.to_nf4(lin.weight), requires_grad=False)
+            lin.quantized = True
+        else:
+            _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
     return len(cands)
 
 
