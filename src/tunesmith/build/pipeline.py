@@ -46,6 +46,7 @@ class Assembly:
     """
 
     cfg: RunConfig
+    with_tokenizer: bool = True  # False: synthetic token ids (benchmarks), no tokenizer loaded
     rt: Runtime | None = None
     spec: ModelSpec | None = None
     ctx: ParallelContext | None = None
@@ -76,7 +77,7 @@ def spec(a: Assembly) -> None:
     """Model family + config (resolved once), the weight source and the tokenizer. Before the
     process group: the layout checks need the model's shape, and a bad model name or
     tokenizer then exits 2 on every rank at once instead of after a rendezvous."""
-    a.spec = resolve_spec(a.cfg)
+    a.spec = resolve_spec(a.cfg, with_tokenizer=a.with_tokenizer)
 
 
 def processes(a: Assembly) -> None:
@@ -163,9 +164,10 @@ STEPS: tuple[Step, ...] = (
 )
 
 
-def assemble(cfg: RunConfig, *, steps: tuple[Step, ...] = STEPS, until: str | None = None) -> Assembly:
+def assemble(cfg: RunConfig, *, steps: tuple[Step, ...] = STEPS, until: str | None = None,
+             with_tokenizer: bool = True) -> Assembly:
     """Run `steps` in order on a fresh `Assembly`; `until` stops after the named step."""
-    a = Assembly(cfg)
+    a = Assembly(cfg, with_tokenizer=with_tokenizer)
     for step in steps:
         step(a)
         if step.__name__ == until:

@@ -52,10 +52,14 @@ def resolve_model(cfg: RunConfig) -> tuple[ModelFamily, ModelConfig]:
     return resolve_model_config(cfg.model.name, cfg.model.overrides)
 
 
-def resolve_spec(cfg: RunConfig, resolved: tuple[ModelFamily, ModelConfig] | None = None) -> ModelSpec:
-    """The spec of the run's model; `resolved` reuses an already resolved (family, config)."""
+def resolve_spec(cfg: RunConfig, *, with_tokenizer: bool = True) -> ModelSpec:
+    """The spec of the run's model. `with_tokenizer=False` (benchmarks on synthetic token ids)
+    leaves the tokenizer out."""
     mc = cfg.model
-    family, model_cfg = resolved or resolve_model(cfg)
+    family, model_cfg = resolve_model(cfg)
+    pretrained = has_weights(mc.name) and not mc.from_scratch
+    if not with_tokenizer:
+        return ModelSpec(family, model_cfg, mc.name, pretrained, None, "")
     tok_source = mc.tokenizer or (mc.name if not is_preset(mc.name) else None)
     if tok_source is None:
         raise TunesmithError(
@@ -67,5 +71,4 @@ def resolve_spec(cfg: RunConfig, resolved: tuple[ModelFamily, ModelConfig] | Non
             f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
-    pretrained = has_weights(mc.name) and not mc.from_scratch
     return ModelSpec(family, model_cfg, mc.name, pretrained, tokenizer, tok_source)
