@@ -20,6 +20,7 @@ from torch import nn
 
 from tunesmith.checkpoint import ModelState
 from tunesmith.errors import TunesmithError
+from tunesmith.parallel.loading import copy_full_into
 from tunesmith.peft import quant
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
@@ -143,8 +144,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
     drawn on the host in module order and copied into the (possibly sharded) parameter, so
     one process and any sharded layout start from identical adapters. Collective when
     sharded: every rank."""
-    from tunesmith.parallel.loading import copy_full_into
-
     gen = torch.Generator().manual_seed(seed)
     for mod in lora_modules(model).values():
         a = torch.empty(tuple(mod.lora_A.shape))  # [r, in]
