@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tunesmith.build import Assembly, ModelSpec, assemble
-from tunesmith.checkpoint import CheckpointManager, check_disk, estimate_bytes
+from tunesmith.checkpoint import CheckpointManager, Stateful, check_disk, estimate_bytes
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
@@ -186,8 +187,9 @@ def _make_trainer(cfg: RunConfig, asm: Assembly, task: TaskData, out_dir: Path,
     )
 
 
-def _restore(manager: CheckpointManager, ckpt: Path, app_state: dict, model: nn.Module,
-             optimizer: Any, scheduler: Any, par: ParallelContext) -> None:
+def _restore(manager: CheckpointManager, ckpt: Path, app_state: dict[str, Stateful], model: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+             par: ParallelContext) -> None:
     """Load every piece of training state from `ckpt` into the freshly built objects."""
     check_model_matches(ckpt, model, app_state["model"].state_dict())
     live_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
