@@ -32,6 +32,7 @@ from tunesmith.parallel.layout import check_run, env_world, resolve_layout
 from tunesmith.parallel.loading import materialize as materialize_model
 from tunesmith.peft import apply_peft, fill_peft, quantize_peft_base
 from tunesmith.runtime import Runtime, resolve_runtime, seed_everything
+from tunesmith.transforms.float8 import check_float8_device
 
 log = logging.getLogger("tunesmith")
 
@@ -71,6 +72,7 @@ def runtime(a: Assembly) -> None:
     """Device and precision, first: every later step allocates on this device in these dtypes,
     and a bad device/precision is the cheapest thing to refuse."""
     a.rt = resolve_runtime(a.cfg.train.device, a.cfg.train.precision)
+    check_float8_device(a.cfg, a.rt.device)  # float8 needs SM >= 8.9: refuse before any work
 
 
 def spec(a: Assembly) -> None:

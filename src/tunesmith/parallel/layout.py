@@ -150,6 +150,8 @@ def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
     pc = cfg.peft
     if pc.method == "qlora":
         unsupported.append("peft.method=qlora (NF4 base)")
+    if pc.method not in ("none", "qlora") and pc.base_dtype == "float8":
+        unsupported.append("peft.base_dtype=float8")
     if pc.method != "none" and pc.save_merged:
         unsupported.append("peft.save_merged (merge the saved adapter with `tunesmith merge`)")
     if cfg.data.streaming:

@@ -32,6 +32,7 @@ from tunesmith.peft.transform import (
     apply_freezing,
     apply_lora,
     cast_frozen,
+    float8_base,
     count_params,
     frozen_block_set,
     init_adapters,
@@ -52,10 +53,10 @@ def base_dtype(pc: PeftConfig, rt: Runtime) -> torch.dtype:
         return rt.param_dtype
     if pc.method == "qlora":
         quant.require_nf4()
-    if pc.base_dtype != "auto":
+    if pc.base_dtype not in ("auto", "float8"):
         return _DTYPES[pc.base_dtype]
-    if pc.method == "qlora":
-        return torch.bfloat16  # NF4 dequantises to bf16 for compute
+    if pc.method == "qlora" or pc.base_dtype == "float8":
+        return torch.bfloat16  # NF4 dequantises to bf16 for compute; float8 is quantised from bf16
     return rt.autocast_dtype or rt.param_dtype
 
 
@@ -101,7 +102,7 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
                      ", embeddings" if pc.freeze_embeddings else "")
         return model
     adapter = family.adapter(model_cfg)
-    if pc.method == "qlora" and not on_meta:  # on meta: `quantize_peft_base` after loading
+    if not on_meta:  # on meta: `quantize_peft_base` once the loaded values exist
         quantize_peft_base(model, pc, family, model_cfg)
     if pc.from_checkpoint:
         _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype, values=not on_meta)
@@ -119,12 +120,16 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
 
 def quantize_peft_base(model: nn.Module, pc: PeftConfig, family: ModelFamily,
                        model_cfg: ModelConfig) -> None:
-    """QLoRA: the block linears' weights to NF4 (a no-op for other methods). Needs the values,
-    so a model built on meta is quantised after it is materialised."""
-    if pc.method != "qlora":
-        return
-    n = quantize_base(model, family.adapter(model_cfg))
-    log.info("peft: %d linear layers stored in NF4", n)
+    """The frozen base's storage format: NF4 (QLoRA) or float8 e4m3 with row scales
+    (`peft.base_dtype=float8`); a no-op otherwise. Needs the values, so a model built on meta
+    is quantised after it is materialised (LoRA layers already in place keep their adapters)."""
+    if pc.method == "qlora":
+        n = quantize_base(model, family.adapter(model_cfg))
+        log.info("peft: %d linear layers stored in NF4", n)
+    elif pc.method != "none" and pc.base_dtype == "float8":
+        n, dense = float8_base(model, family.adapter(model_cfg))
+        log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
+                 f"; {len(dense)} left dense (dims not multiples of 16)" if dense else "")
 
 
 def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: ModelConfig,

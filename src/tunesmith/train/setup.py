@@ -39,6 +39,7 @@ from tunesmith.train.resume import (
     truncate_metrics,
 )
 from tunesmith.train.trainer import Progress, Trainer, write_summary
+from tunesmith.transforms.float8 import float8_post_step
 
 log = logging.getLogger("tunesmith")
 
@@ -176,14 +177,19 @@ def _make_trainer(cfg: RunConfig, asm: Assembly, task: TaskData, out_dir: Path,
                                 hf_files_writer(spec.model_cfg, rt.param_dtype, spec.tokenizer))
     if plan.checkpoint is not None:
         _restore(manager, plan.checkpoint, app_state, model, optimizer, scheduler, asm.need("ctx"))
+    ctx: ParallelContext = asm.need("ctx")
+    # FSDP2 float8 all-gather: the next step's weight scales, once per optimizer step.
+    post = float8_post_step(model, cfg, distributed=ctx.distributed)
+    hooks = [lambda _tr, _loss, _norm: post()] if post is not None else []
     return Trainer(
         cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler,
         train_loader=task.train_loader, val_loader=task.val_loader, out_dir=out_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         flops_per_token=float(model.flops_per_token(cfg.data.block_size)),
         peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops), scaler=scaler,
-        progress=progress, window=window, checkpointer=checkpointer, resumed_from=plan.checkpoint,
-        rng_state=rng if plan.checkpoint is not None else None, par=asm.need("ctx"),
+        progress=progress, window=window, hooks=hooks, checkpointer=checkpointer,
+        resumed_from=plan.checkpoint, rng_state=rng if plan.checkpoint is not None else None,
+        par=ctx,
     )
 
 
