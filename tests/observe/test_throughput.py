@@ -37,12 +37,12 @@ def _train(tmp_path, tok, train, valid, name, **extra):
 
 
 def test_slow_eval_does_not_lower_train_throughput(tmp_path, tiny_tokenizer_dir, demo_text, capsys):
-    """A real run whose evaluation (160 one-block batches every 4 steps) takes far longer than
+    """A real run whose evaluation (160 one-block batches every 2 steps) takes far longer than
     its training steps reports the same train tokens/s as a run without eval."""
     train, valid = demo_text
     plain, _ = _train(tmp_path, tiny_tokenizer_dir, train, valid, "plain")
     slow, recs = _train(tmp_path, tiny_tokenizer_dir, train, valid, "slow", **{
-        "eval.every_steps": 4, "eval.batch_size": 1, "eval.max_batches": 160, "checkpoint.every_steps": 6})
+        "eval.every_steps": 2, "eval.batch_size": 1, "eval.max_batches": 160, "checkpoint.every_steps": 6})
     capsys.readouterr()
     assert "eval_s" not in plain and plain["tokens_per_s"] > 0
     assert slow["eval_s"] > 2 * slow["train_s"], slow  # the eval really is slow
