@@ -29,7 +29,7 @@ from tunesmith.train.resume import (
     plan_resume,
     truncate_metrics,
 )
-from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
+from tunesmith.train.runtime import Runtime, peak_tflops, precision_note, resolve_runtime, seed_everything
 from tunesmith.train.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     log.info(
         "model %s: %.2fM params on %s (%s); %d steps (%d per epoch)%s",
         cfg.model.name, sum(p.numel() for p in trainer.model.parameters()) / 1e6, rt.device,
-        rt.precision, trainer.total_steps, trainer.steps_per_epoch,
+        precision_note(cfg.train.precision, rt), trainer.total_steps, trainer.steps_per_epoch,
         f"; resuming at step {plan.step}" if plan.checkpoint is not None else "",
     )
     return trainer, bundle
