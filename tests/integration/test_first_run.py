@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 from tunesmith.cli.main import run
 
 
@@ -76,3 +79,36 @@ def test_pickle_refusal_is_one_plain_line(tmp_path, capsys):
     (line,) = _error_lines(err)
     assert "\x1b" not in err and "[1m" not in err
     assert "it references argparse.Namespace" in line and "allow_unsafe_pickle" in line
+
+
+@pytest.mark.slow
+def test_demo_keeps_an_earlier_demo_and_prints_plain_text(tmp_path):
+    """The demo command as a user runs it, output piped (not a terminal)."""
+    out = tmp_path / "demo"
+    stale = out / "run" / "metrics.jsonl"  # an earlier demo's records
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"step": 1, "loss": 9.0}\n')
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_DATASETS_DISABLE", "HF_HUB_DISABLE", "OMP_", "RAYON_"))}
+    env["PYTHONPATH"] = str(REPO / "src")
+    cmd = [sys.executable, "-m", "tunesmith", "demo", "--output", str(out), "--steps", "2"]
+
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (f"tunesmith: error: {out} holds an earlier demo (run); add "
+                              "--overwrite to replace it, or choose another --output\n")
+    assert stale.read_text() == '{"step": 1, "loss": 9.0}\n' and not (out / "data").exists()
+
+    done = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True, check=False,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "9.0" not in stale.read_text() and (out / "run" / "final" / "model.safetensors").exists()
+    # The sample is text on its own indented lines, not a Python repr with \n escapes.
+    lines = done.stdout.splitlines()
+    at = lines.index("sample (greedy, 40 new tokens after 'The list'):")
+    assert lines[at + 1].startswith("    The list")
+    assert "\\n" not in done.stdout and "sample: '" not in done.stdout
+    # stderr off a terminal: no tqdm redraws, no precision remark (the demo runs fp32 on CPU).
+    assert "\r" not in done.stderr and "%|" not in done.stderr and "tokenizing" not in done.stderr
+    assert "precision" not in done.stderr
+    assert "model tiny: 1.44M params on cpu (fp32); 2 steps" in done.stderr
