@@ -15,8 +15,8 @@ from tunesmith.config.schema import DataConfig
 from tunesmith.data import build_clm_datasets, load_tokenizer
 from tunesmith.data.mlm import MaskingSpec, MLMCollator
 from tunesmith.models import build_model, load_pretrained, resolve_model_config
-from tunesmith.train.optim import build_scheduler
-from tunesmith.train.runtime import resolve_runtime
+from tunesmith.optim import build_scheduler
+from tunesmith.runtime import resolve_runtime
 from tunesmith.train.trainer import Trainer
 
 STEPS = 8

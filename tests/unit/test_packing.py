@@ -10,8 +10,8 @@ from tunesmith.data.sft_data import SFTCollator, pack_examples
 from tunesmith.models import attention as attn_mod
 from tunesmith.models import build_model, init_random, resolve_model_config
 from tunesmith.models.attention import AttnSpec
-from tunesmith.train.forward import batch_loss_sum
-from tunesmith.train.runtime import resolve_runtime
+from tunesmith.objective.forward import batch_loss_sum
+from tunesmith.runtime import resolve_runtime
 
 V = 97
 

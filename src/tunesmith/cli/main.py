@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
+from tunesmith.config.schema import PRECISIONS
+from tunesmith.config.tasks import SFT_FORMATS
 from tunesmith.cpu import apply_process_defaults
 from tunesmith.errors import TunesmithError
 
@@ -169,12 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column", default="text")
     e.add_argument("--max-batches", type=int, default=None)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "bf16-pure"])
+    e.add_argument("--precision", default="bf16", choices=PRECISIONS)
     e.add_argument("--generate", action="store_true",
                    help="answer the prompts of an SFT file and report ROUGE-1/2/L, exact match")
     e.add_argument("--recipe", default=None, help="--generate: take the sft section from here")
-    e.add_argument("--format", default=None,
-                   choices=["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"])
+    e.add_argument("--format", default=None, choices=SFT_FORMATS)
     e.add_argument("--chat-template", default=None, help="tokenizer, llama3, chatml, alpaca")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--max-samples", type=int, default=None)

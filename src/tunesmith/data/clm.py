@@ -78,7 +78,7 @@ class _Tokenize:
         return {"input_ids": out}
 
 
-def _eos_to_append(cfg: DataConfig, tokenizer: Any) -> int | None:
+def eos_to_append(cfg: DataConfig, tokenizer: Any) -> int | None:
     if not cfg.add_eos:
         return None
     if tokenizer.eos_token_id is None:
@@ -233,7 +233,7 @@ def build_clm_datasets(
     if cfg.path is None:
         raise TunesmithError("data.path is required: a text file, directory or dataset name")
     _check_lengths(cfg, max_positions)
-    eos_id = _eos_to_append(cfg, tokenizer)
+    eos_id = eos_to_append(cfg, tokenizer)
     tok_fp = tokenizer_fingerprint(tokenizer)
 
     train = _tokenize(_load_records(cfg.path, cfg), cfg, tokenizer, tok_fp, eos_id)

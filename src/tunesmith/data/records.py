@@ -23,13 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tunesmith.data.sources import (
-    TEXT_SUFFIXES,
-    _first_significant_byte,
-    _list_files,
-    _looks_like_path,
-    _utf8_lines,
-)
+from tunesmith.data.sources import _list_files, _looks_like_path, _utf8_lines, read_by_kind
 from tunesmith.errors import TunesmithError, first_line
 
 
@@ -114,22 +108,12 @@ FileItem = tuple[tuple[int, int], str, Any]
 
 
 def _iter_file(path: Path, fi: int, record: int, offset: int) -> Iterator[FileItem]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        yield from _iter_parquet(path, record)
-        return
-    try:
-        with open(path, "rb") as fh:
-            if suffix in TEXT_SUFFIXES:
-                yield from _iter_lines(path, fh, record, offset, parse=False)
-            elif suffix == ".jsonl" or (suffix == ".json" and _first_significant_byte(fh) != b"["):
-                yield from _iter_lines(path, fh, record, offset, parse=True)
-            elif suffix == ".json":
-                yield from _iter_json_array(path, fh, record)
-            else:
-                yield from _iter_csv(path, fh, record)
-    except OSError as exc:
-        raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return read_by_kind(path, {
+        "text": lambda fh: _iter_lines(path, fh, record, offset, parse=False),
+        "jsonl": lambda fh: _iter_lines(path, fh, record, offset, parse=True),
+        "json_array": lambda fh: _iter_json_array(path, fh, record),
+        "csv": lambda fh: _iter_csv(path, fh, record),
+    }, lambda: _iter_parquet(path, record))
 
 
 def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool

@@ -19,8 +19,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from tunesmith.config import load_config
+from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.cpu import cpu_budget, user_set
 from tunesmith.errors import TunesmithError
+from tunesmith.parallel.layout import resolve_layout
 
 log = logging.getLogger("tunesmith")
 
@@ -40,10 +43,6 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 
 def validate(recipe: str | None, overrides: list[str], world: int, local_world: int):
     """Load the run config and check its layout for `world` ranks; nothing is started."""
-    from tunesmith.config import load_config
-    from tunesmith.parallel.deepspeed import apply_deepspeed
-    from tunesmith.parallel.layout import resolve_layout
-
     cfg = apply_deepspeed(load_config(recipe, overrides))
     layout = resolve_layout(cfg.parallel, world, local_world)
     return cfg, layout
