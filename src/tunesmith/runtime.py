@@ -55,8 +55,8 @@ def resolve_runtime(device_name: str, precision: str) -> Runtime:
     device = resolve_device(device_name)
     if device.type == "cpu" and precision in ("bf16", "fp16"):
         # CPU autocast is slower than fp32 on most CPUs and fp16 scaling is CUDA-only;
-        # the numbers would be worse for no gain, so run fp32 and say so once.
-        log.info("precision=%s on CPU: running fp32 (mixed precision pays off on GPUs)", precision)
+        # the numbers would be worse for no gain, so run fp32. Training says so once, in its
+        # "model ..." line after setup succeeded (never right before an error).
         precision = "fp32"
     if device.type == "cuda" and precision in ("bf16", "bf16-pure") and not torch.cuda.is_bf16_supported():
         raise TunesmithError(f"precision={precision} needs a GPU with bf16 support; use fp16")
@@ -75,6 +75,13 @@ def resolve_runtime(device_name: str, precision: str) -> Runtime:
         if kernel != "default":
             log.debug("attention: SDPA prefers the %s kernel on this GPU", kernel)
     return Runtime(device, precision, param_dtype, autocast_dtype)
+
+
+def precision_note(requested: str, rt: Runtime) -> str:
+    """The precision a run uses, and why when it is not the one asked for."""
+    if requested == rt.precision:
+        return rt.precision
+    return f"{rt.precision}: train.precision={requested} is used on GPUs only"
 
 
 def seed_everything(seed: int) -> None:

@@ -79,7 +79,7 @@ def test_roberta_mlm_loss_curve_matches_transformers(mlm_tok, demo_text, tmp_pat
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        hf_curve.append(float(loss))
+        hf_curve.append(float(loss.detach()))
     assert ours_curve == pytest.approx(hf_curve, rel=2e-4)
     assert ours_curve[-1] < ours_curve[0] - 0.1  # it learns
 

@@ -34,6 +34,9 @@ def _model(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", ["tiny", "gpt2-tiny", "pythia-tiny"])
+# The flex case runs FlexAttention eagerly on CPU on purpose (a reference, not for speed);
+# torch warns that eager flex is unfused.
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_packed_loss_equals_each_example_alone(name: str, backend: str) -> None:
     model = _model(name)

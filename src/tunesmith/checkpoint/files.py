@@ -96,10 +96,11 @@ def estimate_bytes(app_state: Mapping[str, Any]) -> int:
     return total
 
 
-def check_disk(root: str | Path, needed_bytes: int) -> None:
+def check_disk(root: str | Path, needed_bytes: int, name: str = "output.dir") -> None:
     """Fail early unless `root` is writable and has room for two checkpoints of this size.
 
-    Two, because the new checkpoint is fully written before the oldest one is pruned.
+    Two, because the new checkpoint is fully written before the oldest one is pruned. `name`
+    is what the user calls `root` in error messages (training checks its output.dir).
     """
     root = Path(root)
     try:
@@ -107,7 +108,7 @@ def check_disk(root: str | Path, needed_bytes: int) -> None:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise TunesmithError(f"checkpoint root {root} is not writable: {e.strerror or e}") from None
+        raise TunesmithError(f"{name} {root} is not writable: {e.strerror or e}") from None
     free = shutil.disk_usage(root).free
     need = 2 * int(needed_bytes)
     if need > free:

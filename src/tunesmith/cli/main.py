@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, r
 from tunesmith.cli.report import add_report_command
 from tunesmith.config.schema import PRECISIONS
 from tunesmith.config.tasks import SFT_FORMATS
+from tunesmith.cpu import apply_process_defaults
 from tunesmith.errors import TunesmithError
 
 log = logging.getLogger("tunesmith")
@@ -28,6 +30,11 @@ def _train(args: argparse.Namespace) -> int:
     from tunesmith.train.setup import run_training
 
     recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is None:
+        raise TunesmithError(
+            "train needs a recipe file, section.key=value overrides, or both, e.g. "
+            "`tunesmith train recipes/llama_clm_shakespeare.yaml`; every option: "
+            "tunesmith train --help")
     if "=" in recipe and not Path(recipe).exists():
         # No recipe file: everything comes from key=value overrides.
         recipe, overrides = None, [recipe, *overrides]
@@ -151,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train from a YAML recipe", epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("recipe", help="YAML recipe (optional: key=value overrides alone also work)")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="YAML recipe (optional: key=value overrides alone also work)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides (optional)")
     t.set_defaults(func=_train)
     add_launch_command(sub)
 
@@ -234,6 +242,9 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Thread and progress-bar defaults must be in the environment before torch, tokenizers or
+    # datasets load; nothing above imports them.
+    apply_process_defaults(os.environ, sys.stderr.isatty())
     sys.exit(run_worker(lambda: run(argv)))
 
 

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import torch
 
 from tunesmith.config.schema import DataConfig
+from tunesmith.cpu import tokenizer_workers
 from tunesmith.data.sources import cache_root, load_text_records
 from tunesmith.data.tokenizer import eos_appended_by_tokenizer, tokenizer_fingerprint
 from tunesmith.errors import TunesmithError
@@ -102,7 +103,7 @@ def _tokenize(
     return records.map(
         fn,
         batched=True,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(records) > cfg.num_proc else None,
+        num_proc=tokenizer_workers(cfg.num_proc, len(records)),
         remove_columns=records.column_names,
         features=features,
         new_fingerprint=fp,

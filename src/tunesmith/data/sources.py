@@ -205,7 +205,7 @@ def _read_json(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
         ) from None
     del data, text
     for i, obj in enumerate(records):
-        yield _text_of(obj, path, f"{path}: record {i}", column), True
+        yield _text_of(obj, path, f"{path}: record {i + 1}", column), True
 
 
 def _read_csv(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
@@ -251,7 +251,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[Record]:
         arr = batch.column(0)
         if arr.null_count:
             first = arr.is_null().to_pylist().index(True)
-            raise TunesmithError(f"{path}: row {row + first}: column '{column}' is null")
+            raise TunesmithError(f"{path}: row {row + first + 1}: column '{column}' is null")
         row += len(arr)
         for text in arr.to_pylist():
             yield text, True

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from tunesmith.config import load_config
 from tunesmith.config.deepspeed import apply_deepspeed
+from tunesmith.cpu import cpu_budget, user_set
 from tunesmith.errors import TunesmithError
 from tunesmith.parallel.layout import resolve_layout
 
@@ -71,8 +72,8 @@ def worker_env(nproc: int, cfg) -> None:
         os.environ["NCCL_DEBUG"] = cfg.parallel.nccl_debug
     # torchrun would force 1 thread per worker; share the cores instead (CPU-side work:
     # data collation, CPU runs).
-    cores = os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, nproc))))
+    if not user_set("OMP_NUM_THREADS"):
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_budget() // max(1, nproc)))
 
 
 def failure_line(err: BaseException) -> tuple[str, int]:

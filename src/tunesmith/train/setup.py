@@ -26,7 +26,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.observe import check_trackers
 from tunesmith.optim import build_scheduler
 from tunesmith.parallel.dist import ParallelContext, main_rank_first
-from tunesmith.runtime import peak_tflops
+from tunesmith.runtime import peak_tflops, precision_note
 from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState, hf_files_writer, trainer_state
 from tunesmith.train.finish import after_training, save_final_model
 from tunesmith.train.guard import DIAGNOSTICS_FILE
@@ -144,7 +144,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, RunParts]:
     log.info(
         "model %s: %.2fM params on %s (%s); %d steps (%d per epoch)%s",
         cfg.model.name, sum(p.numel() for p in trainer.model.parameters()) / 1e6, trainer.rt.device,
-        trainer.rt.precision, trainer.total_steps, trainer.steps_per_epoch,
+        precision_note(cfg.train.precision, trainer.rt), trainer.total_steps, trainer.steps_per_epoch,
         f"; resuming at step {plan.step}" if plan.checkpoint is not None else "",
     )
     return trainer, RunParts(spec, trainer.model, task)
