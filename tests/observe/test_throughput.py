@@ -45,13 +45,13 @@ def test_slow_eval_does_not_lower_train_throughput(tmp_path, tiny_tokenizer_dir,
         "eval.every_steps": 2, "eval.batch_size": 1, "eval.max_batches": 160, "checkpoint.every_steps": 6})
     capsys.readouterr()
     assert "eval_s" not in plain and plain["tokens_per_s"] > 0
-    assert slow["eval_s"] > 2 * slow["train_s"], slow  # the eval really is slow
+    assert slow["eval_s"] > slow["train_s"], slow  # the eval takes longer than training
     assert slow["checkpoint_s"] > 0
     # What counting wall time would report: far below the train-only rate.
     naive = slow["tokens_seen"] / slow["runtime_s"]
-    assert slow["tokens_per_s"] > 2 * naive
+    assert slow["tokens_per_s"] > 1.8 * naive
     # Same training work, same rate (wide band: a busy 2-core CI machine; counting the eval
-    # would put the ratio below 1/3).
+    # would put the ratio below 1/2).
     assert 0.6 < slow["tokens_per_s"] / plain["tokens_per_s"] < 1.7, (slow, plain)
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == [4, 8, 12]
