@@ -12,3 +12,13 @@ class TunesmithError(Exception):
     """Bad input or impossible configuration; message is one clear line saying what and where."""
 
     exit_code = 2
+
+
+class ConfigError(TunesmithError):
+    """A recipe or override that does not validate: unknown key, wrong type, impossible mix."""
+
+
+class NonFiniteError(TunesmithError):
+    """Training hit a non-finite loss or gradient norm and stopped (exit code 3)."""
+
+    exit_code = 3

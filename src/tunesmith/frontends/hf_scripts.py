@@ -16,7 +16,13 @@ from tunesmith.frontends import hf_args
 from tunesmith.frontends.accel import accel_flags, apply_accel
 from tunesmith.frontends.flags import FlagParser, ParsedFlags
 from tunesmith.frontends.hub import resolve_dataset, resolve_model
-from tunesmith.frontends.recipe import COMMON_FLAGS, EvalOnly, Recipe, local_path, out_path
+from tunesmith.frontends.recipe import (
+    COMMON_FLAGS,
+    EvalOnly,
+    Recipe,
+    local_path,
+    out_path,
+)
 
 # peft's default LoRA targets per model type (what run_lora_clm gets without the flag).
 _PEFT_DEFAULT_TARGETS = {

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.frontends.flags import Flag
 
 # Top-level order of a printed recipe (RunConfig's field order, spelled out to keep this
@@ -107,7 +107,7 @@ class Recipe:
         try:
             return RunConfig.model_validate(self.ordered())
         except ValidationError as e:
-            raise TunesmithError(format_validation_error(e, f"the recipe built by tunesmith "
+            raise ConfigError(format_validation_error(e, f"the recipe built by tunesmith "
                                                             f"{self.frontend}")) from None
 
     def to_yaml(self) -> str:
