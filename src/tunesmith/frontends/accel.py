@@ -85,11 +85,13 @@ def apply_accel(flags: ParsedFlags, recipe: Recipe) -> None:
         recipe.set("parallel.strategy", "full_shard")
         if tp > 1:
             recipe.set("parallel.tp", tp)
-        recipe.note("--spmd_2d_sharding", f"tensor parallel {tp} (parallel.tp) inside an FSDP2 "
-                    "mesh over the remaining ranks")
+        recipe.note("--spmd_2d_sharding", f"a model axis of {tp}: tensor parallel {tp} "
+                    "(parallel.tp) inside an FSDP2 mesh over the remaining ranks")
     if flags["spmd_grad_chkpt"]:
         recipe.set("parallel.activation_checkpointing", "full")
     if flags["spmd_dcn_parallelism"] > 1:
+        # Slices replicate, devices of a slice shard: HSDP (full_shard forbids replication).
+        recipe.set("parallel.strategy", "hybrid_shard")
         recipe.set("parallel.dp_replicate", flags["spmd_dcn_parallelism"])
         recipe.note("--spmd_dcn_parallelism", "replicated data-parallel degree "
                     "(parallel.dp_replicate; shards within each replica, HSDP)")

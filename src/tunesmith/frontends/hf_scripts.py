@@ -58,7 +58,12 @@ def _model(f: ParsedFlags, r: Recipe) -> None:
     if name:
         r.set("model.name", resolve_model(name))
     elif config or mtype:
-        r.set("model.name", resolve_model(config) if config else mtype)
+        from tunesmith.models import is_preset
+
+        # An architecture only: a tunesmith preset of that name (gpt2, roberta-base, ...)
+        # when there is one, else a config.json path or hub id.
+        arch = config or mtype
+        r.set("model.name", arch if is_preset(arch) else resolve_model(arch))
         r.set("model.from_scratch", True)
     else:
         raise TunesmithError(f"{r.frontend}: pass --model_name_or_path (fine-tune) or "
@@ -292,9 +297,12 @@ def _eval_only(f: ParsedFlags, r: Recipe) -> EvalOnly:
     if data is None:
         raise TunesmithError("--do_eval alone needs a validation split: --validation_file or a "
                              "data set with one")
+    batch = f["per_device_eval_batch_size"]
+    samples = f["max_eval_samples"]
     return EvalOnly(model=r.get("model.name"), data=data, block_size=r.get("data.block_size"),
-                    batch_size=f["per_device_eval_batch_size"], precision=_precision(f, r),
-                    device="cpu" if f["use_cpu"] else "auto")
+                    batch_size=batch, precision=_precision(f, r),
+                    device="cpu" if f["use_cpu"] else "auto",
+                    max_batches=-(-samples // batch) if samples else None)
 
 
 def build_recipe(script: str, argv: list[str]) -> tuple[Recipe, ParsedFlags]:

@@ -81,11 +81,12 @@ class ResolvedData:
     hub: bool = False
 
 
-def resolve_dataset(name: str, config: str | None, flag: str = "--dataset_name") -> ResolvedData:
+def resolve_dataset(name: str, config: str | None, flag: str = "--dataset_name",
+                    instead: str = "--train_file/--validation_file") -> ResolvedData:
     """A local path as given, a known hub data set from the mirror, or the hub name itself."""
     local = Path(name).expanduser()
     if local.exists():
-        return ResolvedData(str(local.resolve()))
+        return ResolvedData(os.path.abspath(local))
     canonical = _DATASET_ALIASES.get(name, name)
     known = KNOWN_DATASETS.get((canonical, config))
     if known is None and config is None:
@@ -99,8 +100,8 @@ def resolve_dataset(name: str, config: str | None, flag: str = "--dataset_name")
         train = Path(mirror).expanduser() / known.train
         if train.is_file():
             val = Path(mirror).expanduser() / known.validation if known.validation else None
-            return ResolvedData(str(train.resolve()),
-                                str(val.resolve()) if val is not None and val.is_file() else None,
+            return ResolvedData(os.path.abspath(train),
+                                os.path.abspath(val) if val is not None and val.is_file() else None,
                                 kind=known.kind)
     if offline():
         where = (f"no local copy at {Path(mirror).expanduser() / known.train}" if known and mirror
@@ -108,7 +109,7 @@ def resolve_dataset(name: str, config: str | None, flag: str = "--dataset_name")
                  else "it has no local mirror entry")
         label = f"{name} ({config})" if config else name
         raise TunesmithError(f"{flag} {label} is not available offline: {where}; or pass "
-                             "local files with --train_file/--validation_file")
+                             f"local files with {instead}")
     return ResolvedData(canonical, dataset_config=config, kind=known.kind if known else "text",
                         hub=True)
 
@@ -117,5 +118,5 @@ def resolve_model(name: str) -> str:
     """A local directory/file made absolute, a legacy hub id spelled as its repo, else as is."""
     local = Path(name).expanduser()
     if local.exists():
-        return str(local.resolve())
+        return os.path.abspath(local)
     return MODEL_ALIASES.get(name, name)

@@ -18,6 +18,7 @@ from tunesmith.frontends.recipe import COMMON_FLAGS, Recipe, local_path, out_pat
 
 _SHARDING = {"FULL_SHARD": "full_shard", "SHARD_GRAD_OP": "shard_grad_op",
              "NO_SHARD": "no_shard", "HYBRID_SHARD": "hybrid_shard", "_HYBRID_SHARD_ZERO2": "hybrid_shard"}
+_CUSTOM = "--dataset custom_dataset --custom_dataset.file FILE"
 _FORMATS = ("alpaca", "dolly", "chat", "sharegpt", "summarization", "custom")
 
 
@@ -120,7 +121,7 @@ def _dataset(f: ParsedFlags, r: Recipe) -> None:
     name = f["dataset"]
     r.set("task", "sft")
     if name == "samsum_dataset":
-        d = resolve_dataset("Samsung/samsum", None, "--dataset samsum_dataset")
+        d = resolve_dataset("Samsung/samsum", None, "--dataset samsum_dataset", _CUSTOM)
         r.set("data.path", d.path)
         if d.validation:
             r.set("data.validation_path", d.validation)
@@ -128,7 +129,7 @@ def _dataset(f: ParsedFlags, r: Recipe) -> None:
     elif name == "alpaca_dataset":
         given = f["alpaca_dataset.data_path"]
         path = local_path(given) if given else resolve_dataset(
-            "tatsu-lab/alpaca", None, "--dataset alpaca_dataset").path
+            "tatsu-lab/alpaca", None, "--dataset alpaca_dataset", "--alpaca_dataset.data_path").path
         r.set("data.path", path)
         r.set("sft.format", "alpaca")
         r.note("--dataset alpaca_dataset", "validation is data.validation_split_percentage of "

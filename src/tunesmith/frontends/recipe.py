@@ -10,6 +10,7 @@ Flags that need nothing on CUDA, or that tunesmith does differently, leave a one
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -36,14 +37,15 @@ COMMON_FLAGS = [
 
 
 def local_path(text: str) -> str:
-    """An existing local path made absolute (recipes may later be read from elsewhere)."""
+    """An existing local path made absolute (recipes may later be read from elsewhere);
+    symlinks are kept as written."""
     p = Path(text).expanduser()
-    return str(p.resolve()) if p.exists() else text
+    return os.path.abspath(p) if p.exists() else text
 
 
 def out_path(text: str) -> str:
     """An output location made absolute, whether or not it exists yet."""
-    return str(Path(text).expanduser().resolve())
+    return os.path.abspath(Path(text).expanduser())
 
 
 @dataclass
@@ -56,12 +58,15 @@ class EvalOnly:
     batch_size: int
     precision: str
     device: str = "auto"
+    max_batches: int | None = None
 
     def command(self) -> str:
         args = ["tunesmith", "eval", self.model, "--data", self.data, "--batch-size",
                 str(self.batch_size), "--precision", self.precision, "--device", self.device]
         if self.block_size:
             args += ["--block-size", str(self.block_size)]
+        if self.max_batches:
+            args += ["--max-batches", str(self.max_batches)]
         return shlex.join(args)
 
 
@@ -183,7 +188,7 @@ def _execute_eval(recipe: Recipe, print_recipe: str | bool | None) -> int:
     from tunesmith.eval.run import run_eval
 
     out = run_eval(plan.model, plan.data, block_size=plan.block_size, batch_size=plan.batch_size,
-                   device=plan.device, precision=plan.precision)
+                   device=plan.device, precision=plan.precision, max_batches=plan.max_batches)
     print(json.dumps(out))
     return 0
 
