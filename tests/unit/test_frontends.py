@@ -193,3 +193,19 @@ def test_llama_recipes_custom_dataset_is_a_data_file(tmp_path: Path) -> None:
     assert recipe.data["sft"]["format"] == "custom"
     assert recipe.data["data"]["path"] == str(data)
     recipe.config()
+
+
+def test_every_accepted_flag_is_in_docs_migrating() -> None:
+    from tests.conftest import REPO
+    from tunesmith.frontends.hf_scripts import parser as hf_parser
+    from tunesmith.frontends.llama_recipes import parser as lr_parser
+
+    doc = (REPO / "docs" / "migrating.md").read_text()
+    missing = []
+    for p in (hf_parser("run_clm"), hf_parser("run_mlm"), hf_parser("run_lora_clm"), lr_parser()):
+        for name in p.table:
+            short = name.split(".")[-1]
+            if name not in ("print-recipe", "debug") and f"`--{name}" not in doc \
+                    and f"`{name}" not in doc and f"`{short}" not in doc and f".{short}`" not in doc:
+                missing.append(f"{p.prog} --{name}")
+    assert not missing, missing
