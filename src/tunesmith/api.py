@@ -82,7 +82,7 @@ def load_model(
         load_pretrained,
         resolve_model_config,
     )
-    from tunesmith.train.setup import has_weights
+    from tunesmith.build.spec import has_weights
 
     source = str(name_or_path)
     family, cfg = resolve_model_config(source, overrides)

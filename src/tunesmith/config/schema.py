@@ -7,11 +7,16 @@ so an impossible run fails before any work starts.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunesmith.config.tasks import GenerateEvalConfig, MLMConfig, SFTConfig
+
+
+# The one list of precisions: the config's literal and the CLI's choices.
+Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class Section(BaseModel):
@@ -115,7 +120,7 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] = Field(
+    precision: Precision = Field(
         "bf16",
         description="bf16: fp32 weights + bf16 autocast; fp16: autocast + grad scaler; bf16-pure: "
         "bf16 weights and optimizer state; fp32: none. bf16/fp16 fall back to fp32 on CPU "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,21 @@ import torch
 from torch import nn
 
 from tunesmith.config.schema import RunConfig
+from tunesmith.data.loader import StatefulLoader
+from tunesmith.data.streaming import StreamingLoader
+from tunesmith.errors import TunesmithError
 from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.objective.forward import batch_loss_sum
+from tunesmith.objective.loss import IGNORE_INDEX
+from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.grad import clip_grads_with_norm_
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
-from tunesmith.train.forward import batch_loss_sum
+from tunesmith.runtime import Runtime
+from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState
 from tunesmith.train.guard import NonFiniteGuard, grad_norms
-from tunesmith.train.loss import IGNORE_INDEX
 from tunesmith.train.metrics import LossWindow, MetricsWriter, Throughput, peak_memory_gib
 from tunesmith.train.preempt import StopRequest
 from tunesmith.train.progress import ProgressReporter
-from tunesmith.train.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
@@ -63,15 +68,20 @@ class _Loop:
     stopped_by: str | None = None  # signal name when preempted
 
 
+StepHook = Callable[["Trainer", torch.Tensor, torch.Tensor], None]  # (trainer, loss, grad_norm)
+
+
 @dataclass
 class Trainer:
+    """The loop's inputs, all given at construction (see `tunesmith.train.setup`)."""
+
     cfg: RunConfig
     rt: Runtime
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: Any  # tunesmith.data.StatefulLoader
-    val_loader: Any | None
+    train_loader: StatefulLoader | StreamingLoader
+    val_loader: StatefulLoader | None
     out_dir: Path
     total_steps: int
     steps_per_epoch: int
@@ -79,12 +89,13 @@ class Trainer:
     peak_tflops: float | None
     scaler: torch.amp.GradScaler | None = None
     progress: Progress = field(default_factory=Progress)
-    hooks: list = field(default_factory=list)  # callables(trainer, loss, grad_norm) after each step
-    checkpointer: Any = None  # tunesmith.train.checkpointing.Checkpointer; None: never save
+    window: LossWindow = field(default_factory=LossWindow)  # losses since the last log record
+    hooks: list[StepHook] = field(default_factory=list)  # called after each step
+    checkpointer: Checkpointer | None = None  # None: never save
     resumed_from: Path | None = None
-    rng_state: Any = None  # DeferredRNGState restored from a checkpoint, applied in train()
-    par: Any = None  # tunesmith.parallel.dist.ParallelContext; None: one process
-    bundle: Any = None  # tunesmith.train.setup.ModelBundle (tokenizer, family, model config)
+    rng_state: DeferredRNGState | None = None  # restored from a checkpoint, applied in train()
+    par: ParallelContext | None = None  # None: one process
+    bundle: Any = None  # tunesmith.train.setup.RunParts (spec, tokenizer, task data)
 
     @classmethod
     def from_config(cls, recipe: Any = None, **overrides: Any) -> Trainer:
@@ -106,7 +117,6 @@ class Trainer:
 
     def __post_init__(self) -> None:
         tc = self.cfg.train
-        self.window = LossWindow()
         self.guard = NonFiniteGuard(
             tc.nan_policy, tc.max_consecutive_skips, self.progress, self.out_dir,
             # Sharded (DTensor) params: the host decides (every rank sees the same global norm).
@@ -180,6 +190,8 @@ class Trainer:
                     self.total_steps, where)
 
     def save_checkpoint(self) -> Path:
+        if self.checkpointer is None:
+            raise TunesmithError("this trainer was built without checkpointing")
         self.guard.flush()  # the checkpoint's skip counters must include this step
         p = self.progress
         return self.checkpointer.save(
