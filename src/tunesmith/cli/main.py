@@ -1,4 +1,4 @@
-"""`tunesmith` command line: train, launch, eval, generate, export, merge, demo.
+"""`tunesmith` command line: train, launch, eval, generate, export, merge, demo, report.
 
 User errors (`TunesmithError`, bad config/data) print one line and exit 2 (a NaN halt exits 3);
 `--debug` shows the traceback. Every subcommand is a thin shell over library functions.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
+from tunesmith.cli.report import add_report_command
 from tunesmith.config.schema import PRECISIONS
 from tunesmith.config.tasks import SFT_FORMATS
 from tunesmith.cpu import apply_process_defaults
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe's)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
     d.set_defaults(func=_demo)
+    add_report_command(sub)
     add_frontend_commands(sub)  # run_clm, run_mlm, run_lora_clm, llama-recipes
     return p
 

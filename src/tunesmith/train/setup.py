@@ -23,6 +23,7 @@ from tunesmith.config import RunConfig, dump_config
 from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
 from tunesmith.errors import TunesmithError
+from tunesmith.observe import check_trackers
 from tunesmith.optim import build_scheduler
 from tunesmith.parallel.dist import ParallelContext, main_rank_first
 from tunesmith.runtime import peak_tflops, precision_note
@@ -117,6 +118,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, RunParts]:
     applied by `train()` itself.
     """
     cfg = apply_deepspeed(cfg)
+    check_trackers(cfg.logging)  # a missing tracker library fails before any work
     out_dir = Path(cfg.output.dir)
     ck = cfg.checkpoint
     if ck.resume is None:
@@ -223,6 +225,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output.dir)
     if cfg.output.save_final and not summary["interrupted"]:
         summary.update(save_final_model(cfg, trainer, parts, out_dir))
+    # Trackers get the summary (and OUTPUT/final with logging.log_model); report.html is written.
+    trainer.observer.finish(summary, out_dir / "final")
     if trainer.par is None or trainer.par.is_main:
         write_summary(out_dir, summary)
     return summary
