@@ -16,6 +16,16 @@ class TunesmithError(Exception):
     exit_code = 2
 
 
+class ConfigError(TunesmithError):
+    """A recipe or override that does not validate: unknown key, wrong type, impossible mix."""
+
+
+class NonFiniteError(TunesmithError):
+    """Training hit a non-finite loss or gradient norm and stopped (exit code 3)."""
+
+    exit_code = 3
+
+
 # ESC [ ... letter: terminal styling (torch bolds parts of its weights-only refusal).
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

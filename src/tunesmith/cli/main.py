@@ -21,6 +21,7 @@ from tunesmith.config.schema import PRECISIONS
 from tunesmith.config.tasks import SFT_FORMATS
 from tunesmith.cpu import apply_process_defaults
 from tunesmith.errors import TunesmithError
+from tunesmith.frontends import add_frontend_commands
 
 log = logging.getLogger("tunesmith")
 
@@ -219,12 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
     d.set_defaults(func=_demo)
     add_report_command(sub)
+    add_frontend_commands(sub)  # run_clm, run_mlm, run_lora_clm, llama-recipes
     return p
 
 
 def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, flags = parser.parse_known_args(argv)
+    if flags and not getattr(args, "takes_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    args.flags = flags  # a front-end's own flags, parsed by tunesmith.frontends
     logging.basicConfig(
         level=logging.WARNING if args.quiet or not is_main_rank() else logging.INFO,
         format="%(message)s", stream=sys.stderr,

@@ -98,6 +98,25 @@ class Trainer:
     rng_state: DeferredRNGState | None = None  # restored from a checkpoint, applied in train()
     par: ParallelContext | None = None  # None: one process
     observer: RunObserver | None = None  # trackers, profiler, report; built by train() when None
+    bundle: Any = None  # tunesmith.train.setup.RunParts (spec, tokenizer, task data)
+
+    @classmethod
+    def from_config(cls, recipe: Any = None, **overrides: Any) -> Trainer:
+        """A Trainer built from a recipe, ready for `.train()` (which returns the summary).
+
+        `recipe`: a YAML path, a dict shaped like one, or a `RunConfig`; `overrides`: keyword
+        arguments such as `optim={"lr": 3e-4}` or `train__max_steps=10` (see
+        `tunesmith.build_config`). The model, data, optimizer and checkpointing are built as
+        `tunesmith train` builds them; `trainer.model`, `trainer.bundle.tokenizer` are usable
+        before training. `.train()` trains and evaluates; the final HF model is written by
+        `tunesmith.train(...)`, which runs the whole job. Raises `TunesmithError` subclasses.
+        """
+        from tunesmith.config.resolve import build_config
+        from tunesmith.train.setup import build_trainer
+
+        trainer, bundle = build_trainer(build_config(recipe, **overrides))
+        trainer.bundle = bundle
+        return trainer
 
     def __post_init__(self) -> None:
         tc = self.cfg.train
