@@ -56,6 +56,8 @@ def test_slow_eval_does_not_lower_train_throughput(tmp_path, tiny_tokenizer_dir,
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == [4, 8, 12]
     assert all(r["tokens_per_s_window"] > 0 for r in train_recs)
-    # Windows right after an eval are not slower than the first one, which had none.
+    # Windows right after an eval are not far slower than the first one, which had none
+    # (counting a 160-batch eval in a window would cut its rate several-fold; the band is wide
+    # because a busy 2-core CI machine makes single 4-step windows noisy).
     first = train_recs[0]["tokens_per_s_window"]
-    assert min(r["tokens_per_s_window"] for r in train_recs[1:]) > 0.5 * first
+    assert min(r["tokens_per_s_window"] for r in train_recs[1:]) > 0.3 * first
