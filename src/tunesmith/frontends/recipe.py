@@ -151,11 +151,7 @@ def execute(recipe: Recipe, print_recipe: str | bool | None) -> int:
         return _execute_eval(recipe, print_recipe)
     cfg = recipe.config()  # validated before anything is printed or run
     text = recipe.to_yaml()
-    if print_recipe:
-        if print_recipe is True:
-            sys.stdout.write(text)
-        else:
-            _write(Path(print_recipe), text)
+    if _print_only(print_recipe, text):
         return 0
     if _is_main_rank():
         print(f"tunesmith {recipe.frontend}: running this recipe (save it with --print-recipe "
@@ -173,16 +169,23 @@ def execute(recipe: Recipe, print_recipe: str | bool | None) -> int:
     return 0
 
 
+def _print_only(print_recipe: str | bool | None, text: str) -> bool:
+    """--print-recipe: write `text` to stdout (bare flag) or to its FILE; True when it was asked."""
+    if not print_recipe:
+        return False
+    if print_recipe is True:
+        sys.stdout.write(text)
+    else:
+        _write(Path(print_recipe), text)
+    return True
+
+
 def _execute_eval(recipe: Recipe, print_recipe: str | bool | None) -> int:
     plan = recipe.eval_only
     assert plan is not None
     text = "\n".join(f"# note: {n}" for n in recipe.notes) + ("\n" if recipe.notes else "")
     text += plan.command() + "\n"
-    if print_recipe:
-        if print_recipe is True:
-            sys.stdout.write(text)
-        else:
-            _write(Path(print_recipe), text)
+    if _print_only(print_recipe, text):
         return 0
     print(f"tunesmith {recipe.frontend}: evaluation only, as:\n{text}", file=sys.stderr, end="")
     from tunesmith.eval.run import run_eval
