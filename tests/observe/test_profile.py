@@ -56,3 +56,28 @@ def test_profile_window_spellings():
     assert ProfileConfig(steps=(3, 5)).window == (3, 5)
     assert ProfileConfig(wait=1, warmup=1, active=3).window == (3, 5)  # llama-recipes
     assert ProfileConfig().window is None
+
+
+def test_flop_counter_counts_grouped_query_attention_as_repeated_heads():
+    """GQA reaches the fused SDPA kernels with K/V at fewer heads (torch's own formula asserts
+    on that, which crashed `profile.count_flops` for Llama 3 shapes on CUDA); each query head
+    still does the full attention work, and the CPU kernel is counted too."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.observe.flops import StepFlops, _gqa_sdpa, _gqa_sdpa_backward
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    q, kv = (2, 8, 16, 4), (2, 2, 16, 4)
+    assert _gqa_sdpa(q, kv, kv) == sdpa_flop_count(q, q, q) > 0
+    assert _gqa_sdpa_backward(q, q, kv, kv) == sdpa_backward_flop_count(q, q, q, q) > 0
+    counted = []
+    for k_shape in (q, kv):
+        mode = StepFlops(start=0, world_size=1).counter()
+        with mode:
+            query = torch.randn(q, requires_grad=True)
+            out = F.scaled_dot_product_attention(query, torch.randn(k_shape), torch.randn(k_shape),
+                                                 is_causal=True, enable_gqa=True)
+            out.sum().backward()
+        counted.append(mode.get_total_flops())
+    assert counted[0] == counted[1] == sdpa_flop_count(q, q, q) + sdpa_backward_flop_count(q, q, q, q)

@@ -11,7 +11,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.flop_counter import FlopCounterMode
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _as_query_heads(query_shape, kv_shape) -> tuple[int, ...]:
+    # Grouped-query attention on CUDA reaches the fused kernels with K/V at [B, H_kv, S, D]
+    # (enable_gqa) while Q is [B, H_q, S, D]; torch's formula asserts equal heads. Each query
+    # head still does the full S_q x S_k work against its shared K/V head, so count K/V as if
+    # repeated to H_q heads.
+    b, hq = query_shape[0], query_shape[1]
+    return (b, hq, *kv_shape[2:])
+
+
+def _gqa_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, _as_query_heads(query_shape, key_shape),
+                           _as_query_heads(query_shape, value_shape))
+
+
+def _gqa_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                       out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape,
+                                    _as_query_heads(query_shape, key_shape),
+                                    _as_query_heads(query_shape, value_shape))
+
+
+# The CUDA kernels, and the CPU flash kernel that torch's own table leaves out (so that CPU
+# runs would count no attention at all).
+_FUSED_SDPA = ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+_GQA_FORMULAS = {
+    **{getattr(aten, name): _gqa_sdpa for name in _FUSED_SDPA if hasattr(aten, name)},
+    **{getattr(aten, f"{name}_backward"): _gqa_sdpa_backward for name in _FUSED_SDPA
+       if hasattr(aten, f"{name}_backward")},
+}
 
 
 class StepFlops:
@@ -28,7 +63,7 @@ class StepFlops:
         return self.measured is None and self.seen == self.start
 
     def counter(self) -> FlopCounterMode:
-        return FlopCounterMode(display=False)
+        return FlopCounterMode(display=False, custom_mapping=_GQA_FORMULAS)
 
     def record(self, mode: FlopCounterMode, tokens: int) -> None:
         # Every rank runs the same per-rank work (equal batches; sharded weights are gathered
