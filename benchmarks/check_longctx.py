@@ -103,34 +103,30 @@ def _worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from tunesmith.build import assemble
+    from tunesmith.build.pipeline import optimizer as build_optimizer_step
     from tunesmith.config.schema import RunConfig
-    from tunesmith.models import resolve_model_config
-    from tunesmith.parallel.setup import build_parallel_model, start_parallel
-    from tunesmith.peft import apply_peft, base_dtype, fill_peft
-    from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.optim import build_scheduler
     from tunesmith.train.trainer import Trainer
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     cfg = RunConfig.model_validate({
+        "model": {"name": args.shape, "overrides": {"n_layers": args.n_layers, **json.loads(args.overrides)}},
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": 1, "precision": "bf16", "max_grad_norm": 1.0},
+        "train": {"device": args.device, "micro_batch_size": 1, "precision": "bf16", "max_grad_norm": 1.0},
         "optim": {"lr": 1e-4}, "schedule": {"name": "constant"},
         "peft": {"method": "qlora", "r": args.r, "alpha": 2 * args.r},
         "parallel": {"strategy": "full_shard", "activation_checkpointing": "full", "timeout_s": 300},
     })
-    family, mcfg = resolve_model_config(args.shape, {"n_layers": args.n_layers, **json.loads(args.overrides)})
     cuda = args.device == "cuda"
-    rt = resolve_runtime(args.device, "bf16")
-    ctx, rt = start_parallel(cfg, rt, mcfg)
-    model = build_parallel_model(
-        cfg, rt, ctx, family, mcfg, pretrained=False, dtype=base_dtype(cfg.peft, rt),
-        prepare=lambda m, on_meta: apply_peft(m, cfg.peft, rt, family, mcfg, on_meta=on_meta),
-        fill=lambda m: fill_peft(m, cfg.peft, family, mcfg, 0, loaded=False))
+    # meta -> NF4 + LoRA on meta -> FSDP2 -> shards allocated and quantised -> adapters
+    a = assemble(cfg, until="fill_adapters", with_tokenizer=False)
+    rt, ctx, model, mcfg = a.need("rt"), a.need("ctx"), a.need("model"), a.need("spec").model_cfg
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     built = torch.cuda.memory_allocated() if cuda else 0
-    opt = build_optimizer(model, cfg.optim, rt.device)
+    build_optimizer_step(a)
+    opt = a.need("optimizer")
     trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt,
                       scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
                       train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,
@@ -191,32 +187,25 @@ def _offload_worker(args) -> None:
     bf16 base (so activations dominate), compiled blocks, bf16; median step time and peak."""
     import torch
 
+    from tunesmith.build import assemble
     from tunesmith.config.schema import RunConfig
-    from tunesmith.models import resolve_model_config
-    from tunesmith.parallel.dist import single_process
-    from tunesmith.parallel.setup import build_parallel_model
-    from tunesmith.peft import apply_peft, base_dtype, fill_peft
-    from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.optim import build_scheduler
     from tunesmith.train.trainer import Trainer
 
     ac, offload = OFFLOAD_VARIANTS[args.variant]
     cfg = RunConfig.model_validate({
+        "model": {"name": args.shape, "overrides": {"n_layers": args.n_layers, **json.loads(args.overrides)}},
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": 1, "precision": "bf16", "compile": not args.no_compile},
+        "train": {"device": args.device, "micro_batch_size": 1, "precision": "bf16",
+                  "compile": not args.no_compile},
         "optim": {"lr": 1e-4}, "schedule": {"name": "constant"},
         "peft": {"method": "lora", "r": 16, "alpha": 32},
         "parallel": {"activation_checkpointing": ac, "activation_offload": offload},
     })
-    family, mcfg = resolve_model_config(args.shape, {"n_layers": args.n_layers, **json.loads(args.overrides)})
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rt = resolve_runtime(args.device, "bf16")
-    model = build_parallel_model(
-        cfg, rt, single_process(), family, mcfg, pretrained=False, dtype=base_dtype(cfg.peft, rt),
-        prepare=lambda m, on_meta: apply_peft(m, cfg.peft, rt, family, mcfg, on_meta=on_meta),
-        fill=lambda m: fill_peft(m, cfg.peft, family, mcfg, 0, loaded=True))
-    opt = build_optimizer(model, cfg.optim, rt.device)
+    a = assemble(cfg, with_tokenizer=False)
+    rt, model, opt, mcfg = a.need("rt"), a.need("model"), a.need("optimizer"), a.need("spec").model_cfg
     trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt,
                       scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
                       train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tunesmith.errors import TunesmithError
+from tunesmith.parallel.quantized import is_quantized
 
 MIN_TORCHAO = "0.7"
 # NF4Tensor.from_tensor's defaults: 64 elements share a scale, 256 scales share a second-level one.
@@ -93,10 +94,9 @@ def nf4_available() -> bool:
 
 
 def is_nf4(t: torch.Tensor) -> bool:
-    """True for an NF4Tensor (also when wrapped in a Parameter); never imports torchao."""
-    return type(t).__name__ == "NF4Tensor" or (
-        isinstance(t, torch.nn.Parameter) and type(t.data).__name__ == "NF4Tensor"
-    )
+    """True for an NF4Tensor: bare, in a Parameter, or an FSDP2 shard (a DTensor over one);
+    never imports torchao."""
+    return is_quantized(t) or (isinstance(t, torch.nn.Parameter) and is_quantized(t.data))
 
 
 def check_quantizable(name: str, weight: torch.Tensor) -> None:

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from tunesmith.config import PeftConfig, RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.models.family import ModelConfig, ModelFamily
+from tunesmith.models.io import build_model, save_pretrained
 from tunesmith.peft import quant
 from tunesmith.peft.io import copy_adapter_values, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
@@ -30,6 +33,7 @@ from tunesmith.peft.transform import (
     apply_freezing,
     apply_lora,
     cast_frozen,
+    check_nf4_shards,
     float8_base,
     count_params,
     frozen_block_set,
@@ -38,12 +42,7 @@ from tunesmith.peft.transform import (
     merge_lora,
     quantize_base,
 )
-
-if TYPE_CHECKING:
-    from tunesmith.config import PeftConfig, RunConfig
-    from tunesmith.models import ModelFamily
-    from tunesmith.models.llama.config import LlamaConfig
-    from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
@@ -61,18 +60,6 @@ def base_dtype(pc: PeftConfig, rt: Runtime) -> torch.dtype:
     if pc.method == "qlora" or pc.base_dtype == "float8":
         return torch.bfloat16  # NF4 dequantises to bf16 for compute; float8 is quantised from bf16
     return rt.autocast_dtype or rt.param_dtype
-
-
-def check_layout(pc: PeftConfig, family: ModelFamily, model_cfg: LlamaConfig, dp_shard: int) -> None:
-    """QLoRA under FSDP2: every NF4 weight must split evenly over the `dp_shard` ranks.
-
-    Checked on a meta-device model (nothing allocated), before any process group exists."""
-    if pc.method != "qlora" or dp_shard <= 1:
-        return
-    from tunesmith.models import build_model
-    from tunesmith.peft.transform import check_nf4_shards
-
-    check_nf4_shards(build_model(family, model_cfg, device="meta"), family.adapter(model_cfg), dp_shard)
 
 
 def _spec(pc: PeftConfig) -> LoRASpec:
@@ -100,7 +87,7 @@ def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
 
 
 def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
-               model_cfg: LlamaConfig, *, on_meta: bool = False) -> nn.Module:
+               model_cfg: ModelConfig, *, on_meta: bool = False) -> nn.Module:
     """Apply the `peft` config section to a freshly built/loaded model, in place.
 
     method=none: only freezing. Otherwise (QLoRA: quantise the base first) adapters are added
@@ -117,16 +104,15 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
                      ", embeddings" if pc.freeze_embeddings else "")
         return model
     adapter = family.adapter(model_cfg)
-    if pc.method == "qlora":
+    if pc.method == "qlora" and (not on_meta or family.load_fn is None):
+        # NF4 storage now, before the adapters wrap the layers and before FSDP2 shards them.
+        # On meta this is structure only: tunesmith's loader (`materialize`) quantises each
+        # loaded or drawn weight as it fills it (`parallel.loading.copy_full_into`). Families
+        # loaded through transformers (load_fn, one process) are quantised after loading.
         n = quantize_base(model, adapter)
         log.info("peft: %d linear layers stored in NF4", n)
-    elif pc.base_dtype == "float8":
-        if on_meta:
-            raise TunesmithError("peft.base_dtype=float8 runs in one process for now (not with "
-                                 "FSDP2/DDP); use peft.base_dtype=auto there")
-        n, dense = float8_base(model, adapter)
-        log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
-                 f"; {len(dense)} left dense (dims not multiples of 16)" if dense else "")
+    elif not on_meta:  # on meta: `quantize_peft_base` once the loaded values exist
+        quantize_peft_base(model, pc, family, model_cfg)
     if pc.from_checkpoint:
         _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype, values=not on_meta)
         _freeze_adapters_in(model, blocks)
@@ -141,7 +127,32 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
     return model
 
 
-def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: LlamaConfig,
+def quantize_peft_base(model: nn.Module, pc: PeftConfig, family: ModelFamily,
+                       model_cfg: ModelConfig) -> None:
+    """The frozen base's storage format where it needs the loaded values: float8 e4m3 with
+    row scales (`peft.base_dtype=float8`), and NF4 for the layers not NF4 yet (families loaded
+    through transformers; `apply_peft` gives every other QLoRA base its NF4 structure on meta
+    and `materialize` its values). LoRA layers already in place keep their adapters."""
+    if pc.method == "qlora":
+        n = quantize_base(model, family.adapter(model_cfg))
+        if n:
+            log.info("peft: %d linear layers stored in NF4", n)
+    elif pc.method != "none" and pc.base_dtype == "float8":
+        n, dense = float8_base(model, family.adapter(model_cfg))
+        log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
+                 f"; {len(dense)} left dense (dims not multiples of 16)" if dense else "")
+
+
+def check_layout(pc: PeftConfig, family: ModelFamily, model_cfg: ModelConfig, dp_shard: int) -> None:
+    """QLoRA under FSDP2: every NF4 weight must split evenly over the `dp_shard` ranks.
+
+    Checked on a meta-device model (nothing allocated), before any process group exists."""
+    if pc.method != "qlora" or dp_shard <= 1:
+        return
+    check_nf4_shards(build_model(family, model_cfg, device="meta"), family.adapter(model_cfg), dp_shard)
+
+
+def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: ModelConfig,
               seed: int, *, loaded: bool) -> None:
     """The adapters' starting values: the `from_checkpoint` adapter (unless `loaded` already),
     else a seeded init identical in one process and in every sharded layout. Collective when
@@ -160,13 +171,11 @@ def _base_name(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-def save_final(model: nn.Module, family: ModelFamily, model_cfg: LlamaConfig, cfg: RunConfig,
+def save_final(model: nn.Module, family: ModelFamily, model_cfg: ModelConfig, cfg: RunConfig,
                out_dir: Path, tokenizer: Any) -> dict[str, str]:
     """Run end of a LoRA run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final and,
     with peft.save_merged, the merged HF model to OUTPUT/final-merged (merged in place last,
     so do not train this model afterwards)."""
-    from tunesmith.models import save_pretrained
-
     final = out_dir / "final"
     save_adapter(model, family.adapter(model_cfg), final, base_model=_base_name(cfg.model.name),
                  tokenizer=tokenizer)
