@@ -25,14 +25,25 @@ def layout(world: int, local: int | None = None, **kw):
 
 # ----------------------------------------------------------------------------- degrees
 def test_strategies_resolve_degrees():
-    assert layout(8).mesh_shape == (1, 8, 1) and layout(8).strategy == "full_shard"
-    assert layout(8, tp=2).mesh_shape == (1, 4, 2)
-    assert layout(8, strategy="no_shard").mesh_shape == (8, 1, 1)
-    assert layout(16, 8, strategy="hybrid_shard").mesh_shape == (2, 8, 1)  # shard in node
-    assert layout(16, 8, strategy="hybrid_shard", tp=2).mesh_shape == (2, 4, 2)
+    # mesh (dp_replicate, dp_shard, cp, tp)
+    assert layout(8).mesh_shape == (1, 8, 1, 1) and layout(8).strategy == "full_shard"
+    assert layout(8, tp=2).mesh_shape == (1, 4, 1, 2)
+    assert layout(8, strategy="no_shard").mesh_shape == (8, 1, 1, 1)
+    assert layout(16, 8, strategy="hybrid_shard").mesh_shape == (2, 8, 1, 1)  # shard in node
+    assert layout(16, 8, strategy="hybrid_shard", tp=2).mesh_shape == (2, 4, 1, 2)
     assert layout(8, dp_replicate=2).strategy == "hybrid_shard"
-    assert layout(8, strategy="hybrid_shard", dp_shard=1, tp=2).mesh_shape == (4, 1, 2)
+    assert layout(8, strategy="hybrid_shard", dp_shard=1, tp=2).mesh_shape == (4, 1, 1, 2)
     assert layout(1).dp == 1
+
+
+def test_context_parallel_degrees():
+    """cp is given, the data-parallel degrees fill; FSDP2 shards over dp_shard x cp."""
+    lay = layout(8, cp=2)
+    assert lay.mesh_shape == (1, 4, 2, 1) and lay.dp == 4 and lay.fsdp_shard == 8
+    assert layout(2, cp=2).mesh_shape == (1, 1, 2, 1)
+    assert layout(8, strategy="no_shard", cp=4).mesh_shape == (2, 1, 4, 1)
+    assert layout(16, 8, strategy="hybrid_shard", cp=2).mesh_shape == (2, 4, 2, 1)
+    assert "x cp=2" in layout(8, cp=2).describe()
 
 
 @pytest.mark.parametrize("world, local, kw, message", [
@@ -44,6 +55,9 @@ def test_strategies_resolve_degrees():
     (8, None, {"strategy": "no_shard", "tp": 2}, "cannot be combined with tp > 1"),
     (8, None, {"strategy": "no_shard", "cpu_offload": True}, "cpu_offload needs a sharded strategy"),
     (8, None, {"dp_replicate": 3}, "cannot fill parallel.dp_shard"),
+    (6, None, {"cp": 4}, "parallel.cp=4 (x tp=1) does not divide the world size 6; the ranks must "
+                         "form whole context-parallel groups"),
+    (8, None, {"cp": 2, "dp_shard": 2}, "dp_replicate=1 x dp_shard=2 x cp=2 x tp=1 = 4 do not match"),
 ])
 def test_bad_degrees_are_one_clear_line(world, local, kw, message):
     with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
@@ -208,6 +222,44 @@ def test_tp_needs_a_family_with_a_plan():
     with pytest.raises(TunesmithError, match="plan for the Llama family only"):
         check_run(cfg, resolve_layout(cfg.parallel, 2), gpt2, "cpu")
     check_run(load_config(None, ["data.path=x"]), resolve_layout(ParallelConfig(), 2), gpt2, "cpu")
+
+
+@pytest.mark.parametrize("overrides, model, message", [
+    (["parallel.cp=2", "data.block_size=66"], "tiny", "parallel.cp=2 cuts each sequence into 2 x cp = 4 "
+     "equal chunks (rank i holds chunks i and 3-i); data.block_size=66 is not a multiple of 4"),
+    (["parallel.cp=2", "data.mode=lines"], "tiny", "parallel.cp=2 needs packed sequences (data.mode=packed)"),
+    (["parallel.cp=2", "task=sft"], "tiny", "parallel.cp=2 with task=sft needs sft.packing=true"),
+    (["parallel.cp=2"], "gpt2-tiny", "parallel.cp=2: context parallelism has ring attention for the "
+     "llama, mistral, qwen2 model types only, not 'gpt2'; use parallel.cp=1"),
+    (["parallel.cp=2", "parallel.tp=2"], "tiny", "parallel.cp=2 with parallel.tp=2: context parallelism "
+     "composes with data parallelism"),
+    (["parallel.cp=2", "task=mlm"], "roberta-tiny", "not 'roberta'"),
+])
+def test_context_parallel_refuses_what_it_cannot_split(overrides, model, message):
+    cfg = load_config(None, ["data.path=x", *overrides])
+    mcfg = _tiny() if model == "tiny" else resolve_model_config(model)[1]
+    with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        check_run(cfg, resolve_layout(cfg.parallel, 4), mcfg, "cpu")
+    assert "\n" not in str(e.value)
+    ok = load_config(None, ["data.path=x", "parallel.cp=2", "data.block_size=64"])
+    check_run(ok, resolve_layout(ok.parallel, 4), _tiny(), "cpu")
+    sft = load_config(None, ["data.path=x", "parallel.cp=2", "task=sft", "sft.packing=true"])
+    check_run(sft, resolve_layout(sft.parallel, 2), _tiny(), "cpu")
+
+
+def test_context_parallel_bad_input_exits_2_before_any_process_group(tiny_tokenizer_dir, monkeypatch, capsys):
+    """A rank of a 4-process job (environment only: no peers exist) refuses cp=3 at once."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("no process group"))
+    code = run(["train", "data.path=x", "model.name=tiny", f"model.tokenizer={tiny_tokenizer_dir}",
+                "parallel.cp=3"])
+    assert code == 2 and not dist.is_initialized()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tunesmith: error (rank 0): parallel.cp=3 (x tp=1) does not divide the world size 4; "
+                   "the ranks must form whole context-parallel groups"]
 
 
 def test_launch_builds_torchrun_arguments():

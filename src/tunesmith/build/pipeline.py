@@ -90,7 +90,7 @@ def processes(a: Assembly) -> None:
     world, local_world = env_world()
     layout = resolve_layout(cfg.parallel, world, local_world)
     check_run(cfg, layout, s.model_cfg, rt.device.type)
-    check_peft_layout(cfg.peft, s.family, s.model_cfg, layout.dp_shard)  # NF4 rows split evenly
+    check_peft_layout(cfg.peft, s.family, s.model_cfg, layout.fsdp_shard)  # NF4 rows split evenly
     a.ctx = init_parallel(cfg.parallel, rt.device, layout)
     a.rt = dataclasses.replace(rt, device=a.ctx.device)
     seed_everything(cfg.train.seed)
@@ -115,7 +115,7 @@ def adapt(a: Assembly) -> None:
 
 
 def parallelize(a: Assembly) -> None:
-    """float8 -> TP -> activation checkpointing -> activation offload -> compile -> FSDP2 / DDP
+    """float8 -> TP -> CP -> activation checkpointing -> activation offload -> compile -> FSDP2/DDP
     (`tunesmith.parallel.apply`), still on meta: placements are decided before memory exists,
     so materialize allocates only this rank's shards."""
     parallelize_model(a.need("model"), a.cfg, a.need("ctx"), a.need("rt"))

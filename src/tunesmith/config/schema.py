@@ -328,7 +328,7 @@ class CheckpointConfig(Section):
 class ParallelConfig(Section):
     """Multi-process layout: degrees of the device mesh and how parameters are spread over it.
 
-    The mesh is (dp_replicate, dp_shard, tp) and must multiply to the world size (nnodes x
+    The mesh is (dp_replicate, dp_shard, cp, tp) and must multiply to the world size (nnodes x
     nproc-per-node). -1 means "fill": the degree is chosen by the strategy (see
     `tunesmith.parallel.layout`). With one process every setting is inert except
     activation_checkpointing.
@@ -344,6 +344,12 @@ class ParallelConfig(Section):
     dp_replicate: int = Field(-1, description="Replicated data-parallel degree (-1: fill).")
     dp_shard: int = Field(-1, description="Sharded data-parallel degree (-1: fill).")
     tp: int = Field(1, ge=1, description="Tensor-parallel degree (ranks of one node).")
+    cp: int = Field(
+        1, ge=1, description="Context-parallel degree: each sequence is split over cp ranks (rank i "
+        "holds chunks i and 2cp-1-i of 2cp) and attention runs as ring attention over them; FSDP2 "
+        "shards parameters over dp_shard x cp. Llama-family models, packed rows (data.mode=packed "
+        "or sft.packing), data.block_size a multiple of 2cp.",
+    )
     cpu_offload: bool = Field(
         False, description="FSDP2: keep sharded params, grads and optimizer state in host memory."
     )

@@ -8,8 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tunesmith.objective.forward import batch_loss_sum
-from tunesmith.objective.loss import IGNORE_INDEX
+from tunesmith.objective.forward import batch_loss_sum, target_count
 from tunesmith.runtime import Runtime
 
 
@@ -21,8 +20,9 @@ def eval_metrics(loss_sum: float, count: int) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader, rt: Runtime, max_batches: int | None = None,
                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Loss over `loader`; with `all_reduce` (sum over data-parallel ranks, each holding its own
-    shard of the validation set) the sums and counts are global."""
+    """Loss over `loader`; with `all_reduce` (sum over the ranks holding different tokens: data-
+    parallel ranks, each with its own shard of the validation set, and context-parallel ranks,
+    each with its own part of every sequence) the sums and counts are global."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=rt.device)
@@ -30,7 +30,7 @@ def evaluate_loss(model: nn.Module, loader, rt: Runtime, max_batches: int | None
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        count += int((batch["labels"] != IGNORE_INDEX).sum())  # host tensor: no device sync
+        count += target_count(model, batch)  # host tensors: no device sync
         total += batch_loss_sum(model, batch, rt, need_grad=False)
     model.train(was_training)
     if all_reduce is not None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
 
-AttnKind = Literal["causal", "padding", "documents"]
+AttnKind = Literal["causal", "padding", "documents", "custom"]
 Backend = Literal["auto", "sdpa", "flex"]
 _BACKENDS = ("auto", "sdpa", "flex")
 # Process-wide choice; TUNESMITH_ATTENTION=sdpa|flex|auto overrides the default "auto".
@@ -52,11 +52,14 @@ class AttnSpec:
                      With a KV cache, S covers cached + new tokens (HF convention).
         "documents": causal within documents; `doc_ids` [B, T] int, equal ids = same document.
                      Used for packed sequences: no attention across document boundaries.
+        "custom":    `attend(q, k, v) -> out` replaces the backend and carries its own mask
+                     (context parallelism's ring attention, set from outside the model).
     """
 
     kind: AttnKind = "causal"
     attention_mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def causal(cls) -> AttnSpec:
@@ -80,6 +83,11 @@ class AttnSpec:
             )
         return cls("documents", doc_ids=doc_ids)
 
+    @classmethod
+    def custom(cls, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> AttnSpec:
+        """q [B, H, T, hd], k/v [B, Hkv, T, hd] -> [B, H, T, hd], masking included."""
+        return cls("custom", attend=attend)
+
 
 @dataclass(frozen=True, eq=False)
 class PreparedAttention:
@@ -93,6 +101,7 @@ class PreparedAttention:
     mask: torch.Tensor | None
     is_causal: bool
     block_mask: Any = None
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def set_attention_backend(name: str) -> None:
@@ -188,6 +197,10 @@ def prepare_attention(
     document structure, earlier or later.
     """
     spec = spec or AttnSpec()
+    if spec.kind == "custom":
+        if q_len != kv_len:
+            raise TunesmithError("custom attention (context parallelism) runs without a KV cache")
+        return PreparedAttention(None, False, attend=spec.attend)
     if spec.kind == "causal":
         if not causal:
             return PreparedAttention(mask=None, is_causal=False)
@@ -208,7 +221,7 @@ def prepare_attention(
             return PreparedAttention(None, False, block_mask)
         return PreparedAttention(_documents_mask(spec, q_len, device, causal), is_causal=False)
     raise TunesmithError(
-        f"unknown attention kind {spec.kind!r}; known: causal, padding, documents"
+        f"unknown attention kind {spec.kind!r}; known: causal, padding, documents, custom"
     )
 
 
@@ -304,6 +317,8 @@ def sdpa_attention(
     """
     if not isinstance(attn, PreparedAttention):
         attn = prepare_attention(attn, q.shape[2], k.shape[2], q.device)
+    if attn.attend is not None:
+        return attn.attend(q, k, v)
     n_rep = q.shape[1] // k.shape[1]
     if attn.block_mask is not None:
         out = _flex_fn(q.device)(q, k, v, block_mask=attn.block_mask, enable_gqa=n_rep > 1)

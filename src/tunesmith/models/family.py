@@ -43,6 +43,9 @@ class ModelFamily:
     tp_plan: the tensor-parallel plan, None when the family has none (tp=1 only).
     shardable: native modules (`layers`, `tok_embeddings`, `output`) that FSDP2 / DDP wrap and
         the sharded loader streams into; False for the generic transformers wrapper.
+    context_parallel: the model's attention goes through `models.attention.sdpa_attention` with
+        an `AttnSpec` from its caller and takes explicit `positions`, so context parallelism can
+        put ring attention in its place (`parallel.cp`).
     """
 
     name: str
@@ -55,6 +58,7 @@ class ModelFamily:
     kind: str = "causal"
     tp_plan: TPPlan | None = None
     shardable: bool = True
+    context_parallel: bool = False
     # Families that load/save through transformers itself (the generic fallback).
     load_fn: Callable[..., nn.Module] | None = None
     save_fn: Callable[[nn.Module, Path], None] | None = None

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.models.attention import AttnSpec
+from tunesmith.models.attention import AttnSpec, document_positions
+from tunesmith.objective.loss import IGNORE_INDEX, linear_cross_entropy
+from tunesmith.parallel.cp import ContextParallel, context_parallel_of
 from tunesmith.parallel.fsdp import gathered_head_weight
-from tunesmith.objective.loss import linear_cross_entropy
 from tunesmith.runtime import Runtime
+
+_PAD_DOC = -1  # document id of padding under context parallelism (as the SFT collator's)
 
 
 def attention_for(batch: dict, dev: torch.device) -> tuple[AttnSpec | None, torch.Tensor | None]:
@@ -30,12 +34,55 @@ def attention_for(batch: dict, dev: torch.device) -> tuple[AttnSpec | None, torc
     return AttnSpec.padding(mask.to(dev, non_blocking=True)), positions
 
 
+def context_parallel_batch(cp: ContextParallel, batch: dict) -> dict:
+    """This cp rank's part of a [B, T] batch (host tensors), cut as `ContextParallel.local_index`
+    says, T padded on the right to a multiple of 2 x cp.
+
+    Position ids are taken on the whole row first (the batch's own, else restarting in every
+    packed document, else 0..T-1), so they are what one process would use. The mask travels as
+    each token's row index and document id (`cp_index`, `cp_doc` [B, T_local]); a padding mask
+    becomes a document id of its own (right padding: no real token attends to it, exactly as
+    under the causal padding mask)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    b, t = ids.shape
+    doc = batch.get("doc_ids")
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = document_positions(doc) if doc is not None else torch.arange(t).expand(b, t)
+    if doc is None:
+        mask = batch.get("attention_mask")
+        doc = torch.zeros_like(ids) if mask is None else torch.where(mask.bool(), 0, _PAD_DOC)
+    pad = -t % (2 * cp.size)
+    if pad:  # ignored targets in their own document: nothing real sees them
+        ids, labels, doc, positions = (F.pad(x, (0, pad), value=v) for x, v in
+                                       ((ids, 0), (labels, IGNORE_INDEX), (doc, _PAD_DOC), (positions, 0)))
+    idx = cp.local_index(t + pad)  # [T_local]
+    return {"input_ids": ids[:, idx], "labels": labels[:, idx], "position_ids": positions[:, idx],
+            "cp_index": idx.expand(b, -1), "cp_doc": doc[:, idx]}
+
+
+def target_count(model: nn.Module, batch: dict) -> int:
+    """Targets (labels != -100) among the tokens this rank computes: its cp part under context
+    parallelism, else the whole batch. Summed over dp x cp ranks it is the step's global count."""
+    cp = context_parallel_of(model)
+    labels = batch["labels"] if cp is None else context_parallel_batch(cp, batch)["labels"]
+    return int((labels != IGNORE_INDEX).sum())
+
+
 def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool = True) -> torch.Tensor:
-    """Sum of token cross-entropies of one batch (labels already shifted, -100 ignored)."""
+    """Sum of token cross-entropies of one batch (labels already shifted, -100 ignored); under
+    context parallelism, of this rank's part of the sequence (the caller sums over ranks)."""
     dev = rt.device
+    cp = context_parallel_of(model)
+    if cp is not None:
+        batch = context_parallel_batch(cp, batch)
     input_ids = batch["input_ids"].to(dev, non_blocking=True)  # [B, T]
     labels = batch["labels"].to(dev, non_blocking=True)  # [B, T]
-    attn, positions = attention_for(batch, dev)
+    if cp is not None:
+        positions = batch["position_ids"].to(dev, non_blocking=True)
+        attn = AttnSpec.custom(cp.attention(batch["cp_index"].to(dev), batch["cp_doc"].to(dev)))
+    else:
+        attn, positions = attention_for(batch, dev)
     with rt.autocast():
         hidden = model(input_ids, positions=positions, attn=attn, return_hidden=True)  # [B, T, D]
     # [V, D]; under FSDP2 the gathered head (the root keeps it gathered until backward), under

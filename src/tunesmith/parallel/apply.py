@@ -6,6 +6,9 @@ compile -> data parallel, the order in which the pieces compose:
 
 * TP first: it replaces parameters by DTensors on the TP mesh and adds the input/output
   redistribution hooks that everything after must see as part of the block.
+* context parallelism (parallel.cp) marks the model: the objective then splits each batch along
+  the sequence and attention runs as ring attention over the cp ranks (`parallel.cp`); no
+  module changes, so everything below wraps the same blocks.
 * AC wraps each block's forward (hooks stay outside the recomputed region).
 * activation offload wraps that (saved tensors of the block, or AC's kept inputs, to the host).
 * compile each block in place (FQNs unchanged; one graph shared by all blocks).
@@ -24,6 +27,7 @@ from torch import nn
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.parallel.ac import apply_activation_checkpointing
+from tunesmith.parallel.cp import apply_context_parallel
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
 from tunesmith.parallel.offload import apply_activation_offload
@@ -35,21 +39,26 @@ log = logging.getLogger("tunesmith")
 
 
 def _dp_mesh(ctx: ParallelContext):
+    """FSDP2's mesh: parameters shard over dp_shard x cp (cp ranks need the same weights, and
+    their gradients for different tokens are reduced like data-parallel ones)."""
     assert ctx.mesh is not None
     if ctx.layout.strategy == "hybrid_shard":
-        return ctx.mesh["dp_replicate", "dp_shard"]  # 2-D: replicate outer, shard inner
-    return ctx.mesh["dp_shard"]
+        return ctx.mesh["dp_replicate", "dp_shard_cp"]  # 2-D: replicate outer, shard inner
+    return ctx.mesh["dp_shard_cp"]
 
 
 def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
     """Apply the configured parallelism to `model` in place and return it."""
     pc, layout = cfg.parallel, ctx.layout
-    apply_float8(model, cfg, distributed=ctx.distributed and layout.dp > 1 and layout.sharded)
+    apply_float8(model, cfg, distributed=ctx.distributed and ctx.token_ranks > 1 and layout.sharded)
     if ctx.distributed and layout.tp > 1:
         assert ctx.mesh is not None
         apply_tp(model, ctx.mesh["tp"])
         # loss_parallel=false: the fused loss gathers the head weight instead.
         model.output._tunesmith_gather_weight = not pc.loss_parallel  # type: ignore[union-attr]
+    if ctx.distributed and layout.cp > 1:  # the objective splits each batch, attention rings
+        assert ctx.mesh is not None
+        apply_context_parallel(model, ctx.mesh["cp"])
     n_ac = apply_activation_checkpointing(model, pc.activation_checkpointing, pc.ac_every)
     if pc.activation_offload:  # outside AC: the inputs AC keeps are what it offloads
         apply_activation_offload(model, rt.device)
@@ -58,12 +67,12 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         # graph, so compile time does not grow with depth.
         for block in model.layers:  # type: ignore[attr-defined]
             block.compile()
-    if ctx.distributed and layout.dp > 1:
+    if ctx.distributed and ctx.token_ranks > 1:
         if layout.sharded:
             apply_fsdp(model, _dp_mesh(ctx), layout, pc,
                        mp_policy(rt.compute_dtype, rt.param_dtype, pc.reduce_dtype))
         else:
-            apply_ddp(model, ctx.dp_mesh)
+            apply_ddp(model, ctx.token_mesh)
     if ctx.is_main and (ctx.distributed or n_ac):
         log.info("parallelize: %s; activation checkpointing %s on %d block(s)%s%s",
                  layout.describe(), pc.activation_checkpointing, n_ac,

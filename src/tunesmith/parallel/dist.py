@@ -27,7 +27,7 @@ from tunesmith.parallel.layout import Layout, env_world, resolve_layout
 
 log = logging.getLogger("tunesmith")
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -38,8 +38,11 @@ class ParallelContext:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: DeviceMesh | None = None  # 3-D (dp_replicate, dp_shard, tp)
+    mesh: DeviceMesh | None = None  # 4-D (dp_replicate, dp_shard, cp, tp)
     dp_mesh: DeviceMesh | None = None  # 1-D, the flattened data-parallel ranks
+    # 1-D, dp_replicate x dp_shard x cp flattened: the ranks holding different tokens of a
+    # step (loss sums and target counts add up over it; DDP averages gradients over it).
+    token_mesh: DeviceMesh | None = None
 
     @property
     def world_size(self) -> int:
@@ -66,10 +69,22 @@ class ParallelContext:
     def dp_group(self) -> dist.ProcessGroup | None:
         return self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
+    @property
+    def token_ranks(self) -> int:
+        """Ranks that hold different tokens of a step: dp x cp (gradients are averaged over them)."""
+        return self.layout.dp * self.layout.cp
+
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over data-parallel ranks in place (TP ranks of a DP group hold equal values)."""
         if self.dp_mesh is not None and self.dp_size > 1:
             dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    def all_reduce_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over the ranks holding different tokens (dp x cp) in place: per-token sums
+        (loss, target counts) of one step. Equals `all_reduce_dp` without context parallelism."""
+        if self.token_mesh is not None and self.token_ranks > 1:
+            dist.all_reduce(t, group=self.token_mesh.get_group())
         return t
 
     def barrier(self) -> None:
@@ -156,7 +171,9 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
         atexit.register(shutdown)
     mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh)
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP2's shard dimension (parallel.apply)
+    token_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh, token_mesh)
     _CURRENT[:] = [ctx]
     if ctx.is_main:
         log.info("parallel: %s", layout.describe())

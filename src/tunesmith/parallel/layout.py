@@ -1,10 +1,12 @@
 """Parallel layout: resolve the mesh degrees of a `ParallelConfig` for a world size, and check
 them against the run (strategy options, model shape, data) before any process group exists.
 
-The device mesh is 3-D, outermost first: (dp_replicate, dp_shard, tp). Ranks that differ only
-in their tp coordinate form one tensor-parallel group (placed innermost so a TP group stays
-inside a node, where the links are fastest), and see the same data. The data-parallel world is
-dp_replicate x dp_shard. Strategy -> degrees:
+The device mesh is 4-D, outermost first: (dp_replicate, dp_shard, cp, tp). Ranks that differ
+only in their tp coordinate form one tensor-parallel group (placed innermost so a TP group stays
+inside a node, where the links are fastest), and see the same data; so do the ranks of one
+context-parallel (cp) group, which split each sequence between them. The data-parallel world is
+dp_replicate x dp_shard; FSDP2 shards parameters over dp_shard x cp (as torchtitan does), since
+the cp ranks need the same weights. Strategy -> degrees (cp and tp are given, the rest fill):
 
     full_shard / shard_grad_op   dp_replicate = 1, dp_shard fills
     no_shard (DDP)               dp_shard = 1, dp_replicate fills
@@ -37,6 +39,7 @@ class Layout:
     dp_shard: int
     tp: int
     world_size: int
+    cp: int = 1  # context-parallel degree (the sequence split over cp ranks)
 
     @property
     def dp(self) -> int:
@@ -49,12 +52,18 @@ class Layout:
         return self.strategy in SHARDED
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int]:
-        return (self.dp_replicate, self.dp_shard, self.tp)
+    def fsdp_shard(self) -> int:
+        """Ranks each FSDP2 parameter is sharded over: dp_shard x cp."""
+        return self.dp_shard * self.cp
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int, int]:
+        return (self.dp_replicate, self.dp_shard, self.cp, self.tp)
 
     def describe(self) -> str:
+        cp = f" x cp={self.cp}" if self.cp > 1 else ""
         return (f"{self.strategy} on {self.world_size} rank(s): dp_replicate={self.dp_replicate} "
-                f"x dp_shard={self.dp_shard} x tp={self.tp}")
+                f"x dp_shard={self.dp_shard}{cp} x tp={self.tp}")
 
 
 def env_world() -> tuple[int, int]:
@@ -76,8 +85,9 @@ def _fill(value: int, other: int, tp: int, world: int, name: str) -> int:
 
 
 def _strategy_degrees(pc: ParallelConfig, world: int, local_world: int) -> tuple[str, int, int]:
-    """(strategy, dp_replicate, dp_shard) with -1s resolved according to the strategy."""
-    strategy, rep, shard, tp = pc.strategy, pc.dp_replicate, pc.dp_shard, pc.tp
+    """(strategy, dp_replicate, dp_shard) with -1s resolved according to the strategy; `tp` in
+    the arithmetic is tp x cp (both are given, the data-parallel degrees fill the rest)."""
+    strategy, rep, shard, tp = pc.strategy, pc.dp_replicate, pc.dp_shard, pc.tp * pc.cp
     if strategy == "auto":
         strategy = "hybrid_shard" if rep > 1 else "full_shard"
     if strategy in ("full_shard", "shard_grad_op"):
@@ -114,11 +124,17 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
     local = local_world_size or world_size
     if world_size % pc.tp:
         raise TunesmithError(f"parallel.tp={pc.tp} does not divide the world size {world_size}")
-    strategy, rep, shard = _strategy_degrees(pc, world_size, local)
-    if rep * shard * pc.tp != world_size:
+    if world_size % (pc.cp * pc.tp):
         raise TunesmithError(
-            f"parallel degrees dp_replicate={rep} x dp_shard={shard} x tp={pc.tp} = "
-            f"{rep * shard * pc.tp} do not match the world size {world_size} "
+            f"parallel.cp={pc.cp} (x tp={pc.tp}) does not divide the world size {world_size}; "
+            "the ranks must form whole context-parallel groups"
+        )
+    strategy, rep, shard = _strategy_degrees(pc, world_size, local)
+    if rep * shard * pc.cp * pc.tp != world_size:
+        cp = f" x cp={pc.cp}" if pc.cp > 1 else ""
+        raise TunesmithError(
+            f"parallel degrees dp_replicate={rep} x dp_shard={shard}{cp} x tp={pc.tp} = "
+            f"{rep * shard * pc.cp * pc.tp} do not match the world size {world_size} "
             "(nnodes x nproc-per-node); set one degree to -1 to fill"
         )
     if pc.tp > 1 and local % pc.tp:
@@ -133,7 +149,7 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
         )
     if pc.cpu_offload and strategy not in SHARDED:
         raise TunesmithError("parallel.cpu_offload needs a sharded strategy (FSDP2), not no_shard")
-    return Layout(strategy, rep, shard, pc.tp, world_size)
+    return Layout(strategy, rep, shard, pc.tp, world_size, pc.cp)
 
 
 def _tp_support() -> tuple[str, str]:
@@ -165,11 +181,43 @@ def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
         )
 
 
+def _cp_support() -> str:
+    """"llama, mistral, qwen2": the HF model types whose family has ring attention (for errors)."""
+    return ", ".join(sorted(t for t, fam in families().items() if fam.context_parallel))
+
+
+def _check_context_parallel(cfg: RunConfig, layout: Layout, model_cfg: Any) -> None:
+    """parallel.cp > 1: what ring attention serves (causal decoders, packed or document-masked
+    rows), and a sequence that splits into 2 x cp equal chunks."""
+    cp = layout.cp
+    if layout.tp > 1:
+        raise TunesmithError(f"parallel.cp={cp} with parallel.tp={layout.tp}: context parallelism "
+                             "composes with data parallelism (FSDP2, HSDP, DDP), not yet with tensor "
+                             "parallelism; use parallel.tp=1")
+    family = get_family(model_cfg.model_type)
+    if not family.context_parallel or family.kind != "causal":
+        raise TunesmithError(f"parallel.cp={cp}: context parallelism has ring attention for the "
+                             f"{_cp_support()} model types only, not {model_cfg.model_type!r}; use parallel.cp=1")
+    if cfg.task == "clm" and cfg.data.mode != "packed":
+        raise TunesmithError(f"parallel.cp={cp} needs packed sequences (data.mode=packed); "
+                             "data.mode=lines pads each batch to a length the ranks cannot split evenly")
+    if cfg.task == "sft" and not cfg.sft.packing:
+        raise TunesmithError(f"parallel.cp={cp} with task=sft needs sft.packing=true "
+                             "(document-masked rows); unpacked padded batches are not split over ranks")
+    if cfg.data.block_size % (2 * cp):
+        raise TunesmithError(
+            f"parallel.cp={cp} cuts each sequence into 2 x cp = {2 * cp} equal chunks (rank i holds "
+            f"chunks i and {2 * cp - 1}-i); data.block_size={cfg.data.block_size} is not a multiple of {2 * cp}"
+        )
+
+
 def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:
     """Checks that need the model shape, the data settings or the device (still no comms)."""
     tp = layout.tp
     if layout.world_size > 1:
         _check_single_process_features(cfg, model_cfg)
+    if layout.cp > 1:
+        _check_context_parallel(cfg, layout, model_cfg)
     pc = cfg.peft
     if tp > 1 and pc.method == "qlora":
         raise TunesmithError(

@@ -72,10 +72,12 @@ def _allocate(model: nn.Module, ctx: ParallelContext, offload: bool) -> None:
 
 
 def _shard_coordinate(ctx: ParallelContext) -> int:
-    """This rank's position among the ranks holding *different* shards (dp_shard x tp); ranks
-    that are replicas of each other (dp_replicate) get the same number."""
+    """This rank's position among the ranks holding *different* shards (dp_shard x cp x tp);
+    ranks that are replicas of each other (dp_replicate) get the same number."""
     assert ctx.mesh is not None
-    return ctx.mesh.get_local_rank("dp_shard") * ctx.layout.tp + ctx.mesh.get_local_rank("tp")
+    lay = ctx.layout
+    return ((ctx.mesh.get_local_rank("dp_shard") * lay.cp + ctx.mesh.get_local_rank("cp")) * lay.tp
+            + ctx.mesh.get_local_rank("tp"))
 
 
 def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, family: Any,

@@ -27,8 +27,7 @@ from tunesmith.data.streaming import StreamingLoader
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.perplexity import evaluate_loss
 from tunesmith.observe import RunObserver
-from tunesmith.objective.forward import batch_loss_sum
-from tunesmith.objective.loss import IGNORE_INDEX
+from tunesmith.objective.forward import batch_loss_sum, target_count
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.grad import clip_grads_with_norm_
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
@@ -278,21 +277,23 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One optimizer step over k micro-batches; returns device tensors (no host sync)."""
         # Count targets on the host tensors before they move: the loss is normalised by the
-        # total count across all micro-batches *and data-parallel ranks*, so k accumulated
-        # micro-batches on N ranks give exactly the gradient of one kN-times larger batch.
-        n_targets = self._global_count(
-            sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
+        # total count across all micro-batches *and the ranks holding different tokens* (data-
+        # parallel, and context-parallel ones, each counting its own part of the sequence), so
+        # k accumulated micro-batches on N ranks give exactly the gradient of one kN-times
+        # larger batch.
+        n_targets = self._global_count(sum(target_count(self.model, mb) for mb in micro_batches))
         tokens = sum(_count_tokens(mb) for mb in micro_batches)
         samples = sum(mb["input_ids"].size(0) for mb in micro_batches)
-        # DDP/FSDP average gradients over the dp ranks; dividing by count / dp undoes that.
-        # Throughput counts assume equal tokens per rank (exact for packed blocks).
         dp = self.par.dp_size if self.par is not None else 1
+        # DDP/FSDP average gradients over the dp x cp ranks; dividing by count / (dp x cp)
+        # undoes that. Throughput counts assume equal tokens per rank (exact for packed blocks).
+        ranks = self.par.token_ranks if self.par is not None else 1
         loss_sum = torch.zeros((), device=self.rt.device)
         for mb in micro_batches:
-            loss_sum += self.forward_backward(mb, n_targets / dp)
+            loss_sum += self.forward_backward(mb, n_targets / ranks)
         if self.par is not None:
             # The global batch's loss: logged, and what the NaN guard judges on every rank alike.
-            self.par.all_reduce_dp(loss_sum)
+            self.par.all_reduce_tokens(loss_sum)
         loss = loss_sum / n_targets
         grad_norm = self._clip_and_step(loss)
         self.progress.step += 1
@@ -308,12 +309,12 @@ class Trainer:
         return self.par is not None and self.par.distributed
 
     def _global_count(self, local: int) -> int | torch.Tensor:
-        """Target count summed over data-parallel ranks, at least 1: an int in one process,
-        else a device scalar (one tiny all-reduce per step, never read back by the host)."""
-        if self.par is None or self.par.dp_size == 1:
+        """Target count summed over the dp x cp ranks, at least 1: an int in one process, else
+        a device scalar (one tiny all-reduce per step, never read back by the host)."""
+        if self.par is None or self.par.token_ranks == 1:
             return max(local, 1)
         t = torch.tensor(float(local), dtype=torch.float32, device=self.rt.device)
-        return self.par.all_reduce_dp(t).clamp_(min=1.0)
+        return self.par.all_reduce_tokens(t).clamp_(min=1.0)
 
     def forward_backward(self, batch: dict, n_targets: float | torch.Tensor) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its detached loss *sum*."""
@@ -354,7 +355,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        reduce = self.par.all_reduce_dp if self.par is not None else None
+        reduce = self.par.all_reduce_tokens if self.par is not None else None
         return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches, reduce)
 
     def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter,

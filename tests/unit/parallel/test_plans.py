@@ -22,7 +22,7 @@ from tunesmith.parallel.tp import apply_tp
 def test_layout_fills_degrees_and_describes_them():
     lay = resolve_layout(ParallelConfig(tp=2), 8, 8)
     assert (lay.dp_replicate, lay.dp_shard, lay.tp, lay.dp) == (1, 4, 2, 4)
-    assert lay.sharded and lay.mesh_shape == (1, 4, 2)
+    assert lay.sharded and lay.mesh_shape == (1, 4, 1, 2)  # (dp_replicate, dp_shard, cp, tp)
     hsdp = resolve_layout(ParallelConfig(strategy="hybrid_shard"), 16, 8)
     assert (hsdp.dp_replicate, hsdp.dp_shard) == (2, 8)
     with pytest.raises(TunesmithError, match="does not divide the world size 6"):

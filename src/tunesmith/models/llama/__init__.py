@@ -15,4 +15,5 @@ FAMILY = ModelFamily(
     presets=preset_map(PRESET_NAMES, preset),
     apply_overrides=apply_overrides,
     tp_plan=parallel_plan,
+    context_parallel=True,
 )
