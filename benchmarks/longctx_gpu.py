@@ -1,0 +1,325 @@
+"""Long context and QLoRA at scale on GPUs (issue #15): one command per GPU kind, every step in
+its own process under a timeout, results written after each step (JSON + markdown in --out).
+
+    # 2 GPUs: CP / QLoRA tests on NCCL, CP loss parity at a long sequence (add --with-1gpu and
+    # a larger --total for the 1-GPU steps on the same machine)
+    PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/longctx_gpu.py --gpus 2 --out $OUT/longctx2
+    # 1 GPU: offload table, longest sequence (LoRA / QLoRA, 141 GB and an 80 GB budget), tok/s at 32k
+    PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/longctx_gpu.py --gpus 1 --out $OUT/longctx1
+
+2-GPU steps:
+  nccl_tests   tests/distributed/test_cp.py + test_qlora.py with TUNESMITH_TEST_DEVICE=cuda
+               (cp=2 under FSDP2/DDP/packed SFT and QLoRA under FSDP2/HSDP/DDP vs one process,
+               exact resume; fp32, the tests' own tolerances)
+  cp_parity    the Llama-3-8B block shape (dim 4096, 32/8 heads, MLP 14336; 2 blocks, vocab
+               32768, one saved init) trained 3 steps at --cp-seq tokens with 4 packed
+               documents per row: one GPU vs cp=2 on two GPUs (FSDP2 over the cp ranks), fp32,
+               full AC; per-step loss and grad norm differences.
+1-GPU steps:
+  offload      none / full AC / full AC + offload / offload alone: 8 blocks of the 8B shape at
+               8k, LoRA, eager (benchmarks/check_longctx.py offload --no-compile)
+  seq_lora, seq_qlora, seq_qlora_80g
+               the whole 8B shape (32 blocks), LoRA r=16 (bf16 base) or QLoRA (NF4 base), bf16,
+               full AC + activation offload + chunked CE, micro-batch 1, eager: one step at 8k,
+               16k, 32k (twice: tokens/s), then a linear fit of peak memory in T predicts the
+               longest sequence for the budget, and a bisection verifies it while the time
+               budget lasts (a probe whose predicted time does not fit is skipped and reported).
+               _80g caps the allocator at 80 GiB (torch.cuda.set_per_process_memory_fraction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GiB = 1024**3
+STEP = 4096  # sequence granularity of the search
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def _run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run one step; its PROBE/RESULT lines (the last RESULT wins), or why it ended."""
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True,
+                              timeout=max(timeout, 1), cwd=ROOT, check=False)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err, rc = f"timeout after {timeout:.0f}s", 124
+    lines = out.splitlines()
+    res = {"rc": rc, "wall_s": round(time.monotonic() - t0, 1),
+           "probes": [json.loads(x[6:]) for x in lines if x.startswith("PROBE ")]}
+    found = [json.loads(x[7:]) for x in lines if x.startswith("RESULT ")]
+    if found:
+        res.update(found[-1])
+    if rc != 0:
+        res["error_tail"] = (err or "")[-2500:] + "\n" + "\n".join(lines[-15:])
+    return res
+
+
+# ---------------------------------------------------------------------------- longest sequence
+def _trainer(cfg):
+    from tunesmith.build import assemble
+    from tunesmith.optim import build_scheduler
+    from tunesmith.train.trainer import Trainer
+
+    a = assemble(cfg, with_tokenizer=False)
+    opt = a.need("optimizer")
+    tr = Trainer(cfg=cfg, rt=a.need("rt"), model=a.need("model"), optimizer=opt,
+                 scheduler=build_scheduler(opt, cfg.schedule, 100, 100), train_loader=None,
+                 val_loader=None, out_dir=Path("."), total_steps=100, steps_per_epoch=100,
+                 flops_per_token=0.0, peak_tflops=None, par=a.ctx if a.ctx and a.ctx.distributed else None)
+    return a, tr
+
+
+def _probe(tr, vocab: int, t: int) -> dict:
+    """One optimizer step at sequence length t; peak memory and time, or the OOM."""
+    import torch
+
+    ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(t))
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        tr.train_step([{"input_ids": ids, "labels": labels}])
+        torch.cuda.synchronize()
+        ok, why = True, None
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # device OOM, or pinned host memory
+        ok, why = False, str(e).splitlines()[0][:200]
+        tr.optimizer.zero_grad(set_to_none=True)
+    rec = {"seq": t, "ok": ok, "step_s": round(time.perf_counter() - t0, 2),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2), "error": why}
+    print("PROBE " + json.dumps(rec), flush=True)
+    return rec
+
+
+def _fit(a: dict, b: dict) -> tuple[float, float]:
+    """(intercept, slope) of y = i + s * seq through two probes' (seq, y)."""
+    s = (b[1] - a[1]) / (b[0] - a[0])
+    return a[1] - s * a[0], s
+
+
+def _seq_worker(args) -> None:
+    import torch
+
+    from tunesmith.config.schema import RunConfig
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = total if not args.mem_gib else min(total, args.mem_gib * GiB)
+    if args.mem_gib:
+        torch.cuda.set_per_process_memory_fraction(budget / total)
+    deadline = time.monotonic() + args.budget
+    cfg = RunConfig.model_validate({
+        "model": {"name": "llama3-8b"}, "data": {"path": "synthetic", "block_size": 32768},
+        "train": {"device": "cuda", "micro_batch_size": 1, "precision": "bf16", "seed": 0},
+        "optim": {"lr": 1e-5}, "schedule": {"name": "constant"},
+        "peft": {"method": args.method, "r": 16, "alpha": 32},
+        "parallel": {"activation_checkpointing": "full", "activation_offload": True},
+    })
+    a, tr = _trainer(cfg)
+    vocab = a.need("spec").model_cfg.vocab_size
+    built_gib = torch.cuda.memory_allocated() / GiB
+    probes = [_probe(tr, vocab, t) for t in (8192, 16384, 32768, 32768)]
+    p16, p32 = probes[1], probes[3]
+    result = {"method": args.method, "budget_gib": round(budget / GiB, 1), "model_gib": round(built_gib, 2),
+              "tokens_per_s_32k": round(32768 / p32["step_s"], 1) if p32["ok"] else None}
+    if p16["ok"] and p32["ok"]:
+        mi, ms = _fit((16384, p16["peak_gib"]), (32768, p32["peak_gib"]))
+        # step time ~ c1 T + c2 T^2 (linear layers + attention), from the 16k and 32k steps
+        c2 = (p32["step_s"] / 32768 - p16["step_s"] / 16384) / 16384
+        c1 = p16["step_s"] / 16384 - c2 * 16384
+        pred = int(((budget / GiB) * 0.97 - mi) / ms) // STEP * STEP
+        result.update(gib_per_1k_tokens=round(ms * 1024, 4), predicted_max_seq=pred)
+        lo, hi, t = 32768, None, max(pred, 32768 + STEP)
+        while hi is None or hi - lo > 2 * STEP:
+            est = 1.2 * (c1 * t + max(c2, 0.0) * t * t) + 20
+            if time.monotonic() + est > deadline:
+                result["stopped"] = f"time budget: a step at {t} tokens needs ~{est:.0f}s"
+                break
+            if _probe(tr, vocab, t)["ok"]:
+                lo = t
+            else:
+                hi = t
+            t = (lo + hi) // 2 // STEP * STEP if hi is not None else int(lo * 1.25) // STEP * STEP
+        result.update(verified_max_seq=lo, first_failed_seq=hi)
+    result.update(torch=torch.__version__, device=torch.cuda.get_device_name(),
+                  host_mem_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------- CP parity
+CP_OVERRIDES = {"n_layers": 2, "vocab_size": 32768, "max_position_embeddings": 131072}
+
+
+def _cp_init(args) -> None:
+    import torch
+
+    from tunesmith.models import build_model, init_random, resolve_model_config, save_pretrained
+
+    family, mcfg = resolve_model_config("llama3-8b", {**CP_OVERRIDES, **json.loads(args.overrides)})
+    model = init_random(build_model(family, mcfg, "meta"), args.device, torch.float32, 0)
+    save_pretrained(model, family, mcfg, Path(args.init))
+    print("RESULT " + json.dumps({"init": args.init}), flush=True)
+
+
+def _cp_batch(vocab: int, t: int, step: int) -> dict:
+    """[1, t] random ids in 4 packed documents of uneven length; labels stay inside each."""
+    import torch
+
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, vocab, (1, t), generator=g)
+    cuts = sorted(torch.randint(1, t, (3,), generator=g).tolist())
+    doc = torch.zeros(1, t, dtype=torch.long)
+    for c in cuts:
+        doc[:, c:] += 1
+    labels = torch.where(doc[:, 1:] == doc[:, :-1], ids[:, 1:], -100)
+    return {"input_ids": ids, "labels": torch.cat([labels, torch.full((1, 1), -100)], 1), "doc_ids": doc}
+
+
+def _cp_worker(args) -> None:
+    import torch
+
+    from tunesmith.config.schema import RunConfig
+
+    cfg = RunConfig.model_validate({
+        "model": {"name": args.init}, "data": {"path": "synthetic", "block_size": args.seq},
+        "train": {"device": args.device, "micro_batch_size": 1, "precision": "fp32", "seed": 0,
+                  "max_grad_norm": None},
+        "optim": {"lr": 1e-5}, "schedule": {"name": "constant"},
+        "parallel": {"cp": args.cp, "activation_checkpointing": "full", "timeout_s": 300},
+    })
+    a, tr = _trainer(cfg)
+    vocab = a.need("spec").model_cfg.vocab_size
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, norms, times = [], [], []
+    for step in range(3):
+        t0 = time.perf_counter()
+        loss, norm, *_ = tr.train_step([_cp_batch(vocab, args.seq, step)])
+        losses.append(float(loss))
+        norms.append(float(norm))
+        times.append(round(time.perf_counter() - t0, 2))
+    if a.need("ctx").is_main:
+        print("RESULT " + json.dumps({"cp": args.cp, "seq": args.seq, "losses": losses, "grad_norms": norms,
+                                      "step_s": times, "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if cuda else None}),
+              flush=True)
+
+
+# ---------------------------------------------------------------------------- orchestration
+class Report:
+    def __init__(self, out: Path) -> None:
+        self.out, self.steps = out, {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, name: str, res: dict) -> None:
+        self.steps[name] = res
+        print(f"== {name}: " + json.dumps(res)[:1500], flush=True)
+        (self.out / "longctx_gpu.json").write_text(json.dumps(self.steps, indent=1))
+        (self.out / "longctx_gpu.md").write_text(self.markdown())
+
+    def markdown(self) -> str:
+        lines = ["# longctx_gpu results", ""]
+        par = self.steps.get("cp_parity")
+        if par and "ref" in par and "cp2" in par:
+            lines += [f"CP parity at {par['seq']} tokens (8B block shape, 2 blocks, fp32): max |d loss| "
+                      f"{par['max_loss_diff']:.2e}, max rel d grad norm {par['max_grad_rel_diff']:.2e}; "
+                      f"peak 1 GPU {par['ref'].get('peak_gib')} GiB, per cp rank {par['cp2'].get('peak_gib')} GiB", ""]
+        lines += ["| step | result |", "|---|---|"]
+        for name, r in self.steps.items():
+            keys = ("passed", "verified_max_seq", "predicted_max_seq", "tokens_per_s_32k", "budget_gib",
+                    "stopped", "rc", "wall_s")
+            lines.append(f"| {name} | " + ", ".join(f"{k}={r[k]}" for k in keys if k in r) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _two_gpu(args, rep: Report, deadline: float) -> None:
+    py = sys.executable
+    env = {**_env(), "TUNESMITH_TEST_DEVICE": "cuda"}
+    res = _run([py, "-m", "pytest", "tests/distributed/test_cp.py", "tests/distributed/test_qlora.py",
+                "-q", "-p", "no:cacheprovider"], min(args.timeout, deadline - time.monotonic()), env)
+    tail = res.get("error_tail", "")
+    res["passed"] = res["rc"] == 0
+    res["summary"] = [x for x in tail.splitlines() if " passed" in x or " failed" in x][-1:]
+    rep.add("nccl_tests", res)
+    init = str(args.out / "cp_init")
+    par = {"seq": args.cp_seq, "init": _run([py, __file__, "cp-init", "--init", init], 120)}
+    par["ref"] = _run([py, __file__, "cp-worker", "--init", init, "--cp", "1", "--seq", str(args.cp_seq)],
+                      min(args.timeout, deadline - time.monotonic()))
+    par["cp2"] = _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+                       "cp-worker", "--init", init, "--cp", "2", "--seq", str(args.cp_seq)],
+                      min(args.timeout, deadline - time.monotonic()))
+    if "losses" in par["ref"] and "losses" in par["cp2"]:
+        r, c = par["ref"], par["cp2"]
+        par["max_loss_diff"] = max(abs(x - y) for x, y in zip(r["losses"], c["losses"]))
+        par["max_grad_rel_diff"] = max(abs(x - y) / y for x, y in zip(c["grad_norms"], r["grad_norms"]))
+    rep.add("cp_parity", par)
+
+
+def _one_gpu(args, rep: Report, deadline: float) -> None:
+    py = sys.executable
+    off = _run([py, str(ROOT / "benchmarks/check_longctx.py"), "offload", "--no-compile", "--steps", "3",
+                "--out", str(args.out / "offload"), "--budget", "150", "--timeout", "60"], 180)
+    md = args.out / "offload" / "offload.md"
+    off["table"] = md.read_text() if md.exists() else None
+    rep.add("offload", off)
+    for name, method, mem in (("seq_lora", "lora", 0), ("seq_qlora", "qlora", 0), ("seq_qlora_80g", "qlora", 80)):
+        left = deadline - time.monotonic()
+        if left < 60:
+            rep.add(name, {"rc": None, "stopped": "total time budget spent"})
+            continue
+        budget = min(args.seq_budget, left - 40)
+        rep.add(name, _run([py, __file__, "seq-worker", "--method", method, "--mem-gib", str(mem),
+                            "--budget", str(int(budget))], budget + 90))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "seq-worker", "cp-init", "cp-worker"])
+    ap.add_argument("--gpus", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--out", type=Path, default=Path("outputs/longctx_gpu"))
+    ap.add_argument("--with-1gpu", action="store_true", help="--gpus 2: also the 1-GPU steps (raise --total)")
+    ap.add_argument("--total", type=int, default=470, help="seconds for everything (per GPU kind)")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per 2-GPU step")
+    ap.add_argument("--seq-budget", type=int, default=100, help="seconds per longest-sequence search")
+    ap.add_argument("--cp-seq", type=int, default=16384)
+    # worker arguments
+    ap.add_argument("--method", default="lora")
+    ap.add_argument("--mem-gib", type=float, default=0)
+    ap.add_argument("--budget", type=int, default=100)
+    ap.add_argument("--init", default="")
+    ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--device", default="cuda", help="cp-init / cp-worker: cpu for a smoke run")
+    ap.add_argument("--overrides", default="{}", help="cp-init: model overrides (JSON), e.g. a smaller shape")
+    args = ap.parse_args()
+    if args.mode != "run":
+        {"seq-worker": _seq_worker, "cp-init": _cp_init, "cp-worker": _cp_worker}[args.mode](args)
+        return
+    rep, deadline = Report(args.out), time.monotonic() + args.total
+    if args.gpus == 2:
+        _two_gpu(args, rep, deadline)
+    if args.gpus == 1 or args.with_1gpu:
+        _one_gpu(args, rep, deadline)
+    print(rep.markdown())
+
+
+if __name__ == "__main__":
+    main()
