@@ -24,8 +24,10 @@ global log-sum-exp (P = exp(S - lse)) and adds dQ here and dK/dV to the travelli
 accumulators, which after N hops are back at their owner. So a rank saves only its own q, k, v,
 output and lse (not every block's probabilities, which autograd through the blockwise math
 would keep: O(T_local x T) per layer). Block math is plain matmuls in fp32 (it runs on gloo/CPU
-for the parity tests and on CUDA alike); one block's scores [B, H, T/N, T/N] are the transient
-peak.
+for the parity tests and on CUDA alike), query rows in chunks whose scores stay under
+CHUNK_BYTES, so the transient memory is bounded at any length. (Not done: fused CUDA kernels
+returning the log-sum-exp -- flash/cuDNN for the causal sub-blocks, FlexAttention for document
+masks -- which would run the blocks at flash speed instead of fp32-matmul speed.)
 
 Works on torch.distributed point-to-point ops only (gloo or NCCL), unlike PyTorch's
 experimental context_parallel, which needs CUDA SDPA kernels. The ring call is kept out of
@@ -134,6 +136,42 @@ def _finite(lse: Tensor) -> Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+CHUNK_BYTES = 1 << 28  # one query chunk's fp32 scores [B, H, rows, S] stay under 256 MiB
+
+
+def _row_chunks(q: Tensor, keys: int) -> list[slice]:
+    """Query-row slices whose scores against `keys` keys fit CHUNK_BYTES: a block's transient
+    memory stays bounded however long the local sequence is (the FLOPs are the same)."""
+    b, h, rows = q.shape[:3]
+    step = max(1, CHUNK_BYTES // (b * h * keys * 4))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _block_forward(q, k, v, qi, ki, qd, kd, scale, out, lse) -> None:
+    """Merge one key/value block into (out [B, H, L, hd], lse [B, H, L]) in place (online softmax)."""
+    for r in _row_chunks(q, k.shape[2]):
+        s = _scores(q[:, :, r], k, qi[:, r], ki, qd[:, r], kd, scale)  # [B, H, rows, S]
+        lse_b = torch.logsumexp(s, dim=-1)  # -inf where the block holds nothing visible
+        out_b = torch.matmul(torch.exp(s - _finite(lse_b)[..., None]), v)
+        new = torch.logaddexp(lse[:, :, r], lse_b)
+        out[:, :, r] = (out[:, :, r] * torch.exp(lse[:, :, r] - _finite(new))[..., None]
+                        + out_b * torch.exp(lse_b - _finite(new))[..., None])
+        lse[:, :, r] = new
+
+
+def _block_backward(q, do, delta, lse, k, v, qi, ki, qd, kd, scale, dq) -> tuple[Tensor, Tensor]:
+    """One block's gradients: adds into dq, returns (dk, dv) [B, H, S, hd]. P is recomputed
+    from the global log-sum-exp, so it is the final softmax restricted to this block."""
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for r in _row_chunks(q, k.shape[2]):
+        p = torch.exp(_scores(q[:, :, r], k, qi[:, r], ki, qd[:, r], kd, scale) - lse[:, :, r, None])
+        ds = p * (torch.matmul(do[:, :, r], v.transpose(-1, -2)) - delta[:, :, r])
+        dq[:, :, r] += torch.matmul(ds, k) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), q[:, :, r]) * scale
+        dv += torch.matmul(p.transpose(-1, -2), do[:, :, r])
+    return dk, dv
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, index, doc, cp: ContextParallel):  # type: ignore[override]
@@ -147,12 +185,8 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp.size):
             pending = ring.start(block) if ring is not None and step < cp.size - 1 else None
             kb, vb, ib, db = block
-            s = _scores(qf, _expand_kv(kb.to(acc), n_rep), index, ib, doc, db, scale)
-            lse_b = torch.logsumexp(s, dim=-1)  # [B, H, L]; -inf where nothing is visible
-            out_b = torch.matmul(torch.exp(s - _finite(lse_b)[..., None]), _expand_kv(vb.to(acc), n_rep))
-            new = torch.logaddexp(lse, lse_b)
-            out = out * torch.exp(lse - _finite(new))[..., None] + out_b * torch.exp(lse_b - _finite(new))[..., None]
-            lse = new
+            _block_forward(qf, _expand_kv(kb.to(acc), n_rep), _expand_kv(vb.to(acc), n_rep),
+                           index, ib, doc, db, scale, out, lse)
             if pending is not None:
                 block = _Ring.wait(pending)
         out = out.to(q.dtype)
@@ -175,12 +209,10 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp.size):
             pending = ring.start(block) if ring is not None and step < cp.size - 1 else None
             kb, vb, ib, db = block
-            kf, vf = _expand_kv(kb.to(acc), n_rep), _expand_kv(vb.to(acc), n_rep)
-            p = torch.exp(_scores(qf, kf, index, ib, doc, db, scale) - lse[..., None])  # [B, H, L, S]
-            ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
-            dq += torch.matmul(ds, kf) * scale
-            grads[0] += _fold_kv(torch.matmul(ds.transpose(-1, -2), qf) * scale, n_rep)
-            grads[1] += _fold_kv(torch.matmul(p.transpose(-1, -2), do), n_rep)
+            dk, dv = _block_backward(qf, do, delta, lse, _expand_kv(kb.to(acc), n_rep),
+                                     _expand_kv(vb.to(acc), n_rep), index, ib, doc, db, scale, dq)
+            grads[0] += _fold_kv(dk, n_rep)
+            grads[1] += _fold_kv(dv, n_rep)
             if ring is not None:  # the accumulators follow their block; after N hops: home
                 grads = _Ring.wait(ring.start(grads))
             if pending is not None:
