@@ -32,6 +32,10 @@ from tunesmith.models.gpt2 import config as gpt2_config
 from tunesmith.models.gpt2.adapter import GPT2StateDictAdapter
 from tunesmith.models.gpt2.config import GPT2Config
 from tunesmith.models.gpt2.model import GPT2
+from tunesmith.models.gptj import config as gptj_config
+from tunesmith.models.gptj.adapter import GPTJStateDictAdapter
+from tunesmith.models.gptj.config import GPTJConfig
+from tunesmith.models.gptj.model import GPTJ
 from tunesmith.models.llama.adapter import LlamaStateDictAdapter
 from tunesmith.models.llama.config import PRESET_NAMES, LlamaConfig, apply_overrides, preset
 from tunesmith.models.llama.model import KVCache, Llama
@@ -41,7 +45,7 @@ from tunesmith.models.neox.config import NeoXConfig
 from tunesmith.models.neox.model import NeoX
 
 __all__ = [
-    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig",
+    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "GPTJ", "GPTJConfig", "KVCache", "Llama", "LlamaConfig",
     "ModelFamily", "NeoX", "NeoXConfig",
     "build_model", "get_family", "init_random", "load_pretrained", "resolve_model_config",
     "save_pretrained", "write_hf_config",
@@ -113,8 +117,17 @@ NEOX_FAMILY = ModelFamily(
     presets={n: (lambda n=n: neox_config.preset(n)) for n in neox_config.PRESET_NAMES},
     apply_overrides=neox_config.apply_overrides,
 )
+GPTJ_FAMILY = ModelFamily(
+    name="gptj",
+    model_types=("gptj",),
+    config_cls=GPTJConfig,
+    model_cls=GPTJ,
+    adapter_cls=GPTJStateDictAdapter,
+    presets={n: (lambda n=n: gptj_config.preset(n)) for n in gptj_config.PRESET_NAMES},
+    apply_overrides=gptj_config.apply_overrides,
+)
 FAMILIES: dict[str, ModelFamily] = {
-    mt: fam for fam in (LLAMA_FAMILY, GPT2_FAMILY, BERT_FAMILY, NEOX_FAMILY)
+    mt: fam for fam in (LLAMA_FAMILY, GPT2_FAMILY, BERT_FAMILY, NEOX_FAMILY, GPTJ_FAMILY)
     for mt in fam.model_types
 }
 # Any other model_type transformers knows runs through the (slower) generic HF wrapper.

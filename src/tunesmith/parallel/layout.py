@@ -137,7 +137,7 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
 
 _TP_FAMILIES = ("llama", "mistral", "qwen2")  # model types with a tensor-parallel plan
 # Model types with native modules (layers / tok_embeddings / output) that FSDP2 and DDP wrap.
-_NATIVE_FAMILIES = (*_TP_FAMILIES, "gpt2", "gpt_neox", "bert", "roberta")
+_NATIVE_FAMILIES = (*_TP_FAMILIES, "gpt2", "gpt_neox", "gptj", "bert", "roberta")
 
 
 def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:

@@ -1,0 +1,1 @@
+"""GPT-J (EleutherAI GPT-J-6B): config, model, HF state-dict adapter and tensor-parallel plan."""
