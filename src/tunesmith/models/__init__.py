@@ -45,7 +45,8 @@ from tunesmith.models.neox.config import NeoXConfig
 from tunesmith.models.neox.model import NeoX
 
 __all__ = [
-    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "GPTJ", "GPTJConfig", "KVCache", "Llama", "LlamaConfig",
+    "FAMILIES", "BertConfig", "BertMLM", "GPT2", "GPT2Config", "GPTJ", "GPTJConfig", "KVCache",
+    "Llama", "LlamaConfig",
     "ModelFamily", "NeoX", "NeoXConfig",
     "build_model", "get_family", "init_random", "load_pretrained", "resolve_model_config",
     "save_pretrained", "write_hf_config",

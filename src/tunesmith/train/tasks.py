@@ -259,6 +259,7 @@ def after_training(cfg: RunConfig, trainer: Any, bundle: Any, summary: dict[str,
         max_new_tokens=g.max_new_tokens, max_positions=usable_positions(bundle.model_cfg),
         out_path=Path(cfg.output.dir) / g.output, max_samples=g.max_samples,
         temperature=g.temperature, seed=cfg.train.seed, autocast=trainer.rt.autocast(),
+        batch_size=g.batch_size, cuda_graphs=g.cuda_graphs,
     )
     summary.update({f"gen_{k}": v for k, v in scores.items()})
     summary["predictions"] = str(Path(cfg.output.dir) / g.output)
