@@ -94,7 +94,8 @@ def test_left_padded_batch_equals_each_prompt_alone_and_hf(pair, eos: int | None
 
 def test_static_decode_logits_match_a_full_forward(pair) -> None:
     """Each decode step's logits equal the plain forward over prompt + tokens so far."""
-    from tunesmith.models.decode import DecodeStep, StaticKVCache
+    from tunesmith.models.decode import DecodeStep
+    from tunesmith.models.kv_cache import StaticKVCache
 
     _, ours = pair
     prompt = torch.tensor([_prompts(3)[1]])  # [1, 13]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.models import build_model, load_pretrained, resolve_model_config, save_pretrained
 from tunesmith.models.attention import AttnSpec
-from tunesmith.models.llama.model import KVCache
+from tunesmith.models.kv_cache import KVCache
 
 ATOL = 1e-5
 VOCAB = 128
@@ -123,7 +123,7 @@ def test_recipe_mirrors_the_guides_zero2_run() -> None:
     ZeRO-2 DeepSpeed JSON maps onto exactly the recipe's strategy, precision and clipping."""
     from tests.conftest import REPO
     from tunesmith.config import load_config
-    from tunesmith.parallel.deepspeed import map_deepspeed
+    from tunesmith.config.deepspeed import map_deepspeed
 
     cfg = load_config(REPO / "recipes" / "gptj_clm_wikitext.yaml", [])
     zero2 = {  # optimum-habana tests/configs/deepspeed_zero_2.json

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.schema import RunConfig
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise TunesmithError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

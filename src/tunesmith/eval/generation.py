@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.sft_data import special_prefix
 from tunesmith.eval.rouge import corpus_scores, score_pair
+from tunesmith.models.generate import generate, left_pad
 
 log = logging.getLogger("tunesmith")
 
 
 def prompt_ids(tokenizer: Any, rendered: Any, max_len: int) -> list[int]:
     """Token ids of a rendered example's generation prompt, left-truncated to max_len."""
-    from tunesmith.data.sft_data import special_prefix
-
     ids = list(tokenizer(rendered.prompt, add_special_tokens=False)["input_ids"])
     prefix = special_prefix(tokenizer) if rendered.prefix else []
     keep = max(max_len - len(prefix), 1)
@@ -46,8 +46,6 @@ def generate_batched(model: torch.nn.Module, prompts: Sequence[list[int]], max_n
                      gen: torch.Generator | None = None, pad_id: int = 0,
                      cuda_graphs: bool = True) -> list[list[int]]:
     """New tokens for each prompt (stop token and what follows cut), in the prompts' order."""
-    from tunesmith.models.generate import generate, left_pad
-
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]

@@ -15,46 +15,7 @@ import torch
 from torch import nn
 
 from tunesmith.models.attention import AttnSpec
-from tunesmith.models.llama.model import KVCache
-
-
-class StaticKVCache(KVCache):
-    """`KVCache` with a static decode phase.
-
-    Prefill: as `KVCache` (writes [length, length + T), returns the filled prefix).
-    After `start_decode()`: `update` writes one token at slot `self.slot` ([1] long tensor)
-    and returns the whole buffers [B, n_kv, max_len, hd]; `length` reads max_len - 1, so the
-    model's key span (length + 1 new token) is the full buffer the key mask describes.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self.decoding = False
-        super().__init__(*args, **kwargs)
-        self.slot = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
-
-    @property
-    def length(self) -> int:  # type: ignore[override]
-        return self.max_len - 1 if self.decoding else self._length
-
-    @length.setter
-    def length(self, n: int) -> None:
-        self._length = n
-
-    def start_decode(self) -> None:
-        self.decoding = True
-
-    def advance(self, n: int) -> None:
-        if not self.decoding:
-            self._length += n
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.decoding:
-            return super().update(layer_idx, k, v)
-        ck, cv = self.k[layer_idx], self.v[layer_idx]  # [B, n_kv, max_len, hd]
-        ck.index_copy_(2, self.slot, k.to(ck.dtype))  # k [B, n_kv, 1, hd]
-        cv.index_copy_(2, self.slot, v.to(cv.dtype))
-        return ck, cv
+from tunesmith.models.kv_cache import StaticKVCache
 
 
 class DecodeStep:

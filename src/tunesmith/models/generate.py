@@ -10,8 +10,8 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.models.attention import AttnSpec
-from tunesmith.models.decode import DecodeStep, StaticKVCache
-from tunesmith.models.llama.model import Llama
+from tunesmith.models.decode import DecodeStep
+from tunesmith.models.kv_cache import StaticKVCache
 
 
 def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ def _check_mask(input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 
 @torch.inference_mode()
 def generate(
-    model: Llama,
+    model: nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 0.0,

@@ -34,7 +34,8 @@ from tunesmith.models.attention import (
 )
 from tunesmith.models.gptj.config import GPTJConfig
 from tunesmith.models.layers import DenseMLP, shared_input
-from tunesmith.models.llama.model import KVCache
+from tunesmith.models.kv_cache import KVCache
+from tunesmith.models.rope import apply_interleaved_rope, interleaved_cos_sin
 
 ROPE_BASE = 10000.0  # fixed in GPT-J (not a config key)
 
@@ -44,29 +45,6 @@ def gptj_inv_freq(cfg: GPTJConfig, device: torch.device | str | None = None) -> 
     rd = cfg.rope_dims
     exps = torch.arange(0, rd, 2, dtype=torch.int64, device=device).to(torch.float32) / rd
     return 1.0 / (ROPE_BASE ** exps)
-
-
-def interleaved_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, rd] for positions [B, T]: each frequency repeated for its pair of dims."""
-    freqs = positions[..., None].float() * inv_freq.float()  # [B, T, rd/2], fp32 like HF
-    cos = freqs.cos().to(dtype).repeat_interleave(2, dim=-1)
-    sin = freqs.sin().to(dtype).repeat_interleave(2, dim=-1)
-    return cos, sin
-
-
-def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) on the last dim."""
-    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-
-
-def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rd dims of x [B, H, T, hd] (cos/sin [B, T, rd]); the rest pass through."""
-    rd = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    rot = x[..., :rd]
-    rot = rot * cos + _rotate_every_two(rot) * sin
-    return torch.cat((rot, x[..., rd:]), dim=-1) if rd < x.shape[-1] else rot
 
 
 class GPTJAttention(nn.Module):
