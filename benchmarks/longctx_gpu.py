@@ -66,6 +66,7 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     found = [json.loads(x[7:]) for x in lines if x.startswith("RESULT ")]
     if found:
         res.update(found[-1])
+    res["stdout_tail"] = lines[-3:]
     if rc != 0:
         res["error_tail"] = (err or "")[-2500:] + "\n" + "\n".join(lines[-15:])
     return res
@@ -255,9 +256,7 @@ def _two_gpu(args, rep: Report, deadline: float) -> None:
     env = {**_env(), "TUNESMITH_TEST_DEVICE": "cuda"}
     res = _run([py, "-m", "pytest", "tests/distributed/test_cp.py", "tests/distributed/test_qlora.py",
                 "-q", "-p", "no:cacheprovider"], min(args.timeout, deadline - time.monotonic()), env)
-    tail = res.get("error_tail", "")
     res["passed"] = res["rc"] == 0
-    res["summary"] = [x for x in tail.splitlines() if " passed" in x or " failed" in x][-1:]
     rep.add("nccl_tests", res)
     init = str(args.out / "cp_init")
     par = {"seq": args.cp_seq, "init": _run([py, __file__, "cp-init", "--init", init], 120)}
@@ -297,7 +296,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("outputs/longctx_gpu"))
     ap.add_argument("--with-1gpu", action="store_true", help="--gpus 2: also the 1-GPU steps (raise --total)")
     ap.add_argument("--total", type=int, default=470, help="seconds for everything (per GPU kind)")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per 2-GPU step")
+    ap.add_argument("--timeout", type=int, default=270, help="seconds per 2-GPU step")
     ap.add_argument("--seq-budget", type=int, default=100, help="seconds per longest-sequence search")
     ap.add_argument("--cp-seq", type=int, default=16384)
     # worker arguments
