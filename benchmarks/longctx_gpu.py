@@ -146,7 +146,7 @@ def _seq_worker(args) -> None:
         # step time ~ c1 T + c2 T^2 (linear layers + attention), from the 16k and 32k steps
         c2 = (p32["step_s"] / 32768 - p16["step_s"] / 16384) / 16384
         c1 = p16["step_s"] / 16384 - c2 * 16384
-        pred = int(((budget / GiB) * 0.97 - mi) / ms) // STEP * STEP
+        pred = int(((budget / GiB) * 0.97 - mi) / ms) // STEP * STEP if ms > 0 else 32768
         result.update(gib_per_1k_tokens=round(ms * 1024, 4), predicted_max_seq=pred)
         lo, hi, t = 32768, None, max(pred, 32768 + STEP)
         while hi is None or hi - lo > 2 * STEP:
@@ -260,8 +260,9 @@ def _two_gpu(args, rep: Report, deadline: float) -> None:
     rep.add("nccl_tests", res)
     init = str(args.out / "cp_init")
     par = {"seq": args.cp_seq, "init": _run([py, __file__, "cp-init", "--init", init], 120)}
+    # The reference attends with SDPA and a dense [T, T] document mask (no flex compile).
     par["ref"] = _run([py, __file__, "cp-worker", "--init", init, "--cp", "1", "--seq", str(args.cp_seq)],
-                      min(args.timeout, deadline - time.monotonic()))
+                      min(args.timeout, deadline - time.monotonic()), {**_env(), "TUNESMITH_ATTENTION": "sdpa"})
     par["cp2"] = _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
                        "cp-worker", "--init", init, "--cp", "2", "--seq", str(args.cp_seq)],
                       min(args.timeout, deadline - time.monotonic()))
