@@ -199,8 +199,8 @@ def short_name(name: str, cap: int = _NAME_CAP) -> str:
     'at::native::elementwise_kernel'); a generic wrapper keeps its first template argument
     ('cutlass::Kernel2<cutlass_80_tensorop_...>'). At most `cap` characters."""
     text = name.strip().replace("(anonymous namespace)::", "")
-    if text.startswith("void "):
-        text = text[5:]
+    text = text.removeprefix("## ").removesuffix(" ##")  # inductor's "## Call CompiledFxGraph h ##"
+    text = text.removeprefix("void ")
     base, arg, depth, arg_done = [], [], 0, False
     for ch in text:
         if ch == "(" and depth == 0:
