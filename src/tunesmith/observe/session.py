@@ -53,6 +53,7 @@ class RunObserver:
         self.flops = StepFlops(cfg.profile.flop_counter_start, world_size) if cfg.profile.count_flops else None
         self.report_s = 0.0
         self.instrumented_steps = 0  # profiled or FLOP-counted: left out of throughput
+        self._refill = False  # the next step follows the FLOP-counted one (CUDA)
         self._done = False
 
     # ------------------------------------------------------------------ run
@@ -87,7 +88,10 @@ class RunObserver:
         their memory, so neither their time, tokens nor peak memory count as training's."""
         watched = self.profiler.watches(step)
         count = self.flops is not None and self.flops.due() and not watched
-        watch = StepWatch(instrumented=count or watched)
+        # The step after the counted one refills the allocator cache emptied after the eager
+        # step (cudaMalloc of every block): not a steady-state step either.
+        refill, self._refill = self._refill, count and self.health.cuda
+        watch = StepWatch(instrumented=count or watched or refill)
         with ExitStack() as stack:
             if watch.instrumented:
                 stack.enter_context(tput.excluded("profile"))
