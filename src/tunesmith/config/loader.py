@@ -19,6 +19,29 @@ from tunesmith.config.schema import RunConfig
 from tunesmith.errors import TunesmithError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (plain YAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise TunesmithError(
+                f"duplicate key {key!r} in {loader.name}: line {seen[key]} and line {line} "
+                "(the second would silently replace the first)"
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML mapping, turning every failure into one clear line."""
     path = Path(path)
@@ -31,7 +54,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise TunesmithError(f"cannot read recipe {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

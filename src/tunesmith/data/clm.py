@@ -118,6 +118,7 @@ def _load_records(path: str, cfg: DataConfig) -> datasets.Dataset:
         dataset_config=cfg.dataset_config,
         split=cfg.split,
         cache_dir=cfg.cache_dir,
+        skip_bad_rows=cfg.skip_bad_rows,
     )
 
 

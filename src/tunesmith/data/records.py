@@ -16,7 +16,6 @@ the position is the number of records already taken.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from tunesmith.data.sources import (
     _list_files,
     _looks_like_path,
     _utf8_lines,
+    csv_rows,
 )
 from tunesmith.errors import TunesmithError
 
@@ -58,8 +58,9 @@ class RecordReader:
     """All records of a local file / directory, or of a hub dataset, in a fixed order."""
 
     def __init__(self, path: str, *, dataset_config: str | None = None, split: str = "train",
-                 streaming_hub: bool = False) -> None:
+                 streaming_hub: bool = False, skip_bad_rows: bool = False) -> None:
         self.path = path
+        self.skip_bad_rows = skip_bad_rows  # CSV rows with the wrong field count
         self.dataset_config = dataset_config
         self.split = split
         self.streaming_hub = streaming_hub
@@ -79,7 +80,8 @@ class RecordReader:
         index = pos.index
         for fi in range(pos.file, len(self.files)):
             start = pos if fi == pos.file else RecordPosition(fi, 0, 0, index)
-            for rec_pos, where, rec in _iter_file(self.files[fi], fi, start.record, start.offset):
+            for rec_pos, where, rec in _iter_file(self.files[fi], fi, start.record, start.offset,
+                                                  self.skip_bad_rows):
                 index += 1
                 yield RecordPosition(fi, rec_pos[0], rec_pos[1], index), where, rec
 
@@ -114,7 +116,8 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool)
 FileItem = tuple[tuple[int, int], str, Any]
 
 
-def _iter_file(path: Path, fi: int, record: int, offset: int) -> Iterator[FileItem]:
+def _iter_file(path: Path, fi: int, record: int, offset: int, skip_bad_rows: bool = False
+               ) -> Iterator[FileItem]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         yield from _iter_parquet(path, record)
@@ -128,7 +131,7 @@ def _iter_file(path: Path, fi: int, record: int, offset: int) -> Iterator[FileIt
             elif suffix == ".json":
                 yield from _iter_json_array(path, fh, record)
             else:
-                yield from _iter_csv(path, fh, record)
+                yield from _iter_csv(path, fh, record, skip_bad_rows)
     except OSError as exc:
         raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -178,15 +181,11 @@ def _iter_json_array(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]
         yield (i + 1, -1), f"{path}: record {i}", records[i]
 
 
-def _iter_csv(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]:
-    lines = (line for _, line in _utf8_lines(path, fh))
-    try:
-        reader = csv.DictReader(lines)
-        for i, row in enumerate(reader):
-            if i >= start:
-                yield (i + 1, -1), f"{path}:{reader.line_num}", dict(row)
-    except csv.Error as exc:
-        raise TunesmithError(f"{path}: malformed CSV ({exc})") from None
+def _iter_csv(path: Path, fh: BinaryIO, start: int, skip_bad_rows: bool) -> Iterator[FileItem]:
+    # Rows left out by skip_bad_rows do not count, so a resume index stays stable.
+    for i, (line, header, row) in enumerate(csv_rows(path, fh, skip_bad_rows)):
+        if i >= start:
+            yield (i + 1, -1), f"{path}:{line}", dict(zip(header, row))
 
 
 def _iter_parquet(path: Path, start: int) -> Iterator[FileItem]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,9 @@ SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".json", ".jsonl", ".csv", ".parquet")
 _SUFFIX_LIST = ".txt (.raw, .tokens), .json, .jsonl, .csv, .parquet"
 
 # Bump when the record layout or parsing rules change, so old cached records are not reused.
-_RECORDS_VERSION = "1"
+_RECORDS_VERSION = "2"  # 2: CSV rows must have the header's field count
+
+log = logging.getLogger("tunesmith")
 _FEATURES = datasets.Features({"text": datasets.Value("string"), "doc_end": datasets.Value("bool")})
 # Flush a record batch after this many records or characters (bounds memory for huge files).
 _BATCH_RECORDS = 8192
@@ -206,31 +209,52 @@ def _read_json(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
         yield _text_of(obj, path, f"{path}: record {i}", column), True
 
 
-def _read_csv(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
+def csv_rows(path: Path, fh: BinaryIO, skip_bad_rows: bool = False
+             ) -> Iterator[tuple[int, list[str], list[str]]]:
+    """(line, header, row) for every data row of a CSV file; the header row is not yielded.
+
+    A row whose field count differs from the header's is an error naming `file:line`, or, with
+    `skip_bad_rows` (`data.csv_bad_rows: skip`), left out and counted in one warning per file.
+    """
     # csv needs the raw line endings (newline="" semantics) to handle quoted multi-line fields.
     reader = csv.reader(line for _, line in _utf8_lines(path, fh))
     old_limit = csv.field_size_limit()
     csv.field_size_limit(max(old_limit, 2**31 - 1))  # documents can exceed the 128 KiB default
+    skipped: list[int] = []
     try:
-        try:
-            header = next(reader)
-        except StopIteration:
+        header = next(reader, None)
+        if header is None:
             return
-        if column not in header:
-            raise _columns_error(path, str(path), column, header)
-        idx = header.index(column)
         for row in reader:
             if not row:
                 continue
-            if len(row) <= idx:
-                raise TunesmithError(
-                    f"{path}:{reader.line_num}: row has {len(row)} fields, header has {len(header)}"
-                )
-            yield row[idx], True
+            if len(row) != len(header):
+                if not skip_bad_rows:
+                    raise TunesmithError(
+                        f"{path}:{reader.line_num}: row has {len(row)} fields, the header has "
+                        f"{len(header)} (fix the row, or set data.csv_bad_rows=skip to leave such "
+                        "rows out)"
+                    )
+                skipped.append(reader.line_num)
+                continue
+            yield reader.line_num, header, row
     except csv.Error as exc:
         raise TunesmithError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     finally:
         csv.field_size_limit(old_limit)
+    if skipped:
+        log.warning("%s: skipped %d row(s) whose field count differs from the header "
+                    "(data.csv_bad_rows=skip), first at line %d", path, len(skipped), skipped[0])
+
+
+def _read_csv(path: Path, fh: BinaryIO, column: str, skip_bad_rows: bool) -> Iterator[Record]:
+    header: list[str] | None = None
+    for _, head, row in csv_rows(path, fh, skip_bad_rows):
+        if header is None:
+            header = head
+            if column not in header:
+                raise _columns_error(path, str(path), column, header)
+        yield row[header.index(column)], True
 
 
 def _read_parquet(path: Path, column: str) -> Iterator[Record]:
@@ -262,7 +286,8 @@ def _check_string_type(typ: pa.DataType, where: str, column: str) -> None:
         raise TunesmithError(f"{where}: column '{column}' has type {typ}, expected strings")
 
 
-def _read_file(path: Path, column: str, keep_linebreaks: bool) -> Iterator[Record]:
+def _read_file(path: Path, column: str, keep_linebreaks: bool, skip_bad_rows: bool = False
+               ) -> Iterator[Record]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         yield from _read_parquet(path, column)
@@ -276,7 +301,7 @@ def _read_file(path: Path, column: str, keep_linebreaks: bool) -> Iterator[Recor
             elif suffix == ".json":
                 yield from _read_json(path, fh, column)
             else:
-                yield from _read_csv(path, fh, column)
+                yield from _read_csv(path, fh, column, skip_bad_rows)
     except OSError as exc:
         raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -284,9 +309,11 @@ def _read_file(path: Path, column: str, keep_linebreaks: bool) -> Iterator[Recor
 # ----------------------------------------------------------------------------- arrow cache
 
 
-def _records_fingerprint(files: list[Path], column: str, keep_linebreaks: bool) -> str:
+def _records_fingerprint(files: list[Path], column: str, keep_linebreaks: bool,
+                         skip_bad_rows: bool = False) -> str:
     """Keyed by what the records depend on, including size and mtime so edits invalidate."""
-    digest = hashlib.sha256(f"records-v{_RECORDS_VERSION}|{column}|{keep_linebreaks}".encode())
+    digest = hashlib.sha256(
+        f"records-v{_RECORDS_VERSION}|{column}|{keep_linebreaks}|{skip_bad_rows}".encode())
     for f in files:
         st = f.stat()
         digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -321,14 +348,15 @@ def _write_records(records: Iterator[Record], out: Path) -> int:
 
 
 def _load_local(
-    path: Path, column: str, keep_linebreaks: bool, cache_dir: str | None
+    path: Path, column: str, keep_linebreaks: bool, cache_dir: str | None, skip_bad_rows: bool
 ) -> datasets.Dataset:
     files = _list_files(path)
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    out = root / f"records-{_records_fingerprint(files, column, keep_linebreaks)}.arrow"
+    fingerprint = _records_fingerprint(files, column, keep_linebreaks, skip_bad_rows)
+    out = root / f"records-{fingerprint}.arrow"
     if not out.exists():
-        stream = (rec for f in files for rec in _read_file(f, column, keep_linebreaks))
+        stream = (rec for f in files for rec in _read_file(f, column, keep_linebreaks, skip_bad_rows))
         if _write_records(stream, out) == 0:
             raise TunesmithError(f"{path}: no records found (empty dataset)")
     return datasets.Dataset.from_file(str(out))
@@ -379,16 +407,18 @@ def load_text_records(
     dataset_config: str | None = None,
     split: str = "train",
     cache_dir: str | None = None,
+    skip_bad_rows: bool = False,
 ) -> datasets.Dataset:
     """Records of `path` (file, directory or hub name) as a Dataset with column `text`.
 
     Local sources also have `doc_end` (bool). `text_column` selects the field of
     json/jsonl/csv/parquet/hub records; .txt files have no columns. `keep_linebreaks=False`
-    strips the line break of each .txt line (lines mode).
+    strips the line break of each .txt line (lines mode). `skip_bad_rows` leaves out CSV rows
+    with the wrong field count instead of failing.
     """
     local = Path(path).expanduser()
     if local.exists():
-        return _load_local(local, text_column, keep_linebreaks, cache_dir)
+        return _load_local(local, text_column, keep_linebreaks, cache_dir, skip_bad_rows)
     if _looks_like_path(path):
         raise TunesmithError(f"{local}: no such file or directory")
     return _load_hub(path, dataset_config, split, text_column, cache_dir)
