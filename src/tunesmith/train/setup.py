@@ -8,6 +8,7 @@ output directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.resume import (
     apply_optimizer_config,
     check_model_matches,
+    RunFinished,
+    check_not_finished,
     check_run_dir_matches,
     plan_resume,
     truncate_metrics,
@@ -202,6 +205,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
     plan = plan_resume(cfg, manager)
     if ck.resume is not None:
         check_run_dir(out_dir, cfg, plan.checkpoint)
+    check_not_finished(out_dir, plan, cfg.train.max_steps)  # before any costly build
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
     # Layout checks (exit 2 on every rank, before any communication), then the process group.
     ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
@@ -214,6 +218,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
             f"this run has {trainer.total_steps} steps but checkpoint {plan.checkpoint} is at step "
             f"{plan.step}; raise train.epochs or train.max_steps to continue from it"
         )
+    check_not_finished(out_dir, plan, trainer.total_steps)  # epoch-based runs: known only now
     trainer.resumed_from = plan.checkpoint
     rng = DeferredRNGState()
     app_state = trainer_state(trainer, rng)
@@ -296,7 +301,11 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     from tunesmith.models import save_pretrained
     from tunesmith.train.trainer import write_summary
 
-    trainer, bundle = build_trainer(cfg)
+    try:
+        trainer, bundle = build_trainer(cfg)
+    except RunFinished as done:
+        log.warning("%s", done)
+        return json.loads(done.summary_path.read_text(encoding="utf-8"))
     summary = trainer.train()
     if bundle.task is not None:
         from tunesmith.train.tasks import after_training
