@@ -7,6 +7,7 @@ line:column, the unknown key and its closest valid spelling, or the field with t
 from __future__ import annotations
 
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.errors import TunesmithError
+
+log = logging.getLogger("tunesmith")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -129,15 +132,66 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid config in {source}: {problems[0]}{more}"
 
 
+# Config keys that hold filesystem paths. Those in _ALWAYS_PATHS are paths whatever they say;
+# the others may also name a preset, a hub model or a hub dataset, so they count as paths only
+# when they exist on disk or are spelled like one (./x, ../x).
+_ALWAYS_PATHS = ("data.cache_dir", "output.dir", "peft.from_checkpoint",
+                 "parallel.deepspeed_config", "checkpoint.resume")
+_MAYBE_PATHS = ("model.name", "model.tokenizer", "data.path", "data.validation_path")
+
+
+def _resolve_one(key: str, value: str, base: Path, fallback: Path | None) -> str:
+    if key == "checkpoint.resume" and (value.strip().lower() == "auto" or value.strip().isdigit()):
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    here = (base / path).resolve()
+    if key in _ALWAYS_PATHS or here.exists() or value.startswith(("./", "../")):
+        if fallback is not None and not here.exists() and (fallback / path).exists():
+            # Recipes written before paths were recipe-relative: keep them working, say so.
+            log.warning("%s=%s: not found next to the recipe (%s) but found from the working "
+                        "directory; recipe paths are relative to the recipe's folder, please "
+                        "update the recipe", key, value, here)
+            return str((fallback / path).resolve())
+        return str(here)
+    return value  # a preset, hub id or dataset name
+
+
+def resolve_paths(data: dict[str, Any], base: Path, fallback: Path | None = None) -> dict[str, Any]:
+    """Make the relative paths of a raw config absolute against `base` (in place).
+
+    Recipe files resolve against their own folder, command-line overrides against the working
+    directory, so `OUTPUT/config.yaml` records absolute paths and a recipe works from any cwd.
+    """
+    for key in (*_ALWAYS_PATHS, *_MAYBE_PATHS):
+        section, name = key.split(".")
+        body = data.get(section)
+        value = body.get(name) if isinstance(body, dict) else None
+        if isinstance(value, str) and value.strip():
+            body[name] = _resolve_one(key, value, base, fallback)
+    return data
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe (or start from defaults when None), apply overrides, validate."""
+    """Read a recipe (or start from defaults when None), apply overrides, validate.
+
+    Relative paths in the recipe are relative to the recipe's folder; those given as overrides
+    (and defaults such as output.dir) to the working directory.
+    """
+    cwd = Path.cwd()
     data = read_yaml(recipe) if recipe is not None else {}
+    if recipe is not None:
+        resolve_paths(data, Path(recipe).resolve().parent, fallback=cwd)
     data = apply_overrides(data, list(overrides or []))
+    resolve_paths(data, cwd)
     source = str(recipe) if recipe is not None else "command line"
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise TunesmithError(format_validation_error(e, source)) from None
+    cfg.output.dir = str((cwd / Path(cfg.output.dir).expanduser()).resolve())  # also the default
+    return cfg
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

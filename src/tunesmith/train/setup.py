@@ -33,6 +33,7 @@ from tunesmith.train.resume import (
     truncate_metrics,
 )
 from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
+from tunesmith.train.special_tokens import align_special_tokens
 from tunesmith.train.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -137,6 +138,8 @@ def build_model_bundle(cfg: RunConfig, rt: Runtime, ctx: ParallelContext | None 
             f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
+    if family.kind == "causal":  # encoders' pad id shapes their position ids: left alone
+        model_cfg = align_special_tokens(model_cfg, tokenizer, tok_source)
     pretrained = has_weights(mc.name) and not mc.from_scratch
 
     def peft(m: torch.nn.Module, on_meta: bool) -> None:
