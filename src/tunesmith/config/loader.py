@@ -234,7 +234,9 @@ def reference_markdown() -> str:
     out = ["# Config reference", "",
            "Generated from `tunesmith/config/schema.py` by "
            "`python -m tunesmith.config.loader > docs/config.md`. Every key can be set in a "
-           "recipe's YAML section or on the command line as `section.key=value`.", ""]
+           "recipe's YAML section or on the command line as `section.key=value`. Relative paths in "
+           "a recipe are relative to the recipe's folder, those on the command line to the "
+           "working directory; `OUTPUT/config.yaml` holds them resolved (absolute).", ""]
     section = None
     for line in describe_options():
         key = line.strip().split(" ", 1)[0]
