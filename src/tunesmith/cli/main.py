@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.cli.argtypes import byte_size, nonempty, nonneg_float, nonneg_int, positive_int
+from tunesmith.cli.data_inspect import add_data_command
 from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
 from tunesmith.errors import TunesmithError
 
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saved dtype (auto: the base checkpoint's)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
     m.set_defaults(func=_merge)
+
+    add_data_command(sub)  # `tunesmith data inspect` (cli/data_inspect.py)
 
     d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
     d.add_argument("--output", default="outputs/demo")
