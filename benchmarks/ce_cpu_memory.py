@@ -50,7 +50,7 @@ def measure(variant: str, n: int, d: int, v: int, repeats: int = 3) -> dict:
         else:
             out = L.linear_cross_entropy(h, w, y, chunk_size=4096 if variant == "fused_old" else None)
         out.backward()
-        return float(out)
+        return float(out.detach())
 
     loss = step()  # warm-up
     times = []
@@ -74,11 +74,11 @@ def main() -> None:
     import torch
 
     rows = []
-    for shape in SHAPES:
+    for shape, dims in SHAPES.items():
         for variant in ("plain", "fused_old", "fused"):
             out = subprocess.run([sys.executable, __file__, "--one", variant, shape],
                                  capture_output=True, text=True, check=True)
-            row = {"shape": shape, "n_d_v": SHAPES[shape], **json.loads(out.stdout)}
+            row = {"shape": shape, "n_d_v": dims, **json.loads(out.stdout)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"torch": torch.__version__, "threads": 1, "rows": rows}

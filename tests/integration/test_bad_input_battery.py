@@ -209,6 +209,15 @@ def test_csv_row_width_sft_records(tmp_path, tiny_tokenizer_dir, capsys):
           f"{data}:22", "row has 2 fields, the header has 3", absent=(out,))
 
 
+def test_unknown_chat_template_for_alpaca(tmp_path, tiny_tokenizer_dir, capsys):
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "input": "", "output": "Yo"}) + "\n")
+    out = tmp_path / "out"
+    fails(_train_argv(tiny_tokenizer_dir, out, data, "task=sft", "sft.format=alpaca",
+                      "sft.chat_template=vicuna"), capsys, "sft.chat_template='vicuna'",
+          "known: tokenizer", absent=(out,))
+
+
 def test_csv_bad_rows_skipped_on_request(tmp_path, tiny_tokenizer_dir, capsys, caplog):
     data = _csv(tmp_path / "d.csv", GOOD_ROWS[:30] + ["x,y,z", "w"] + GOOD_ROWS[30:])
     out = tmp_path / "out"
@@ -251,6 +260,8 @@ FLAG_CASES = [
     (["demo", "--steps", "1.5"], "--steps", "an integer"),
     (["launch", "--nproc-per-node", "x", "R"], "--nproc-per-node", "invalid int"),
     (["nonsense"], "COMMAND", "invalid choice"),
+    (["data", "inspect", "R", "--n", "0"], "--n", ">= 1"),
+    (["data", "bogus"], "ACTION", "invalid choice"),
 ]
 
 

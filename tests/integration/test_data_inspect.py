@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import tiny_overrides
-from tunesmith.cli.data_inspect import render_row, training_loader, first_rows
+from tunesmith.cli.data_inspect import first_rows, render_row, training_loader
 from tunesmith.cli.main import run
 from tunesmith.config import load_config
 
@@ -37,7 +37,7 @@ def test_packed_sft_rows_show_targets_and_documents(tiny_tokenizer_dir, alpaca, 
     assert not (tmp_path / "out").exists()  # inspecting writes nothing
 
     cfg = load_config(None, argv)
-    loader, tok, stats, shift = training_loader(cfg)
+    loader, tok, _, shift = training_loader(cfg)
     row = first_rows(loader, 1)[0]
     text = render_row(row, tok, shift)
     trained = "".join(text.plain[s.start:s.end] for s in text.spans if s.style == "bold green")

@@ -22,8 +22,8 @@ def test_preset_with_llama3_tokenizer_saves_tokenizer_ids(tmp_path, caplog):
     out = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="tunesmith")
     code = run(["train", "model.name=tiny", f"model.tokenizer={tok_dir}",
-                "model.overrides={vocab_size: 128256, dim: 32, n_layers: 1, n_heads: 2, "
-                "n_kv_heads: 1, intermediate_size: 64, max_position_embeddings: 128}",
+                ("model.overrides={vocab_size: 128256, dim: 32, n_layers: 1, n_heads: 2, "
+                 "n_kv_heads: 1, intermediate_size: 64, max_position_embeddings: 128}"),
                 f"data.path={data}", "data.text_column=quote", "data.block_size=32",
                 "train.micro_batch_size=2", "schedule.warmup_steps=0",
                 "data.validation_split_percentage=0",

@@ -179,11 +179,11 @@ def describe_counts(c: dict[str, Any], cfg: Any) -> str:
                 "counts over a whole epoch need a sized data set)")
     share = c["target_tokens"] / c["tokens"] if c["tokens"] else 0.0
     lines = [
-        f"examples: {c['examples']}; one epoch yields {c['rows']} rows of up to "
-        f"{cfg.data.block_size} tokens" + (" (data.drop_last leaves out an incomplete last "
-                                           "batch)" if cfg.data.drop_last else ""),
-        f"tokens: {c['tokens']:,} (padding excluded)  targets: {c['target_tokens']:,} "
-        f"({share:.1%} of tokens carry a loss)",
+        (f"examples: {c['examples']}; one epoch yields {c['rows']} rows of up to "
+         f"{cfg.data.block_size} tokens"
+         + (" (data.drop_last leaves out an incomplete last batch)" if cfg.data.drop_last else "")),
+        (f"tokens: {c['tokens']:,} (padding excluded)  targets: {c['target_tokens']:,} "
+         f"({share:.1%} of tokens carry a loss)"),
     ]
     if "truncated" in c:
         dropped = c["dropped_overlong"] + c["dropped_no_target"]

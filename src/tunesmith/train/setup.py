@@ -20,13 +20,18 @@ import torch
 from tunesmith.checkpoint import CheckpointManager, check_disk, estimate_bytes
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.errors import TunesmithError
-from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState, hf_files_writer, trainer_state
+from tunesmith.train.checkpointing import (
+    Checkpointer,
+    DeferredRNGState,
+    hf_files_writer,
+    trainer_state,
+)
 from tunesmith.train.guard import DIAGNOSTICS_FILE
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.resume import (
+    RunFinished,
     apply_optimizer_config,
     check_model_matches,
-    RunFinished,
     check_not_finished,
     check_run_dir_matches,
     plan_resume,
