@@ -2,6 +2,11 @@
 
     python benchmarks/bench_clm.py --shape llama3.2-1b --seq 2048 --micro-batch 8 --steps 40
 
+Variants: tunesmith (compiled blocks), tunesmith-eager, tunesmith-float8 / tunesmith-float8-rowwise
+(train.float8=tensorwise / rowwise, default layer rule, compiled), tunesmith-float8-all (tensorwise,
+train.float8_filter=all: wk/wv too), hf-trainer. MFU always uses
+the bf16 peak, float8 variants included.
+
 Each variant runs in its own subprocess (clean allocator, fair peak memory) on identical
 synthetic token batches (uniform random ids, fixed seed). Throughput excludes the first
 `--warmup` steps (compile, allocator growth). MFU = tokens/s * (6*N_matmul + 12*L*H*d_head*T)
@@ -21,7 +26,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
-VARIANTS = ("tunesmith", "tunesmith-eager", "hf-trainer")
+VARIANTS = ("tunesmith", "tunesmith-eager", "tunesmith-float8", "tunesmith-float8-rowwise",
+            "tunesmith-float8-all", "hf-trainer")
+FLOAT8 = {"tunesmith-float8": "tensorwise", "tunesmith-float8-rowwise": "rowwise",
+          "tunesmith-float8-all": "tensorwise"}
 
 
 def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int = 0):
@@ -41,7 +49,7 @@ def _flops_and_peak(model, seq):
     return float(model.flops_per_token(seq)), peak_tflops(torch.device("cuda"))
 
 
-def run_tunesmith(args, compile_blocks: bool) -> dict:
+def run_tunesmith(args, compile_blocks: bool, float8: str = "none") -> dict:
     """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
     import torch
 
@@ -53,7 +61,8 @@ def run_tunesmith(args, compile_blocks: bool) -> dict:
 
     cfg = RunConfig.model_validate({
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks},
+        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks,
+                  "float8": float8, "float8_filter": "all" if args.variant.endswith("-all") else "auto"},
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
     })
@@ -61,6 +70,9 @@ def run_tunesmith(args, compile_blocks: bool) -> dict:
     family, mcfg = resolve_model_config(args.shape)
     model = build_model(family, mcfg, device="meta")
     init_random(model, device=rt.device, dtype=rt.param_dtype, seed=0)
+    from tunesmith.transforms.float8 import apply_float8
+
+    apply_float8(model, cfg)  # as parallelize() does first; no-op for float8=none
     if compile_blocks:
         for block in model.layers:
             block.compile()
@@ -140,6 +152,7 @@ def _result(args, times, flops, peak, losses, n_params) -> dict:
         "params": n_params,
         "flops_per_token": flops,
         "first_losses": losses[:3],
+        "losses": losses,
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
     }
@@ -149,7 +162,8 @@ def child(args) -> None:
     if args.variant == "hf-trainer":
         res = run_hf_trainer(args)
     else:
-        res = run_tunesmith(args, compile_blocks=args.variant == "tunesmith")
+        res = run_tunesmith(args, compile_blocks=args.variant != "tunesmith-eager",
+                            float8=FLOAT8.get(args.variant, "none"))
     print("RESULT " + json.dumps(res), flush=True)
 
 

@@ -16,6 +16,8 @@ variant in its own subprocess (clean allocator, fair peak memory). Variants:
                    + one dense weight)
   tunesmith-qlora-noac  the same without activation checkpointing
   tunesmith-eager  like `tunesmith` without torch.compile
+  tunesmith-float8 like `tunesmith` with the frozen base in float8 e4m3 (peft.base_dtype=float8,
+                   fixed per-row scales): base matmuls and their input gradients are float8 GEMMs
   hf-peft          transformers (bf16 weights, SDPA) + peft LoRA (fp32 adapters, peft's
                    default) + HF Trainer (bf16 autocast, fused AdamW) + gradient checkpointing
   hf-peft-nogc     the same without gradient checkpointing
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-qlora-noac", "tunesmith-eager",
-            "hf-peft", "hf-peft-nogc")
+            "tunesmith-float8", "hf-peft", "hf-peft-nogc")
 DEFAULT = "tunesmith,tunesmith-ac,tunesmith-qlora,hf-peft"
 
 
@@ -90,7 +92,8 @@ def _tunesmith_model(args, variant: str):
         "optim": {"lr": 1e-4, "weight_decay": 0.0},
         "schedule": {"name": "constant"},
         "peft": {"method": "qlora" if variant.startswith("tunesmith-qlora") else "lora", "r": args.r,
-                 "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": "all-linear"},
+                 "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": "all-linear",
+                 "base_dtype": "float8" if variant == "tunesmith-float8" else "auto"},
     })
     rt = resolve_runtime(args.device, "bf16")
     family, mcfg = resolve_model_config(args.shape)
@@ -194,6 +197,7 @@ def _result(args, times, losses, trainable, total, setup_gib) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "first_losses": losses[:3],
+        "losses": losses,
         "sdpa": os.environ.get("TUNESMITH_SDPA", "auto"),  # kernel preference (auto: cuDNN on sm_90)
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,

@@ -94,12 +94,22 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "adafactor"] = "adamw"
+    name: Literal["adamw", "adafactor", "adamw8bit", "adamw4bit"] = Field(
+        "adamw",
+        description="adamw8bit / adamw4bit: AdamW with its two moments stored in 8 / 4 bits "
+        "(torchao; 2 / 1 bytes per parameter instead of 8). See docs/lowmem.md.",
+    )
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     fused: bool | None = Field(None, description="Fused AdamW kernel; default: on for CUDA.")
+    bf16_stochastic_round: bool | None = Field(
+        None,
+        description="Round each update of bf16 weights stochastically (torchao), so updates "
+        "smaller than bf16's spacing are not lost without fp32 master weights. Needs "
+        "train.precision=bf16-pure; default: on for adamw8bit/adamw4bit with bf16-pure.",
+    )
 
 
 class ScheduleConfig(Section):
@@ -125,6 +135,28 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
+    float8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        "none",
+        description="float8 training (torchao) of the chosen linear layers: tensorwise (fastest), "
+        "rowwise, or rowwise_with_gw_hp (weight gradient in bf16). Needs a CUDA GPU with float8 "
+        "(compute capability >= 8.9) and precision bf16 or bf16-pure. See docs/lowmem.md.",
+    )
+    float8_filter: Literal["auto", "all"] = Field(
+        "auto",
+        description="Which linear layers train in float8: auto: those whose shapes gain (torchao's "
+        "thresholds for the recipe); all: every one whose dims are multiples of 16. Either way "
+        "minus train.float8_skip.",
+    )
+    float8_skip: list[str] = Field(
+        default_factory=lambda: ["output"],
+        description="Linear layers kept in bf16: module-name globs (ours, e.g. output, "
+        "layers.0.*, *.w2). Default: the LM head.",
+    )
+    float8_all_gather: bool = Field(
+        False,
+        description="FSDP2 with float8=tensorwise: all-gather the weights already cast to float8 "
+        "(half the bytes of bf16); their scales are recomputed once per optimizer step.",
+    )
     throughput_warmup_steps: int = Field(
         2, ge=0, description="Steps left out of throughput/MFU (compile, allocator warm-up)."
     )
@@ -300,10 +332,12 @@ class PeftConfig(Section):
         description="At the end of the run also write the adapters folded into the base as an HF "
         "model to OUTPUT/final-merged (OUTPUT/final always holds the PEFT-format adapter).",
     )
-    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16", "float8"] = Field(
         "auto",
         description="dtype the frozen base weights are stored in. auto: the autocast dtype under "
-        "mixed precision (bf16 for qlora), else train.precision's; adapters keep the parameter dtype.",
+        "mixed precision (bf16 for qlora), else train.precision's; adapters keep the parameter dtype. "
+        "float8: block linear weights in float8 e4m3 with one fixed scale per row, their matmuls "
+        "run in float8 (CUDA, compute capability >= 8.9; see docs/lowmem.md).",
     )
     freeze_layers: list[int] = Field(
         default_factory=list,
@@ -362,10 +396,35 @@ class RunConfig(Section):
                 f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds "
                 f"train.max_steps={self.train.max_steps}"
             )
-        if self.optim.name == "adafactor" and self.optim.fused:
+        if self.optim.name != "adamw" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
+        _check_lowmem(self)
         if self.data.streaming and self.train.max_steps is None:
             raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
         if self.eval.generate.enabled and self.task != "sft":
             raise ValueError("eval.generate needs task=sft (prompts and references)")
         return self
+
+
+def _check_lowmem(cfg: RunConfig) -> None:
+    """Combinations of the float8 / low-memory options that cannot work (docs/lowmem.md)."""
+    tc, oc, pc = cfg.train, cfg.optim, cfg.peft
+    if oc.bf16_stochastic_round:
+        if tc.precision != "bf16-pure":
+            raise ValueError("optim.bf16_stochastic_round needs train.precision=bf16-pure (bf16 weights)")
+        if oc.name == "adafactor":
+            raise ValueError("optim.bf16_stochastic_round applies to the adamw optimizers, not adafactor")
+        if oc.fused:
+            raise ValueError("optim.bf16_stochastic_round uses torchao's AdamW: drop optim.fused")
+    if tc.float8 != "none":
+        if tc.precision not in ("bf16", "bf16-pure"):
+            raise ValueError(f"train.float8 needs train.precision bf16 or bf16-pure, not {tc.precision}")
+        if pc.method != "none":
+            raise ValueError("train.float8 trains linear layers in float8; for a LoRA base in float8 "
+                             "use peft.base_dtype=float8 instead")
+        if cfg.parallel.tp > 1:
+            raise ValueError("train.float8 with tensor parallelism (parallel.tp > 1) is not supported")
+    if tc.float8_all_gather and tc.float8 != "tensorwise":
+        raise ValueError("train.float8_all_gather needs train.float8=tensorwise")
+    if pc.base_dtype == "float8" and pc.method not in ("lora", "dora"):
+        raise ValueError("peft.base_dtype=float8 needs peft.method lora or dora (qlora stores NF4)")

@@ -120,6 +120,9 @@ class StatefulLoader:
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            # Its own generator for the workers' base seed: drawn from the global RNG it would
+            # shift every later draw (dropout, stochastic rounding) by one per epoch and resume.
+            generator=torch.Generator().manual_seed(self.seed + self.epoch),
         )
         for batch in loader:
             # Counted before the yield: once the caller holds a batch it is done for resume.

@@ -1,5 +1,8 @@
-"""`parallelize(model, cfg, ctx, rt)`: tensor parallel -> activation checkpointing -> compile ->
-data parallel, the order in which the pieces compose:
+"""`parallelize(model, cfg, ctx, rt)`: float8 -> tensor parallel -> activation checkpointing ->
+compile -> data parallel, the order in which the pieces compose:
+
+* float8 training (train.float8) first: it swaps nn.Linear layers for torchao Float8Linear
+  (same parameters), so compile traces the float8 casts and FSDP2 shards those layers.
 
 * TP first: it replaces parameters by DTensors on the TP mesh and adds the input/output
   redistribution hooks that everything after must see as part of the block.
@@ -24,6 +27,7 @@ from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
 from tunesmith.parallel.tp import apply_tp
 from tunesmith.train.runtime import Runtime
+from tunesmith.transforms.float8 import apply_float8
 
 log = logging.getLogger("tunesmith")
 
@@ -38,6 +42,7 @@ def _dp_mesh(ctx: ParallelContext):
 def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
     """Apply the configured parallelism to `model` in place and return it."""
     pc, layout = cfg.parallel, ctx.layout
+    apply_float8(model, cfg, distributed=ctx.distributed and layout.dp > 1 and layout.sharded)
     if ctx.distributed and layout.tp > 1:
         assert ctx.mesh is not None
         apply_tp(model, ctx.mesh["tp"])

@@ -3,7 +3,7 @@
     LoRA:  y = x W^T + b + s * B (A (drop x))          s = alpha / r   (alpha / sqrt(r): rsLoRA)
     DoRA:  y = m / ||W + s B A||_row * (x W^T + s B A x) + b        (the norm is a constant)
 
-Shapes: W [out, in] frozen (dense, or NF4 for QLoRA), A [r, in], B [out, r], m [out].
+Shapes: W [out, in] frozen (dense, NF4 for QLoRA, or float8 e4m3 with row scales s [out, 1]), A [r, in], B [out, r], m [out].
 A is kaiming-uniform(a=sqrt(5)) and B zero, exactly as peft initialises them, so a fresh adapter
 leaves the model's outputs unchanged. The layer keeps the replaced module's parameter names
 (`weight`, `bias`), so the base model's state-dict keys do not move.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.peft import quant
+from tunesmith.peft import float8, quant
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (optionally DoRA)."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LoRASpec,
-                 adapter_dtype: torch.dtype) -> None:
+                 adapter_dtype: torch.dtype, weight_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
@@ -67,6 +67,9 @@ class LoRALinear(nn.Module):
         self.quantized = quant.is_nf4(weight)
         self.weight = weight
         self.weight.requires_grad_(False)
+        # float8 base (peft.base_dtype=float8): fixed per-row scales [out, 1], not in the state dict.
+        self.float8 = weight_scale is not None
+        self.register_buffer("weight_scale", weight_scale, persistent=False)
         self.bias = bias
         if bias is not None:
             bias.requires_grad_(False)
@@ -83,8 +86,9 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: LoRASpec, adapter_dtype: torch.dtype) -> LoRALinear:
-        """Wrap an `nn.Linear` (or an `NF4Linear`), taking over its Parameters (no copy)."""
-        return cls(linear.weight, linear.bias, spec, adapter_dtype)
+        """Wrap an `nn.Linear` (or an `NF4Linear` / `Float8FrozenLinear`), taking over its
+        Parameters (no copy)."""
+        return cls(linear.weight, linear.bias, spec, adapter_dtype, getattr(linear, "weight_scale", None))
 
     # -- pieces ----------------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -94,6 +98,8 @@ class LoRALinear(nn.Module):
 
         if isinstance(self.weight, DTensor):
             return self.weight.full_tensor().to(dtype)
+        if self.float8:
+            return float8.dequantize(self.weight, self.weight_scale, dtype)
         return quant.dequantize(self.weight, dtype) if self.quantized else self.weight.to(dtype)
 
     def _base(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
@@ -101,6 +107,9 @@ class LoRALinear(nn.Module):
         bias = self.bias if with_bias else None
         if self.quantized:
             y = quant.linear_nf4(x, self.weight)  # bf16 compute, weight dequantised per call
+            return y + bias.to(y.dtype) if bias is not None else y
+        if self.float8:
+            y = float8.linear_float8(x, self.weight, self.weight_scale)  # float8 GEMM, bf16 out
             return y + bias.to(y.dtype) if bias is not None else y
         if not _autocast_on(x) and x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)  # e.g. fp32 activations into a bf16 base, no autocast
@@ -199,7 +208,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain frozen nn.Linear holding the merged weight (in the base's dtype by default)."""
-        dtype = dtype or self.weight.dtype
+        dtype = dtype or (torch.bfloat16 if self.float8 else self.weight.dtype)
         with torch.device("meta"):
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         lin.weight = nn.Parameter(self.merged_weight().to(dtype), requires_grad=False)
@@ -214,7 +223,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dora" if self.lora_magnitude is not None else "lora"
-        q = ", nf4" if self.quantized else ""
+        q = ", nf4" if self.quantized else ", float8" if self.float8 else ""
         return (f"in={self.in_features}, out={self.out_features}, {kind} r={self.spec.r}, "
                 f"scaling={self.scaling:g}{q}")
 

@@ -29,6 +29,7 @@ from tunesmith.peft.transform import (
     apply_freezing,
     apply_lora,
     cast_frozen,
+    float8_base,
     count_params,
     frozen_block_set,
     init_adapters,
@@ -54,10 +55,10 @@ def base_dtype(pc: PeftConfig, rt: Runtime) -> torch.dtype:
         return rt.param_dtype
     if pc.method == "qlora":
         quant.require_nf4()
-    if pc.base_dtype != "auto":
+    if pc.base_dtype not in ("auto", "float8"):
         return _DTYPES[pc.base_dtype]
-    if pc.method == "qlora":
-        return torch.bfloat16  # NF4 dequantises to bf16 for compute
+    if pc.method == "qlora" or pc.base_dtype == "float8":
+        return torch.bfloat16  # NF4 dequantises to bf16 for compute; float8 is quantised from bf16
     return rt.autocast_dtype or rt.param_dtype
 
 
@@ -106,6 +107,13 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
     if pc.method == "qlora":
         n = quantize_base(model, adapter)
         log.info("peft: %d linear layers stored in NF4", n)
+    elif pc.base_dtype == "float8":
+        if on_meta:
+            raise TunesmithError("peft.base_dtype=float8 runs in one process for now (not with "
+                                 "FSDP2/DDP); use peft.base_dtype=auto there")
+        n, dense = float8_base(model, adapter)
+        log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
+                 f"; {len(dense)} left dense (dims not multiples of 16)" if dense else "")
     if pc.from_checkpoint:
         _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype, values=not on_meta)
         _freeze_adapters_in(model, blocks)

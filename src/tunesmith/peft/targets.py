@@ -20,6 +20,7 @@ from typing import Protocol
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.peft.float8 import Float8FrozenLinear
 from tunesmith.peft.lora import LoRALinear, NF4Linear
 
 
@@ -34,7 +35,7 @@ class KeyAdapter(Protocol):
 ALL_LINEAR = "all-linear"
 _WEIGHT = ".weight"
 # Linear layers as they may already have been transformed (QLoRA quantises before LoRA wraps).
-_LINEAR_TYPES = (nn.Linear, NF4Linear, LoRALinear)
+_LINEAR_TYPES = (nn.Linear, NF4Linear, Float8FrozenLinear, LoRALinear)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     apply_freezing(model, ...)        requires_grad=False on chosen blocks / embeddings
     apply_lora(model, adapter, ...)   swap targeted nn.Linear for LoRALinear, freeze the base
     quantize_base(model, ...)         QLoRA: every block linear's weight to NF4
+    float8_base(model, ...)           peft.base_dtype=float8: block linear weights to float8 e4m3
     merge_lora(model)                 fold adapters back into plain nn.Linear layers
 
 The model's own code is untouched; module paths and base parameter names stay the same, so
@@ -20,7 +21,7 @@ from torch import nn
 
 from tunesmith.checkpoint import ModelState
 from tunesmith.errors import TunesmithError
-from tunesmith.peft import quant
+from tunesmith.peft import float8, quant
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
 
@@ -74,9 +75,10 @@ def freeze_all(model: nn.Module) -> None:
 @torch.no_grad()
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """Store every frozen floating-point tensor in `dtype`, in place (Parameter identity kept,
-    so tied weights stay tied). NF4 weights are left alone."""
+    so tied weights stay tied). NF4 and float8 weights are left alone."""
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and not quant.is_nf4(p):
+        if (not p.requires_grad and p.is_floating_point() and p.dtype != dtype and not quant.is_nf4(p)
+                and not float8.is_float8(p)):
             p.data = p.data.to(dtype)
 
 
@@ -96,6 +98,26 @@ def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
         lin = model.get_submodule(c.native)
         _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
     return len(cands)
+
+
+def float8_base(model: nn.Module, adapter: KeyAdapter) -> tuple[int, list[str]]:
+    """Store every block linear weight (all-linear; never the LM head) in float8 e4m3 with fixed
+    per-row scales, one layer at a time; run before `apply_lora`, which wraps these layers.
+    Layers whose dims are not multiples of 16 (the float8 GEMM's rule) stay dense; returns
+    (layers quantised, names of those left dense)."""
+    from tunesmith.peft.float8 import Float8FrozenLinear
+
+    done, dense = 0, []
+    for c in linear_candidates(model, adapter):
+        lin = model.get_submodule(c.native)
+        if type(lin) is not nn.Linear:
+            continue
+        if not float8.quantizable(lin.weight):
+            dense.append(c.native)
+            continue
+        _set_module(model, c.native, Float8FrozenLinear.from_linear(lin))  # frees the dense copy
+        done += 1
+    return done, dense
 
 
 def apply_lora(
@@ -169,15 +191,18 @@ def checkpoint_model_state(model: nn.Module) -> ModelState:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Replace every LoRALinear (and NF4Linear) with a plain nn.Linear holding the folded
-    weight, in place; the merge is computed in fp32 and stored in `dtype` (default: the base
-    weight's dtype, bf16 for NF4). Returns the number of adapters merged."""
+    """Replace every LoRALinear (and NF4Linear / Float8FrozenLinear) with a plain nn.Linear
+    holding the folded weight, in place; the merge is computed in fp32 and stored in `dtype`
+    (default: the base weight's dtype, bf16 for NF4 and float8). Returns the number of adapters
+    merged."""
+    from tunesmith.peft.float8 import Float8FrozenLinear
+
     merged = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoRALinear):
             _set_module(model, name, mod.to_linear(dtype))
             merged += 1
-        elif isinstance(mod, NF4Linear):
+        elif isinstance(mod, (NF4Linear, Float8FrozenLinear)):
             _set_module(model, name, mod.to_linear(dtype))
     return merged
 

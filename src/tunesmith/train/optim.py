@@ -9,6 +9,7 @@ from torch import nn
 
 from tunesmith.config.schema import OptimConfig, ScheduleConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.train.optim_lowmem import build_lowmem_optimizer, uses_torchao
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -32,6 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    param_dtype = next(p for g in groups for p in g["params"]).dtype
+    if uses_torchao(cfg, param_dtype):  # 8-/4-bit moments, bf16 stochastic rounding
+        return build_lowmem_optimizer(groups, cfg, param_dtype)
     if cfg.name == "adamw":
         # The fused kernel is one launch per step instead of several per param group: a clear
         # win on CUDA. On CPU it exists in recent torch but is not faster for small models.

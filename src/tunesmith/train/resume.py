@@ -220,8 +220,11 @@ def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: Any,
             log.info("optim.lr changed to %g on resume", new_base)
             group["initial_lr"] = new_base
             scheduler.base_lrs[i] = new_base
-            factor = scheduler.lr_lambdas[i](scheduler.last_epoch)
-            group["lr"] = new_base * factor
+            lr = new_base * scheduler.lr_lambdas[i](scheduler.last_epoch)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(float(lr))  # torchao's optimizers keep lr as a tensor
+            else:
+                group["lr"] = lr
             scheduler._last_lr[i] = group["lr"]
 
 

@@ -40,6 +40,7 @@ from tunesmith.train.resume import (
 from tunesmith.train.runtime import Runtime, peak_tflops, resolve_runtime, seed_everything
 from tunesmith.train.special_tokens import align_special_tokens
 from tunesmith.train.trainer import Trainer
+from tunesmith.transforms.float8 import check_float8_device, float8_post_step
 
 if TYPE_CHECKING:
     from tunesmith.parallel.dist import ParallelContext
@@ -215,6 +216,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, ModelBundle]:
         check_run_dir(out_dir, cfg, plan.checkpoint)
     check_not_finished(out_dir, plan, cfg.train.max_steps)  # before any costly build
     rt = resolve_runtime(cfg.train.device, cfg.train.precision)
+    check_float8_device(cfg, rt.device)  # float8 needs SM >= 8.9: refuse before any work
     # Layout checks (exit 2 on every rank, before any communication), then the process group.
     ctx, rt = start_parallel(cfg, rt, resolve_model_config(cfg.model.name, cfg.model.overrides)[1])
     manager.cleanup_partial()  # rank 0 removes, between barriers
@@ -273,7 +275,7 @@ def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Pat
     # FSDP2 CPU offload: the optimizer steps on host-resident shards (no fused CUDA kernel).
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else rt.device)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
-    return Trainer(
+    trainer = Trainer(
         cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler,
         train_loader=train_loader, val_loader=val_loader, out_dir=out_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
@@ -281,6 +283,11 @@ def _make_trainer(cfg: RunConfig, rt: Runtime, bundle: ModelBundle, out_dir: Pat
         peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops),
         scaler=rt.grad_scaler(), par=ctx,
     )
+    # FSDP2 float8 all-gather: the next step's weight scales, once per optimizer step.
+    post = float8_post_step(model, cfg, distributed=ctx is not None and ctx.distributed)
+    if post is not None:
+        trainer.hooks.append(lambda _tr, _loss, _norm: post())
+    return trainer
 
 
 def _restore(trainer: Trainer, manager: CheckpointManager, ckpt: Path, app_state: dict) -> None:

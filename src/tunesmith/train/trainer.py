@@ -307,7 +307,7 @@ class Trainer:
             "step": self.progress.step,
             "epoch": self._data_epoch,
             "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),  # a tensor for torchao optimizers
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tps,
             "mfu": tput.mfu(tps),
