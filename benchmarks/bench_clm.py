@@ -44,7 +44,7 @@ def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int 
 def _flops_and_peak(model, seq):
     import torch
 
-    from tunesmith.train.runtime import peak_tflops
+    from tunesmith.runtime import peak_tflops
 
     return float(model.flops_per_token(seq)), peak_tflops(torch.device("cuda"))
 
@@ -53,37 +53,32 @@ def run_tunesmith(args, compile_blocks: bool, float8: str = "none") -> dict:
     """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
     import torch
 
+    from tunesmith.build import assemble
     from tunesmith.config.schema import RunConfig
-    from tunesmith.models import build_model, init_random, resolve_model_config
-    from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.optim import build_scheduler
     from tunesmith.train.trainer import Trainer
 
     cfg = RunConfig.model_validate({
+        "model": {"name": args.shape},
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks,
-                  "float8": float8, "float8_filter": "all" if args.variant.endswith("-all") else "auto"},
+        "train": {"device": "cuda", "micro_batch_size": args.micro_batch, "precision": "bf16",
+                  "compile": compile_blocks, "seed": 0, "float8": float8,
+                  "float8_filter": "all" if args.variant.endswith("-all") else "auto"},
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
     })
-    rt = resolve_runtime("cuda", "bf16")
-    family, mcfg = resolve_model_config(args.shape)
-    model = build_model(family, mcfg, device="meta")
-    init_random(model, device=rt.device, dtype=rt.param_dtype, seed=0)
-    from tunesmith.transforms.float8 import apply_float8
-
-    apply_float8(model, cfg)  # as parallelize() does first; no-op for float8=none
-    if compile_blocks:
-        for block in model.layers:
-            block.compile()
-    opt = build_optimizer(model, cfg.optim, rt.device)
+    # The model and optimizer as `tunesmith train` assembles them (tunesmith.build): built on
+    # meta, float8 layers (train.float8) and compiled blocks by parallelize, materialised with
+    # the seeded init, then the optimizer.
+    a = assemble(cfg, with_tokenizer=False)
+    rt, model, opt = a.need("rt"), a.need("model"), a.need("optimizer")
     sched = build_scheduler(opt, cfg.schedule, args.steps, args.steps)
     flops, peak = _flops_and_peak(model, args.seq)
     tr = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
                  val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
                  flops_per_token=flops, peak_tflops=peak)
     times, losses = [], []
-    for ids in synthetic_batches(mcfg.vocab_size, args.seq, args.micro_batch, args.steps):
+    for ids in synthetic_batches(model.cfg.vocab_size, args.seq, args.micro_batch, args.steps):
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
         batch = {"input_ids": ids.pin_memory(), "labels": labels.pin_memory()}
         torch.cuda.synchronize()

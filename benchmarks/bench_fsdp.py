@@ -38,8 +38,10 @@ def _run_config(args):
     from tunesmith.config.schema import RunConfig
 
     return RunConfig.model_validate({
+        "model": {"name": args.shape,
+                  "overrides": {"n_layers": args.n_layers} if args.n_layers else {}},
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16",
+        "train": {"device": args.device, "micro_batch_size": args.micro_batch, "precision": "bf16",
                   "compile": not args.no_compile, "max_grad_norm": 1.0},
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
@@ -61,20 +63,19 @@ def _batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int, pin: boo
 
 
 def _build(args):
+    """The model as `tunesmith train` assembles it (tunesmith.build: meta -> parallelize ->
+    materialize -> optimizer), driven by the production Trainer.train_step."""
     import torch
 
-    from tunesmith.models import resolve_model_config
-    from tunesmith.parallel.setup import build_parallel_model, start_parallel
-    from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import peak_tflops, resolve_runtime
+    from tunesmith.build import assemble
+    from tunesmith.optim import build_scheduler
+    from tunesmith.runtime import peak_tflops
     from tunesmith.train.trainer import Trainer
 
     cfg = _run_config(args)
-    overrides = {"n_layers": args.n_layers} if args.n_layers else None
-    family, mcfg = resolve_model_config(args.shape, overrides)
-    ctx, rt = start_parallel(cfg, resolve_runtime(args.device, "bf16"), mcfg)
-    model = build_parallel_model(cfg, rt, ctx, family, mcfg, pretrained=False)
-    opt = build_optimizer(model, cfg.optim, rt.device)
+    a = assemble(cfg, with_tokenizer=False)
+    ctx, rt, model, opt = a.need("ctx"), a.need("rt"), a.need("model"), a.need("optimizer")
+    mcfg = a.need("spec").model_cfg
     sched = build_scheduler(opt, cfg.schedule, args.steps, args.steps)
     flops = float(model.flops_per_token(args.seq))
     trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
@@ -128,7 +129,7 @@ def worker(args) -> None:
 def _result(args, ctx, times, losses, flops, n_params, mem) -> dict:
     import torch
 
-    from tunesmith.train.runtime import peak_tflops
+    from tunesmith.runtime import peak_tflops
 
     steady = times[args.warmup:]
     step_s = sorted(steady)[len(steady) // 2]  # median: robust to a stray slow step

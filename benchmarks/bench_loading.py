@@ -112,28 +112,25 @@ def write_random_checkpoint(shape: str, out: Path, n_layers: int | None, shard_b
 def worker(args) -> None:
     import torch
 
+    from tunesmith.build import assemble
+    from tunesmith.build.pipeline import build_on_meta, parallelize, processes, runtime, spec
+    from tunesmith.build.pipeline import materialize as materialize_step
     from tunesmith.config.schema import RunConfig
-    from tunesmith.models import build_model, resolve_model_config
-    from tunesmith.parallel.apply import parallelize
-    from tunesmith.parallel.loading import materialize
-    from tunesmith.parallel.setup import start_parallel
-    from tunesmith.train.runtime import resolve_runtime
 
     cfg = RunConfig.model_validate({"data": {"path": "x", "block_size": 4096},
                                     "model": {"name": args.model_dir},
+                                    "train": {"device": args.device, "precision": "bf16"},
                                     "parallel": {"strategy": args.strategy, "tp": args.tp}})
-    family, mcfg = resolve_model_config(args.model_dir)
-    ctx, rt = start_parallel(cfg, resolve_runtime(args.device, "bf16"), mcfg)
+    # The assembly's own steps up to materialize, which is timed on its own.
+    a = assemble(cfg, steps=(runtime, spec, processes, build_on_meta, parallelize), with_tokenizer=False)
+    ctx, rt = a.need("ctx"), a.need("rt")
     if args.device == "cuda":
         torch.zeros(1, device=rt.device)  # CUDA context before the baseline reading
-    model = build_model(family, mcfg, "meta")
-    model.to(dtype=rt.param_dtype)
-    parallelize(model, cfg, ctx, rt)
     before = proc_status()
     sampler = PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
-    materialize(model, ctx, rt, family=family, model_cfg=mcfg, source=args.model_dir, seed=0)
+    materialize_step(a)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

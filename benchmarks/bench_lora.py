@@ -78,46 +78,38 @@ def _sync(device: str) -> None:
 
 
 def _tunesmith_model(args, variant: str):
-    """Base built in its storage dtype, then the same peft transforms a run applies."""
+    """The model and optimizer as `tunesmith train` assembles them (tunesmith.build: meta ->
+    PEFT -> AC / compile -> materialize -> [NF4] -> adapters -> optimizer); seeded init."""
+    from tunesmith.build import assemble
     from tunesmith.config.schema import RunConfig
-    from tunesmith.models import build_model, init_random, resolve_model_config
-    from tunesmith.parallel import apply_activation_checkpointing
-    from tunesmith.peft import apply_peft, base_dtype
-    from tunesmith.train.runtime import resolve_runtime
 
     compile_blocks = variant != "tunesmith-eager" and not args.no_compile
     cfg = RunConfig.model_validate({
+        "model": {"name": args.shape},
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16", "compile": compile_blocks},
+        "train": {"device": args.device, "micro_batch_size": args.micro_batch, "precision": "bf16",
+                  "compile": compile_blocks, "seed": 0},
         "optim": {"lr": 1e-4, "weight_decay": 0.0},
         "schedule": {"name": "constant"},
+        "parallel": {"activation_checkpointing":
+                     "full" if variant in ("tunesmith-ac", "tunesmith-qlora") else "none"},
         "peft": {"method": "qlora" if variant.startswith("tunesmith-qlora") else "lora", "r": args.r,
                  "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": "all-linear",
                  "base_dtype": "float8" if variant == "tunesmith-float8" else "auto"},
     })
-    rt = resolve_runtime(args.device, "bf16")
-    family, mcfg = resolve_model_config(args.shape)
-    model = build_model(family, mcfg, device="meta")
-    init_random(model, device=rt.device, dtype=base_dtype(cfg.peft, rt), seed=0)
-    apply_peft(model, cfg.peft, rt, family, mcfg)
-    if variant in ("tunesmith-ac", "tunesmith-qlora"):
-        apply_activation_checkpointing(model, "full")
-    if compile_blocks:
-        for block in model.layers:
-            block.compile()
-    return cfg, rt, model
+    a = assemble(cfg, with_tokenizer=False)
+    return cfg, a.need("rt"), a.need("model"), a.need("optimizer")
 
 
 def run_tunesmith(args, variant: str) -> dict:
     """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
     import torch
 
+    from tunesmith.optim import build_scheduler
     from tunesmith.peft import count_params
-    from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.trainer import Trainer
 
-    cfg, rt, model = _tunesmith_model(args, variant)
-    opt = build_optimizer(model, cfg.optim, rt.device)
+    cfg, rt, model, opt = _tunesmith_model(args, variant)
     sched = build_scheduler(opt, cfg.schedule, args.steps, args.steps)
     tr = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
                  val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,

@@ -32,8 +32,8 @@ def run(args) -> dict:
     from tunesmith.config.schema import RunConfig
     from tunesmith.models import build_model, init_random, resolve_model_config
     from tunesmith.parallel import apply_activation_checkpointing
-    from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import peak_tflops, resolve_runtime
+    from tunesmith.optim import build_optimizer, build_scheduler
+    from tunesmith.runtime import peak_tflops, resolve_runtime
     from tunesmith.train.trainer import Trainer
 
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30

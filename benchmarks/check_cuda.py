@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tunesmith.train.loss import cross_entropy_sum, linear_cross_entropy  # noqa: E402
+from tunesmith.objective.loss import cross_entropy_sum, linear_cross_entropy  # noqa: E402
 
 
 def check_fused_ce(dtype: torch.dtype, n=5000, d=256, v=32000, tol=1e-4) -> float:

@@ -9,8 +9,8 @@ from torch import nn
 
 from tunesmith.config import RunConfig
 from tunesmith.models import build_model, init_random, load_pretrained, resolve_model_config, save_pretrained
-from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.runtime import resolve_runtime
+from tunesmith.optim import build_optimizer, build_scheduler
+from tunesmith.runtime import resolve_runtime
 from tunesmith.train.trainer import Trainer
 
 VOCAB = 128

@@ -14,7 +14,7 @@ from tunesmith.config import load_config
 from tunesmith.config.schema import ParallelConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.models import resolve_model_config
-from tunesmith.parallel.deepspeed import apply_deepspeed, map_deepspeed
+from tunesmith.config.deepspeed import apply_deepspeed, map_deepspeed
 from tunesmith.parallel.layout import check_run, resolve_layout
 
 

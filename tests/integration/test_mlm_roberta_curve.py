@@ -15,8 +15,8 @@ from tunesmith.config.schema import DataConfig
 from tunesmith.data import build_clm_datasets, load_tokenizer
 from tunesmith.data.mlm import MaskingSpec, MLMCollator
 from tunesmith.models import build_model, load_pretrained, resolve_model_config
-from tunesmith.train.optim import build_scheduler
-from tunesmith.train.runtime import resolve_runtime
+from tunesmith.optim import build_scheduler
+from tunesmith.runtime import resolve_runtime
 from tunesmith.train.trainer import Trainer
 
 STEPS = 8
@@ -79,7 +79,7 @@ def test_roberta_mlm_loss_curve_matches_transformers(mlm_tok, demo_text, tmp_pat
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        hf_curve.append(float(loss))
+        hf_curve.append(float(loss.detach()))
     assert ours_curve == pytest.approx(hf_curve, rel=2e-4)
     assert ours_curve[-1] < ours_curve[0] - 0.1  # it learns
 

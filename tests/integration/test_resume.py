@@ -294,10 +294,10 @@ def test_resume_refuses_a_model_of_another_shape(tmp_path: Path, ov, capsys: pyt
 
 def test_disk_full_or_read_only_fails_before_training(tmp_path: Path, ov, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
-    import tunesmith.checkpoint.manager as manager_mod
+    import tunesmith.checkpoint.files as files_mod  # the disk check lives with the file handling
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(manager_mod.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    monkeypatch.setattr(files_mod.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
     out = tmp_path / "run"
     assert train(ov(out, **{"train.max_steps": 2})) == 2
     assert "not enough disk space" in capsys.readouterr().err
@@ -307,7 +307,7 @@ def test_disk_full_or_read_only_fails_before_training(tmp_path: Path, ov, monkey
     def read_only(*args: Any, **kwargs: Any):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(manager_mod.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(files_mod.tempfile, "NamedTemporaryFile", read_only)
     assert train(ov(out, **{"train.max_steps": 2})) == 2
     assert "not writable: Read-only file system" in capsys.readouterr().err
 

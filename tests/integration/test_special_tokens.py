@@ -65,7 +65,7 @@ def test_agreeing_ids_are_kept():
     from types import SimpleNamespace
 
     from tunesmith.models import resolve_model_config
-    from tunesmith.train.special_tokens import align_special_tokens
+    from tunesmith.build.special_tokens import align_special_tokens
 
     _, cfg = resolve_model_config("tiny")
     tok = SimpleNamespace(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,

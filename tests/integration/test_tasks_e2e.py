@@ -109,7 +109,7 @@ def test_roberta_mlm_run_reports_perplexity(tmp_path, tiny_tokenizer_dir, demo_t
 
 @pytest.mark.parametrize("extra, records, pattern", [
     (["sft.format=alpaca"], [{"instruction": "x", "output": "y"}, {"instruction": "z"}],
-     r"record 1 \(line 2\): missing field 'output'"),
+     r"record 2 \(line 2\): missing field 'output'"),
     (["sft.format=dolly", "sft.category=closed_qa"],
      [{"instruction": "x", "context": "", "response": "y", "category": "open_qa"}],
      r"sft.category=\['closed_qa'\] matched none of the 1 records"),

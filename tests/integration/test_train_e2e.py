@@ -46,7 +46,7 @@ def test_train_cli_loss_falls_and_outputs_load_in_transformers(tmp_path, tiny_to
     hf = AutoModelForCausalLM.from_pretrained(out / "final")
     ids = torch.randint(0, 512, (2, 32))
     from tunesmith.eval.run import load_for_inference
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.runtime import resolve_runtime
 
     model, _ = load_for_inference(str(out / "final"), resolve_runtime("cpu", "fp32"))
     torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
@@ -77,8 +77,8 @@ def test_grad_accumulation_equals_large_batch(tiny_tokenizer_dir):
     """k micro-batches with different target counts == one k-times larger batch (fp32)."""
     from tunesmith.config import RunConfig
     from tunesmith.models import build_model, init_random, resolve_model_config
-    from tunesmith.train.optim import build_scheduler
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.optim import build_scheduler
+    from tunesmith.runtime import resolve_runtime
     from tunesmith.train.trainer import Trainer
 
     def make():

@@ -220,7 +220,7 @@ def test_crlf_wikitext_matches_hf_text_builder(tmp_path: Path) -> None:
         ("e.jsonl", b'{"text": "a"}\n["x"]\n', r"e\.jsonl:2: expected a JSON object, got list"),
         ("e.jsonl", b'{"text": 3}\n', r"e\.jsonl:1: column 'text' holds int"),
         ("e.jsonl", b'{"body": "a", "id": 1}\n', rf"e\.jsonl:1: {NO_TEXT}: body, id"),
-        ("e.json", b'[{"body": "a"}]', rf"e\.json: record 0: {NO_TEXT}: body"),
+        ("e.json", b'[{"body": "a"}]', rf"e\.json: record 1: {NO_TEXT}: body"),
         ("e.csv", b"id,body\n1,a\n", rf"e\.csv: {NO_TEXT}: id, body"),
         ("e.txt", b"fine\nalso fine\nbad \xff\n", r"e\.txt:3: invalid UTF-8 at byte offset 19"),
         ("e.jsonl", b'{"text": "ok"}\n{"text": "\xc3("}\n', r"e\.jsonl:2: invalid UTF-8"),

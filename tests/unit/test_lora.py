@@ -25,7 +25,7 @@ from tunesmith.peft import (
     nf4_available,
     quant,
 )
-from tunesmith.train.runtime import Runtime, resolve_runtime
+from tunesmith.runtime import Runtime, resolve_runtime
 
 CPU32 = resolve_runtime("cpu", "fp32")
 

@@ -14,7 +14,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.peft import LoRALinear, LoRASpec, apply_lora, merge_lora
 from tunesmith.peft.float8 import Float8FrozenLinear, dequantize, linear_float8, quantize_rows
 from tunesmith.peft.transform import float8_base
-from tunesmith.train.optim import build_optimizer
+from tunesmith.optim import build_optimizer
 from tunesmith.transforms.float8 import convert_float8, float8_targets, require_float8
 
 pytest.importorskip("torchao")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tunesmith.config.schema import ScheduleConfig
-from tunesmith.train.loss import cross_entropy_sum, linear_cross_entropy
-from tunesmith.train.optim import lr_factor, param_groups
+from tunesmith.objective.loss import cross_entropy_sum, linear_cross_entropy
+from tunesmith.optim import lr_factor, param_groups
 
 
 def test_warmup_then_cosine_to_floor():

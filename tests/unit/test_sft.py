@@ -85,7 +85,7 @@ def _targets(tok: Any, ex: dict) -> str:
 
 def test_alpaca_real_file_labels_only_response(llama3_tok: Any) -> None:
     path = shared_path(*ALPACA)
-    with pytest.raises(TunesmithError, match=r"record 284: empty response in field 'output'"):
+    with pytest.raises(TunesmithError, match=r"record 285: empty response in field 'output'"):
         _build(path, llama3_tok)
     out = _build(path, llama3_tok, invalid="skip")
     assert out.stats.invalid_skipped == 1 and out.stats.examples == 334
@@ -127,7 +127,7 @@ def test_custom_templates_and_field_renames(gpt2_tok: Any, tmp_path: Path) -> No
     assert gpt2_tok.decode(out.train[0]["input_ids"]).startswith("Quote by Oscar Wilde: Be")
     # GPT-2 merges the prompt's trailing space into " Be": that token completes the response.
     assert _targets(gpt2_tok, out.train[0]) == " Be yourself.<|endoftext|>"
-    with pytest.raises(TunesmithError, match=r"record 0 \(line 1\): missing field 'speaker'"):
+    with pytest.raises(TunesmithError, match=r"record 1 \(line 1\): missing field 'speaker'"):
         _build(path, gpt2_tok, format="custom", prompt_template="{speaker}",
                response_template="{quote}")
     renamed = _build(_write(tmp_path, [{"instruction": "Hi", "answer": "Yo"}], "r.json"),
@@ -168,11 +168,11 @@ def test_tokenizer_chat_template_and_sharegpt(gpt2_tok: Any, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("record, pattern", [
-    ({"input": "x", "output": "y"}, r"record 1: missing field 'instruction'"),
-    ({"instruction": "x", "output": 3}, r"record 1: field 'output' holds int, expected a string"),
-    ({"instruction": "x", "output": "  "}, r"record 1: empty response in field 'output'"),
-    (["not", "an", "object"], r"record 1: expected a JSON object, got list"),
-    ({"instruction": "x", "output": None}, r"record 1: null field 'output'"),
+    ({"input": "x", "output": "y"}, r"record 2: missing field 'instruction'"),
+    ({"instruction": "x", "output": 3}, r"record 2: field 'output' holds int, expected a string"),
+    ({"instruction": "x", "output": "  "}, r"record 2: empty response in field 'output'"),
+    (["not", "an", "object"], r"record 2: expected a JSON object, got list"),
+    ({"instruction": "x", "output": None}, r"record 2: null field 'output'"),
 ])
 def test_bad_records_name_index_and_field(gpt2_tok: Any, tmp_path: Path, record: Any,
                                           pattern: str) -> None:
@@ -205,7 +205,7 @@ def test_overlong_policies(gpt2_tok: Any, tmp_path: Path) -> None:
     assert cut.stats.truncated == 1 and cut.stats.dropped_no_target == 1 and len(cut.train) == 1
     dropped = _build(path, gpt2_tok, block=64, overlong="drop")
     assert dropped.stats.dropped_overlong == 1 and len(dropped.train) == 1
-    with pytest.raises(TunesmithError, match=r"record 1 \(line 2\): example has \d+ tokens, "
+    with pytest.raises(TunesmithError, match=r"record 2 \(line 2\): example has \d+ tokens, "
                        r"more than data.block_size=64"):
         _build(path, gpt2_tok, block=64, overlong="error")
 

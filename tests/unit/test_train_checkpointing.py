@@ -34,8 +34,8 @@ def one_thread():
 
 def _trainer(tmp_path: Path, *, fused: bool, policy: str = "halt", max_skips: int = 5):
     from tunesmith.models import build_model, init_random, resolve_model_config
-    from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.runtime import resolve_runtime
+    from tunesmith.optim import build_optimizer, build_scheduler
+    from tunesmith.runtime import resolve_runtime
     from tunesmith.train.trainer import Trainer
 
     cfg = RunConfig.model_validate({

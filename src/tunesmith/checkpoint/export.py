@@ -29,6 +29,9 @@ from tunesmith.checkpoint.manager import MANIFEST, CheckpointManager
 from tunesmith.checkpoint.metadata import SafeMetadataReader, saved_tensors
 from tunesmith.checkpoint.state import ModelState
 from tunesmith.errors import TunesmithError
+from tunesmith.hf import io as hfio
+from tunesmith.models.io import as_dtype, build_model, save_pretrained, write_hf_dir
+from tunesmith.models.registry import resolve_model_config
 
 __all__ = ["export_hf", "find_checkpoint", "load_checkpoint_model", "parse_size"]
 
@@ -74,8 +77,6 @@ def _verify(path: Path) -> None:
 
 def _checked_layout(path: Path, allow_pickle: bool) -> tuple[Any, Any, nn.Module, dict[str, Any]]:
     """(family, config, meta model, saved {fqn: (shape, dtype)}) with shapes checked, no data read."""
-    from tunesmith.models import build_model, resolve_model_config
-
     hf_dir = path / HF_SUBDIR
     if not (hf_dir / "config.json").is_file():
         raise TunesmithError(f"checkpoint {path} has no {HF_SUBDIR}/config.json (saved by an older tunesmith?)")
@@ -160,8 +161,6 @@ def export_hf(
         log.warning("checkpoint %s has no tokenizer files; exporting the model only", path)
     if family.save_fn is not None:  # generic HF families save through transformers: whole model
         _, _, full = load_checkpoint_model(path, allow_pickle=allow_pickle)
-        from tunesmith.models import save_pretrained
-
         with torch.no_grad():
             save_pretrained(full, family, cfg, out_dir, tokenizer=tokenizer,
                             max_shard_size_bytes=shard, dtype=dtype)
@@ -177,10 +176,7 @@ def export_hf(
 def _stream_to_hf(path: Path, family: Any, cfg: Any, saved: dict[str, Any], out_dir: str | Path,
                   tokenizer: Any, max_shard: int, dtype: str | None, allow_pickle: bool) -> None:
     """HF safetensors written file by file; each file's tensors come from one partial DCP load."""
-    from tunesmith.hf import io as hfio
-    from tunesmith.models import _as_dtype, write_hf_config
-
-    adapter, target = family.adapter(cfg), _as_dtype(dtype)
+    adapter, target = family.adapter(cfg), as_dtype(dtype)
     fqn_of = {hf: fqn for fqn in saved if (hf := adapter.native_key_to_hf(fqn)) is not None}
     names = list(fqn_of)
 
@@ -204,7 +200,5 @@ def _stream_to_hf(path: Path, family: Any, cfg: Any, saved: dict[str, Any], out_
         t = adapter.tensor_to_hf(fqn_of[name], cache.pop(name))  # ours -> HF layout
         return t.to(target or t.dtype).contiguous()
 
-    with hfio.atomic_output_dir(out_dir) as tmp:
-        write_hf_config(tmp, cfg, target or next(iter(saved.values()))[1])
-        hfio.save_safetensors_sharded(tmp, names, get, nbytes, max_shard)
-        tokenizer.save_pretrained(str(tmp))
+    write_hf_dir(out_dir, cfg, names, get, nbytes, saved_dtype=target or next(iter(saved.values()))[1],
+                 tokenizer=tokenizer, max_shard_size_bytes=max_shard)

@@ -13,15 +13,12 @@ on rank 0 between barriers, and rank 0 broadcasts its outcome so all ranks fail 
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -29,29 +26,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
-from tunesmith import __version__
-from tunesmith.checkpoint.state import Stateful, _tensor_bytes, process_rank
+from tunesmith.checkpoint.files import (
+    CONFIG,
+    MANIFEST,
+    build_manifest,
+    check_disk,
+    check_file,
+    estimate_bytes,
+    fsync_dir,
+    manifest_or_reason,
+    plain,
+    read_config,
+    write_durable,
+)
+from tunesmith.checkpoint.state import Stateful, process_rank
 from tunesmith.errors import TunesmithError
 
-__all__ = ["CheckpointManager", "estimate_bytes", "check_disk", "VerifyMode"]
+__all__ = ["CONFIG", "MANIFEST", "CheckpointManager", "VerifyMode", "check_disk", "estimate_bytes"]
 
 log = logging.getLogger("tunesmith")
 
 VerifyMode = Literal["sha256", "size", "none"]
 _VERIFY_MODES = ("sha256", "size", "none")
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-CONFIG = "config.yaml"
 _TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
-_CHUNK = 8 << 20
-_GIB = float(1 << 30)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -102,91 +105,6 @@ def _dcp_reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}".rstrip(": ")
-
-
-# ----------------------------------------------------------------------------- filesystem
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes renames/creations inside `path` durable; some platforms cannot open directories.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_under(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
-
-
-def _plain(obj: Any, what: str) -> Any:
-    """JSON-safe copy (tuples -> lists, Paths -> str) so YAML/JSON dumps never choke."""
-    try:
-        return json.loads(json.dumps(obj, default=str, allow_nan=True))
-    except (TypeError, ValueError) as e:
-        raise TunesmithError(f"checkpoint {what} is not serialisable: {e}") from None
-
-
-# ----------------------------------------------------------------------------- public helpers
-
-
-def estimate_bytes(app_state: Mapping[str, Any]) -> int:
-    """Approximate checkpoint size: the bytes of every tensor in the app state."""
-    total = 0
-    for obj in app_state.values():
-        est = getattr(obj, "estimate_bytes", None)
-        total += est() if callable(est) else _tensor_bytes(obj.state_dict())
-    return total
-
-
-def check_disk(root: str | Path, needed_bytes: int) -> None:
-    """Fail early unless `root` is writable and has room for two checkpoints of this size.
-
-    Two, because the new checkpoint is fully written before the oldest one is pruned.
-    """
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise TunesmithError(f"checkpoint root {root} is not writable: {e.strerror or e}") from None
-    free = shutil.disk_usage(root).free
-    need = 2 * int(needed_bytes)
-    if need > free:
-        raise TunesmithError(
-            f"not enough disk space under {root}: two checkpoints of ~{needed_bytes / _GIB:.2f} GiB "
-            f"need {need / _GIB:.2f} GiB, only {free / _GIB:.2f} GiB free"
-        )
 
 
 # ----------------------------------------------------------------------------- manager
@@ -261,8 +179,8 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TunesmithError(f"checkpoint step must be a non-negative integer, got {step!r}")
-        plain_config = _plain(dict(config), "config") if config is not None else None
-        plain_meta = _plain(dict(meta), "meta") if meta is not None else {}
+        plain_config = plain(dict(config), "config") if config is not None else None
+        plain_meta = plain(dict(meta), "meta") if meta is not None else {}
         state = {key: obj.state_dict() for key, obj in app_state.items()}
         tmp = self._make_tmp(step)
         try:
@@ -315,10 +233,11 @@ class CheckpointManager:
 
     def _finalize(self, tmp: Path, final: Path, step: int, config: Any, meta: Any) -> None:
         if config is not None:
-            _write_durable(tmp / CONFIG, yaml.safe_dump(config, sort_keys=False))
-        manifest = self._build_manifest(tmp, step, meta)
-        _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _fsync_dir(tmp)
+            write_durable(tmp / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        world = dist.get_world_size() if _distributed() else 1
+        manifest = build_manifest(tmp, step, meta, self.verify_mode, world)
+        write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        fsync_dir(tmp)
         if final.exists():
             # Re-saving a step: move the old one aside under a .tmp name (so a crash here
             # leaves cleanable debris), swap, then delete it.
@@ -328,31 +247,7 @@ class CheckpointManager:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.dir)
-
-    def _build_manifest(self, tmp: Path, step: int, meta: Any) -> dict[str, Any]:
-        files = []
-        for p in _files_under(tmp):
-            if p.name == MANIFEST:
-                continue
-            _fsync_file(p)  # DCP already syncs its shards; this also covers config.yaml
-            entry: dict[str, Any] = {"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size}
-            if self.verify_mode == "sha256":
-                entry["sha256"] = _sha256(p)
-            files.append(entry)
-        now = _dt.datetime.now(_dt.timezone.utc)
-        return {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "created_at": now.isoformat(timespec="seconds"),
-            "created_unix": now.timestamp(),
-            "torch_version": torch.__version__,
-            "tunesmith_version": __version__,
-            "world_size": dist.get_world_size() if _distributed() else 1,
-            "hash": self.verify_mode,
-            "files": files,
-            "meta": meta,
-        }
+        fsync_dir(self.dir)
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last is None:
@@ -371,24 +266,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ verify / resolve
 
-    @staticmethod
-    def _manifest_or_reason(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-        try:
-            data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None, f"missing {MANIFEST}"
-        except (OSError, ValueError) as e:
-            return None, f"unreadable {MANIFEST} ({type(e).__name__}: {e})"
-        if not isinstance(data, dict) or not isinstance(data.get("files"), list):
-            return None, f"malformed {MANIFEST} (no file list)"
-        if data.get("format_version") != FORMAT_VERSION:
-            return None, f"unsupported manifest format_version {data.get('format_version')!r}"
-        return data, None
-
     @classmethod
     def read_manifest(cls, path: str | Path) -> dict[str, Any]:
         path = Path(path)
-        manifest, reason = cls._manifest_or_reason(path)
+        manifest, reason = manifest_or_reason(path)
         if manifest is None:
             raise TunesmithError(f"{path} is not a usable checkpoint: {reason}")
         return manifest
@@ -398,28 +279,13 @@ class CheckpointManager:
         path = Path(path)
         if not path.is_dir():
             return "not a directory"
-        manifest, reason = self._manifest_or_reason(path)
+        manifest, reason = manifest_or_reason(path)
         if manifest is None:
             return reason
         for entry in manifest["files"]:
-            reason = self._check_file(path, entry)
+            reason = check_file(path, entry, self.verify_mode)
             if reason:
                 return reason
-        return None
-
-    def _check_file(self, path: Path, entry: Mapping[str, Any]) -> str | None:
-        rel = str(entry.get("path", ""))
-        f = path / rel
-        if not rel or not f.is_file():
-            return f"missing file {rel}"
-        if self.verify_mode == "none":
-            return None
-        size = f.stat().st_size
-        if size != entry.get("size"):
-            return f"size mismatch for {rel}: manifest says {entry.get('size')} bytes, found {size}"
-        want = entry.get("sha256")
-        if self.verify_mode == "sha256" and want and _sha256(f) != want:
-            return f"checksum mismatch for {rel}"
         return None
 
     def latest_complete(self) -> Path | None:
@@ -475,14 +341,4 @@ class CheckpointManager:
                 raise TunesmithError(f"could not restore '{key}' from checkpoint {path}: {_dcp_reason(e)}") from e
         return manifest
 
-    @staticmethod
-    def read_config(path: str | Path) -> dict[str, Any]:
-        """The run config saved with the checkpoint ({} when it was saved without one)."""
-        f = Path(path) / CONFIG
-        if not f.is_file():
-            return {}
-        try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise TunesmithError(f"cannot read {f}: {e}") from None
-        return data if isinstance(data, dict) else {}
+    read_config = staticmethod(read_config)  # the run config saved with a checkpoint ({} if none)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 
 __all__ = ["load_weights_file", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIX"]
 
@@ -50,7 +50,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise TunesmithError(f"cannot read safetensors file {path}: {_first_line(e)}") from None
+        raise TunesmithError(f"cannot read safetensors file {path}: {first_line(e)}") from None
 
 
 def _load_pickle(path: Path, *, allow_pickle: bool) -> Any:
@@ -66,12 +66,12 @@ def _load_pickle(path: Path, *, allow_pickle: bool) -> Any:
                 "pass --allow-unsafe-pickle only if you trust its source, or convert it to .safetensors"
             ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise TunesmithError(f"cannot read weights file {path}: {_first_line(e)}") from None
+        raise TunesmithError(f"cannot read weights file {path}: {first_line(e)}") from None
     try:
         # Reached only with the explicit opt-in above.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 -- any failure of a foreign pickle is the file's fault
-        raise TunesmithError(f"cannot unpickle weights file {path}: {_first_line(e)}") from None
+        raise TunesmithError(f"cannot unpickle weights file {path}: {first_line(e)}") from None
 
 
 def _as_tensor_dict(path: Path, obj: Any) -> dict[str, Tensor]:
@@ -93,8 +93,3 @@ def _as_tensor_dict(path: Path, obj: Any) -> dict[str, Tensor]:
 
 def _is_flat(obj: Mapping[Any, Any]) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

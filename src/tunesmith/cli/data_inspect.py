@@ -62,28 +62,14 @@ def training_loader(cfg: Any) -> tuple[Any, Any, dict[str, Any], int]:
     target shift: 1 for causal LMs (labels[t] is the target of token t + 1), 0 for masked LMs
     (labels[t] is the original token at a masked position t).
     """
-    from tunesmith.data import load_tokenizer
-    from tunesmith.errors import TunesmithError
-    from tunesmith.models import is_preset, resolve_model_config, usable_positions
-    from tunesmith.train.setup import build_loaders
-    from tunesmith.train.tasks import build_task_data, check_task_family
+    from tunesmith.build.spec import resolve_spec
+    from tunesmith.data.assembly import build_task_data
 
-    family, model_cfg = resolve_model_config(cfg.model.name, cfg.model.overrides)
-    check_task_family(cfg, family)
-    source = cfg.model.tokenizer or (cfg.model.name if not is_preset(cfg.model.name) else None)
-    if source is None:
-        raise TunesmithError(f"model.name={cfg.model.name!r} is a preset without a tokenizer: "
-                             "set model.tokenizer")
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
-    max_pos = usable_positions(model_cfg)
-    task = build_task_data(cfg, family, tokenizer, max_pos, source)
-    if task is None:
-        loader, _ = build_loaders(cfg, tokenizer, max_pos)
-        stats: dict[str, Any] = {}
-    else:
-        loader, stats = task.train_loader, task.stats.get("train", {})
-    shift = 0 if getattr(family, "kind", "causal") == "masked" else 1
-    return loader, tokenizer, stats, shift
+    spec = resolve_spec(cfg)  # the model config, the tokenizer and its checks, as train has them
+    task = build_task_data(cfg, spec.family, spec.tokenizer, spec.max_positions,
+                           spec.tokenizer_source)
+    shift = 0 if spec.family.kind == "masked" else 1
+    return task.train_loader, spec.tokenizer, task.stats.get("train", {}), shift
 
 
 def first_rows(loader: Any, n: int) -> list[dict[str, torch.Tensor]]:

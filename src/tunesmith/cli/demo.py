@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 
 DEMO_VOCAB = 2048
+SAMPLE_PROMPT, SAMPLE_TOKENS = "The list", 40
+# What a demo run leaves in its --output directory; any of them marks an earlier demo.
+DEMO_PARTS = ("data", "tokenizer", "run")
 
 DEMO_RECIPE = {
     "model": {
@@ -81,13 +86,25 @@ def train_tokenizer(train_file: Path, out_dir: Path, vocab_size: int = DEMO_VOCA
     return out_dir
 
 
+def check_earlier_demo(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier demo's output unless asked to (--overwrite)."""
+    found = [p for p in DEMO_PARTS if (out / p).exists()]
+    if found and not overwrite:
+        raise TunesmithError(
+            f"{out} holds an earlier demo ({', '.join(found)}); add --overwrite to replace it, "
+            "or choose another --output")
+
+
 def run_demo(output: str, steps: int | None = None, overwrite: bool = False) -> dict:
+    import torch
+
     from tunesmith.config import RunConfig
     from tunesmith.eval.run import run_generate
     from tunesmith.train.setup import check_output_dir, run_training
 
     out = Path(output)
     check_output_dir(out, overwrite)
+    check_earlier_demo(out, overwrite)
     seed = DEMO_RECIPE["train"]["seed"]
     print(f"tunesmith demo: corpus = Python's bundled documentation -> {out}/data", file=sys.stderr)
     train_file, valid_file = write_corpus(out / "data", seed)
@@ -95,7 +112,10 @@ def run_demo(output: str, steps: int | None = None, overwrite: bool = False) -> 
     recipe = json.loads(json.dumps(DEMO_RECIPE))  # deep copy
     recipe["model"]["tokenizer"] = str(tok_dir)
     recipe["data"].update(path=str(train_file), validation_path=str(valid_file))
-    recipe["output"] = {"dir": str(out / "run"), "overwrite": True}
+    recipe["output"] = {"dir": str(out / "run"), "overwrite": overwrite}
+    if not torch.cuda.is_available():
+        # bf16 autocast only pays off on GPUs; ask for fp32 so the CPU run has nothing to explain.
+        recipe["train"]["precision"] = "fp32"
     if steps is not None:
         recipe["train"]["max_steps"] = steps
         recipe["schedule"]["warmup_steps"] = min(recipe["schedule"]["warmup_steps"], steps)
@@ -104,12 +124,13 @@ def run_demo(output: str, steps: int | None = None, overwrite: bool = False) -> 
     if summary.get("interrupted"):
         return summary  # run_training already said where the checkpoint is and how to resume
     final = summary["final_model"]
-    sample = run_generate(final, "The list", max_new_tokens=40)
+    sample = run_generate(final, SAMPLE_PROMPT, max_new_tokens=SAMPLE_TOKENS)
     print(
         f"\neval perplexity: {summary['perplexity_start']:.1f} before training -> "
         f"{summary['perplexity']:.1f} after {summary['steps']} steps "
         f"({summary['runtime_s']:.0f} s on {summary['device']})",
     )
-    print(f"sample: {sample!r}")
-    print(f"model: {final}  (try: tunesmith generate {final} --prompt 'The list')")
+    print(f"sample (greedy, {SAMPLE_TOKENS} new tokens after {SAMPLE_PROMPT!r}):")
+    print(textwrap.indent(sample.strip(), "    "))
+    print(f"model: {final}  (try: tunesmith generate {final} --prompt {shlex.quote(SAMPLE_PROMPT)})")
     return summary

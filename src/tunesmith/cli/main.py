@@ -1,4 +1,4 @@
-"""`tunesmith` command line: train, launch, eval, generate, export, merge, demo.
+"""`tunesmith` command line: train, launch, eval, generate, export, merge, demo, report.
 
 User errors (`TunesmithError`, bad config/data) print one line and exit 2 (a NaN halt exits 3);
 `--debug` shows the traceback. Every subcommand is a thin shell over library functions.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import typing
@@ -18,7 +19,12 @@ from pathlib import Path
 from tunesmith.cli.argtypes import byte_size, nonempty, nonneg_float, nonneg_int, positive_int
 from tunesmith.cli.data_inspect import add_data_command
 from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
+from tunesmith.cli.report import add_report_command
+from tunesmith.config.schema import PRECISIONS
+from tunesmith.config.tasks import SFT_FORMATS
+from tunesmith.cpu import apply_process_defaults
 from tunesmith.errors import TunesmithError
+from tunesmith.frontends import add_frontend_commands
 
 log = logging.getLogger("tunesmith")
 
@@ -28,6 +34,11 @@ def _train(args: argparse.Namespace) -> int:
     from tunesmith.train.setup import run_training
 
     recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is None:
+        raise TunesmithError(
+            "train needs a recipe file, section.key=value overrides, or both, e.g. "
+            "`tunesmith train recipes/llama_clm_shakespeare.yaml`; every option: "
+            "tunesmith train --help")
     if "=" in recipe and not Path(recipe).exists():
         # No recipe file: everything comes from key=value overrides.
         recipe, overrides = None, [recipe, *overrides]
@@ -158,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train from a YAML recipe", epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("recipe", help="YAML recipe (optional: key=value overrides alone also work)")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="YAML recipe (optional: key=value overrides alone also work)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides (optional)")
     t.set_defaults(func=_train)
     add_launch_command(sub)
 
@@ -171,12 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column", default="text", type=nonempty)
     e.add_argument("--max-batches", type=positive_int, default=None)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "bf16-pure"])
+    e.add_argument("--precision", default="bf16", choices=PRECISIONS)
     e.add_argument("--generate", action="store_true",
                    help="answer the prompts of an SFT file and report ROUGE-1/2/L, exact match")
     e.add_argument("--recipe", default=None, help="--generate: take the sft section from here")
-    e.add_argument("--format", default=None,
-                   choices=["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"])
+    e.add_argument("--format", default=None, choices=SFT_FORMATS)
     e.add_argument("--chat-template", default=None, help="tokenizer, llama3, chatml, alpaca")
     e.add_argument("--max-new-tokens", type=positive_int, default=128)
     e.add_argument("--max-samples", type=positive_int, default=None)
@@ -220,12 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: recipe's)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
     d.set_defaults(func=_demo)
+    add_report_command(sub)
+    add_frontend_commands(sub)  # run_clm, run_mlm, run_lora_clm, llama-recipes
     return p
 
 
 def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, flags = parser.parse_known_args(argv)
+    if flags and not getattr(args, "takes_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    args.flags = flags  # a front-end's own flags, parsed by tunesmith.frontends
     logging.basicConfig(
         level=logging.WARNING if args.quiet or not is_main_rank() else logging.INFO,
         format="%(message)s", stream=sys.stderr,
@@ -243,6 +259,9 @@ def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | Non
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Thread and progress-bar defaults must be in the environment before torch, tokenizers or
+    # datasets load; nothing above imports them.
+    apply_process_defaults(os.environ, sys.stderr.isatty())
     sys.exit(run_worker(lambda: run(argv)))
 
 

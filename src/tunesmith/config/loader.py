@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.schema import RunConfig
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 
 log = logging.getLogger("tunesmith")
 
@@ -32,7 +32,7 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if key in seen:
-            raise TunesmithError(
+            raise ConfigError(
                 f"duplicate key {key!r} in {loader.name}: line {seen[key]} and line {line} "
                 "(the second would silently replace the first)"
             )
@@ -189,7 +189,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise TunesmithError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
     cfg.output.dir = str((cwd / Path(cfg.output.dir).expanduser()).resolve())  # also the default
     return cfg
 

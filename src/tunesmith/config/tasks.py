@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SFT_FORMATS = ("alpaca", "dolly", "chat", "sharegpt", "summarization", "custom")
+# The one list of SFT record formats: the config's literal, the CLI's choices, the renderers.
+SFTFormat = Literal["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"]
+SFT_FORMATS: tuple[str, ...] = get_args(SFTFormat)
 
 
 class _Section(BaseModel):
@@ -16,7 +18,7 @@ class _Section(BaseModel):
 
 
 class SFTConfig(_Section):
-    format: Literal["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"] = Field(
+    format: SFTFormat = Field(
         "alpaca",
         description="Record format: alpaca (instruction/input/output), dolly (instruction/"
         "context/response/category), chat ([{role, content}] in `messages`), sharegpt "

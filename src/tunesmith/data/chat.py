@@ -196,7 +196,7 @@ def render_with_template(render: Callable[[list[Message], bool], str],
             after = render(messages[: i + 1], False)
             if not (before.startswith(done) and after.startswith(before)):
                 raise TunesmithError(
-                    f"{where}: the tokenizer's chat template does not render turn {i} as an "
+                    f"{where}: the tokenizer's chat template does not render turn {i + 1} as an "
                     "extension of the earlier turns, so the answer cannot be located; use a "
                     "built-in sft.chat_template (llama3, chatml, alpaca)")
             segs += [(before[len(done):], False), (after[len(before):], True)]

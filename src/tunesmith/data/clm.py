@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import torch
 
 from tunesmith.config.schema import DataConfig
+from tunesmith.cpu import tokenizer_workers
 from tunesmith.data.sources import cache_root, load_text_records
 from tunesmith.data.tokenizer import eos_appended_by_tokenizer, tokenizer_fingerprint
 from tunesmith.errors import TunesmithError
@@ -77,7 +78,7 @@ class _Tokenize:
         return {"input_ids": out}
 
 
-def _eos_to_append(cfg: DataConfig, tokenizer: Any) -> int | None:
+def eos_to_append(cfg: DataConfig, tokenizer: Any) -> int | None:
     if not cfg.add_eos:
         return None
     if tokenizer.eos_token_id is None:
@@ -102,7 +103,7 @@ def _tokenize(
     return records.map(
         fn,
         batched=True,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(records) > cfg.num_proc else None,
+        num_proc=tokenizer_workers(cfg.num_proc, len(records)),
         remove_columns=records.column_names,
         features=features,
         new_fingerprint=fp,
@@ -233,7 +234,7 @@ def build_clm_datasets(
     if cfg.path is None:
         raise TunesmithError("data.path is required: a text file, directory or dataset name")
     _check_lengths(cfg, max_positions)
-    eos_id = _eos_to_append(cfg, tokenizer)
+    eos_id = eos_to_append(cfg, tokenizer)
     tok_fp = tokenizer_fingerprint(tokenizer)
 
     train = _tokenize(_load_records(cfg.path, cfg), cfg, tokenizer, tok_fp, eos_id)

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tunesmith.data.sources import (
-    TEXT_SUFFIXES,
-    _first_significant_byte,
     _list_files,
     _looks_like_path,
     _utf8_lines,
     csv_rows,
+    read_by_kind,
 )
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ class RecordReader:
                 range(pos.index, len(ds)))
         for i, rec in enumerate(ds, start=pos.index):
             yield (RecordPosition(0, i + 1, -1, i + 1),
-                   f"dataset '{self.path}': record {i}", rec)
+                   f"dataset '{self.path}': record {i + 1}", rec)
 
 
 def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool) -> Any:
@@ -104,10 +103,9 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool)
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TunesmithError(
             f"data path '{name}' does not exist locally and could not be loaded from the Hugging "
-            f"Face hub (unreachable or offline?): {reason[:200]}"
+            f"Face hub (unreachable or offline?): {first_line(exc)[:200]}"
         ) from exc
 
 
@@ -118,22 +116,12 @@ FileItem = tuple[tuple[int, int], str, Any]
 
 def _iter_file(path: Path, fi: int, record: int, offset: int, skip_bad_rows: bool = False
                ) -> Iterator[FileItem]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        yield from _iter_parquet(path, record)
-        return
-    try:
-        with open(path, "rb") as fh:
-            if suffix in TEXT_SUFFIXES:
-                yield from _iter_lines(path, fh, record, offset, parse=False)
-            elif suffix == ".jsonl" or (suffix == ".json" and _first_significant_byte(fh) != b"["):
-                yield from _iter_lines(path, fh, record, offset, parse=True)
-            elif suffix == ".json":
-                yield from _iter_json_array(path, fh, record)
-            else:
-                yield from _iter_csv(path, fh, record, skip_bad_rows)
-    except OSError as exc:
-        raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return read_by_kind(path, {
+        "text": lambda fh: _iter_lines(path, fh, record, offset, parse=False),
+        "jsonl": lambda fh: _iter_lines(path, fh, record, offset, parse=True),
+        "json_array": lambda fh: _iter_json_array(path, fh, record),
+        "csv": lambda fh: _iter_csv(path, fh, record, skip_bad_rows),
+    }, lambda: _iter_parquet(path, record))
 
 
 def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool
@@ -148,7 +136,8 @@ def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool
         if not stripped:
             continue
         # Line numbers are only known when reading from the start (a resume seeks).
-        where = f"{path}: record {record}" + (f" (line {lineno})" if offset <= 0 else "")
+        # Records count from 1, like line numbers; `record` is how many came before this one.
+        where = f"{path}: record {record + 1}" + (f" (line {lineno})" if offset <= 0 else "")
         if not parse:
             record += 1
             yield (record, pos), where, {"text": line.rstrip("\r\n")}
@@ -178,7 +167,7 @@ def _iter_json_array(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]
             f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     del data
     for i in range(start, len(records)):
-        yield (i + 1, -1), f"{path}: record {i}", records[i]
+        yield (i + 1, -1), f"{path}: record {i + 1}", records[i]
 
 
 def _iter_csv(path: Path, fh: BinaryIO, start: int, skip_bad_rows: bool) -> Iterator[FileItem]:
@@ -200,5 +189,5 @@ def _iter_parquet(path: Path, start: int) -> Iterator[FileItem]:
     for batch in pf.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
             if i >= start:
-                yield (i + 1, -1), f"{path}: row {i}", row
+                yield (i + 1, -1), f"{path}: row {i + 1}", row
             i += 1

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.clm import split_indices
+from tunesmith.data.records import RecordReader
 from tunesmith.data.sft import InvalidRecord, Rendered, SFTFormatter
 from tunesmith.errors import TunesmithError
 from tunesmith.models.attention import document_positions
@@ -313,9 +315,6 @@ def build_sft_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
     (seeded). With `sft.packing`, training examples are shuffled (seeded) and packed into rows
     of at most `data.block_size` tokens; validation stays one example per row.
     """
-    from tunesmith.data.clm import split_indices
-    from tunesmith.data.records import RecordReader
-
     formatter = SFTFormatter(sft, tokenizer, tokenizer_source, add_eos=data.add_eos)
     tok = SFTTokenizer(tokenizer, data.block_size, train_on_inputs=sft.train_on_inputs,
                        overlong=sft.overlong)

@@ -24,14 +24,16 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import datasets
 import pyarrow as pa
 
 from tunesmith.errors import TunesmithError
+
+T = TypeVar("T")
 
 # Plain text; .raw/.tokens are WikiText's names for plain text files.
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
@@ -206,7 +208,7 @@ def _read_json(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
         ) from None
     del data, text
     for i, obj in enumerate(records):
-        yield _text_of(obj, path, f"{path}: record {i}", column), True
+        yield _text_of(obj, path, f"{path}: record {i + 1}", column), True
 
 
 def csv_rows(path: Path, fh: BinaryIO, skip_bad_rows: bool = False
@@ -273,7 +275,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[Record]:
         arr = batch.column(0)
         if arr.null_count:
             first = arr.is_null().to_pylist().index(True)
-            raise TunesmithError(f"{path}: row {row + first}: column '{column}' is null")
+            raise TunesmithError(f"{path}: row {row + first + 1}: column '{column}' is null")
         row += len(arr)
         for text in arr.to_pylist():
             yield text, True
@@ -286,24 +288,40 @@ def _check_string_type(typ: pa.DataType, where: str, column: str) -> None:
         raise TunesmithError(f"{where}: column '{column}' has type {typ}, expected strings")
 
 
-def _read_file(path: Path, column: str, keep_linebreaks: bool, skip_bad_rows: bool = False
-               ) -> Iterator[Record]:
+def read_by_kind(path: Path, readers: Mapping[str, Callable[[BinaryIO], Iterator[T]]],
+                 parquet: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """The one file-type dispatcher, shared by the text loader here and `data.records`.
+
+    Kinds: "text" (.txt/.raw/.tokens), "jsonl" (.jsonl, or a .json that is not an array),
+    "json_array" (a .json array), "csv"; `parquet` reads .parquet (no open handle needed).
+    A read error is one clear line naming the file."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        yield from _read_parquet(path, column)
+        yield from parquet()
         return
     try:
         with open(path, "rb") as fh:
             if suffix in TEXT_SUFFIXES:
-                yield from _read_txt(path, fh, keep_linebreaks)
-            elif suffix == ".jsonl":
-                yield from _read_jsonl(path, fh, column)
+                kind = "text"
+            elif suffix == ".jsonl" or (suffix == ".json" and _first_significant_byte(fh) != b"["):
+                kind = "jsonl"
             elif suffix == ".json":
-                yield from _read_json(path, fh, column)
+                kind = "json_array"
             else:
-                yield from _read_csv(path, fh, column, skip_bad_rows)
+                kind = "csv"
+            yield from readers[kind](fh)
     except OSError as exc:
         raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _read_file(path: Path, column: str, keep_linebreaks: bool, skip_bad_rows: bool = False
+               ) -> Iterator[Record]:
+    return read_by_kind(path, {
+        "text": lambda fh: _read_txt(path, fh, keep_linebreaks),
+        "jsonl": lambda fh: _read_jsonl(path, fh, column),
+        "json_array": lambda fh: _read_json(path, fh, column),
+        "csv": lambda fh: _read_csv(path, fh, column, skip_bad_rows),
+    }, lambda: _read_parquet(path, column))
 
 
 # ----------------------------------------------------------------------------- arrow cache

@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.sft_data import special_prefix
 from tunesmith.eval.rouge import corpus_scores, score_pair
+from tunesmith.models.generate import generate
 
 log = logging.getLogger("tunesmith")
 
 
 def prompt_ids(tokenizer: Any, rendered: Any, max_len: int) -> list[int]:
     """Token ids of a rendered example's generation prompt, left-truncated to max_len."""
-    from tunesmith.data.sft_data import special_prefix
-
     ids = list(tokenizer(rendered.prompt, add_special_tokens=False)["input_ids"])
     prefix = special_prefix(tokenizer) if rendered.prefix else []
     keep = max(max_len - len(prefix), 1)
@@ -34,8 +34,6 @@ def prompt_ids(tokenizer: Any, rendered: Any, max_len: int) -> list[int]:
 
 def _generate_one(model: torch.nn.Module, ids: list[int], max_new: int, stop: list[int],
                   temperature: float, gen: torch.Generator | None) -> list[int]:
-    from tunesmith.models.generate import generate
-
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
     out = generate(model, x, max_new_tokens=max_new, temperature=temperature,

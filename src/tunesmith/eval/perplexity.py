@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.forward import batch_loss_sum
-from tunesmith.train.loss import IGNORE_INDEX
-from tunesmith.train.runtime import Runtime
+from tunesmith.objective.forward import batch_loss_sum
+from tunesmith.objective.loss import IGNORE_INDEX
+from tunesmith.runtime import Runtime
 
 
 def eval_metrics(loss_sum: float, count: int) -> dict[str, float]:

@@ -6,15 +6,23 @@ from typing import Any
 
 import torch
 
+from tunesmith.config import DataConfig
+from tunesmith.config.tasks import SFTConfig
+from tunesmith.data import StatefulLoader, build_clm_datasets, load_tokenizer, make_collator
+from tunesmith.data.mlm import MaskingSpec, MLMCollator
+from tunesmith.data.records import RecordReader
+from tunesmith.data.sft import SFTFormatter
+from tunesmith.data.sft_data import filter_category, render_split
 from tunesmith.errors import TunesmithError
-from tunesmith.train.runtime import Runtime, resolve_runtime
+from tunesmith.eval.generation import evaluate_generation
+from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.models import build_model, get_family, load_pretrained, resolve_model_config, usable_positions
+from tunesmith.models.generate import generate
+from tunesmith.runtime import Runtime, resolve_device, resolve_runtime
 
 
 def load_for_inference(source: str, rt: Runtime) -> tuple[torch.nn.Module, Any]:
     """Model (eval mode, weights from `source`) and its tokenizer."""
-    from tunesmith.data import load_tokenizer
-    from tunesmith.models import build_model, load_pretrained, resolve_model_config
-
     family, model_cfg = resolve_model_config(source)
     model = build_model(family, model_cfg, device="meta")
     load_pretrained(model, source, device=rt.device, dtype=rt.param_dtype)
@@ -28,14 +36,8 @@ def run_eval(
     max_batches: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of packed `block_size` blocks of `data` (HF run_clm's --do_eval semantics)."""
-    from tunesmith.config import DataConfig
-    from tunesmith.data import StatefulLoader, build_clm_datasets, make_collator
-    from tunesmith.eval.perplexity import evaluate_loss
-
     rt = resolve_runtime(device, precision)
     model, tokenizer = load_for_inference(model_dir, rt)
-    from tunesmith.models import usable_positions
-
     max_pos = usable_positions(model.cfg)
     block = block_size or min(1024, max_pos)
     dcfg = DataConfig(
@@ -50,12 +52,8 @@ def run_eval(
     if len(ds) == 0:
         raise TunesmithError(f"{data} holds fewer than block_size={block} tokens: nothing to evaluate")
     collate = make_collator(dcfg, tokenizer)
-    from tunesmith.models import get_family
-
     if get_family(model.cfg.model_type).kind == "masked":
         # Encoders: masked-LM loss with fixed (content-seeded) masks, so runs compare.
-        from tunesmith.data.mlm import MaskingSpec, MLMCollator
-
         collate = MLMCollator(MaskingSpec.from_tokenizer(tokenizer), seed=0)
     loader = StatefulLoader(
         ds, batch_size=batch_size, collate_fn=collate, shuffle=False, seed=0, drop_last=False,
@@ -68,12 +66,8 @@ def run_generate(
     model_dir: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, seed: int = 0, device: str = "auto",
 ) -> str:
-    from tunesmith.models.generate import generate
-
     if temperature < 0:
         raise TunesmithError(f"--temperature must be >= 0, got {temperature}")
-    from tunesmith.train.runtime import resolve_device
-
     rt = resolve_runtime(device, "bf16" if resolve_device(device).type == "cuda" else "fp32")
     model, tokenizer = load_for_inference(model_dir, rt)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(rt.device)  # [1, T]
@@ -92,13 +86,6 @@ def run_generate_eval(
     precision: str = "bf16", temperature: float = 0.0, seed: int = 0,
 ) -> dict[str, Any]:
     """`tunesmith eval --generate`: answer every record of an SFT file, score ROUGE / EM."""
-    from tunesmith.config.tasks import SFTConfig
-    from tunesmith.data.records import RecordReader
-    from tunesmith.data.sft import SFTFormatter
-    from tunesmith.data.sft_data import filter_category, render_split
-    from tunesmith.eval.generation import evaluate_generation
-    from tunesmith.models import get_family, usable_positions
-
     rt = resolve_runtime(device, precision)
     model, tokenizer = load_for_inference(model_dir, rt)
     if get_family(model.cfg.model_type).kind != "causal":

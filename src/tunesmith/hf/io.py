@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -116,8 +116,7 @@ def download_hub_file(repo_id: str, filename: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as e:  # network, auth, missing repo: all user-facing
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TunesmithError(f"cannot fetch {filename} of hub repo {repo_id!r}: {reason}") from None
+        raise TunesmithError(f"cannot fetch {filename} of hub repo {repo_id!r}: {first_line(e)}") from None
 
 
 def snapshot_model_repo(repo_id: str) -> Path:
@@ -134,8 +133,7 @@ def snapshot_model_repo(repo_id: str) -> Path:
             bin_patterns = ["pytorch_model*.bin", BIN_INDEX]
             local = Path(snapshot_download(repo_id, allow_patterns=bin_patterns))
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TunesmithError(f"cannot download hub repo {repo_id!r}: {reason}") from None
+        raise TunesmithError(f"cannot download hub repo {repo_id!r}: {first_line(e)}") from None
     return local
 
 
@@ -168,8 +166,10 @@ def _load_pickle(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
         except RuntimeError:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not allow_pickle:
+            # torch's refusal is a multi-line how-to with ANSI bold; the reason is one line in it.
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            reason = f"it references {found.group(1)}" if found else first_line(e)
             raise TunesmithError(
                 f"cannot read {path} safely (weights_only): {reason}; convert it to safetensors, "
                 "or set model.allow_unsafe_pickle=true if you trust its source"
@@ -177,8 +177,7 @@ def _load_pickle(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
         try:
             sd = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001 -- any failure of a foreign pickle is the file's
-            reason = str(e2).splitlines()[0] if str(e2) else type(e2).__name__
-            raise TunesmithError(f"cannot unpickle {path}: {reason}") from None
+            raise TunesmithError(f"cannot unpickle {path}: {first_line(e2)}") from None
     if not isinstance(sd, dict):
         raise TunesmithError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return sd

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models.llama.model import KVCache, Llama
+from tunesmith.models.kv_cache import KVCache
 
 
-def _last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def _last_logits(model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run ids [B, T] through the model, project only the last position: -> [B, V] fp32."""
     hidden = model(ids, cache=cache, return_hidden=True)  # [B, T, D]
     return model.output(hidden[:, -1]).float()
@@ -61,7 +62,7 @@ def _check_args(input_ids: torch.Tensor, max_new_tokens: int, temperature: float
 
 @torch.inference_mode()
 def generate(
-    model: Llama,
+    model: nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 0.0,

@@ -25,6 +25,7 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.models.adapter_base import StateDictAdapter
 from tunesmith.models.attention import AttnSpec, _causal_mask, document_positions
+from tunesmith.models.family import ModelFamily
 
 # Config attributes that change logits after the LM head; the fused loss cannot honour them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -206,7 +207,12 @@ class HFCausalLM(nn.Module):
 
 def load_generic(model: HFCausalLM, source: str | Path, device: torch.device | str,
                  dtype: torch.dtype) -> HFCausalLM:
-    """HF from_pretrained into the wrapper (HF's loader, not tunesmith's streaming one)."""
+    """HF from_pretrained (HF's loader, not tunesmith's streaming one), copied into `model`.
+
+    `model` may still be on meta and may carry transforms (frozen dtypes, LoRA layers): its
+    own tensors are allocated on `device` and filled by name, so the transforms stay; tensors
+    HF does not hold (adapters) are left for the caller. Host memory holds the HF copy once.
+    """
     from transformers import AutoModelForCausalLM
 
     try:
@@ -215,9 +221,31 @@ def load_generic(model: HFCausalLM, source: str | Path, device: torch.device | s
     except Exception as exc:  # noqa: BLE001 - any loader failure is the checkpoint's
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TunesmithError(f"cannot load {source} with transformers: {msg}") from None
-    model.hf = hf.to(device)
+    model.to_empty(device=device)
+    ours = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, t in [*hf.named_parameters(), *hf.named_buffers()]:
+            target = ours.get("hf." + name)
+            if target is not None:
+                target.copy_(t)
+    model.hf.tie_weights()
     return model
 
 
 def save_generic(model: HFCausalLM, out_dir: Path) -> None:
     model.hf.save_pretrained(str(out_dir))
+
+
+# The fallback family: any model_type transformers knows and no folder here serves.
+FAMILY = ModelFamily(
+    name="hf",
+    model_types=(),
+    config_cls=GenericConfig,
+    model_cls=HFCausalLM,
+    adapter_cls=GenericAdapter,
+    presets={},
+    apply_overrides=apply_overrides,
+    shardable=False,
+    load_fn=load_generic,
+    save_fn=save_generic,
+)

@@ -26,7 +26,7 @@ from tunesmith.parallel.ac import apply_activation_checkpointing
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
 from tunesmith.parallel.tp import apply_tp
-from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 from tunesmith.transforms.float8 import apply_float8
 
 log = logging.getLogger("tunesmith")

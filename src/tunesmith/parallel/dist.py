@@ -10,9 +10,11 @@ of hanging it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -174,3 +176,18 @@ def needs_hard_exit() -> bool:
     forever, and the job would hang instead of failing. Gloo tears down cleanly.
     """
     return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+@contextlib.contextmanager
+def main_rank_first(ctx: ParallelContext | None) -> Iterator[None]:
+    """Rank 0 runs the body first (e.g. fills a cache); the others run it after, as readers."""
+    if ctx is None or not ctx.distributed:
+        yield
+        return
+    if not ctx.is_main:
+        ctx.barrier()
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            ctx.barrier()

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from tunesmith.hf import io as hfio
+from tunesmith.models.io import DEFAULT_SHARD_BYTES, as_dtype, write_hf_dir
 
 
 def _full_cpu(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -32,14 +33,12 @@ def save_pretrained_distributed(
     out_dir: str | Path,
     *,
     tokenizer: Any = None,
-    max_shard_size_bytes: int = 5 * 2**30,
+    max_shard_size_bytes: int = DEFAULT_SHARD_BYTES,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Collective: every rank calls it; rank 0 writes `out_dir` (atomically, like save_pretrained)."""
-    from tunesmith.models import _as_dtype, write_hf_config
-
+    """Collective: every rank calls it; rank 0 writes `out_dir` through `write_hf_dir`."""
     adapter = family.adapter(cfg)
-    target = _as_dtype(dtype)
+    target = as_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}  # hf name -> (sharded) native tensor
     native_of: dict[str, str] = {}
     for name, t in model.state_dict().items():
@@ -65,11 +64,7 @@ def save_pretrained_distributed(
         dist.barrier()
         return Path(out_dir)
     saved_dtype = target or next(iter(tensors.values())).dtype
-    with hfio.atomic_output_dir(out_dir) as tmp:
-        write_hf_config(tmp, cfg, saved_dtype)
-        hfio.save_safetensors_sharded(tmp, names, lambda n: gathered(n).contiguous(),
-                                      nbytes, max_shard_size_bytes)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    write_hf_dir(out_dir, cfg, names, lambda n: gathered(n).contiguous(), nbytes,
+                 saved_dtype=saved_dtype, tokenizer=tokenizer, max_shard_size_bytes=max_shard_size_bytes)
     dist.barrier()
     return Path(out_dir)

@@ -19,7 +19,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from tunesmith.config import load_config
+from tunesmith.config.deepspeed import apply_deepspeed
+from tunesmith.cpu import cpu_budget, user_set
 from tunesmith.errors import TunesmithError
+from tunesmith.parallel.layout import resolve_layout
 
 log = logging.getLogger("tunesmith")
 
@@ -39,10 +43,6 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 
 def validate(recipe: str | None, overrides: list[str], world: int, local_world: int):
     """Load the run config and check its layout for `world` ranks; nothing is started."""
-    from tunesmith.config import load_config
-    from tunesmith.parallel.deepspeed import apply_deepspeed
-    from tunesmith.parallel.layout import resolve_layout
-
     cfg = apply_deepspeed(load_config(recipe, overrides))
     layout = resolve_layout(cfg.parallel, world, local_world)
     return cfg, layout
@@ -72,8 +72,8 @@ def worker_env(nproc: int, cfg) -> None:
         os.environ["NCCL_DEBUG"] = cfg.parallel.nccl_debug
     # torchrun would force 1 thread per worker; share the cores instead (CPU-side work:
     # data collation, CPU runs).
-    cores = os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, nproc))))
+    if not user_set("OMP_NUM_THREADS"):
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_budget() // max(1, nproc)))
 
 
 def failure_line(err: BaseException) -> tuple[str, int]:

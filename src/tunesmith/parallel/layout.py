@@ -23,6 +23,7 @@ from typing import Any
 
 from tunesmith.config.schema import ParallelConfig, RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.models.registry import families, get_family
 
 SHARDED = ("full_shard", "shard_grad_op", "hybrid_shard")
 
@@ -135,9 +136,12 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
     return Layout(strategy, rep, shard, pc.tp, world_size)
 
 
-_TP_FAMILIES = ("llama", "mistral", "qwen2")  # model types with a tensor-parallel plan
-# Model types with native modules (layers / tok_embeddings / output) that FSDP2 and DDP wrap.
-_NATIVE_FAMILIES = (*_TP_FAMILIES, "gpt2", "gpt_neox", "bert", "roberta")
+def _tp_support() -> tuple[str, str]:
+    """("Llama", "llama, mistral, qwen2"): the families declaring a tensor-parallel plan and
+    the HF model types they serve, for the error message."""
+    fams = {t: fam for t, fam in families().items() if fam.tp_plan is not None}
+    names = sorted({fam.name.capitalize() for fam in fams.values()})
+    return " / ".join(names), ", ".join(sorted(fams))
 
 
 def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
@@ -146,13 +150,15 @@ def _check_single_process_features(cfg: RunConfig, model_cfg: Any) -> None:
     pc = cfg.peft
     if pc.method == "qlora":
         unsupported.append("peft.method=qlora (NF4 base)")
+    if pc.method not in ("none", "qlora") and pc.base_dtype == "float8":
+        unsupported.append("peft.base_dtype=float8")
     if pc.method != "none" and pc.save_merged:
         unsupported.append("peft.save_merged (merge the saved adapter with `tunesmith merge`)")
     if cfg.data.streaming:
         unsupported.append("data.streaming")
     if cfg.eval.generate.enabled:
         unsupported.append("eval.generate")
-    if getattr(model_cfg, "model_type", "llama") not in _NATIVE_FAMILIES:
+    if not get_family(model_cfg.model_type).shardable:
         unsupported.append(f"the generic HF model type {model_cfg.model_type!r}")
     if unsupported:
         raise TunesmithError(
@@ -172,10 +178,11 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
             f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "
             "(FSDP2, HSDP, DDP) but not yet with tensor parallelism; use parallel.tp=1"
         )
-    if tp > 1 and getattr(model_cfg, "model_type", "llama") not in _TP_FAMILIES:
+    if tp > 1 and get_family(model_cfg.model_type).tp_plan is None:
+        names, types = _tp_support()
         raise TunesmithError(
-            f"parallel.tp={tp}: tensor parallelism has a plan for the Llama family only "
-            f"({', '.join(_TP_FAMILIES)}), not {model_cfg.model_type!r}; use parallel.tp=1"
+            f"parallel.tp={tp}: tensor parallelism has a plan for the {names} family only "
+            f"({types}), not {model_cfg.model_type!r}; use parallel.tp=1"
         )
     if tp > 1:
         for name in ("n_heads", "n_kv_heads", "intermediate_size"):

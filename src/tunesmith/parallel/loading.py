@@ -26,17 +26,24 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from tunesmith.hf import io as hfio
+from tunesmith.models.io import build_model, plan_load, weights_dir
+from tunesmith.models.registry import family_of
 from tunesmith.parallel.dist import ParallelContext
-from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
 
 @torch.no_grad()
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the full (unsharded) value `full` into `param`, which may be a sharded DTensor."""
+    """Copy the full (unsharded) value `full` into `param`, which may be a sharded DTensor.
+
+    A plain target gets `full` cast to its dtype first (what `copy_` does anyway), so a
+    quantised target (an NF4 QLoRA base, whose dtype is its bf16 compute dtype) quantises the
+    same bf16 values a bf16 load would hold."""
     if not isinstance(param, DTensor):
-        param.copy_(full)
+        param.copy_(full.to(param.dtype))
         return
     # Every rank holds `full`, so each can cut its own piece without communication. The cut is
     # done on the mesh's device in the source dtype; the copy casts into the (fp32) shard.
@@ -66,7 +73,12 @@ def _shard_coordinate(ctx: ParallelContext) -> int:
 
 
 def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, family: Any,
-                       model_cfg: Any, seed: int, offload: bool) -> None:
+                       model_cfg: Any, seed: int, offload: bool, skip: frozenset[str]) -> None:
+    if ctx.mesh is None and not skip:
+        # One process, only the family's own tensors: its init in place, in the dtypes the
+        # parameters already have (exactly `models.init_random`).
+        model.init_weights(generator=torch.Generator(device=ctx.device).manual_seed(seed))  # type: ignore[operator]
+        return
     if ctx.mesh is not None and ctx.device.type == "cuda" and not offload:
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
         model.init_weights(generator=gen)  # type: ignore[operator]
@@ -78,24 +90,31 @@ def _init_from_scratch(model: nn.Module, ctx: ParallelContext, rt: Runtime, fami
         gen = torch.Generator().manual_seed(seed * 1_000_003 + _shard_coordinate(ctx))
         model.init_weights(generator=gen)  # type: ignore[operator]
         return
-    from tunesmith.models import build_model, init_random
-
-    ref = init_random(build_model(family, model_cfg, "meta"), "cpu", rt.param_dtype, seed)
+    # Transformed modules (LoRA / NF4 layers) are not what the family's init expects: a plain
+    # reference model is initialised (one process: on its device, like `init_random`) and
+    # copied into the transformed one, tensor by tensor.
+    # Each reference tensor is drawn in the dtype its target holds (frozen bf16 base, fp32
+    # trainables), exactly as if the family's init had run on the transformed model.
+    ref_device = ctx.device if ctx.mesh is None else torch.device("cpu")
+    ref = build_model(family, model_cfg, "meta")
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    for name, p in ref.named_parameters():
+        p.data = p.data.to(dtypes.get(name, p.dtype))  # on meta: metadata only
+    ref.to_empty(device=ref_device)
+    ref.init_weights(generator=torch.Generator(device=ref_device).manual_seed(seed))  # type: ignore[operator]
     params = model.state_dict(keep_vars=True)
     for name, value in ref.state_dict().items():
-        copy_full_into(params[name], value)
+        if name in params:
+            copy_full_into(params[name], value)
     del ref
 
 
 def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool,
                        skip: frozenset[str] = frozenset()) -> None:
-    from tunesmith.hf import io as hfio
-    from tunesmith.models import _plan_load, _weights_dir, get_family
-
     cfg = model.cfg  # type: ignore[attr-defined]
-    adapter = get_family(cfg.model_type).adapter(cfg)
-    files = hfio.find_weight_files(_weights_dir(source))
-    mapping = _plan_load(model, files, allow_pickle, skip)  # names and shapes checked from headers
+    adapter = family_of(model).adapter(cfg)
+    files = hfio.find_weight_files(weights_dir(source))
+    mapping = plan_load(model, files, allow_pickle, skip)  # names and shapes checked from headers
     params = model.state_dict(keep_vars=True)
     for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
         native = mapping.get(hf_name)
@@ -116,7 +135,7 @@ def materialize(model: nn.Module, ctx: ParallelContext, rt: Runtime, *, family: 
     if source is not None:
         _stream_pretrained(model, source, allow_pickle, skip)
     else:
-        _init_from_scratch(model, ctx, rt, family, model_cfg, seed, offload)
+        _init_from_scratch(model, ctx, rt, family, model_cfg, seed, offload, skip)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()

@@ -10,16 +10,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.family import TPPlan
+from tunesmith.models.registry import family_of
 
 
-def _plan_module(model: nn.Module):
-    """The family's plan module (only the Llama family exists today)."""
-    from tunesmith.models.llama import parallel_plan
-    from tunesmith.models.llama.model import Llama
-
-    if not isinstance(model, Llama):
-        raise TunesmithError(f"tensor parallelism has no plan for {type(model).__name__}")
-    return parallel_plan
+def _plan(model: nn.Module) -> TPPlan:
+    """The plan the model's family declares (`ModelFamily.tp_plan`)."""
+    family = family_of(model)
+    if family.tp_plan is None:
+        raise TunesmithError(f"tensor parallelism has no plan for the {family.name} family")
+    return family.tp_plan
 
 
 def _detach_view(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     parameters; both are Shard(0) of the same [V, D] matrix, so re-tying afterwards restores
     one shared parameter with the right placement.
     """
-    plan = _plan_module(model)
+    plan = _plan(model)
     plan.check_tp_shape(model, tp_mesh.size())
     for block in model.layers:  # type: ignore[attr-defined]
         parallelize_module(block, tp_mesh, plan.block_plan())

@@ -16,7 +16,7 @@ from tunesmith.peft.io import AdapterFiles, adapter_state_dict, load_adapter, re
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.merge import merge_adapter
 from tunesmith.peft.quant import nf4_available
-from tunesmith.peft.run import apply_peft, base_dtype, fill_peft, save_final
+from tunesmith.peft.run import apply_peft, base_dtype, fill_peft, quantize_peft_base, save_final
 from tunesmith.peft.targets import ALL_LINEAR, select_targets
 from tunesmith.peft.transform import (
     apply_freezing,
@@ -37,6 +37,6 @@ __all__ = [
     "apply_freezing", "apply_lora", "apply_peft", "base_dtype", "checkpoint_model_state",
     "count_params", "fill_peft", "frozen_block_set", "has_frozen_params", "init_adapters",
     "is_peft_model", "load_adapter",
-    "lora_modules", "merge_adapter", "merge_lora", "nf4_available", "quantize_base",
+    "lora_modules", "merge_adapter", "merge_lora", "nf4_available", "quantize_base", "quantize_peft_base",
     "read_adapter", "save_adapter", "save_final", "select_targets",
 ]

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from tunesmith.checkpoint import process_rank
+from tunesmith.checkpoint import load_weights_file, process_rank
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
+from tunesmith.parallel.loading import copy_full_into
 from tunesmith.peft.lora import LoRALinear, LoRASpec
 from tunesmith.peft.targets import (
     Candidate,
@@ -165,8 +166,6 @@ def _group(raw: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, tor
 
 def read_adapter(path: str | Path) -> AdapterFiles:
     """Read and validate a PEFT-format adapter directory."""
-    from tunesmith.checkpoint import load_weights_file
-
     d = Path(path).expanduser()
     if not (d / ADAPTER_CONFIG).is_file():
         raise TunesmithError(f"{d} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
@@ -227,8 +226,6 @@ def load_adapter(model: nn.Module, adapter: KeyAdapter, path: str | Path, *,
 @torch.no_grad()
 def copy_adapter_values(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> None:
     """Copy the adapter tensors of `files` into the model's (possibly sharded) adapters."""
-    from tunesmith.parallel.loading import copy_full_into
-
     by_hf = {hf_module_name(adapter, name): mod for name, mod in lora_modules(model).items()}
     for hf, tensors in files.tensors.items():
         mod = by_hf[hf]

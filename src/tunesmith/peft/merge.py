@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from tunesmith.data import load_tokenizer
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
+from tunesmith.models import build_model, load_pretrained, resolve_model_config, save_pretrained
 from tunesmith.peft.io import load_adapter
 from tunesmith.peft.transform import merge_lora
 
@@ -40,8 +42,6 @@ def _base_dtype(base: str, requested: str) -> torch.dtype:
 
 def _tokenizer(*sources: str) -> Any:
     """The first tokenizer found among `sources` (adapter dir first), or None."""
-    from tunesmith.data import load_tokenizer
-
     for src in sources:
         d = Path(src).expanduser()
         if d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -52,8 +52,6 @@ def _tokenizer(*sources: str) -> Any:
 def merge_adapter(base: str, adapter_dir: str, out_dir: str, *, dtype: str = "auto",
                   device: str = "cpu") -> Path:
     """Load `base`, apply the adapter at `adapter_dir`, merge, save an HF model to `out_dir`."""
-    from tunesmith.models import build_model, load_pretrained, resolve_model_config, save_pretrained
-
     out = Path(out_dir).expanduser().resolve()
     if out in (Path(base).expanduser().resolve(), Path(adapter_dir).expanduser().resolve()):
         raise TunesmithError(f"--out {out} must differ from the base and adapter directories")

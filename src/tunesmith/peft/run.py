@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from tunesmith.config import PeftConfig, RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.models.family import ModelConfig, ModelFamily
+from tunesmith.models.io import save_pretrained
 from tunesmith.peft import quant
 from tunesmith.peft.io import copy_adapter_values, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
@@ -37,12 +40,7 @@ from tunesmith.peft.transform import (
     merge_lora,
     quantize_base,
 )
-
-if TYPE_CHECKING:
-    from tunesmith.config import PeftConfig, RunConfig
-    from tunesmith.models import ModelFamily
-    from tunesmith.models.llama.config import LlamaConfig
-    from tunesmith.train.runtime import Runtime
+from tunesmith.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
@@ -87,7 +85,7 @@ def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
 
 
 def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
-               model_cfg: LlamaConfig, *, on_meta: bool = False) -> nn.Module:
+               model_cfg: ModelConfig, *, on_meta: bool = False) -> nn.Module:
     """Apply the `peft` config section to a freshly built/loaded model, in place.
 
     method=none: only freezing. Otherwise (QLoRA: quantise the base first) adapters are added
@@ -104,16 +102,8 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
                      ", embeddings" if pc.freeze_embeddings else "")
         return model
     adapter = family.adapter(model_cfg)
-    if pc.method == "qlora":
-        n = quantize_base(model, adapter)
-        log.info("peft: %d linear layers stored in NF4", n)
-    elif pc.base_dtype == "float8":
-        if on_meta:
-            raise TunesmithError("peft.base_dtype=float8 runs in one process for now (not with "
-                                 "FSDP2/DDP); use peft.base_dtype=auto there")
-        n, dense = float8_base(model, adapter)
-        log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
-                 f"; {len(dense)} left dense (dims not multiples of 16)" if dense else "")
+    if not on_meta:  # on meta: `quantize_peft_base` once the loaded values exist
+        quantize_peft_base(model, pc, family, model_cfg)
     if pc.from_checkpoint:
         _load_checkpoint_adapter(model, adapter, pc, rt.param_dtype, values=not on_meta)
         _freeze_adapters_in(model, blocks)
@@ -128,7 +118,21 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
     return model
 
 
-def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: LlamaConfig,
+def quantize_peft_base(model: nn.Module, pc: PeftConfig, family: ModelFamily,
+                       model_cfg: ModelConfig) -> None:
+    """The frozen base's storage format: NF4 (QLoRA) or float8 e4m3 with row scales
+    (`peft.base_dtype=float8`); a no-op otherwise. Needs the values, so a model built on meta
+    is quantised after it is materialised (LoRA layers already in place keep their adapters)."""
+    if pc.method == "qlora":
+        n = quantize_base(model, family.adapter(model_cfg))
+        log.info("peft: %d linear layers stored in NF4", n)
+    elif pc.method != "none" and pc.base_dtype == "float8":
+        n, dense = float8_base(model, family.adapter(model_cfg))
+        log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
+                 f"; {len(dense)} left dense (dims not multiples of 16)" if dense else "")
+
+
+def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: ModelConfig,
               seed: int, *, loaded: bool) -> None:
     """The adapters' starting values: the `from_checkpoint` adapter (unless `loaded` already),
     else a seeded init identical in one process and in every sharded layout. Collective when
@@ -147,13 +151,11 @@ def _base_name(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-def save_final(model: nn.Module, family: ModelFamily, model_cfg: LlamaConfig, cfg: RunConfig,
+def save_final(model: nn.Module, family: ModelFamily, model_cfg: ModelConfig, cfg: RunConfig,
                out_dir: Path, tokenizer: Any) -> dict[str, str]:
     """Run end of a LoRA run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final and,
     with peft.save_merged, the merged HF model to OUTPUT/final-merged (merged in place last,
     so do not train this model afterwards)."""
-    from tunesmith.models import save_pretrained
-
     final = out_dir / "final"
     save_adapter(model, family.adapter(model_cfg), final, base_model=_base_name(cfg.model.name),
                  tokenizer=tokenizer)

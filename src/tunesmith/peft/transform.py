@@ -21,6 +21,7 @@ from torch import nn
 
 from tunesmith.checkpoint import ModelState
 from tunesmith.errors import TunesmithError
+from tunesmith.parallel.loading import copy_full_into
 from tunesmith.peft import float8, quant
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
@@ -85,18 +86,25 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
     """QLoRA: store every block linear weight (all-linear; never the LM head) in NF4.
 
-    Run before `apply_lora`, which then wraps the NF4 layers (DoRA magnitudes are taken from
-    the dequantised weight the model really uses). One layer at a time, so peak memory is the
+    Either before `apply_lora`, which then wraps the NF4 layers, or after it (the assembly
+    pipeline adds adapters on meta and quantises once the loaded values exist): a LoRA layer's
+    base weight is then quantised in place. DoRA magnitudes are (re)computed by
+    `init_adapters` from the dequantised weight the model really uses. One layer at a time, so peak memory is the
     dense model plus one bf16 matrix. Returns the number of layers quantised.
     """
     quant.require_nf4()
     cands = [c for c in linear_candidates(model, adapter)
-             if isinstance(model.get_submodule(c.native), nn.Linear)]
+             if isinstance(model.get_submodule(c.native), (nn.Linear, LoRALinear))
+             and not quant.is_nf4(model.get_submodule(c.native).weight)]
     for c in cands:
         quant.check_quantizable(c.native, model.get_submodule(c.native).weight)
     for c in cands:
         lin = model.get_submodule(c.native)
-        _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
+        if isinstance(lin, LoRALinear):  # adapters added first (the assembly order): keep them
+            lin.weight = nn.Parameter(quant.to_nf4(lin.weight), requires_grad=False)
+            lin.quantized = True
+        else:
+            _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
     return len(cands)
 
 
@@ -110,12 +118,18 @@ def float8_base(model: nn.Module, adapter: KeyAdapter) -> tuple[int, list[str]]:
     done, dense = 0, []
     for c in linear_candidates(model, adapter):
         lin = model.get_submodule(c.native)
-        if type(lin) is not nn.Linear:
+        lora = isinstance(lin, LoRALinear) and not lin.quantized and not lin.float8
+        if type(lin) is not nn.Linear and not lora:
             continue
         if not float8.quantizable(lin.weight):
             dense.append(c.native)
             continue
-        _set_module(model, c.native, Float8FrozenLinear.from_linear(lin))  # frees the dense copy
+        if lora:  # adapters added first (the assembly order): quantise the base in place
+            w8, scale = float8.quantize_rows(lin.weight.detach())
+            lin.weight = nn.Parameter(w8, requires_grad=False)
+            lin.weight_scale, lin.float8 = scale, True
+        else:
+            _set_module(model, c.native, Float8FrozenLinear.from_linear(lin))  # frees the dense copy
         done += 1
     return done, dense
 
@@ -158,8 +172,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
     drawn on the host in module order and copied into the (possibly sharded) parameter, so
     one process and any sharded layout start from identical adapters. Collective when
     sharded: every rank."""
-    from tunesmith.parallel.loading import copy_full_into
-
     gen = torch.Generator().manual_seed(seed)
     for mod in lora_modules(model).values():
         a = torch.empty(tuple(mod.lora_A.shape))  # [r, in]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tunesmith.checkpoint import (
     CheckpointManager,
@@ -26,6 +27,9 @@ from tunesmith.checkpoint import (
 from tunesmith.checkpoint.export import HF_SUBDIR
 from tunesmith.checkpoint.state import process_rank
 from tunesmith.config import RunConfig
+from tunesmith.models.io import write_hf_config
+from tunesmith.peft import checkpoint_model_state
+from tunesmith.train.metrics import LossWindow
 
 log = logging.getLogger("tunesmith")
 
@@ -68,31 +72,31 @@ def _scaler_state(scaler: torch.amp.GradScaler | None) -> ObjectState:
     return ObjectState(lambda: scaler.state_dict() if scaler is not None else {}, load)
 
 
-def trainer_state(trainer: Any, rng: RNGState | None = None) -> dict[str, Stateful]:
-    """The `app_state` mapping for `CheckpointManager` covering everything `trainer` owns."""
-    from tunesmith.peft import checkpoint_model_state
-
-    device = trainer.rt.device
+def trainer_state(*, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler,
+                  scaler: torch.amp.GradScaler | None, progress: Stateful, window: LossWindow,
+                  loader: Stateful, device: torch.device,
+                  rng: RNGState | None = None) -> dict[str, Stateful]:
+    """The `app_state` mapping for `CheckpointManager`: every piece of state the next step
+    depends on, built before the `Trainer` that will own these objects."""
     return {
         # Only trained tensors when a frozen base exists (LoRA, freezing): the base is reloaded
         # from model.name on resume, so checkpoints stay small.
-        "model": checkpoint_model_state(trainer.model),
-        "optim": OptimizerState(trainer.model, trainer.optimizer),
-        "sched": ObjectState(trainer.scheduler.state_dict, trainer.scheduler.load_state_dict),
-        "scaler": _scaler_state(trainer.scaler),
-        "progress": ObjectState(trainer.progress.state_dict, trainer.progress.load_state_dict),
-        "window": ObjectState(trainer.window.state_dict,
-                              lambda sd: trainer.window.load_state_dict(sd, device)),
+        "model": checkpoint_model_state(model),
+        "optim": OptimizerState(model, optimizer),
+        "sched": ObjectState(scheduler.state_dict, scheduler.load_state_dict),
+        "scaler": _scaler_state(scaler),
+        "progress": ObjectState(progress.state_dict, progress.load_state_dict),
+        "window": ObjectState(window.state_dict, lambda sd: window.load_state_dict(sd, device)),
         # Every data-parallel rank is at the same (epoch, batch) position, so one copy serves
         # any world size on resume (per-rank copies would tie the checkpoint to its rank count).
-        "loader": ObjectState(trainer.train_loader.state_dict, trainer.train_loader.load_state_dict),
+        "loader": ObjectState(loader.state_dict, loader.load_state_dict),
         "rng": rng if rng is not None else RNGState(),
     }
 
 
 def hf_files_writer(model_cfg: Any, dtype: torch.dtype, tokenizer: Any) -> Callable[[Path], None]:
     """`extra_files` hook: HF config + tokenizer under `hf/`, covered by the manifest."""
-    from tunesmith.models import write_hf_config
 
     def write(ckpt_dir: Path) -> None:
         hf = ckpt_dir / HF_SUBDIR

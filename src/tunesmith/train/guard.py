@@ -38,17 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import NonFiniteError
 
 log = logging.getLogger("tunesmith")
 
 DIAGNOSTICS_FILE = "nan_diagnostics.json"
-
-
-class NonFiniteError(TunesmithError):
-    """Training hit a non-finite loss or gradient norm and stopped (exit code 3)."""
-
-    exit_code = 3
 
 
 def grad_norms(grads: list[Tensor]) -> tuple[Tensor, Tensor]:

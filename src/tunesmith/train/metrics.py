@@ -3,35 +3,79 @@
 MFU = achieved model FLOP/s / device peak, where model FLOPs per token are
 6 * N_matmul + 12 * L * H * d_head * T (training: forward + backward; the second term is the
 attention score and value matmuls at sequence length T). Recomputation from activation
-checkpointing is not counted, so MFU does not reward extra work.
+checkpointing is not counted, so MFU does not reward extra work. Only training-step time
+counts (see `Throughput`): evaluation, checkpoint saves and profiler export are timed apart.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps after `warmup` (compile and allocator warm-up excluded)."""
+    """Tokens/s and MFU of the training steps alone, over the steps after `warmup`.
 
-    def __init__(self, warmup: int, flops_per_token: float, peak_tflops: float | None):
+    Time is read from a *train clock*: wall time minus every interval spent in `excluded()`
+    (evaluation, checkpoint saves, profiler export, ...). So a slow eval or a checkpoint never
+    lowers the reported rate; their own times are totalled in `excluded_s` by kind. On CUDA the
+    device is synchronized when an excluded interval starts and ends, so queued training kernels
+    are charged to training and eval kernels to eval (one sync per eval/save, not per step).
+    """
+
+    def __init__(self, warmup: int, flops_per_token: float, peak_tflops: float | None,
+                 device: torch.device | None = None):
         self.warmup = warmup
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops
+        self.device = device
         self.steps = 0
         self.t0: float | None = None
         self.tokens = 0
         self.samples = 0
+        self.excluded_s: dict[str, float] = {}
+        self._paused = 0.0  # seconds spent in excluded intervals so far
+        self._start = self.clock()
+        # Since the last metrics record: the window rate next to the run average.
+        self._win_t = self._start
+        self._win_tokens = 0
         # A sliding window gives the progress bar a current rate rather than a run average.
         self._window: list[tuple[float, int]] = []
 
-    def step(self, tokens: int, samples: int) -> None:
-        now = time.perf_counter()
+    def clock(self) -> float:
+        """Seconds of training time: wall time less every excluded interval."""
+        return time.perf_counter() - self._paused
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def excluded(self, kind: str) -> Iterator[None]:
+        """Time spent inside is left out of throughput and added to `excluded_s[kind]`."""
+        self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            dt = time.perf_counter() - t
+            self._paused += dt
+            self.excluded_s[kind] = self.excluded_s.get(kind, 0.0) + dt
+
+    def step(self, tokens: int, samples: int, counted: bool = True) -> None:
+        """End of one optimizer step. `counted=False`: an instrumented step (profiled, FLOP
+        counted) whose time was excluded; its tokens are left out too."""
+        now = self.clock()
         self.steps += 1
+        if not counted:
+            tokens = samples = 0
+        self._win_tokens += tokens
         if self.steps == self.warmup + 1 and self.t0 is None:
             # Timing starts at the end of the last warm-up step; this step's work was done
             # before `now`, so it is counted from the previous mark, which we lack: start here
@@ -44,11 +88,23 @@ class Throughput:
         self._window = self._window[-20:]
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+        """Training time since timing started (warm-up and excluded intervals left out)."""
+        return self.clock() - self.t0 if self.t0 is not None else 0.0
+
+    def train_s(self) -> float:
+        """All training time of this run, warm-up steps included (for the time breakdown)."""
+        return self.clock() - self._start
 
     def tokens_per_s(self) -> float | None:
         el = self.elapsed()
         return self.tokens / el if el > 0 and self.tokens else None
+
+    def pop_window(self) -> float | None:
+        """Tokens/s of the training steps since the previous call (the logging window)."""
+        now = self.clock()
+        dt, tokens = now - self._win_t, self._win_tokens
+        self._win_t, self._win_tokens = now, 0
+        return tokens / dt if dt > 0 and tokens else None
 
     def recent_tokens_per_s(self) -> float | None:
         if len(self._window) < 2:

@@ -25,7 +25,10 @@ from torch import nn
 from tunesmith.checkpoint import CheckpointManager
 from tunesmith.checkpoint.metadata import saved_tensors
 from tunesmith.config import RunConfig
+from tunesmith.config.loader import read_yaml
+from tunesmith.config.schema import ParallelConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.parallel.layout import env_world, resolve_layout
 
 log = logging.getLogger("tunesmith")
 
@@ -78,9 +81,6 @@ def reshard_differences(diffs: list[tuple[str, Any, Any]], saved: Mapping[str, A
     A checkpoint saved on 4 ranks x micro-batch 2 resumes on 2 ranks x 4 (or 1 x 8): the
     data-parallel degree comes from each run's `parallel` section and world size.
     """
-    from tunesmith.config.schema import ParallelConfig
-    from tunesmith.parallel.layout import env_world, resolve_layout
-
     rest = [d for d in diffs if d[0] != "train.micro_batch_size"]
     try:
         old_pc = ParallelConfig.model_validate(saved.get("parallel") or {})
@@ -172,8 +172,6 @@ def check_not_finished(out_dir: Path, plan: ResumePlan, total_steps: int | None)
 
 def check_run_dir_matches(out_dir: Path, cfg: RunConfig) -> None:
     """With resume set, `out_dir` may hold a run, but only this one (same strict keys)."""
-    from tunesmith.config.loader import read_yaml
-
     f = out_dir / "config.yaml"
     if not f.is_file() or cfg.output.overwrite:
         return

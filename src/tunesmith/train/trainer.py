@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,22 @@ import torch
 from torch import nn
 
 from tunesmith.config.schema import RunConfig
+from tunesmith.data.loader import StatefulLoader
+from tunesmith.data.streaming import StreamingLoader
+from tunesmith.errors import TunesmithError
 from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.observe import RunObserver
+from tunesmith.objective.forward import batch_loss_sum
+from tunesmith.objective.loss import IGNORE_INDEX
+from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.grad import clip_grads_with_norm_
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
-from tunesmith.train.forward import batch_loss_sum
+from tunesmith.runtime import Runtime
+from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState
 from tunesmith.train.guard import NonFiniteGuard, grad_norms
-from tunesmith.train.loss import IGNORE_INDEX
 from tunesmith.train.metrics import LossWindow, MetricsWriter, Throughput, peak_memory_gib
 from tunesmith.train.preempt import StopRequest
 from tunesmith.train.progress import ProgressReporter
-from tunesmith.train.runtime import Runtime
 
 log = logging.getLogger("tunesmith")
 
@@ -63,15 +70,20 @@ class _Loop:
     stopped_by: str | None = None  # signal name when preempted
 
 
+StepHook = Callable[["Trainer", torch.Tensor, torch.Tensor], None]  # (trainer, loss, grad_norm)
+
+
 @dataclass
 class Trainer:
+    """The loop's inputs, all given at construction (see `tunesmith.train.setup`)."""
+
     cfg: RunConfig
     rt: Runtime
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: Any  # tunesmith.data.StatefulLoader
-    val_loader: Any | None
+    train_loader: StatefulLoader | StreamingLoader
+    val_loader: StatefulLoader | None
     out_dir: Path
     total_steps: int
     steps_per_epoch: int
@@ -79,15 +91,35 @@ class Trainer:
     peak_tflops: float | None
     scaler: torch.amp.GradScaler | None = None
     progress: Progress = field(default_factory=Progress)
-    hooks: list = field(default_factory=list)  # callables(trainer, loss, grad_norm) after each step
-    checkpointer: Any = None  # tunesmith.train.checkpointing.Checkpointer; None: never save
+    window: LossWindow = field(default_factory=LossWindow)  # losses since the last log record
+    hooks: list[StepHook] = field(default_factory=list)  # called after each step
+    checkpointer: Checkpointer | None = None  # None: never save
     resumed_from: Path | None = None
-    rng_state: Any = None  # DeferredRNGState restored from a checkpoint, applied in train()
-    par: Any = None  # tunesmith.parallel.dist.ParallelContext; None: one process
+    rng_state: DeferredRNGState | None = None  # restored from a checkpoint, applied in train()
+    par: ParallelContext | None = None  # None: one process
+    observer: RunObserver | None = None  # trackers, profiler, report; built by train() when None
+    bundle: Any = None  # tunesmith.train.setup.RunParts (spec, tokenizer, task data)
+
+    @classmethod
+    def from_config(cls, recipe: Any = None, **overrides: Any) -> Trainer:
+        """A Trainer built from a recipe, ready for `.train()` (which returns the summary).
+
+        `recipe`: a YAML path, a dict shaped like one, or a `RunConfig`; `overrides`: keyword
+        arguments such as `optim={"lr": 3e-4}` or `train__max_steps=10` (see
+        `tunesmith.build_config`). The model, data, optimizer and checkpointing are built as
+        `tunesmith train` builds them; `trainer.model`, `trainer.bundle.tokenizer` are usable
+        before training. `.train()` trains and evaluates; the final HF model is written by
+        `tunesmith.train(...)`, which runs the whole job. Raises `TunesmithError` subclasses.
+        """
+        from tunesmith.config.resolve import build_config
+        from tunesmith.train.setup import build_trainer
+
+        trainer, bundle = build_trainer(build_config(recipe, **overrides))
+        trainer.bundle = bundle
+        return trainer
 
     def __post_init__(self) -> None:
         tc = self.cfg.train
-        self.window = LossWindow()
         self.guard = NonFiniteGuard(
             tc.nan_policy, tc.max_consecutive_skips, self.progress, self.out_dir,
             # Sharded (DTensor) params: the host decides (every rank sees the same global norm).
@@ -102,11 +134,14 @@ class Trainer:
         """Run to `total_steps` (or a stop signal); returns the summary. Raises NonFiniteError."""
         cfg = self.cfg
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self._is_main)
-        tput = Throughput(cfg.train.throughput_warmup_steps, self.flops_per_token, self.peak_tflops)
+        tput = self._tput = Throughput(cfg.train.throughput_warmup_steps, self.flops_per_token,
+                                       self.peak_tflops, self.rt.device)
+        obs = self.observer = self.observer or self._make_observer()
         reporter = ProgressReporter(self.total_steps, enabled=cfg.logging.progress, muted=not self._is_main)
         loop = _Loop()
         t_start = time.perf_counter()
         try:
+            obs.start(self.progress.step, self.resumed_from, self._resume_meta())
             if cfg.eval.at_start and self.val_loader is not None and self.resumed_from is None:
                 loop.start_eval = self._eval_and_log(metrics, reporter, "eval before training")
             reporter.start(self.progress.step)
@@ -119,6 +154,9 @@ class Trainer:
                     self._stop(stop.name, loop)
             if loop.stopped_by is None and cfg.eval.at_end and self.val_loader is not None:
                 loop.eval_out = self._eval_and_log(metrics, reporter)
+        except BaseException as e:
+            obs.abort(e)  # tracker runs closed as failed, report still written
+            raise
         finally:
             reporter.stop()
             metrics.close()
@@ -128,8 +166,10 @@ class Trainer:
                    stop: StopRequest, loop: _Loop) -> None:
         cfg = self.cfg
         for micro_batches, epoch_end in self._step_batches():
-            loss, grad_norm, tokens, samples = self.train_step(micro_batches)
-            tput.step(tokens, samples)
+            with self.observer.step(self.progress.step + 1, tput) as watch:
+                loss, grad_norm, tokens, samples = self.train_step(micro_batches)
+                watch.tokens = tokens
+            tput.step(tokens, samples, counted=not watch.instrumented)
             self.window.add(loss, self.guard.last_ok)
             step = self.progress.step
             for hook in self.hooks:
@@ -138,8 +178,9 @@ class Trainer:
             if step % cfg.logging.steps == 0 or last:
                 self.guard.flush()  # this step syncs for the record anyway: exact skip count
                 loop.last_loss = self.window.pop_mean()
-                record = self._log_record(loop.last_loss, grad_norm, tput)
+                record = self.observer.record(self._log_record(loop.last_loss, grad_norm, tput))
                 metrics.write(record)
+                self.observer.log(record)
                 reporter.update(step, record)
             else:
                 reporter.advance(step)
@@ -153,6 +194,7 @@ class Trainer:
     def _stop(self, signal_name: str | None, loop: _Loop) -> None:
         """Preempted: checkpoint at this step boundary (unless disabled) and return normally."""
         loop.stopped_by = signal_name or "signal"
+        self.observer.event("stop", self.progress.step, signal=loop.stopped_by)
         path = None
         if self.checkpointer is not None and self.cfg.checkpoint.save_on_exit:
             path = self.save_checkpoint()
@@ -161,11 +203,34 @@ class Trainer:
                     self.total_steps, where)
 
     def save_checkpoint(self) -> Path:
+        if self.checkpointer is None:
+            raise TunesmithError("this trainer was built without checkpointing")
         self.guard.flush()  # the checkpoint's skip counters must include this step
         p = self.progress
-        return self.checkpointer.save(
-            p.step, meta={"epoch": p.epoch, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps},
-        )
+        meta = {"epoch": p.epoch, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps}
+        if self.observer is not None:
+            meta.update(self.observer.checkpoint_meta())  # tracker run ids for a resume
+        with self._excluded("checkpoint"):
+            path = self.checkpointer.save(p.step, meta=meta)
+        if self.observer is not None:
+            self.observer.event("checkpoint", p.step, path=str(path))
+        return path
+
+    def _excluded(self, kind: str):
+        """Time left out of train throughput (eval, checkpoint saves); inert outside train()."""
+        tput = getattr(self, "_tput", None)
+        return tput.excluded(kind) if tput is not None else nullcontext()
+
+    def _make_observer(self) -> RunObserver:
+        par = self.par
+        return RunObserver(self.cfg, self.out_dir, self.rt.device, rank=par.rank if par else 0,
+                           world_size=par.world_size if par else 1, is_main=self._is_main)
+
+    def _resume_meta(self) -> dict[str, Any] | None:
+        """The resume checkpoint's manifest `meta` (tracker run ids live there)."""
+        if self.resumed_from is None or self.checkpointer is None:
+            return None
+        return self.checkpointer.manager.read_manifest(self.resumed_from).get("meta") or {}
 
     def _step_batches(self) -> Iterator[tuple[list[dict], bool]]:
         """Yield (k micro-batches, epoch_end) per optimizer step until total_steps.
@@ -294,8 +359,11 @@ class Trainer:
 
     def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter,
                       label: str | None = None) -> dict[str, float]:
-        out = self.evaluate()
-        metrics.write({"step": self.progress.step, **out})
+        with self._excluded("eval"):
+            out = self.evaluate()
+        record = {"step": self.progress.step, **out}
+        metrics.write(record)
+        self.observer.log(record)
         reporter.note(f"{label or f'step {self.progress.step}'}: eval loss {out['eval_loss']:.4f}, "
                       f"perplexity {out['perplexity']:.2f}")
         return out
@@ -309,8 +377,10 @@ class Trainer:
             "loss": loss,
             "lr": float(self.scheduler.get_last_lr()[0]),  # a tensor for torchao optimizers
             "grad_norm": grad_norm.item(),
-            "tokens_per_s": tps,
+            "tokens_per_s": tps,  # run average of the timed steps
             "mfu": tput.mfu(tps),
+            "tokens_per_s_window": (window := tput.pop_window()),  # steps since the last record
+            "mfu_window": tput.mfu(window),
             "peak_mem_gib": peak_memory_gib(self.rt.device),
             "tokens_seen": self.progress.tokens_seen,
             "skipped_steps": self.progress.skipped_steps,
@@ -326,7 +396,11 @@ class Trainer:
             "train_samples_per_s": tput.samples / elapsed if elapsed > 0 else None,
             "tokens_per_s": tps,
             "mfu": tput.mfu(tps),
-            "peak_mem_gib": peak_memory_gib(self.rt.device),
+            # Where the wall time went: training steps vs the excluded work (eval_s, checkpoint_s,
+            # profile_s); throughput and MFU above count training steps only.
+            "train_s": tput.train_s(),
+            **{f"{kind}_s": sec for kind, sec in sorted(tput.excluded_s.items())},
+            "peak_mem_gib": self.observer.health.run_peak(),
             "train_loss": loop.last_loss,
             "skipped_steps": self.progress.skipped_steps,
             "device": str(self.rt.device),
@@ -344,6 +418,7 @@ class Trainer:
             summary["perplexity_start"] = loop.start_eval["perplexity"]
         if loop.eval_out:
             summary.update(loop.eval_out)
+        summary.update(self.observer.summary_fields(self.flops_per_token, tps))
         return summary
 
 

@@ -32,7 +32,7 @@ from tunesmith.models.attention import (
 )
 from tunesmith.models.gpt2.config import GPT2Config
 from tunesmith.models.layers import DenseMLP
-from tunesmith.models.llama.model import KVCache
+from tunesmith.models.kv_cache import KVCache
 
 
 class GPT2Attention(nn.Module):

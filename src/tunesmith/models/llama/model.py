@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.errors import TunesmithError
 from tunesmith.models.attention import (
     AttnSpec,
     PreparedAttention,
@@ -32,8 +31,10 @@ from tunesmith.models.attention import (
     prepare_attention,
     sdpa_attention,
 )
+from tunesmith.models.kv_cache import KVCache
 from tunesmith.models.layers import shared_input
 from tunesmith.models.llama.config import LlamaConfig
+from tunesmith.models.rope import apply_rope, rope_cos_sin
 
 
 # ---------------------------------------------------------------------------- RoPE
@@ -57,66 +58,6 @@ def compute_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [B, T, hd] for positions [B, T] (per-row positions allowed)."""
-    freqs = positions[..., None].float() * inv_freq.float()  # [B, T, hd/2], fp32 like HF
-    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [B, T, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd]; cos/sin [B, T, hd] broadcast over heads."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
-
-
-# ---------------------------------------------------------------------------- KV cache
-class KVCache:
-    """Preallocated per-layer keys/values [B, n_kv, max_len, hd] plus the filled length.
-
-    Each layer writes its new k/v at [length, length + T) via `update`; the model calls
-    `advance(T)` once after all layers ran, so every layer sees the same offset.
-    """
-
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int,
-                 head_dim: int, *, device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.length = 0
-
-    @classmethod
-    def for_model(cls, model: Llama, batch_size: int, max_len: int) -> KVCache:
-        ref = model.tok_embeddings.weight
-        c = model.cfg
-        return cls(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim,
-                   device=ref.device, dtype=ref.dtype)
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, n_kv, T, hd]; return all keys/values so far [B, n_kv, length+T, hd]."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise TunesmithError(f"KV cache full: need {end} positions, allocated {self.max_len}")
-        self.k[layer_idx][:, :, self.length:end] = k
-        self.v[layer_idx][:, :, self.length:end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 # ---------------------------------------------------------------------------- blocks

@@ -14,7 +14,7 @@ Activations between sublayers are sharded on the sequence dim, Shard(1): [B, T/t
     feed_forward     same pattern: w1/w3 colwise, w2 rowwise.
     output           ColwiseParallel (Shard(0) of [V, D], local vocab slice). Only used for
                      full logits (eval/generate); training takes the sharded weight straight
-                     into the vocab-parallel fused cross-entropy (tunesmith.train.loss).
+                     into the vocab-parallel fused cross-entropy (tunesmith.objective.loss).
 
 Tied embeddings work: both tok_embeddings (rowwise on nn.Embedding) and output (colwise on
 nn.Linear) shard the shared [V, D] matrix on dim 0, so one DTensor serves both.

@@ -26,7 +26,8 @@ from tunesmith.models.attention import (
     prepare_attention,
     sdpa_attention,
 )
-from tunesmith.models.llama.model import KVCache, apply_rope, rope_cos_sin
+from tunesmith.models.kv_cache import KVCache
+from tunesmith.models.rope import apply_rope, rope_cos_sin
 from tunesmith.models.neox.config import NeoXConfig
 from tunesmith.models.layers import DenseMLP
 

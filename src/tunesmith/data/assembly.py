@@ -1,37 +1,62 @@
-"""Task dispatch for `tunesmith train`: which data, collator and loader each task uses.
+"""Data assembly: (task, data config, tokenizer) -> the run's loaders, in one place.
 
-    clm  raw text, packed blocks or lines (the original path, built in setup.build_loaders);
-         with data.streaming: a StreamingLoader cutting the stream into blocks
+    clm  raw text: packed blocks or lines (files, hub datasets); with data.streaming a
+         StreamingLoader cutting the stream into blocks
     sft  instruction / chat / summarization records (tunesmith.data.sft*), response-only
          labels, optional packing without cross-talk; streaming too
     mlm  raw text as for clm, masked dynamically by MLMCollator; needs an encoder family
 
-`build_task_data` returns None for plain (non-streaming) clm so setup keeps its own path.
+Every loader shards by data-parallel rank (`Shard`), given by the caller: the data layer
+knows nothing of process groups.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tunesmith.config import RunConfig
+from tunesmith.data.clm import build_clm_datasets, eos_to_append
+from tunesmith.data.collate import make_collator
+from tunesmith.data.loader import StatefulLoader
+from tunesmith.data.mlm import MaskingSpec, MLMCollator
+from tunesmith.data.records import RecordReader
+from tunesmith.data.sft import InvalidRecord, Rendered, SFTFormatter
+from tunesmith.data.sft_data import (
+    SFTCollator,
+    SFTStats,
+    SFTTokenizer,
+    build_sft_datasets,
+    filter_category,
+    pad_id_of,
+    render_split,
+)
+from tunesmith.data.streaming import StreamingLoader
 from tunesmith.errors import TunesmithError
+from tunesmith.models.family import ModelFamily
 
 log = logging.getLogger("tunesmith")
 
 
+class Shard(NamedTuple):
+    """This process's data-parallel rank and degree ((0, 1) in one process)."""
+
+    rank: int
+    world: int
+
+
 @dataclass
 class TaskData:
-    train_loader: Any
-    val_loader: Any | None
+    train_loader: StatefulLoader | StreamingLoader
+    val_loader: StatefulLoader | None
     sized: bool  # the train loader has a length (epochs); streams do not
     stats: dict[str, Any] = field(default_factory=dict)
-    formatter: Any = None  # SFT: renders records; used again by evaluation by generation
-    val_rendered: list[Any] = field(default_factory=list)  # SFT held-out (where, Rendered)
+    formatter: SFTFormatter | None = None  # SFT: renders records; reused by generation eval
+    val_rendered: list[tuple[str, Rendered]] = field(default_factory=list)  # SFT held-out
 
 
-def check_task_family(cfg: RunConfig, family: Any) -> None:
+def check_task_family(cfg: RunConfig, family: ModelFamily) -> None:
     kind = getattr(family, "kind", "causal")
     if cfg.task == "mlm" and kind != "masked":
         raise TunesmithError(
@@ -43,19 +68,8 @@ def check_task_family(cfg: RunConfig, family: Any) -> None:
             "encoder: use task=mlm")
 
 
-def _rank_world() -> tuple[int, int]:
-    """This process's data-parallel rank and degree (0, 1 in one process). Tensor-parallel
-    ranks of one data-parallel group share a rank here: they must read the same batches."""
-    from tunesmith.parallel.dist import current
-
-    ctx = current()
-    return (ctx.dp_rank, ctx.dp_size) if ctx is not None else (0, 1)
-
-
-def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool) -> Any:
-    from tunesmith.data import StatefulLoader
-
-    rank, world = _rank_world()
+def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool, shard: Shard) -> StatefulLoader:
+    rank, world = shard
     if train:
         loader = StatefulLoader(ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
                                 shuffle=True, seed=cfg.train.seed, drop_last=cfg.data.drop_last,
@@ -72,8 +86,6 @@ def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool) -> Any:
 
 
 def _mlm_collator(cfg: RunConfig, tokenizer: Any) -> Any:
-    from tunesmith.data.mlm import MaskingSpec, MLMCollator
-
     m = cfg.mlm
     spec = MaskingSpec.from_tokenizer(tokenizer, whole_word=m.whole_word)
     return MLMCollator(spec, probability=m.probability, mask_fraction=m.mask_fraction,
@@ -82,36 +94,26 @@ def _mlm_collator(cfg: RunConfig, tokenizer: Any) -> Any:
 
 
 def _sft_collator(cfg: RunConfig, tokenizer: Any) -> Any:
-    from tunesmith.data.sft_data import SFTCollator, pad_id_of
-
     return SFTCollator(pad_id_of(tokenizer), cfg.data.pad_to_multiple_of)
 
 
-def _sft_data(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
-    from tunesmith.data.sft_data import build_sft_datasets
-
+def _sft_data(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> TaskData:
     if cfg.data.streaming:
-        return _sft_stream(cfg, tokenizer, tok_source)
+        return _sft_stream(cfg, tokenizer, tok_source, shard)
     data = build_sft_datasets(cfg.data, cfg.sft, tokenizer, seed=cfg.train.seed,
                               tokenizer_source=tok_source)
     collate = _sft_collator(cfg, tokenizer)
     val = None
     if data.val is not None and len(data.val):
-        val = _stateful(data.val, cfg, collate, False)
-    from tunesmith.data.sft import SFTFormatter
-
+        val = _stateful(data.val, cfg, collate, False, shard)
     formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
-    return TaskData(_stateful(data.train, cfg, collate, True), val, True,
+    return TaskData(_stateful(data.train, cfg, collate, True, shard), val, True,
                     {"train": data.stats.to_dict(),
                      **({"validation": data.val_stats.to_dict()} if data.val_stats else {})},
                     formatter, data.val_rendered)
 
 
-def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
-    from tunesmith.data.records import RecordReader
-    from tunesmith.data.sft import InvalidRecord, SFTFormatter
-    from tunesmith.data.sft_data import SFTStats, SFTTokenizer
-
+def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> TaskData:
     formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
     tok = SFTTokenizer(tokenizer, cfg.data.block_size, train_on_inputs=cfg.sft.train_on_inputs,
                        overlong=cfg.sft.overlong)
@@ -137,19 +139,15 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
                                               split=cfg.data.split, streaming_hub=True,
                                               skip_bad_rows=cfg.data.skip_bad_rows),
                             encode, "packed" if cfg.sft.packing else "examples",
-                            _sft_collator(cfg, tokenizer))
+                            _sft_collator(cfg, tokenizer), shard)
     val, val_rendered = None, []
     if cfg.data.validation_path:
-        from tunesmith.data.sft_data import build_sft_datasets, render_split
-
         vcfg = cfg.data.model_copy(update={"path": cfg.data.validation_path,
                                            "validation_path": None,
                                            "validation_split_percentage": 0})
         vdata = build_sft_datasets(vcfg, cfg.sft, tokenizer, seed=cfg.train.seed,
                                    tokenizer_source=tok_source)
-        val = _stateful(vdata.train, cfg, _sft_collator(cfg, tokenizer), False)
-        from tunesmith.data.sft_data import filter_category
-
+        val = _stateful(vdata.train, cfg, _sft_collator(cfg, tokenizer), False, shard)
         val_reader = RecordReader(cfg.data.validation_path, skip_bad_rows=cfg.data.skip_bad_rows)
         records, _ = filter_category(formatter, val_reader.read_all(), cfg.sft,
                                      cfg.data.validation_path)
@@ -157,22 +155,18 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str) -> TaskData:
     return TaskData(loader, val, False, {"train_stream": stats}, formatter, val_rendered)
 
 
-def _stream_loader(cfg: RunConfig, reader: Any, encode: Any, mode: str, collate: Any) -> Any:
-    from tunesmith.data.streaming import StreamingLoader
-
-    rank, world = _rank_world()  # each rank reads every world-th record of the stream
+def _stream_loader(cfg: RunConfig, reader: Any, encode: Any, mode: str, collate: Any,
+                   shard: Shard) -> StreamingLoader:
+    rank, world = shard  # each rank reads every world-th record of the stream
     return StreamingLoader(reader, encode, mode=mode, batch_size=cfg.train.micro_batch_size,
                            collate_fn=collate, block_size=cfg.data.block_size,
                            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                            rank=rank, world_size=world, drop_last=True)
 
 
-def _text_stream(cfg: RunConfig, tokenizer: Any, collate: Any) -> Any:
+def _text_stream(cfg: RunConfig, tokenizer: Any, collate: Any, shard: Shard) -> StreamingLoader:
     """Raw text records -> token lists (BOS as the tokenizer adds it, EOS per record)."""
-    from tunesmith.data.clm import _eos_to_append
-    from tunesmith.data.records import RecordReader
-
-    eos = _eos_to_append(cfg.data, tokenizer)
+    eos = eos_to_append(cfg.data, tokenizer)
     column = cfg.data.text_column
 
     def encode(record: Any, where: str) -> list[int]:
@@ -194,13 +188,12 @@ def _text_stream(cfg: RunConfig, tokenizer: Any, collate: Any) -> Any:
             ids = base(record, where)[: cfg.data.block_size]
             return {"input_ids": ids} if ids else None
 
-    return _stream_loader(cfg, reader, encode, mode, collate)
+    return _stream_loader(cfg, reader, encode, mode, collate, shard)
 
 
-def _raw_text_data(cfg: RunConfig, tokenizer: Any, max_positions: int, collate: Any) -> TaskData:
-    """clm (streaming) and mlm: raw text with the given collator."""
-    from tunesmith.data import build_clm_datasets
-
+def _raw_text_data(cfg: RunConfig, tokenizer: Any, max_positions: int, collate: Any,
+                   shard: Shard) -> TaskData:
+    """clm and mlm: raw text (files, hub datasets or a stream) with the given collator."""
     if cfg.data.streaming:
         val = None
         if cfg.data.validation_path:
@@ -209,59 +202,25 @@ def _raw_text_data(cfg: RunConfig, tokenizer: Any, max_positions: int, collate: 
                                                "validation_split_percentage": 0})
             vds, _ = build_clm_datasets(vcfg, tokenizer, seed=cfg.train.seed,
                                         max_positions=max_positions)
-            val = _stateful(vds, cfg, collate, False)
-        return TaskData(_text_stream(cfg, tokenizer, collate), val, False)
+            val = _stateful(vds, cfg, collate, False, shard)
+        return TaskData(_text_stream(cfg, tokenizer, collate, shard), val, False)
     train_ds, val_ds = build_clm_datasets(cfg.data, tokenizer, seed=cfg.train.seed,
                                           max_positions=max_positions)
-    val = _stateful(val_ds, cfg, collate, False) if val_ds is not None and len(val_ds) else None
-    return TaskData(_stateful(train_ds, cfg, collate, True), val, True)
+    val = _stateful(val_ds, cfg, collate, False, shard) if val_ds is not None and len(val_ds) else None
+    return TaskData(_stateful(train_ds, cfg, collate, True, shard), val, True)
 
 
-def build_task_data(cfg: RunConfig, family: Any, tokenizer: Any, max_positions: int,
-                    tok_source: str) -> TaskData | None:
-    """Loaders for cfg.task; None for plain clm (setup's own loaders)."""
+def build_task_data(cfg: RunConfig, family: ModelFamily, tokenizer: Any, max_positions: int,
+                    tok_source: str, shard: Shard = Shard(0, 1)) -> TaskData:
+    """The loaders of the run's task: (task, data config, tokenizer) -> train/val loaders.
+
+    `shard`: this process's data-parallel (rank, degree); tensor-parallel ranks of one
+    data-parallel group share a rank (they must read the same batches)."""
     check_task_family(cfg, family)
     if cfg.data.block_size > max_positions:
         raise TunesmithError(f"data.block_size={cfg.data.block_size} exceeds the model's max "
                              f"positions ({max_positions})")
     if cfg.task == "sft":
-        return _sft_data(cfg, tokenizer, tok_source)
-    if cfg.task == "mlm":
-        return _raw_text_data(cfg, tokenizer, max_positions, _mlm_collator(cfg, tokenizer))
-    if cfg.data.streaming:
-        from tunesmith.data import make_collator
-
-        return _raw_text_data(cfg, tokenizer, max_positions, make_collator(cfg.data, tokenizer))
-    return None
-
-
-def _stats_dict(stats: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in stats.items()}
-
-
-def after_training(cfg: RunConfig, trainer: Any, bundle: Any, summary: dict[str, Any]) -> None:
-    """Task extras for the run summary: data counts, and evaluation by generation."""
-    task: TaskData = bundle.task
-    if task.stats:
-        summary["data"] = _stats_dict(task.stats)
-    g = cfg.eval.generate
-    if not g.enabled:
-        return
-    if not task.val_rendered:
-        log.warning("eval.generate: no held-out SFT records (set data.validation_path or "
-                    "data.validation_split_percentage); skipped")
-        return
-    from pathlib import Path
-
-    from tunesmith.eval.generation import evaluate_generation
-    from tunesmith.models import usable_positions
-
-    scores = evaluate_generation(
-        bundle.model, bundle.tokenizer, task.val_rendered,
-        task.formatter.stop_ids(bundle.tokenizer),
-        max_new_tokens=g.max_new_tokens, max_positions=usable_positions(bundle.model_cfg),
-        out_path=Path(cfg.output.dir) / g.output, max_samples=g.max_samples,
-        temperature=g.temperature, seed=cfg.train.seed, autocast=trainer.rt.autocast(),
-    )
-    summary.update({f"gen_{k}": v for k, v in scores.items()})
-    summary["predictions"] = str(Path(cfg.output.dir) / g.output)
+        return _sft_data(cfg, tokenizer, tok_source, shard)
+    collate = _mlm_collator(cfg, tokenizer) if cfg.task == "mlm" else make_collator(cfg.data, tokenizer)
+    return _raw_text_data(cfg, tokenizer, max_positions, collate, shard)

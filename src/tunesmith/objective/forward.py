@@ -7,8 +7,8 @@ from torch import nn
 
 from tunesmith.models.attention import AttnSpec
 from tunesmith.parallel.fsdp import gathered_head_weight
-from tunesmith.train.loss import linear_cross_entropy
-from tunesmith.train.runtime import Runtime
+from tunesmith.objective.loss import linear_cross_entropy
+from tunesmith.runtime import Runtime
 
 
 def attention_for(batch: dict, dev: torch.device) -> tuple[AttnSpec | None, torch.Tensor | None]:

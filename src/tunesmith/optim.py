@@ -9,7 +9,7 @@ from torch import nn
 
 from tunesmith.config.schema import OptimConfig, ScheduleConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.train.optim_lowmem import build_lowmem_optimizer, uses_torchao
+from tunesmith.optim_lowmem import build_lowmem_optimizer, uses_torchao
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

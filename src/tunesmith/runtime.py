@@ -1,4 +1,8 @@
-"""Device and precision, decided once at setup and then only read."""
+"""Device and precision, decided once at setup and then only read.
+
+Low in the layering (imports only `errors` and `models.attention` for the SDPA kernel
+priority), so `parallel`, `objective`, `eval`, `build` and `train` can all depend on it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models.attention import configure_sdpa
 
 log = logging.getLogger("tunesmith")
 
@@ -40,8 +47,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from tunesmith.errors import TunesmithError
-
         raise TunesmithError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
 
@@ -50,12 +55,10 @@ def resolve_runtime(device_name: str, precision: str) -> Runtime:
     device = resolve_device(device_name)
     if device.type == "cpu" and precision in ("bf16", "fp16"):
         # CPU autocast is slower than fp32 on most CPUs and fp16 scaling is CUDA-only;
-        # the numbers would be worse for no gain, so run fp32 and say so once.
-        log.info("precision=%s on CPU: running fp32 (mixed precision pays off on GPUs)", precision)
+        # the numbers would be worse for no gain, so run fp32. Training says so once, in its
+        # "model ..." line after setup succeeded (never right before an error).
         precision = "fp32"
     if device.type == "cuda" and precision in ("bf16", "bf16-pure") and not torch.cuda.is_bf16_supported():
-        from tunesmith.errors import TunesmithError
-
         raise TunesmithError(f"precision={precision} needs a GPU with bf16 support; use fp16")
     table = {
         "fp32": (torch.float32, None),
@@ -68,12 +71,17 @@ def resolve_runtime(device_name: str, precision: str) -> Runtime:
         # TF32 for the few fp32 matmuls left (e.g. fp32 runs): same range, ~8x the rate.
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = precision != "fp32"
-        from tunesmith.models.attention import configure_sdpa
-
         kernel = configure_sdpa(device)
         if kernel != "default":
             log.debug("attention: SDPA prefers the %s kernel on this GPU", kernel)
     return Runtime(device, precision, param_dtype, autocast_dtype)
+
+
+def precision_note(requested: str, rt: Runtime) -> str:
+    """The precision a run uses, and why when it is not the one asked for."""
+    if requested == rt.precision:
+        return rt.precision
+    return f"{rt.precision}: train.precision={requested} is used on GPUs only"
 
 
 def seed_everything(seed: int) -> None:
