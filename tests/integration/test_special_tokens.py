@@ -64,8 +64,8 @@ def test_preset_with_llama3_tokenizer_saves_tokenizer_ids(tmp_path, caplog):
 def test_agreeing_ids_are_kept():
     from types import SimpleNamespace
 
-    from tunesmith.models import resolve_model_config
     from tunesmith.build.special_tokens import align_special_tokens
+    from tunesmith.models import resolve_model_config
 
     _, cfg = resolve_model_config("tiny")
     tok = SimpleNamespace(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,

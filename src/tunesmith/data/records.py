@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tunesmith.data.sources import (
-    _list_files,
-    _looks_like_path,
-    _utf8_lines,
+from tunesmith.data.files import (
     csv_rows,
+    list_files,
+    looks_like_path,
     read_by_kind,
+    utf8_lines,
 )
 from tunesmith.errors import TunesmithError, first_line
 
@@ -65,8 +65,8 @@ class RecordReader:
         self.streaming_hub = streaming_hub
         local = Path(path).expanduser()
         if local.exists():
-            self.files: list[Path] | None = _list_files(local)
-        elif _looks_like_path(path):
+            self.files: list[Path] | None = list_files(local)
+        elif looks_like_path(path):
             raise TunesmithError(f"{local}: no such file or directory")
         else:
             self.files = None  # a hub dataset name
@@ -129,7 +129,7 @@ def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool
     """JSON lines (parse=True) or text lines as {"text": line}; resumes by seeking."""
     fh.seek(max(offset, 0))
     pos = max(offset, 0)
-    for lineno, line in _utf8_lines(path, fh):
+    for lineno, line in utf8_lines(path, fh):
         pos += len(line.encode("utf-8")) + (3 if lineno == 1 and pos == 0 and _has_bom(path)
                                             else 0)
         stripped = line.strip()
