@@ -31,7 +31,7 @@ def measure(variant: str, n: int, d: int, v: int, repeats: int = 3) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tunesmith.train import loss as L
+    from tunesmith.objective import loss as L
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

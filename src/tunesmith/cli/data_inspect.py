@@ -10,11 +10,12 @@ examples were truncated or dropped. Nothing is trained and nothing is written.
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.cli.argtypes import positive_int
+
+if TYPE_CHECKING:  # torch loads only when the command runs (`tunesmith --help` stays light)
+    import torch
 
 IGNORE_INDEX = -100
 PROMPT_STYLE, TARGET_STYLE, BOUNDARY_STYLE = "dim", "bold green", "bold magenta"
@@ -74,6 +75,8 @@ def training_loader(cfg: Any) -> tuple[Any, Any, dict[str, Any], int]:
 
 def first_rows(loader: Any, n: int) -> list[dict[str, torch.Tensor]]:
     """The first `n` rows the loader yields, one dict of [T] tensors each."""
+    import torch
+
     rows: list[dict[str, torch.Tensor]] = []
     for batch in loader:
         for b in range(batch["input_ids"].size(0)):
@@ -88,7 +91,7 @@ def target_mask(row: dict[str, torch.Tensor], shift: int) -> torch.Tensor:
     has_label = row["labels"] != IGNORE_INDEX
     if shift == 0:
         return has_label
-    mask = torch.zeros_like(has_label)
+    mask = has_label.new_zeros(has_label.shape)
     mask[1:] = has_label[:-1]
     return mask
 

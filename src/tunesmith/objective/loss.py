@@ -89,8 +89,8 @@ def _chunk_loss_inplace(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # Bytes one [chunk, V] fp32 logits block may take. CUDA: 4096 rows of Llama 3's 128k vocab
 # (2 GiB), the measured setting of benchmarks/RESULTS.md; the compiled kernel keeps ~2 blocks.
-# Elsewhere the block is host memory and the eager kernel keeps one: 64 MiB (128 rows at 128k,
-# 512 at 32k) measured as fast as larger chunks on CPU (benchmarks/ce_cpu_memory.py).
+# Elsewhere the block is host memory and the eager kernel keeps one: 64 MiB (130 rows at 128k,
+# 524 at 32k) measured as fast as larger chunks on CPU (benchmarks/ce_cpu_memory.py).
 _BLOCK_BYTES = {"cuda": 4096 * 128256 * 4, "cpu": 64 << 20}
 _MIN_ROWS, _MAX_ROWS = 64, 4096
 
@@ -144,6 +144,7 @@ def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.T
             grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
         if grad_w is not None:
             grad_w += (g.t() @ h).to(grad_w.dtype)
+        del logits, g  # one [c, V] block alive at a time: freed before the next is allocated
     return total
 
 
