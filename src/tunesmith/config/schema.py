@@ -88,6 +88,14 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(
         10000, ge=0, description="streaming: records held for shuffling (0 = stream order).",
     )
+    csv_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A CSV row whose field count differs from the header's: error "
+        "(names file:line) or skip (left out; the count is logged per file).",
+    )
+
+    @property
+    def skip_bad_rows(self) -> bool:
+        return self.csv_bad_rows == "skip"
 
 
 class OptimConfig(Section):
