@@ -135,7 +135,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 # Config keys that hold filesystem paths. Those in _ALWAYS_PATHS are paths whatever they say;
 # the others may also name a preset, a hub model or a hub dataset, so they count as paths only
 # when they exist on disk or are spelled like one (./x, ../x).
-_ALWAYS_PATHS = ("data.cache_dir", "output.dir", "peft.from_checkpoint",
+_ALWAYS_PATHS = ("data.cache_dir", "output.dir", "profile.dir", "peft.from_checkpoint",
                  "parallel.deepspeed_config", "checkpoint.resume")
 _MAYBE_PATHS = ("model.name", "model.tokenizer", "data.path", "data.validation_path")
 
