@@ -392,11 +392,13 @@ class ParallelConfig(Section):
 class PeftConfig(Section):
     """Parameter-efficient fine-tuning and layer freezing (see docs/peft.md)."""
 
-    method: Literal["none", "lora", "dora", "qlora"] = Field(
+    method: Literal["none", "lora", "dora", "qlora", "llama_adapter"] = Field(
         "none",
         description="none: train all (unfrozen) weights; lora: low-rank adapters on a frozen base; "
         "dora: LoRA plus a learned per-row magnitude (weight-decomposed); qlora: LoRA on a base "
-        "stored in 4-bit NF4 (needs torchao).",
+        "stored in 4-bit NF4 (needs torchao); llama_adapter: learnable adaption prompts with a "
+        "zero-initialised gate in the top attention layers of a frozen Llama/Mistral (peft's "
+        "adaption_prompt; see adapter_len, adapter_layers).",
     )
     r: int = Field(8, gt=0, description="LoRA rank: adapter matrices A [r, in] and B [out, r].")
     alpha: float = Field(
@@ -428,6 +430,14 @@ class PeftConfig(Section):
         "float8: block linear weights in float8 e4m3 with one fixed scale per row, their matmuls "
         "run in float8 (CUDA, compute capability >= 8.9; see docs/lowmem.md).",
     )
+    adapter_len: int = Field(
+        10, gt=0, description="llama_adapter: adaption prompt tokens per adapted layer (llama-recipes' default)."
+    )
+    adapter_layers: int = Field(
+        30, gt=0,
+        description="llama_adapter: how many of the top transformer blocks get an adaption prompt "
+        "(llama-recipes' default; at most the model's block count).",
+    )
     freeze_layers: list[int] = Field(
         default_factory=list,
         description="Transformer block indices to freeze (no updates; with LoRA they get no adapters).",
@@ -441,11 +451,19 @@ class PeftConfig(Section):
     def _check(self) -> PeftConfig:
         if self.method == "none":
             if self.from_checkpoint is not None:
-                raise ValueError("peft.from_checkpoint needs peft.method lora, dora or qlora")
+                raise ValueError("peft.from_checkpoint needs peft.method lora, dora, qlora or llama_adapter")
             if self.save_merged:
                 raise ValueError("peft.save_merged needs peft.method lora, dora or qlora")
         if any(i < 0 for i in self.freeze_layers):
             raise ValueError("peft.freeze_layers holds block indices, which are >= 0")
+        if self.method == "llama_adapter":
+            if self.save_merged:
+                raise ValueError("peft.save_merged: a llama_adapter prompt cannot be folded into "
+                                 "the weights (it is extra attention input); drop save_merged")
+            if self.freeze_layers or self.num_freeze_layers or self.freeze_embeddings:
+                raise ValueError("peft.method=llama_adapter freezes the whole base already; drop "
+                                 "freeze_layers / num_freeze_layers / freeze_embeddings (choose "
+                                 "the adapted blocks with peft.adapter_layers)")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("peft.target_modules is empty: name at least one module or use all-linear")
         return self

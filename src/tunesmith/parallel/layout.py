@@ -23,7 +23,7 @@ from typing import Any
 
 from tunesmith.config.schema import ParallelConfig, RunConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.models.registry import families, get_family
+from tunesmith.models.registry import adaption_point, families, get_family
 
 SHARDED = ("full_shard", "shard_grad_op", "hybrid_shard")
 
@@ -173,6 +173,11 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
     if layout.world_size > 1:
         _check_single_process_features(cfg, model_cfg)
     pc = cfg.peft
+    if pc.method == "llama_adapter":
+        adaption_point(model_cfg.model_type)  # one line for a model type without one
+        if not pc.from_checkpoint and pc.adapter_layers > model_cfg.n_layers:
+            raise TunesmithError(f"peft.adapter_layers={pc.adapter_layers} exceeds the model's "
+                                 f"{model_cfg.n_layers} transformer blocks")
     if tp > 1 and (pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers):
         raise TunesmithError(
             f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "
