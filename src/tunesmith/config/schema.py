@@ -132,6 +132,11 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
+    compile_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="torch.compile options for the compiled blocks: TorchInductor config keys, e.g. "
+        "{coordinate_descent_tuning: true} (default: none; see docs/performance.md).",
+    )
     float8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
         "none",
         description="float8 training (torchao) of the chosen linear layers: tensorwise (fastest), "
