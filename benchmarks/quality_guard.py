@@ -24,8 +24,9 @@ eval loss is within --tol (1%) of its baseline's:
 The chunked cross-entropy is the only loss path tunesmith has (no mode turns it off), so it is
 in every row. Modes that need CUDA (float8, compile) are skipped on CPU with that reason.
 
-Writes OUT/result.json (every number, each run's summary) and OUT/result.md (a table for
-benchmarks/RESULTS.md). Exit status 0 even when a mode fails the tolerance: the table says so.
+Writes OUT/result.json (every number, each run's summary), OUT/result.md (a table for
+benchmarks/RESULTS.md) and OUT/logs/MODE.log (CLI runs); the runs themselves go to --work.
+Exit status 0 even when a mode fails the tolerance: the table says so.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def run_mode(args, out: Path, mode: str) -> dict[str, Any]:
         cfg_path.write_text(json.dumps(recipe, indent=1))
         yaml_path = cfg_path.with_suffix(".yaml")  # JSON is YAML: the CLI reads it as a recipe
         yaml_path.write_text(cfg_path.read_text())
-        log = run_dir.parent / f"{mode}.log"
+        log = args.out / "logs" / f"{mode}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "tunesmith", "train", str(yaml_path)]
         with open(log, "w") as fh:
             try:
@@ -221,6 +223,9 @@ def environment(device: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--work", type=Path, default=None,
+                   help="runs, tokenised data, the baseline's saved model (~0.7 GB on CUDA); "
+                        "default OUT/work")
     p.add_argument("--data", type=Path, default=None,
                    help="shared data folder (default: ./shared/data, else ../shared/data)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -256,20 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = list(dict.fromkeys(["bf16", *modes, *(["lora-bf16"] if "lora-float8" in modes else [])]))
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out / "work"
     results: dict[str, dict] = {m: {} for m in MODES if m in modes}
     for m in results:
         if MODES[m][2] and not cuda:
             results[m] = {"skipped": "needs CUDA"}
     env = environment(args.device)
     # The baseline first, alone: it fills the tokenisation cache and is the LoRA modes' base.
-    results["bf16"] = run_mode(args, args.out, "bf16")
+    results["bf16"] = run_mode(args, args.work, "bf16")
     save(results, args, env, quiet=True)
     todo = [m for m in results if m != "bf16" and not results[m]]
     if "error" in results["bf16"]:
         todo = [m for m in todo if m not in LORA]
     jobs = 1 if args.in_process else max(1, args.jobs)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(run_mode, args, args.out, m): m for m in todo}
+        futures = {pool.submit(run_mode, args, args.work, m): m for m in todo}
         for fut in as_completed(futures):
             m = futures[fut]
             results[m] = fut.result()
