@@ -43,22 +43,24 @@ class InBackward:
         named = list(model.named_parameters())
         names = {id(p): n for n, p in named}
         pos = {id(p): i for i, (_, p) in enumerate(named)}
-        self._subs: dict[int, tuple[torch.optim.Optimizer, dict]] = {}
+        # (one-parameter optimizer, index of the parameter's group): by index, because the
+        # main optimizer's load_state_dict (resume) replaces its group dicts.
+        self._subs: dict[int, tuple[torch.optim.Optimizer, int]] = {}
         self._norms: dict[int, torch.Tensor] = {}
         self._order: list[tuple[str, int]] = []  # (name, id) in the model's parameter order
-        for group in optimizer.param_groups:
+        for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 hyper = {k: v for k, v in group.items() if k != "params"}
-                self._subs[id(p)] = (factory([{"params": [p], **hyper}]), group)
+                self._subs[id(p)] = (factory([{"params": [p], **hyper}]), gi)
                 self._order.append((names.get(id(p), "?"), id(p)))
                 p.register_post_accumulate_grad_hook(self._step)
         self._order.sort(key=lambda item: pos.get(item[1], 0))
 
     @torch.no_grad()
     def _step(self, p: torch.Tensor) -> None:
-        sub, group = self._subs[id(p)]
+        sub, gi = self._subs[id(p)]
         sub_group = sub.param_groups[0]
-        for k, v in group.items():
+        for k, v in self.optimizer.param_groups[gi].items():
             if k != "params":
                 sub_group[k] = v  # the scheduler's current lr (a tensor for torchao: shared)
         # One state dict for both: checkpoints save and load the main optimizer's, and its

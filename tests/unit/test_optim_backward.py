@@ -4,6 +4,8 @@ and the combinations that cannot work are refused."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,17 +67,27 @@ def test_whole_model_gradients_never_coexist():
     assert len(alive) == len(params) and max(alive) == 0
 
 
-def test_resumed_state_is_the_one_the_hooks_update():
-    # load_state_dict replaces the optimizer's state dict object; the hooks must follow it.
-    _, opt, _ = _train(True, steps=1)
+def _loaded(in_backward: bool, sd: dict):
     model, _, _ = tiny_model(seed=1)
-    fresh = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, in_backward=True),
-                            torch.device("cpu"))
-    sd = opt.state_dict()
-    fresh.load_state_dict(sd)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, in_backward=in_backward),
+                          torch.device("cpu"))
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # writes lr into the groups it sees
+    opt.load_state_dict(copy.deepcopy(sd))  # resume: new state and group dicts (the saved lr)
+    opt.param_groups[0]["lr"] = 3e-3  # the scheduler's next write goes to the new groups
     _loss(model, ids(2, 12)).backward()
-    steps = {int(st["step"]) for st in fresh.state.values()}
-    assert steps == {2}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def test_after_load_state_dict_the_hooks_use_the_loaded_state_and_groups():
+    _, opt, _ = _train(True, steps=1)
+    sd = opt.state_dict()
+    ref, _ = _loaded(False, sd)
+    got, fresh = _loaded(True, sd)
+    assert {int(st["step"]) for st in fresh.state.values()} == {2}
+    for (n, a), b in zip(ref.named_parameters(), got.parameters()):
+        assert torch.equal(a, b), n
 
 
 @pytest.mark.parametrize("extra, message", [
