@@ -44,6 +44,7 @@ def inits(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
     out = {tied: save_init(root / f"tied{int(tied)}", tied) for tied in (True, False)}
     out["gpt2"] = save_init(root / "gpt2", preset="gpt2-tiny", overrides=GPT2_OVERRIDES)
+    out["gptj"] = save_init(root / "gptj", preset="gptj-tiny", overrides=GPT2_OVERRIDES)
     return out
 
 
@@ -62,6 +63,9 @@ def reference(data, inits, tmp_path_factory):
     d = root / "gpt2"  # another family (learned positions, tied, biases, Conv1D layout in HF)
     assert run(["-q", "train", *job(*data, d, init=inits["gpt2"])]) == 0
     out["gpt2"] = d
+    d = root / "gptj"  # parallel attention + MLP, interleaved partial rotary, head bias
+    assert run(["-q", "train", *job(*data, d, init=inits["gptj"])]) == 0
+    out["gptj"] = d
     d = root / "ckpt1"  # one process, checkpoint at step 3: resumed on 2 ranks below
     assert run(["-q", "train", *job(*data, d, tied=False, extra=CKPT_STEPS)]) == 0
     out["ckpt1"] = d
@@ -84,9 +88,12 @@ def _assert_same_weights(run_dir, ref_dir, what):
         torch.testing.assert_close(got[k], want[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{what}: {k}")
 
 
-# name -> (world size, data-parallel degree, reference: tied | "scratch" | "gpt2", extra overrides)
+# name -> (world size, data-parallel degree, reference: tied | "scratch" | family, extra overrides)
 LAYOUTS = {
     "gpt2_full_shard": (2, 2, "gpt2", ("parallel.strategy=full_shard",)),
+    # recipes/gptj_clm_wikitext.yaml's layout: ZeRO-2 as shard_grad_op, full AC
+    "gptj_shard_grad_op+full_ac": (2, 2, "gptj", ("parallel.strategy=shard_grad_op",
+                                                  "parallel.activation_checkpointing=full")),
     "full_shard_from_scratch": (2, 2, "scratch", ("parallel.strategy=full_shard",)),
     "full_shard": (2, 2, False, ("parallel.strategy=full_shard",)),
     "shard_grad_op+selective_ac": (2, 2, True, ("parallel.strategy=shard_grad_op",

@@ -107,7 +107,8 @@ def _eval_generate(args: argparse.Namespace) -> int:
     out = run_generate_eval(
         args.model, args.data, sft=sft, max_new_tokens=args.max_new_tokens,
         max_samples=args.max_samples, output=args.output, device=args.device,
-        precision=args.precision,
+        precision=args.precision, batch_size=args.batch_size,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     print(json.dumps(out))
     return 0
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--output", default=None, help="--generate: predictions JSONL path")
+    e.add_argument("--no-cuda-graphs", action="store_true",
+                   help="--generate on CUDA: run decode steps eagerly, not as CUDA-graph replays")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="generate text from a prompt (KV-cached)")

@@ -101,5 +101,9 @@ class GenerateEvalConfig(_Section):
     max_new_tokens: int = Field(128, gt=0)
     max_samples: int | None = Field(None, gt=0, description="Evaluate at most this many.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded, "
+                            "longest first); greedy answers do not depend on it.")
+    cuda_graphs: bool = Field(True, description="On CUDA, replay each decode step as a captured "
+                              "CUDA graph (HF's --use_hpu_graphs_for_inference); false: eager.")
     output: str = Field("predictions.jsonl", description="Predictions file, relative to "
                         "output.dir.")

@@ -79,9 +79,11 @@ def run_generate(
 def run_generate_eval(
     model_dir: str, data: str, *, sft: Any = None, max_new_tokens: int = 128,
     max_samples: int | None = None, output: str | None = None, device: str = "auto",
-    precision: str = "bf16", temperature: float = 0.0, seed: int = 0,
+    precision: str = "bf16", temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
-    """`tunesmith eval --generate`: answer every record of an SFT file, score ROUGE / EM."""
+    """`tunesmith eval --generate`: answer every record of an SFT file, score ROUGE / EM
+    (`batch_size` prompts at a time, left-padded; CUDA-graph decode steps on CUDA)."""
     rt = resolve_runtime(device, precision)
     model, tokenizer = load_for_inference(model_dir, rt)
     if get_family(model.cfg.model_type).kind != "causal":
@@ -93,6 +95,7 @@ def run_generate_eval(
     scores = evaluate_generation(
         model, tokenizer, items, formatter.stop_ids(tokenizer), max_new_tokens=max_new_tokens,
         max_positions=usable_positions(model.cfg), out_path=output, max_samples=max_samples,
-        temperature=temperature, seed=seed, autocast=rt.autocast(),
+        temperature=temperature, seed=seed, autocast=rt.autocast(), batch_size=batch_size,
+        cuda_graphs=cuda_graphs,
     )
     return {**scores, **({"predictions": output} if output else {})}

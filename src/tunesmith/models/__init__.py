@@ -3,7 +3,7 @@
     family.py     ModelFamily: the descriptor each family folder exports as `FAMILY`
     registry.py   discovery of the family folders, get_family, resolve_model_config
     io.py         build_model / init_random / load_pretrained / save_pretrained / write_hf_dir
-    llama/ gpt2/ neox/ bert/   one folder per family (config, model, HF adapter, plans)
+    llama/ gpt2/ gptj/ neox/ bert/   one folder per family (config, model, HF adapter, plans)
     attention.py rope.py kv_cache.py layers.py   building blocks shared by the families
 """
 
@@ -12,6 +12,8 @@ from tunesmith.models.bert.model import BertMLM
 from tunesmith.models.family import ModelConfig, ModelFamily
 from tunesmith.models.gpt2.config import GPT2Config
 from tunesmith.models.gpt2.model import GPT2
+from tunesmith.models.gptj.config import GPTJConfig
+from tunesmith.models.gptj.model import GPTJ
 from tunesmith.models.io import (
     as_dtype,
     build_model,
@@ -39,7 +41,7 @@ from tunesmith.models.registry import (
 )
 
 __all__ = [
-    "BertConfig", "BertMLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig",
+    "BertConfig", "BertMLM", "GPT2", "GPT2Config", "GPTJ", "GPTJConfig", "KVCache", "Llama", "LlamaConfig",
     "ModelConfig", "ModelFamily", "NeoX", "NeoXConfig", "all_presets", "as_dtype", "build_model",
     "families", "family_of", "get_family", "init_random", "is_preset", "load_pretrained",
     "plan_load", "resolve_model_config", "save_pretrained", "usable_positions", "weights_dir",

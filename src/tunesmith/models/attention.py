@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
 
-AttnKind = Literal["causal", "padding", "documents"]
+AttnKind = Literal["causal", "padding", "documents", "keys"]
 Backend = Literal["auto", "sdpa", "flex"]
 _BACKENDS = ("auto", "sdpa", "flex")
 # Process-wide choice; TUNESMITH_ATTENTION=sdpa|flex|auto overrides the default "auto".
@@ -52,6 +52,9 @@ class AttnSpec:
                      With a KV cache, S covers cached + new tokens (HF convention).
         "documents": causal within documents; `doc_ids` [B, T] int, equal ids = same document.
                      Used for packed sequences: no attention across document boundaries.
+        "keys":      every query sees exactly the keys where `attention_mask` [B, S] is 1, as
+                     given (no causal or self term added): decode steps over a static KV cache
+                     whose unwritten slots are 0, so shapes never change (CUDA graphs).
     """
 
     kind: AttnKind = "causal"
@@ -70,6 +73,13 @@ class AttnSpec:
                 f"{tuple(attention_mask.shape)}"
             )
         return cls("padding", attention_mask=attention_mask)
+
+    @classmethod
+    def keys(cls, key_mask: torch.Tensor) -> AttnSpec:
+        if key_mask.dim() != 2:
+            raise TunesmithError(
+                f"AttnSpec.keys: key_mask must be [batch, keys], got {tuple(key_mask.shape)}")
+        return cls("keys", attention_mask=key_mask)
 
     @classmethod
     def documents(cls, doc_ids: torch.Tensor) -> AttnSpec:
@@ -201,6 +211,13 @@ def prepare_attention(
         return PreparedAttention(
             _padding_mask(spec, q_len, kv_len, device, causal), is_causal=False
         )
+    if spec.kind == "keys":
+        keys = spec.attention_mask
+        assert keys is not None
+        if keys.shape[1] != kv_len:
+            raise TunesmithError(f"key mask covers {keys.shape[1]} keys, attention spans {kv_len}")
+        return PreparedAttention(keys.to(device=device, dtype=torch.bool)[:, None, None, :],
+                                 is_causal=False)  # [B, 1, 1, S]
     if spec.kind == "documents":
         _check_documents(spec, q_len, kv_len)
         if attention_backend(device) == "flex":
@@ -208,7 +225,7 @@ def prepare_attention(
             return PreparedAttention(None, False, block_mask)
         return PreparedAttention(_documents_mask(spec, q_len, device, causal), is_causal=False)
     raise TunesmithError(
-        f"unknown attention kind {spec.kind!r}; known: causal, padding, documents"
+        f"unknown attention kind {spec.kind!r}; known: causal, padding, documents, keys"
     )
 
 

@@ -186,13 +186,16 @@ class HFCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-                        eos_token_id: Any, generator: torch.Generator | None) -> torch.Tensor:
-        """Prompt + new tokens [B, T + n] via HF generate (greedy when temperature is 0)."""
+                        eos_token_id: Any, generator: torch.Generator | None,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt + new tokens [B, T + n] via HF generate (greedy when temperature is 0);
+        attention_mask [B, T] marks left padding (None: none)."""
         if generator is not None:
             torch.manual_seed(int(generator.initial_seed()))
         sample = temperature > 0
         return self.hf.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            input_ids, max_new_tokens=max_new_tokens,
+            attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask.long(),
             do_sample=sample, temperature=temperature if sample else None, top_k=None,
             top_p=None, eos_token_id=eos_token_id, pad_token_id=(
                 eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id) or 0)

@@ -1,4 +1,6 @@
-"""The preallocated key/value cache used by every decoder family's incremental decode."""
+"""The preallocated key/value caches used by every decoder family's incremental decode:
+`KVCache` (a growing filled prefix) and `StaticKVCache` (fixed shapes while decoding, for
+CUDA-graph replays; see models/decode.py)."""
 
 from __future__ import annotations
 
@@ -46,3 +48,42 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class StaticKVCache(KVCache):
+    """`KVCache` with a static decode phase.
+
+    Prefill: as `KVCache` (writes [length, length + T), returns the filled prefix).
+    After `start_decode()`: `update` writes one token at slot `self.slot` ([1] long tensor)
+    and returns the whole buffers [B, n_kv, max_len, hd]; `length` reads max_len - 1, so the
+    model's key span (length + 1 new token) is the full buffer the key mask describes.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.decoding = False
+        super().__init__(*args, **kwargs)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
+
+    @property
+    def length(self) -> int:  # type: ignore[override]
+        return self.max_len - 1 if self.decoding else self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self._length = n
+
+    def start_decode(self) -> None:
+        self.decoding = True
+
+    def advance(self, n: int) -> None:
+        if not self.decoding:
+            self._length += n
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.decoding:
+            return super().update(layer_idx, k, v)
+        ck, cv = self.k[layer_idx], self.v[layer_idx]  # [B, n_kv, max_len, hd]
+        ck.index_copy_(2, self.slot, k.to(ck.dtype))  # k [B, n_kv, 1, hd]
+        cv.index_copy_(2, self.slot, v.to(cv.dtype))
+        return ck, cv

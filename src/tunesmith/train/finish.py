@@ -46,6 +46,7 @@ def after_training(cfg: RunConfig, trainer: Trainer, parts: RunParts, summary: d
         max_new_tokens=g.max_new_tokens, max_positions=parts.spec.max_positions,
         out_path=Path(cfg.output.dir) / g.output, max_samples=g.max_samples,
         temperature=g.temperature, seed=cfg.train.seed, autocast=trainer.rt.autocast(),
+        batch_size=g.batch_size, cuda_graphs=g.cuda_graphs,
     )
     summary.update({f"gen_{k}": v for k, v in scores.items()})
     summary["predictions"] = str(Path(cfg.output.dir) / g.output)

@@ -19,7 +19,7 @@ from tunesmith.models import (
 )
 from tunesmith.models.family import ModelFamily
 
-TINY_PRESETS = {"llama": "tiny", "gpt2": "gpt2-tiny", "gpt_neox": "pythia-tiny", "bert": "roberta-tiny"}
+TINY_PRESETS = {"llama": "tiny", "gpt2": "gpt2-tiny", "gptj": "gptj-tiny", "gpt_neox": "pythia-tiny", "bert": "roberta-tiny"}
 
 
 def test_registry_discovers_one_descriptor_per_family_folder():
