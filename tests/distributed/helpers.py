@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 # The suite is the CPU/gloo parity suite, pinned to CPU so a GPU machine runs the same thing.
 # TUNESMITH_TEST_DEVICE=cuda runs it on CUDA/NCCL instead (the GPU parity check; one GPU a rank).
@@ -25,7 +27,28 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def gpus_present(device: str = TEST_DEVICE) -> int | None:
+    """GPUs the ranks can take, one each; None for the CPU (gloo) suite, where any count runs."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def can_launch(nproc: int, device: str = TEST_DEVICE) -> bool:
+    have = gpus_present(device)
+    return have is None or have >= nproc
+
+
+def skip_unless_ranks(nproc: int, device: str = TEST_DEVICE) -> None:
+    """Skip (with the reason) a test that needs more GPUs than this machine has."""
+    if not can_launch(nproc, device):
+        pytest.skip(f"needs {nproc} GPUs (one per rank), {gpus_present(device)} present")
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    skip_unless_ranks(nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(nproc), "--monitor-interval", "0.2", *args]
     return subprocess.run(cmd, cwd=REPO, env=worker_env(**env), capture_output=True, text=True,

@@ -51,6 +51,8 @@ CASES = [
 XLA_ENV = {"PJRT_DEVICE": "TPU", "XLA_USE_BF16": "1", "XLA_IR_DEBUG": "1", "XLA_HLO_DEBUG": "1",
            "PROFILE_EPOCH": "0", "PROFILE_STEP": "3", "PROFILE_DURATION_MS": "20000",
            "PROFILE_LOGDIR": "/tmp/home/"}
+# Those with a note; PROFILE_EPOCH=0 and PROFILE_LOGDIR map silently (profile.steps, profile.dir).
+XLA_NOTES = set(XLA_ENV) - {"PROFILE_EPOCH", "PROFILE_LOGDIR"}
 HABANA_NOTES = {"--use_habana", "--use_lazy_mode", "--gaudi_config_name",
                 "--use_hpu_graphs_for_inference"}
 
@@ -156,7 +158,9 @@ def _xla(w: World, epochs: int, tp: int | None) -> dict:
         "optim": {"name": "adafactor", "betas": _DROP, "eps": _DROP},
         "train": {"precision": "bf16-pure", "micro_batch_size": 256, "epochs": epochs},
         "output": {"dir": "/tmp/output", "overwrite": True}, "checkpoint": _DROP,
-        "parallel": parallel})
+        "parallel": parallel,
+        # PROFILE_STEP=3 (XLA's 0-based step) -> steps 4-6; PROFILE_LOGDIR -> profile.dir.
+        "profile": {"steps": [4, 6], "dir": "/tmp/home"}})
 
 
 def expected(case: str, w: World) -> tuple[dict, set[str]]:
@@ -189,10 +193,10 @@ def expected(case: str, w: World) -> tuple[dict, set[str]]:
         "lora-llama-alpaca": (_lora(w), {"run_lora_clm", "--use_habana", "--use_lazy_mode"}),
         "lora-llama-alpaca-multicard": (_lora(w), {"run_lora_clm", "--use_habana",
                                                    "--use_lazy_mode"}),
-        "xla-llama2-pretrain": (_xla(w, 1, None), set(XLA_ENV) | {
+        "xla-llama2-pretrain": (_xla(w, 1, None), XLA_NOTES | {
             "--torch_dtype", "--logging_strategy", "--spmd_2d_sharding",
             "--remove_unused_columns"}),
-        "xla-llama2-docker": (_xla(w, 3, 2), set(XLA_ENV) | {
+        "xla-llama2-docker": (_xla(w, 3, 2), XLA_NOTES | {
             "--torch_dtype", "--logging_strategy", "--spmd_2d_sharding", "--spmd_defer_init",
             "--remove_unused_columns"}),
     }
@@ -211,6 +215,7 @@ def _llama_recipes(w: World) -> dict:
         "train": {"seed": 42, "precision": "bf16", "micro_batch_size": 4, "grad_accum_steps": 1,
                   "epochs": 3, "max_grad_norm": None},
         "eval": {"at_end": True, "batch_size": 1},
+        "logging": {"trackers": ["wandb"], "project": "llama_recipes"},  # --use_wandb
         "output": {"dir": str(Path("Path/to/save/PEFT/model").absolute()), "save_final": True},
         "peft": {"method": "qlora", "r": 8, "alpha": 32.0, "dropout": 0.05,
                  "target_modules": ["q_proj", "v_proj"]},
@@ -249,7 +254,7 @@ def test_guide_recipe_matches_expectation(case, guide_env: World, monkeypatch, c
         return
     if frontend == "llama-recipes":
         want, want_notes = _llama_recipes(guide_env), {
-            "--batching_strategy", "--run_validation", "--quantization", "--use_wandb"}
+            "--batching_strategy", "--run_validation", "--quantization"}
     else:
         want, want_notes = expected(case[0], guide_env)
     assert yaml.safe_load(out) == want
@@ -290,6 +295,14 @@ def test_guide_command_runs(case, guide_env: World, monkeypatch, tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err == "tunesmith: error: parallel.tp=2 does not divide the world size 1"
         return
+    if frontend == "llama-recipes":  # --use_wandb: W&B offline, its files under tmp_path
+        pytest.importorskip("wandb", reason="--use_wandb needs tunesmith[wandb]")
+        for var, sub in (("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                         ("WANDB_DATA_DIR", "wandb-data")):
+            monkeypatch.setenv(var, str(tmp_path / sub))
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
     if case[0] == "clm-gpt2-on-the-fly":  # the 48-layer, 1024-wide shape is not for a CPU test
         i = argv.index(next(a for a in argv if a.startswith("--config_overrides")))
         argv[i] = "--config_overrides=n_embd=64,n_head=4,n_layer=2,n_positions=1024"
@@ -304,3 +317,5 @@ def test_guide_command_runs(case, guide_env: World, monkeypatch, tmp_path, capsy
     assert summary["steps"] == 2
     assert math.isfinite(summary["train_loss"]) and summary["train_loss"] > 0
     assert (tmp_path / "out" / "final").is_dir()
+    if frontend == "llama-recipes":
+        assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -38,7 +38,7 @@ def _local_data(name: str, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs_on_cpu(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shared_path("tokenizers")  # recipes point into ../shared/data
-    monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)  # recipe paths are relative to the recipe: any cwd works
     recipe = REPO / "recipes" / f"{name}.yaml"
     extra = _local_data(name, tmp_path) + [f"output.dir={tmp_path / 'out'}"]
     if name == "roberta_mlm_wikitext":

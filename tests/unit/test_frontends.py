@@ -158,15 +158,62 @@ def test_llama_recipes_fsdp_fields_map_to_parallel_and_precision() -> None:
         "--enable_fsdp", "--fsdp_config.sharding_strategy", "SHARD_GRAD_OP", "--pure_bf16",
         "--fsdp_cpu_offload", "--freeze_layers", "--num_freeze_layers", "2",
         "--gradient_clipping", "--gradient_clipping_threshold", "0.5", "--batching_strategy",
-        "padding", "--flop_counter", "--use_profiler", "--profiler_dir", "prof"))
+        "padding"))
     d = recipe.data
     assert d["parallel"] == {"strategy": "shard_grad_op", "activation_checkpointing": "full",
                              "cpu_offload": True}
     assert d["train"]["precision"] == "bf16-pure" and d["train"]["max_grad_norm"] == 0.5
     assert d["peft"] == {"num_freeze_layers": 2} and d["sft"]["packing"] is False
-    assert {n.split(":")[0] for n in recipe.notes} >= {"--flop_counter", "--use_profiler",
-                                                       "--profiler_dir", "--checkpoint_type"}
+    assert {n.split(":")[0] for n in recipe.notes} >= {"--checkpoint_type"}
     recipe.config()
+
+
+def test_llama_recipes_wandb_flop_counter_and_profiler_fields(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    recipe, _ = build_lr("llama-recipes", _llama_recipes(
+        "--use_wandb", "--wandb_config.project", "ft", "--entity", "team", "--tags", "a", "b",
+        "--wandb_config.group", "g1", "--mode", "offline", "--save_metrics",
+        "--flop_counter", "--flop_counter_start", "5", "--use_profiler", "--profiler_dir", "prof"))
+    d = recipe.data
+    assert d["logging"] == {"trackers": ["wandb"], "project": "ft", "entity": "team",
+                            "tags": ["a", "b"],
+                            "tracker_options": {"wandb": {"group": "g1", "mode": "offline"}}}
+    # llama-recipes' profiler: schedule(wait=1, warmup=2, active=3) with shapes, stacks, memory.
+    assert d["profile"] == {"count_flops": True, "flop_counter_start": 5, "wait": 1, "warmup": 2,
+                            "active": 3, "record_shapes": True, "with_stack": True,
+                            "profile_memory": True, "dir": str(tmp_path / "prof")}
+    cfg = recipe.config()
+    assert cfg.profile.window == (4, 6) and cfg.logging.trackers == ["wandb"]
+    noted = {n.split(":")[0] for n in recipe.notes}
+    assert {"--save_metrics", "--flop_counter", "--use_profiler"} <= noted
+
+    # Defaults: W&B project llama_recipes as there; the placeholder profiler_dir means
+    # OUTPUT/profile; wandb_config fields alone (no --use_wandb) are ignored, as there.
+    recipe, _ = build_lr("llama-recipes", _llama_recipes("--use_wandb", "--use_profiler"))
+    assert recipe.data["logging"] == {"trackers": ["wandb"], "project": "llama_recipes"}
+    assert "dir" not in recipe.data["profile"]
+    recipe, _ = build_lr("llama-recipes", _llama_recipes("--wandb_config.project", "x",
+                                                         "--profiler_dir", "p"))
+    assert "logging" not in recipe.data and "profile" not in recipe.data
+    assert {n.split(":")[0] for n in recipe.notes} >= {"wandb_config", "--profiler_dir"}
+
+
+def test_xla_profile_variables_map_to_profile_steps(monkeypatch, tmp_path) -> None:
+    for var, value in {"PROFILE_EPOCH": "0", "PROFILE_STEP": "3", "PROFILE_DURATION_MS": "20000",
+                       "PROFILE_LOGDIR": str(tmp_path / "xla")}.items():
+        monkeypatch.setenv(var, value)
+    recipe, _ = build_hf("run_clm", _stories_clm())
+    assert recipe.data["profile"] == {"steps": [4, 6], "dir": str(tmp_path / "xla")}
+    assert recipe.config().profile.window == (4, 6)
+    assert {n.split(":")[0] for n in recipe.notes} >= {"PROFILE_STEP", "PROFILE_DURATION_MS"}
+    monkeypatch.setenv("PROFILE_EPOCH", "1")
+    with pytest.raises(TunesmithError, match="only epoch 0"):
+        build_hf("run_clm", _stories_clm())
+    monkeypatch.delenv("PROFILE_EPOCH")
+    monkeypatch.delenv("PROFILE_STEP")
+    recipe, _ = build_hf("run_clm", _stories_clm())
+    assert "profile" not in recipe.data
+    assert any(n.startswith("PROFILE_DURATION_MS, PROFILE_LOGDIR: nothing is traced") for n in recipe.notes)
 
 
 def test_llama_recipes_lora_fields_and_refusals() -> None:

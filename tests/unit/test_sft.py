@@ -253,3 +253,24 @@ def test_every_format_on_real_alpaca_records(llama3_tok: Any, tmp_path: Path) ->
             end = "<|eot_id|>" if chat else "<|end_of_text|>"
             expected = r["output"].strip() if chat else r["output"]
             assert got.strip() == (expected + end).strip(), (fmt, got)
+
+
+@pytest.mark.parametrize("fmt, records, user, answer", [
+    ("alpaca", [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}],
+     "Add the numbers.\n\n2 and 3", "5"),
+    ("dolly", DOLLY[1:2], "Summarize the text.\n\nCats sleep a lot. They purr.",
+     "Cats sleep and purr."),
+])
+def test_alpaca_and_dolly_through_a_chat_template(llama3_tok: Any, tmp_path: Path, fmt: str,
+                                                  records: list, user: str, answer: str) -> None:
+    """With sft.chat_template set, an instruction record is a user turn and an assistant turn
+    rendered through the template (not the Alpaca prompt with the template ignored)."""
+    out = _build(_write(tmp_path, records), llama3_tok, format=fmt, chat_template="llama3")
+    ex = out.train[0]
+    full = llama3_tok.decode(ex["input_ids"])
+    assert f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>" in full
+    assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>" in full
+    assert "### Instruction" not in full and "Below is an instruction" not in full
+    assert _targets(llama3_tok, ex) == f"{answer}<|eot_id|>"  # only the answer is trained
+    plain = _build(_write(tmp_path, records, "p.jsonl"), llama3_tok, format=fmt)
+    assert "### Instruction:" in llama3_tok.decode(plain.train[0]["input_ids"])  # default kept

@@ -1,7 +1,8 @@
 """The model spec: what to build, resolved once from the run config.
 
 `resolve_spec` reads the model's config (preset, local dir or hub), applies the overrides, finds
-where weights come from and loads the tokenizer, checking it fits the vocabulary. Every later
+where weights come from and loads the tokenizer, checking it fits the vocabulary; the tokenizer's
+special-token ids replace the config's where they disagree (`special_tokens`). Every later
 step reads this one object; nothing resolves the model config again.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.build.special_tokens import align_special_tokens
 from tunesmith.config import RunConfig
 from tunesmith.data import load_tokenizer
 from tunesmith.errors import TunesmithError
@@ -71,4 +73,6 @@ def resolve_spec(cfg: RunConfig, *, with_tokenizer: bool = True) -> ModelSpec:
             f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; set model.overrides.vocab_size"
         )
+    if family.kind == "causal":  # encoders' pad id shapes their position ids: left alone
+        model_cfg = align_special_tokens(model_cfg, tokenizer, tok_source)
     return ModelSpec(family, model_cfg, mc.name, pretrained, tokenizer, tok_source)

@@ -12,9 +12,12 @@ import logging
 import os
 import shlex
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from tunesmith.cli.argtypes import byte_size, nonempty, nonneg_float, nonneg_int, positive_int
+from tunesmith.cli.data_inspect import add_data_command
 from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
 from tunesmith.cli.report import add_report_command
 from tunesmith.config.schema import PRECISIONS
@@ -150,8 +153,15 @@ def _train_epilog() -> str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (what and which flag) instead of the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune and pre-train language models.")
+    p = _Parser(prog="tunesmith", description="Fine-tune and pre-train language models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -168,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluation loss and perplexity of a model on a text file")
     e.add_argument("model", help="HF-format model directory (or hub id)")
-    e.add_argument("--data", required=True, help="text/json/jsonl/csv/parquet file")
-    e.add_argument("--block-size", type=int, default=None, help="default: min(1024, model max)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--text-column", default="text")
-    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--data", required=True, type=nonempty, help="text/json/jsonl/csv/parquet file")
+    e.add_argument("--block-size", type=positive_int, default=None, help="default: min(1024, model max)")
+    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--text-column", default="text", type=nonempty)
+    e.add_argument("--max-batches", type=positive_int, default=None)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--precision", default="bf16", choices=PRECISIONS)
     e.add_argument("--generate", action="store_true",
@@ -180,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", default=None, help="--generate: take the sft section from here")
     e.add_argument("--format", default=None, choices=SFT_FORMATS)
     e.add_argument("--chat-template", default=None, help="tokenizer, llama3, chatml, alpaca")
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--max-new-tokens", type=positive_int, default=128)
+    e.add_argument("--max-samples", type=positive_int, default=None)
     e.add_argument("--output", default=None, help="--generate: predictions JSONL path")
     e.add_argument("--no-cuda-graphs", action="store_true",
                    help="--generate on CUDA: run decode steps eagerly, not as CUDA-graph replays")
@@ -189,11 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt (KV-cached)")
     g.add_argument("model", help="HF-format model directory (or hub id)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True, type=nonempty)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=positive_int, default=None)
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(func=_generate)
 
@@ -203,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="directory to write (replaced if it is a saved model)")
     x.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast weights (default: as trained)")
-    x.add_argument("--max-shard-size", default="5GB", help="split safetensors above this (default 5GB)")
+    x.add_argument("--max-shard-size", default="5GB", type=byte_size, help="split safetensors above this (default 5GB)")
     x.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow checkpoint metadata that needs arbitrary code to unpickle (trusted sources only)")
     x.set_defaults(func=_export)
@@ -217,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
     m.set_defaults(func=_merge)
 
+    add_data_command(sub)  # `tunesmith data inspect` (cli/data_inspect.py)
+
     d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
     d.add_argument("--output", default="outputs/demo")
-    d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe's)")
+    d.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: recipe's)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
     d.set_defaults(func=_demo)
     add_report_command(sub)

@@ -7,6 +7,7 @@ line:column, the unknown key and its closest valid spelling, or the field with t
 from __future__ import annotations
 
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,31 @@ from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.errors import ConfigError, TunesmithError
+
+log = logging.getLogger("tunesmith")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (plain YAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} in {loader.name}: line {seen[key]} and line {line} "
+                "(the second would silently replace the first)"
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -31,7 +57,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise TunesmithError(f"cannot read recipe {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -101,15 +132,66 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid config in {source}: {problems[0]}{more}"
 
 
+# Config keys that hold filesystem paths. Those in _ALWAYS_PATHS are paths whatever they say;
+# the others may also name a preset, a hub model or a hub dataset, so they count as paths only
+# when they exist on disk or are spelled like one (./x, ../x).
+_ALWAYS_PATHS = ("data.cache_dir", "output.dir", "profile.dir", "peft.from_checkpoint",
+                 "parallel.deepspeed_config", "checkpoint.resume")
+_MAYBE_PATHS = ("model.name", "model.tokenizer", "data.path", "data.validation_path")
+
+
+def _resolve_one(key: str, value: str, base: Path, fallback: Path | None) -> str:
+    if key == "checkpoint.resume" and (value.strip().lower() == "auto" or value.strip().isdigit()):
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    here = (base / path).resolve()
+    if key in _ALWAYS_PATHS or here.exists() or value.startswith(("./", "../")):
+        if fallback is not None and not here.exists() and (fallback / path).exists():
+            # Recipes written before paths were recipe-relative: keep them working, say so.
+            log.warning("%s=%s: not found next to the recipe (%s) but found from the working "
+                        "directory; recipe paths are relative to the recipe's folder, please "
+                        "update the recipe", key, value, here)
+            return str((fallback / path).resolve())
+        return str(here)
+    return value  # a preset, hub id or dataset name
+
+
+def resolve_paths(data: dict[str, Any], base: Path, fallback: Path | None = None) -> dict[str, Any]:
+    """Make the relative paths of a raw config absolute against `base` (in place).
+
+    Recipe files resolve against their own folder, command-line overrides against the working
+    directory, so `OUTPUT/config.yaml` records absolute paths and a recipe works from any cwd.
+    """
+    for key in (*_ALWAYS_PATHS, *_MAYBE_PATHS):
+        section, name = key.split(".")
+        body = data.get(section)
+        value = body.get(name) if isinstance(body, dict) else None
+        if isinstance(value, str) and value.strip():
+            body[name] = _resolve_one(key, value, base, fallback)
+    return data
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe (or start from defaults when None), apply overrides, validate."""
+    """Read a recipe (or start from defaults when None), apply overrides, validate.
+
+    Relative paths in the recipe are relative to the recipe's folder; those given as overrides
+    (and defaults such as output.dir) to the working directory.
+    """
+    cwd = Path.cwd()
     data = read_yaml(recipe) if recipe is not None else {}
+    if recipe is not None:
+        resolve_paths(data, Path(recipe).resolve().parent, fallback=cwd)
     data = apply_overrides(data, list(overrides or []))
+    resolve_paths(data, cwd)
     source = str(recipe) if recipe is not None else "command line"
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
+    cfg.output.dir = str((cwd / Path(cfg.output.dir).expanduser()).resolve())  # also the default
+    return cfg
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
@@ -152,7 +234,9 @@ def reference_markdown() -> str:
     out = ["# Config reference", "",
            "Generated from `tunesmith/config/schema.py` by "
            "`python -m tunesmith.config.loader > docs/config.md`. Every key can be set in a "
-           "recipe's YAML section or on the command line as `section.key=value`.", ""]
+           "recipe's YAML section or on the command line as `section.key=value`. Relative paths in "
+           "a recipe are relative to the recipe's folder, those on the command line to the "
+           "working directory; `OUTPUT/config.yaml` holds them resolved (absolute).", ""]
     section = None
     for line in describe_options():
         key = line.strip().split(" ", 1)[0]

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tunesmith.config.loader import format_validation_error, read_yaml
+from tunesmith.config.loader import format_validation_error, read_yaml, resolve_paths
 from tunesmith.config.schema import RunConfig
 from tunesmith.errors import ConfigError
 
@@ -40,6 +40,8 @@ def build_config(recipe: Any = None, **overrides: Any) -> RunConfig:
     Overrides are keyword arguments: a section with a dict (`optim={"lr": 3e-4}`, merged
     into the recipe's section), or one key spelled `optim__lr=3e-4` (or `**{"optim.lr": 3e-4}`).
     Raises `ConfigError` naming the key (with the closest valid one for a typo).
+    Paths resolve as with `load_config`: a YAML recipe's against its own folder, the rest
+    (dicts, overrides, defaults) against the working directory.
     """
     if isinstance(recipe, RunConfig):
         data, source = recipe.model_dump(mode="json"), "RunConfig"
@@ -47,6 +49,7 @@ def build_config(recipe: Any = None, **overrides: Any) -> RunConfig:
         data, source = copy.deepcopy(recipe), "recipe dict"
     elif isinstance(recipe, (str, Path)):
         data, source = read_yaml(recipe), str(recipe)
+        resolve_paths(data, Path(recipe).resolve().parent, fallback=Path.cwd())
     elif recipe is None:
         data, source = {}, "overrides"
     else:
@@ -54,7 +57,10 @@ def build_config(recipe: Any = None, **overrides: Any) -> RunConfig:
                           f"{type(recipe).__name__}")
     for key, value in overrides.items():
         _merge(data, key, value)
+    resolve_paths(data, Path.cwd())
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
+    cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())  # also the default
+    return cfg

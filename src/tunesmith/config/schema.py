@@ -88,6 +88,14 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(
         10000, ge=0, description="streaming: records held for shuffling (0 = stream order).",
     )
+    csv_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A CSV row whose field count differs from the header's: error "
+        "(names file:line) or skip (left out; the count is logged per file).",
+    )
+
+    @property
+    def skip_bad_rows(self) -> bool:
+        return self.csv_bad_rows == "skip"
 
 
 class OptimConfig(Section):
@@ -254,12 +262,18 @@ class ProfileConfig(Section):
     profile_memory: bool = Field(False, description="Record tensor allocations in the trace.")
     memory_snapshot: bool = Field(
         False, description="CUDA: record allocator history over the traced steps (or the first "
-        "steps) and write OUTPUT/profile/memory_snapshot_rankR.pickle at the peak-memory step.",
+        "3 steps) and write OUTPUT/profile/memory_snapshot_rankR.pickle after them; recording "
+        "stops there.",
     )
     top_kernels: int = Field(10, gt=0, description="Kernels listed in the top-by-time summary.")
+    dir: str | None = Field(
+        None, description="Where traces, top kernels and the memory snapshot go (default "
+        "OUTPUT/profile).",
+    )
     count_flops: bool = Field(
-        False, description="Count one step's FLOPs with FlopCounterMode; writes measured TFLOPs/step, "
-        "achieved TFLOP/s and measured/formula ratio to summary.json.",
+        False, description="Count one step's FLOPs with FlopCounterMode (that step runs eagerly and "
+        "is left out of throughput); writes measured TFLOPs/step, achieved TFLOP/s and "
+        "measured/formula ratio to summary.json.",
     )
     flop_counter_start: int = Field(
         3, ge=0, description="count_flops: warm-up steps before the counted step."

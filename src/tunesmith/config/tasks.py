@@ -37,9 +37,11 @@ class SFTConfig(_Section):
         default_factory=dict, description="Rename the format's fields, e.g. {output: answer} "
         "reads the alpaca response from `answer`.",
     )
-    chat_template: str = Field(
-        "tokenizer", description="chat/sharegpt: 'tokenizer' (the tokenizer's own Jinja "
-        "template) or a built-in: llama3, chatml, alpaca.",
+    chat_template: str | None = Field(
+        None, description="'tokenizer' (the tokenizer's own Jinja template) or a built-in: "
+        "llama3, chatml, alpaca. chat/sharegpt: default 'tokenizer'. alpaca/dolly/"
+        "summarization: when set, each record is rendered as a user/assistant chat through "
+        "this template instead of the format's own prompt.",
     )
     system_prompt: str | None = Field(None, description="System message added to chats "
                                       "that have none (built-in templates).")

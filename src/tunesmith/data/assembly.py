@@ -136,7 +136,8 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -
         return tok.apply_policy(ids, mask, where, stats)
 
     loader = _stream_loader(cfg, RecordReader(cfg.data.path, dataset_config=cfg.data.dataset_config,
-                                              split=cfg.data.split, streaming_hub=True),
+                                              split=cfg.data.split, streaming_hub=True,
+                                              skip_bad_rows=cfg.data.skip_bad_rows),
                             encode, "packed" if cfg.sft.packing else "examples",
                             _sft_collator(cfg, tokenizer), shard)
     val, val_rendered = None, []
@@ -147,8 +148,9 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -
         vdata = build_sft_datasets(vcfg, cfg.sft, tokenizer, seed=cfg.train.seed,
                                    tokenizer_source=tok_source)
         val = _stateful(vdata.train, cfg, _sft_collator(cfg, tokenizer), False, shard)
-        records, _ = filter_category(formatter, RecordReader(cfg.data.validation_path).read_all(),
-                                     cfg.sft, cfg.data.validation_path)
+        val_reader = RecordReader(cfg.data.validation_path, skip_bad_rows=cfg.data.skip_bad_rows)
+        records, _ = filter_category(formatter, val_reader.read_all(), cfg.sft,
+                                     cfg.data.validation_path)
         val_rendered, _ = render_split(formatter, records, cfg.sft, cfg.data.validation_path)
     return TaskData(loader, val, False, {"train_stream": stats}, formatter, val_rendered)
 
@@ -176,7 +178,8 @@ def _text_stream(cfg: RunConfig, tokenizer: Any, collate: Any, shard: Shard) -> 
         return ids + [eos] if eos is not None else ids
 
     reader = RecordReader(cfg.data.path, dataset_config=cfg.data.dataset_config,
-                          split=cfg.data.split, streaming_hub=True)
+                          split=cfg.data.split, streaming_hub=True,
+                          skip_bad_rows=cfg.data.skip_bad_rows)
     mode = "blocks" if cfg.data.mode == "packed" else "examples"
     if mode == "examples":
         base = encode

@@ -119,6 +119,7 @@ def _load_records(path: str, cfg: DataConfig) -> datasets.Dataset:
         dataset_config=cfg.dataset_config,
         split=cfg.split,
         cache_dir=cfg.cache_dir,
+        skip_bad_rows=cfg.skip_bad_rows,
     )
 
 
@@ -185,7 +186,7 @@ def _pack(ds: datasets.Dataset, cfg: DataConfig, what: str) -> datasets.Dataset:
     if len(packed) == 0:
         n_tokens = sum(len(x) for x in ds["input_ids"])
         raise TunesmithError(
-            f"{what} data has {n_tokens} tokens, fewer than one block of data.block_size="
+            f"{what} has {n_tokens} tokens, fewer than one block of data.block_size="
             f"{cfg.block_size}; lower data.block_size or add data"
         )
     return packed
@@ -197,7 +198,7 @@ def _finalize(
     if cfg.mode == "packed":
         ds = _pack(ds, cfg, what)
     elif len(ds) == 0:
-        raise TunesmithError(f"{what} data has no non-empty records (lines mode skips blank ones)")
+        raise TunesmithError(f"{what} has no non-empty records (lines mode skips blank ones)")
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
     return ds
@@ -243,7 +244,8 @@ def build_clm_datasets(
     elif cfg.validation_split_percentage > 0:
         train, val = _split(train, cfg, seed)
 
-    train = _finalize(train, cfg, cfg.max_train_samples, "training")
+    train = _finalize(train, cfg, cfg.max_train_samples, f"training data {cfg.path}")
     if val is not None:
-        val = _finalize(val, cfg, cfg.max_eval_samples, "validation")
+        val = _finalize(val, cfg, cfg.max_eval_samples,
+                        f"validation data {cfg.validation_path or cfg.path}")
     return train, val

@@ -16,14 +16,19 @@ the position is the number of records already taken.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tunesmith.data.sources import _list_files, _looks_like_path, _utf8_lines, read_by_kind
+from tunesmith.data.files import (
+    csv_rows,
+    list_files,
+    looks_like_path,
+    read_by_kind,
+    utf8_lines,
+)
 from tunesmith.errors import TunesmithError, first_line
 
 
@@ -52,15 +57,16 @@ class RecordReader:
     """All records of a local file / directory, or of a hub dataset, in a fixed order."""
 
     def __init__(self, path: str, *, dataset_config: str | None = None, split: str = "train",
-                 streaming_hub: bool = False) -> None:
+                 streaming_hub: bool = False, skip_bad_rows: bool = False) -> None:
         self.path = path
+        self.skip_bad_rows = skip_bad_rows  # CSV rows with the wrong field count
         self.dataset_config = dataset_config
         self.split = split
         self.streaming_hub = streaming_hub
         local = Path(path).expanduser()
         if local.exists():
-            self.files: list[Path] | None = _list_files(local)
-        elif _looks_like_path(path):
+            self.files: list[Path] | None = list_files(local)
+        elif looks_like_path(path):
             raise TunesmithError(f"{local}: no such file or directory")
         else:
             self.files = None  # a hub dataset name
@@ -73,7 +79,8 @@ class RecordReader:
         index = pos.index
         for fi in range(pos.file, len(self.files)):
             start = pos if fi == pos.file else RecordPosition(fi, 0, 0, index)
-            for rec_pos, where, rec in _iter_file(self.files[fi], fi, start.record, start.offset):
+            for rec_pos, where, rec in _iter_file(self.files[fi], fi, start.record, start.offset,
+                                                  self.skip_bad_rows):
                 index += 1
                 yield RecordPosition(fi, rec_pos[0], rec_pos[1], index), where, rec
 
@@ -107,12 +114,13 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool)
 FileItem = tuple[tuple[int, int], str, Any]
 
 
-def _iter_file(path: Path, fi: int, record: int, offset: int) -> Iterator[FileItem]:
+def _iter_file(path: Path, fi: int, record: int, offset: int, skip_bad_rows: bool = False
+               ) -> Iterator[FileItem]:
     return read_by_kind(path, {
         "text": lambda fh: _iter_lines(path, fh, record, offset, parse=False),
         "jsonl": lambda fh: _iter_lines(path, fh, record, offset, parse=True),
         "json_array": lambda fh: _iter_json_array(path, fh, record),
-        "csv": lambda fh: _iter_csv(path, fh, record),
+        "csv": lambda fh: _iter_csv(path, fh, record, skip_bad_rows),
     }, lambda: _iter_parquet(path, record))
 
 
@@ -121,7 +129,7 @@ def _iter_lines(path: Path, fh: BinaryIO, record: int, offset: int, parse: bool
     """JSON lines (parse=True) or text lines as {"text": line}; resumes by seeking."""
     fh.seek(max(offset, 0))
     pos = max(offset, 0)
-    for lineno, line in _utf8_lines(path, fh):
+    for lineno, line in utf8_lines(path, fh):
         pos += len(line.encode("utf-8")) + (3 if lineno == 1 and pos == 0 and _has_bom(path)
                                             else 0)
         stripped = line.strip()
@@ -162,15 +170,11 @@ def _iter_json_array(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]
         yield (i + 1, -1), f"{path}: record {i + 1}", records[i]
 
 
-def _iter_csv(path: Path, fh: BinaryIO, start: int) -> Iterator[FileItem]:
-    lines = (line for _, line in _utf8_lines(path, fh))
-    try:
-        reader = csv.DictReader(lines)
-        for i, row in enumerate(reader):
-            if i >= start:
-                yield (i + 1, -1), f"{path}:{reader.line_num}", dict(row)
-    except csv.Error as exc:
-        raise TunesmithError(f"{path}: malformed CSV ({exc})") from None
+def _iter_csv(path: Path, fh: BinaryIO, start: int, skip_bad_rows: bool) -> Iterator[FileItem]:
+    # Rows left out by skip_bad_rows do not count, so a resume index stays stable.
+    for i, (line, header, row) in enumerate(csv_rows(path, fh, skip_bad_rows)):
+        if i >= start:
+            yield (i + 1, -1), f"{path}:{line}", dict(zip(header, row))
 
 
 def _iter_parquet(path: Path, start: int) -> Iterator[FileItem]:

@@ -5,6 +5,8 @@ marked trainable (the response, or the assistant turns of a chat), plus the gene
 and the reference answer used by evaluation by generation. Formats:
 
     alpaca         instruction, input (optional), output          -> Stanford Alpaca prompt
+                   (with sft.chat_template set, alpaca/dolly/summarization records are a
+                   user turn and an assistant turn rendered through that chat template)
     dolly          instruction, context (optional), response, category (filter: sft.category)
     chat/sharegpt  messages [{role, content}] or conversations [{from, value}]
     summarization  dialogue -> summary (SAMSum field names)
@@ -79,8 +81,11 @@ class SFTFormatter:
         self.builtin: chat.ChatFormat | None = None
         self._render = None
         self.eos_text = tokenizer.eos_token or ""
-        if self.fmt == "chat":
-            name = cfg.chat_template
+        # alpaca/dolly/summarization with a chat template: each record becomes a user turn
+        # (the instruction and its input) and an assistant turn (the response).
+        self.as_chat = self.fmt in _FIELDS and cfg.chat_template is not None
+        if self.fmt == "chat" or self.as_chat:
+            name = cfg.chat_template or "tokenizer"
             if name == "tokenizer":
                 self._render = chat.tokenizer_renderer(tokenizer, tokenizer_source)
             elif name in chat.BUILTIN_TEMPLATES:
@@ -133,6 +138,8 @@ class SFTFormatter:
             prompt = self._format(self.cfg.prompt_template or "", record, where)
             response = self._format(self.cfg.response_template or "", record, where)
             response_name = ",".join(_template_fields(self.cfg.response_template or ""))
+        elif self.as_chat:
+            return self._standard_as_chat(record, where)
         else:
             prompt, response, response_name = self._standard(record, where)
         if not response.strip():
@@ -154,6 +161,24 @@ class SFTFormatter:
                       if extra.strip() else PROMPT_NO_INPUT.format(**values))
         return prompt, response, self.key(response_field)
 
+    def _standard_as_chat(self, record: dict[str, Any], where: str) -> Rendered:
+        """A user turn (instruction, input/context or dialogue; or sft.prompt_template) and an
+        assistant turn (the response), rendered through the chat template."""
+        required, optional, response_field = _FIELDS[self.fmt]
+        if self.cfg.prompt_template:
+            user = self._format(self.cfg.prompt_template, record, where)
+        elif self.fmt == "summarization":
+            user = "Summarize this dialogue:\n" + self._get(record, "dialogue", where)
+        else:
+            parts = [self._get(record, required[0], where),
+                     self._get(record, optional[0], where, required=False)]
+            user = "\n\n".join(p for p in parts if p.strip())
+        response = self._get(record, response_field, where)
+        if not response.strip():
+            raise InvalidRecord(f"{where}: empty response in field '{self.key(response_field)}'")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+        return self._render_messages(messages, 1, where)
+
     def _messages_field(self, record: dict[str, Any], where: str) -> str:
         if self.cfg.fields.get("messages"):
             return self.cfg.fields["messages"]
@@ -170,6 +195,10 @@ class SFTFormatter:
         except TunesmithError as exc:
             raise InvalidRecord(str(exc)) from None
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return self._render_messages(messages, last, where)
+
+    def _render_messages(self, messages: list[dict[str, str]], last: int, where: str) -> Rendered:
+        """Messages through the chat template; `last`: index of the answer to generate."""
         reference = messages[last]["content"]
         if self.builtin is not None:
             segs = chat.render_builtin(self.builtin, messages, self.eos_text,

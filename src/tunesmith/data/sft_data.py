@@ -319,13 +319,14 @@ def build_sft_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
     tok = SFTTokenizer(tokenizer, data.block_size, train_on_inputs=sft.train_on_inputs,
                        overlong=sft.overlong)
     records = RecordReader(data.path, dataset_config=data.dataset_config,
-                           split=data.split).read_all()
+                           split=data.split, skip_bad_rows=data.skip_bad_rows).read_all()
     records, n_filtered = filter_category(formatter, records, sft, data.path)
     val_records: list[tuple[str, Any]] = []
     val_filtered = 0
     if data.validation_path is not None:
         val_records, val_filtered = filter_category(
-            formatter, RecordReader(data.validation_path).read_all(), sft, data.validation_path)
+            formatter, RecordReader(data.validation_path, skip_bad_rows=data.skip_bad_rows).read_all(),
+            sft, data.validation_path)
     elif data.validation_split_percentage > 0:
         train_idx, val_idx = split_indices(len(records), data.validation_split_percentage, seed)
         records, val_records = [records[i] for i in train_idx], [records[i] for i in val_idx]

@@ -19,28 +19,30 @@ later runs memory-map it. Every problem is one `TunesmithError` naming the file 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import datasets
 import pyarrow as pa
 
+from tunesmith.data.files import (
+    csv_rows,
+    list_files,
+    looks_like_path,
+    read_by_kind,
+    utf8_lines,
+)
 from tunesmith.errors import TunesmithError
 
-T = TypeVar("T")
-
-# Plain text; .raw/.tokens are WikiText's names for plain text files.
-TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
-SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".json", ".jsonl", ".csv", ".parquet")
-_SUFFIX_LIST = ".txt (.raw, .tokens), .json, .jsonl, .csv, .parquet"
-
 # Bump when the record layout or parsing rules change, so old cached records are not reused.
-_RECORDS_VERSION = "1"
+_RECORDS_VERSION = "2"  # 2: CSV rows must have the header's field count
+
+log = logging.getLogger("tunesmith")
 _FEATURES = datasets.Features({"text": datasets.Value("string"), "doc_end": datasets.Value("bool")})
 # Flush a record batch after this many records or characters (bounds memory for huge files).
 _BATCH_RECORDS = 8192
@@ -55,58 +57,7 @@ def cache_root(cache_dir: str | None) -> Path:
     return base / "tunesmith"
 
 
-# ----------------------------------------------------------------------------- file discovery
-
-
-def _check_file(path: Path) -> None:
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise TunesmithError(
-            f"{path}: unsupported file type '{path.suffix or '(none)'}' (expected {_SUFFIX_LIST} "
-            "or a directory of them)"
-        )
-    if not os.access(path, os.R_OK):
-        raise TunesmithError(f"{path}: file is not readable (permission denied)")
-
-
-def _list_files(path: Path) -> list[Path]:
-    """The data files behind `path`: itself, or the supported files under a directory."""
-    if path.is_file():
-        _check_file(path)
-        return [path]
-    if not path.is_dir():
-        raise TunesmithError(f"{path}: no such file or directory")
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in SUPPORTED_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise TunesmithError(f"{path}: directory holds no {_SUFFIX_LIST} files")
-    for f in files:
-        _check_file(f)
-    return files
-
-
 # ----------------------------------------------------------------------------- readers
-
-
-def _utf8_lines(path: Path, fh: BinaryIO) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line with its line break), checking UTF-8 per line."""
-    offset = 0
-    for lineno, raw in enumerate(fh, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise TunesmithError(
-                f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + exc.start} "
-                "(re-encode the file as UTF-8)"
-            ) from None
-        if lineno == 1 and line.startswith("\ufeff"):
-            line = line[1:]  # a UTF-8 byte-order mark is not text
-        offset += len(raw)
-        yield lineno, line
 
 
 def _split_universal(line: str) -> list[str]:
@@ -124,7 +75,7 @@ def _split_universal(line: str) -> list[str]:
 
 def _read_txt(path: Path, fh: BinaryIO, keep_linebreaks: bool) -> Iterator[Record]:
     pending: str | None = None  # held back one line so the file's last line gets doc_end=True
-    for _, line in _utf8_lines(path, fh):
+    for _, line in utf8_lines(path, fh):
         for piece in _split_universal(line):
             if pending is not None:
                 yield pending, False
@@ -156,7 +107,7 @@ def _text_of(obj: Any, path: Path, where: str, column: str) -> str:
 
 
 def _read_jsonl(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
-    for lineno, line in _utf8_lines(path, fh):
+    for lineno, line in utf8_lines(path, fh):
         stripped = line.strip()
         if not stripped:
             continue
@@ -169,26 +120,8 @@ def _read_jsonl(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
         yield _text_of(obj, path, f"{path}:{lineno}", column), True
 
 
-def _first_significant_byte(fh: BinaryIO) -> bytes:
-    """The first non-whitespace byte after an optional BOM (b'' for an empty file); rewinds."""
-    head = fh.read(4096)
-    while head:
-        stripped = head.lstrip(b" \t\r\n")
-        if stripped.startswith(b"\xef\xbb\xbf"):
-            stripped = stripped[3:].lstrip(b" \t\r\n")
-        if stripped:
-            fh.seek(0)
-            return stripped[:1]
-        head = fh.read(4096)
-    fh.seek(0)
-    return b""
-
-
 def _read_json(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
-    """A .json file: a JSON array of objects (read whole) or JSON lines (streamed)."""
-    if _first_significant_byte(fh) != b"[":
-        yield from _read_jsonl(path, fh, column)
-        return
+    """A .json array of objects, read whole (`read_by_kind` sends JSON lines to `_read_jsonl`)."""
     data = fh.read()
     try:
         text = data.decode("utf-8-sig")
@@ -208,31 +141,14 @@ def _read_json(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
         yield _text_of(obj, path, f"{path}: record {i + 1}", column), True
 
 
-def _read_csv(path: Path, fh: BinaryIO, column: str) -> Iterator[Record]:
-    # csv needs the raw line endings (newline="" semantics) to handle quoted multi-line fields.
-    reader = csv.reader(line for _, line in _utf8_lines(path, fh))
-    old_limit = csv.field_size_limit()
-    csv.field_size_limit(max(old_limit, 2**31 - 1))  # documents can exceed the 128 KiB default
-    try:
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
-        if column not in header:
-            raise _columns_error(path, str(path), column, header)
-        idx = header.index(column)
-        for row in reader:
-            if not row:
-                continue
-            if len(row) <= idx:
-                raise TunesmithError(
-                    f"{path}:{reader.line_num}: row has {len(row)} fields, header has {len(header)}"
-                )
-            yield row[idx], True
-    except csv.Error as exc:
-        raise TunesmithError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
-    finally:
-        csv.field_size_limit(old_limit)
+def _read_csv(path: Path, fh: BinaryIO, column: str, skip_bad_rows: bool) -> Iterator[Record]:
+    header: list[str] | None = None
+    for _, head, row in csv_rows(path, fh, skip_bad_rows):
+        if header is None:
+            header = head
+            if column not in header:
+                raise _columns_error(path, str(path), column, header)
+        yield row[header.index(column)], True
 
 
 def _read_parquet(path: Path, column: str) -> Iterator[Record]:
@@ -264,47 +180,24 @@ def _check_string_type(typ: pa.DataType, where: str, column: str) -> None:
         raise TunesmithError(f"{where}: column '{column}' has type {typ}, expected strings")
 
 
-def read_by_kind(path: Path, readers: Mapping[str, Callable[[BinaryIO], Iterator[T]]],
-                 parquet: Callable[[], Iterator[T]]) -> Iterator[T]:
-    """The one file-type dispatcher, shared by the text loader here and `data.records`.
-
-    Kinds: "text" (.txt/.raw/.tokens), "jsonl" (.jsonl, or a .json that is not an array),
-    "json_array" (a .json array), "csv"; `parquet` reads .parquet (no open handle needed).
-    A read error is one clear line naming the file."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        yield from parquet()
-        return
-    try:
-        with open(path, "rb") as fh:
-            if suffix in TEXT_SUFFIXES:
-                kind = "text"
-            elif suffix == ".jsonl" or (suffix == ".json" and _first_significant_byte(fh) != b"["):
-                kind = "jsonl"
-            elif suffix == ".json":
-                kind = "json_array"
-            else:
-                kind = "csv"
-            yield from readers[kind](fh)
-    except OSError as exc:
-        raise TunesmithError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def _read_file(path: Path, column: str, keep_linebreaks: bool) -> Iterator[Record]:
+def _read_file(path: Path, column: str, keep_linebreaks: bool, skip_bad_rows: bool = False
+               ) -> Iterator[Record]:
     return read_by_kind(path, {
         "text": lambda fh: _read_txt(path, fh, keep_linebreaks),
         "jsonl": lambda fh: _read_jsonl(path, fh, column),
         "json_array": lambda fh: _read_json(path, fh, column),
-        "csv": lambda fh: _read_csv(path, fh, column),
+        "csv": lambda fh: _read_csv(path, fh, column, skip_bad_rows),
     }, lambda: _read_parquet(path, column))
 
 
 # ----------------------------------------------------------------------------- arrow cache
 
 
-def _records_fingerprint(files: list[Path], column: str, keep_linebreaks: bool) -> str:
+def _records_fingerprint(files: list[Path], column: str, keep_linebreaks: bool,
+                         skip_bad_rows: bool = False) -> str:
     """Keyed by what the records depend on, including size and mtime so edits invalidate."""
-    digest = hashlib.sha256(f"records-v{_RECORDS_VERSION}|{column}|{keep_linebreaks}".encode())
+    digest = hashlib.sha256(
+        f"records-v{_RECORDS_VERSION}|{column}|{keep_linebreaks}|{skip_bad_rows}".encode())
     for f in files:
         st = f.stat()
         digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -339,14 +232,15 @@ def _write_records(records: Iterator[Record], out: Path) -> int:
 
 
 def _load_local(
-    path: Path, column: str, keep_linebreaks: bool, cache_dir: str | None
+    path: Path, column: str, keep_linebreaks: bool, cache_dir: str | None, skip_bad_rows: bool
 ) -> datasets.Dataset:
-    files = _list_files(path)
+    files = list_files(path)
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    out = root / f"records-{_records_fingerprint(files, column, keep_linebreaks)}.arrow"
+    fingerprint = _records_fingerprint(files, column, keep_linebreaks, skip_bad_rows)
+    out = root / f"records-{fingerprint}.arrow"
     if not out.exists():
-        stream = (rec for f in files for rec in _read_file(f, column, keep_linebreaks))
+        stream = (rec for f in files for rec in _read_file(f, column, keep_linebreaks, skip_bad_rows))
         if _write_records(stream, out) == 0:
             raise TunesmithError(f"{path}: no records found (empty dataset)")
     return datasets.Dataset.from_file(str(out))
@@ -379,16 +273,6 @@ def _load_hub(
     return ds if column == "text" else ds.rename_column(column, "text")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A name that can only be a filesystem path: it has a file suffix or a path prefix."""
-    return (
-        Path(name).suffix.lower() in SUPPORTED_SUFFIXES
-        or name.startswith(("/", "./", "../", "~", ".\\"))
-        or "\\" in name
-        or name.count("/") > 1
-    )
-
-
 def load_text_records(
     path: str,
     *,
@@ -397,16 +281,18 @@ def load_text_records(
     dataset_config: str | None = None,
     split: str = "train",
     cache_dir: str | None = None,
+    skip_bad_rows: bool = False,
 ) -> datasets.Dataset:
     """Records of `path` (file, directory or hub name) as a Dataset with column `text`.
 
     Local sources also have `doc_end` (bool). `text_column` selects the field of
     json/jsonl/csv/parquet/hub records; .txt files have no columns. `keep_linebreaks=False`
-    strips the line break of each .txt line (lines mode).
+    strips the line break of each .txt line (lines mode). `skip_bad_rows` leaves out CSV rows
+    with the wrong field count instead of failing.
     """
     local = Path(path).expanduser()
     if local.exists():
-        return _load_local(local, text_column, keep_linebreaks, cache_dir)
-    if _looks_like_path(path):
+        return _load_local(local, text_column, keep_linebreaks, cache_dir, skip_bad_rows)
+    if looks_like_path(path):
         raise TunesmithError(f"{local}: no such file or directory")
     return _load_hub(path, dataset_config, split, text_column, cache_dir)

@@ -8,13 +8,20 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tunesmith.errors import TunesmithError
 from tunesmith.objective.forward import batch_loss_sum
 from tunesmith.objective.loss import IGNORE_INDEX
 from tunesmith.runtime import Runtime
 
 
 def eval_metrics(loss_sum: float, count: int) -> dict[str, float]:
-    loss = loss_sum / max(count, 1)
+    if count <= 0:
+        # A loss over nothing would read as 0.0 and a perplexity of 1.0: a perfect score.
+        raise TunesmithError(
+            "evaluation saw no target tokens (every label is padding or masked out), so there is "
+            "no loss or perplexity to report; check the validation data and its truncation"
+        )
+    loss = loss_sum / count
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": count}
 
 

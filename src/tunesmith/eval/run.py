@@ -44,7 +44,11 @@ def run_eval(
         path=data, text_column=text_column, block_size=block, validation_split_percentage=0,
         mode="packed",
     )
-    ds, _ = build_clm_datasets(dcfg, tokenizer, seed=0, max_positions=max_pos)
+    try:
+        ds, _ = build_clm_datasets(dcfg, tokenizer, seed=0, max_positions=max_pos)
+    except TunesmithError as e:  # the data layer speaks of training and config keys
+        raise TunesmithError(str(e).replace("training data", "eval data").replace(
+            "data.block_size", "--block-size")) from None
     if len(ds) == 0:
         raise TunesmithError(f"{data} holds fewer than block_size={block} tokens: nothing to evaluate")
     collate = make_collator(dcfg, tokenizer)

@@ -1,15 +1,16 @@
 """Accelerator-specific flags from the guides (Gaudi/HPU, TPU/XLA SPMD) and their CUDA meaning.
 
 Each either maps onto a tunesmith key, or is accepted with a one-line note saying why nothing
-is needed here. The XLA profiler's PROFILE_* environment variables are read the same way.
+is needed here. The XLA profiler's PROFILE_* environment variables map onto `profile.*`.
 """
 
 from __future__ import annotations
 
 import os
 
+from tunesmith.errors import TunesmithError
 from tunesmith.frontends.flags import Flag, ParsedFlags
-from tunesmith.frontends.recipe import Recipe
+from tunesmith.frontends.recipe import Recipe, out_path
 
 # Flags that need nothing on CUDA/CPU: name -> (kind, why).
 _NOTHING_NEEDED: dict[str, tuple[object, str]] = {
@@ -46,11 +47,9 @@ _XLA_ENV = {
     "XLA_USE_BF16": "not needed: precision comes from --bf16 / --torch_dtype (train.precision)",
     "XLA_IR_DEBUG": "not needed: XLA IR debug info",
     "XLA_HLO_DEBUG": "not needed: XLA HLO debug info",
-    "PROFILE_EPOCH": "the XLA profiler is not used; torch.profiler support is separate",
-    "PROFILE_STEP": "the XLA profiler is not used; torch.profiler support is separate",
-    "PROFILE_DURATION_MS": "the XLA profiler is not used; torch.profiler support is separate",
-    "PROFILE_LOGDIR": "the XLA profiler is not used; torch.profiler support is separate",
 }
+_XLA_PROFILE = ("PROFILE_EPOCH", "PROFILE_STEP", "PROFILE_DURATION_MS", "PROFILE_LOGDIR")
+_XLA_TRACED_STEPS = 3  # PROFILE_DURATION_MS is wall time; traces here cover whole steps
 
 
 def accel_flags() -> list[Flag]:
@@ -73,8 +72,6 @@ def apply_accel(flags: ParsedFlags, recipe: Recipe) -> None:
         if flags.has(name):
             recipe.note(f"--{name}", why)
     if flags["spmd_fsdp_sharding"] and flags["spmd_2d_sharding"]:
-        from tunesmith.errors import TunesmithError
-
         raise TunesmithError("--spmd_fsdp_sharding and --spmd_2d_sharding exclude each other "
                              "(as in the SPMD guide)")
     if flags["spmd_fsdp_sharding"]:
@@ -98,3 +95,40 @@ def apply_accel(flags: ParsedFlags, recipe: Recipe) -> None:
     for var, why in _XLA_ENV.items():
         if var in os.environ:
             recipe.note(var, why)
+    _xla_profile(recipe)
+
+
+def _env_int(var: str) -> int:
+    try:
+        return int(os.environ[var])
+    except ValueError:
+        raise TunesmithError(f"{var}={os.environ[var]!r}: expected an integer") from None
+
+
+def _xla_profile(recipe: Recipe) -> None:
+    """The PyTorch/XLA guide's PROFILE_* variables -> profile.steps / profile.dir.
+
+    XLA traces from its 0-based step PROFILE_STEP of epoch PROFILE_EPOCH for PROFILE_DURATION_MS
+    of wall time; the torch profiler traces whole optimizer steps, counted 1-based over the
+    run."""
+    given = [v for v in _XLA_PROFILE if v in os.environ]
+    if not given:
+        return
+    if "PROFILE_STEP" not in os.environ:
+        recipe.note(", ".join(given), "nothing is traced without PROFILE_STEP (as with XLA)")
+        return
+    step, epoch = _env_int("PROFILE_STEP"), _env_int("PROFILE_EPOCH") if "PROFILE_EPOCH" in os.environ else 0
+    if step < 0 or epoch != 0:
+        raise TunesmithError(f"PROFILE_EPOCH={epoch} PROFILE_STEP={step}: only epoch 0 and a step "
+                             ">= 0 map to profile.steps (optimizer steps counted over the run); "
+                             "set profile.steps in the printed recipe instead")
+    start = step + 1
+    recipe.set("profile.steps", [start, start + _XLA_TRACED_STEPS - 1])
+    recipe.note("PROFILE_STEP", f"profile.steps=[{start}, {start + _XLA_TRACED_STEPS - 1}]: the "
+                "torch profiler's Chrome-trace JSON instead of an XLA trace (steps counted from 1)")
+    if "PROFILE_DURATION_MS" in os.environ:
+        _env_int("PROFILE_DURATION_MS")
+        recipe.note("PROFILE_DURATION_MS", f"traces cover whole steps: {_XLA_TRACED_STEPS} steps "
+                    "(widen profile.steps for more)")
+    if os.environ.get("PROFILE_LOGDIR"):
+        recipe.set("profile.dir", out_path(os.environ["PROFILE_LOGDIR"]))

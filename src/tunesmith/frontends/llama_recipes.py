@@ -20,6 +20,8 @@ _SHARDING = {"FULL_SHARD": "full_shard", "SHARD_GRAD_OP": "shard_grad_op",
              "NO_SHARD": "no_shard", "HYBRID_SHARD": "hybrid_shard", "_HYBRID_SHARD_ZERO2": "hybrid_shard"}
 _CUSTOM = "--dataset custom_dataset --custom_dataset.file FILE"
 _FORMATS = ("alpaca", "dolly", "chat", "sharegpt", "summarization", "custom")
+_WANDB_OPTIONS = ("job_type", "group", "notes", "mode")  # wandb_config fields passed to wandb.init
+_PROFILER_DIR = "PATH/to/save/profiler/results"  # llama-recipes' placeholder default
 
 
 def _f(name: str, kind, default, help: str, choices=None, section: str = "train_config") -> Flag:
@@ -79,6 +81,17 @@ FLAGS = [
        section="lora_config"),
     _f("adapter_len", int, 10, "-> peft.adapter_len", section="llama_adapter_config"),
     _f("adapter_layers", int, 30, "-> peft.adapter_layers", section="llama_adapter_config"),
+    _f("use_wandb", bool, False, "-> logging.trackers: [wandb]"),
+    _f("project", str, "llama_recipes", "-> logging.project", section="wandb_config"),
+    _f("entity", str, None, "-> logging.entity", section="wandb_config"),
+    _f("tags", "list", None, "-> logging.tags", section="wandb_config"),
+    *[_f(k, str, None, f"-> logging.tracker_options.wandb.{k}", section="wandb_config")
+      for k in _WANDB_OPTIONS],
+    _f("flop_counter", bool, False, "-> profile.count_flops"),
+    _f("flop_counter_start", int, 3, "-> profile.flop_counter_start"),
+    _f("use_profiler", bool, False, "-> profile.wait=1, warmup=2, active=3 (llama-recipes' "
+       "schedule), with shapes, stacks and memory"),
+    _f("profiler_dir", str, _PROFILER_DIR, "-> profile.dir"),
     Flag("alpaca_dataset.data_path", str, None, "alpaca JSON file -> data.path"),
     Flag("custom_dataset.file", str, None, "a JSON/JSONL/CSV data file (not a .py) -> data.path"),
     Flag("custom_dataset.format", str, "alpaca", "-> sft.format", _FORMATS),
@@ -97,19 +110,12 @@ NOTED = {
                                    "final model to OUTPUT/final",
     "dist_checkpoint_folder": "checkpoints go to OUTPUT/checkpoints, the final model to OUTPUT/final",
     "save_optimizer": "training checkpoints always hold the optimizer state",
-    "save_metrics": "always on: OUTPUT/metrics.jsonl (per step) and OUTPUT/summary.json",
-    "use_wandb": "experiment trackers are not mapped yet; metrics go to OUTPUT/metrics.jsonl",
-    "flop_counter": "MFU and FLOPs per token are reported in metrics.jsonl and summary.json",
-    "flop_counter_start": "throughput and MFU leave out train.throughput_warmup_steps",
-    "use_profiler": "the torch profiler is not mapped yet",
-    "profiler_dir": "the torch profiler is not mapped yet",
-    "wandb_config.project": "experiment trackers are not mapped yet",
-    "wandb_config.entity": "experiment trackers are not mapped yet",
+    "save_metrics": "always on: OUTPUT/metrics.jsonl (a record every logging.steps steps and "
+                    "per evaluation), OUTPUT/summary.json, and the charts in OUTPUT/report.html",
     "samsum_dataset.trust_remote_code": "hub data sets are read without remote code",
 }
 _NOTED_KINDS = {"num_workers_dataloader": int, "dist_checkpoint_root_folder": str,
-                "dist_checkpoint_folder": str, "flop_counter_start": int, "profiler_dir": str,
-                "wandb_config.project": str, "wandb_config.entity": str}
+                "dist_checkpoint_folder": str}
 
 
 def parser(name: str = "llama-recipes") -> FlagParser:
@@ -254,6 +260,41 @@ def _llama_adapter(f: ParsedFlags, r: Recipe) -> None:
     r.set("peft.adapter_layers", f["adapter_layers"])
 
 
+def _observe(f: ParsedFlags, r: Recipe) -> None:
+    """W&B, the FLOP counter and the profiler."""
+    if f["use_wandb"]:
+        r.set("logging.trackers", ["wandb"])
+        r.set("logging.project", f["project"])
+        if f["entity"]:
+            r.set("logging.entity", f["entity"])
+        if f["tags"]:
+            r.set("logging.tags", f["tags"])
+        options = {k: f[k] for k in _WANDB_OPTIONS if f[k] is not None}
+        if options:
+            r.set("logging.tracker_options", {"wandb": options})
+    elif any(f.has(k) for k in ("project", "entity", "tags", *_WANDB_OPTIONS)):
+        r.note("wandb_config", "ignored without --use_wandb (as in llama-recipes)")
+    if f["flop_counter"]:
+        r.set("profile.count_flops", True)
+        r.set("profile.flop_counter_start", f["flop_counter_start"])
+        r.note("--flop_counter", "one step's FLOPs go to summary.json (measured_tflops_per_step, "
+               "achieved_tflops_per_s); that step runs eagerly and is left out of tokens/s")
+    if f["use_profiler"]:
+        # llama-recipes' profiler: schedule(wait=1, warmup=2, active=3), shapes, stacks, memory.
+        for key, value in (("wait", 1), ("warmup", 2), ("active", 3), ("record_shapes", True),
+                           ("with_stack", True), ("profile_memory", True)):
+            r.set(f"profile.{key}", value)
+        if f["profiler_dir"] != _PROFILER_DIR:
+            r.set("profile.dir", out_path(f["profiler_dir"]))
+        r.note("--use_profiler", "traces optimizer steps 4-6 (llama-recipes counts batches) into "
+               "profile.dir as Chrome-trace JSON, with a top-kernels summary")
+        if f["flop_counter"]:
+            r.note("--flop_counter", "with --use_profiler both run (llama-recipes refuses the "
+                   "pair): the counted step is the first one after the traced steps")
+    elif f.has("profiler_dir"):
+        r.note("--profiler_dir", "ignored without --use_profiler (as in llama-recipes)")
+
+
 def build_recipe(name: str, argv: list[str]) -> tuple[Recipe, ParsedFlags]:
     """llama-recipes fields -> the recipe they describe (always an SFT task)."""
     f = parser(name).parse(argv)
@@ -271,6 +312,7 @@ def build_recipe(name: str, argv: list[str]) -> tuple[Recipe, ParsedFlags]:
     r.set("output.dir", out_path(f["output_dir"]))
     r.set("output.save_final", f["save_model"])
     _fsdp(f, r)
+    _observe(f, r)
     apply_accel(f, r)
     _peft(f, r)
     for flag in f.order:

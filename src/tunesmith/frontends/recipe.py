@@ -26,7 +26,7 @@ from tunesmith.frontends.flags import Flag
 # Top-level order of a printed recipe (RunConfig's field order, spelled out to keep this
 # module import-light: the schema pulls in pydantic models only, but the order is the point).
 _SECTION_ORDER = ("task", "model", "data", "sft", "mlm", "optim", "schedule", "train", "eval",
-                  "logging", "output", "checkpoint", "parallel", "peft")
+                  "logging", "profile", "output", "checkpoint", "parallel", "peft")
 
 # Flags every front-end takes besides its tool's own.
 COMMON_FLAGS = [

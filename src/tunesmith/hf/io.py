@@ -44,9 +44,59 @@ def read_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TunesmithError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise TunesmithError(f"{p}: not UTF-8 text (byte {e.start}): damaged or not a JSON file"
+                             ) from None
     if not isinstance(data, dict):
         raise TunesmithError(f"{p}: expected a JSON object at the top level")
     return data
+
+
+# Types of the config.json fields the model families read. A wrong type here (an edited or
+# damaged file) would otherwise surface as `int('big')` deep inside a config class.
+_INT_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim", "n_embd",
+    "n_layer", "n_head", "n_positions", "n_ctx", "n_inner", "type_vocab_size", "rotary_dim",
+    "sliding_window",
+)
+_NULLABLE_INT_FIELDS = ("head_dim", "n_inner", "sliding_window", "rotary_dim",
+                        "num_key_value_heads", "intermediate_size")
+_FLOAT_FIELDS = (
+    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_pct",
+    "rotary_emb_base", "initializer_range", "attention_dropout", "hidden_dropout_prob",
+)
+_BOOL_FIELDS = ("tie_word_embeddings", "use_parallel_residual", "attention_bias", "mlp_bias")
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config_types(path: str | Path, data: dict[str, Any]) -> None:
+    """Raise one line naming `path` and the first field whose JSON type cannot be right."""
+    def bad(key: str, want: str) -> TunesmithError:
+        return TunesmithError(f"{path}: field {key!r} must be {want}, got {data[key]!r}")
+
+    for key in _INT_FIELDS:
+        if key in data and not _is_int(data[key]) and (data[key] is not None
+                                                       or key not in _NULLABLE_INT_FIELDS):
+            raise bad(key, "an integer")
+    for key in _FLOAT_FIELDS:
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(key, "a number")
+    for key in _BOOL_FIELDS:
+        if key in data and not isinstance(data[key], bool):
+            raise bad(key, "true or false")
+    for key in _TOKEN_ID_FIELDS:
+        v = data.get(key)
+        ok = v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(i) for i in v))
+        if not ok:
+            raise bad(key, "a token id, a list of ids or null")
+    if "model_type" in data and not isinstance(data["model_type"], str):
+        raise bad("model_type", "a string")
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -133,16 +183,33 @@ def _load_pickle(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     return sd
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path, device: str | None = None) -> Iterator[Any]:
+    """`safe_open` whose failures (0-byte, truncated, garbage header) are one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    kwargs = {"device": device} if device else {}
+    try:
+        handle = safe_open(str(path), framework="pt", **kwargs)
+    except (SafetensorError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        size = path.stat().st_size if path.exists() else 0
+        raise TunesmithError(
+            f"{path}: not a readable safetensors file ({reason}; {size} bytes): the file is "
+            "damaged or incomplete, e.g. an interrupted download; fetch or save it again"
+        ) from None
+    with handle as st:
+        yield st
+
+
 def tensor_shapes(
     files: Sequence[Path], allow_pickle: bool = False
 ) -> dict[str, tuple[tuple[int, ...], Path]]:
     """name -> (shape, file) without loading data (headers only for safetensors)."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[tuple[int, ...], Path]] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as st:
+            with open_safetensors(f) as st:
                 for name in st.keys():
                     out[name] = (tuple(st.get_slice(name).get_shape()), f)
         else:
@@ -155,11 +222,9 @@ def iter_tensors(
     files: Sequence[Path], allow_pickle: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, cpu tensor) one at a time, one file after the other."""
-    from safetensors import safe_open
-
     for f in files:
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt", device="cpu") as st:
+            with open_safetensors(f, device="cpu") as st:
                 for name in st.keys():
                     yield name, st.get_tensor(name)
         else:

@@ -109,5 +109,10 @@ def resolve_model_config(
         except TunesmithError as e:
             raise TunesmithError(f"{neither} ({e})") from None
     hf_cfg = hfio.read_json(local)
+    hfio.check_config_types(local, hf_cfg)
     family = get_family(str(hf_cfg.get("model_type", "")))
-    return family, family.apply_overrides(family.config_cls.from_hf(hf_cfg), overrides)
+    try:
+        cfg = family.config_cls.from_hf(hf_cfg)
+    except (ValueError, TypeError, KeyError) as e:  # a field the type check above does not know
+        raise TunesmithError(f"{local}: cannot read the model config ({e})") from None
+    return family, family.apply_overrides(cfg, overrides)

@@ -3,7 +3,8 @@
 `linear_cross_entropy` fuses the output projection with the loss and walks the tokens in
 chunks, computing each chunk's gradient during the forward pass. The [N, V] logits tensor
 (8 x 2048 x 128256 fp32 = 8.4 GB for Llama 3 at micro-batch 8) is never materialised; the peak
-is one [chunk, V] block. FLOPs equal the unfused head (three matmuls per chunk), with no
+is one [chunk, V] block, whose row count is chosen from the memory it costs (`chunk_rows`).
+FLOPs equal the unfused head (three matmuls per chunk), with no
 recomputation.
 
 Both functions return the *sum* of token losses: the trainer divides by the global count of
@@ -55,6 +56,51 @@ def _chunk_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
 
 
+def _chunk_loss_and_grad_inplace(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype):
+    """`_chunk_loss_and_grad` for eager devices (CPU): the gradient is built in the logits block
+    itself, so a chunk costs one [c, V] fp32 block instead of ~5 (logsumexp's temporary, exp,
+    one-hot, difference, mask), and ~2 passes over it fewer. Same values as the reference."""
+    if logits.dtype != torch.float32 and logits.dtype != torch.float64:
+        logits = logits.float()  # softmax in fp32; the low-precision block is dropped here
+    valid = y != IGNORE_INDEX
+    safe_y = torch.where(valid, y, 0)
+    picked = logits.gather(1, safe_y[:, None]).squeeze(1)  # [c], before the block is reused
+    row_max = logits.amax(dim=-1)  # [c]
+    g = logits.sub_(row_max[:, None]).exp_()  # [c, V] exp(x - max), in place
+    row_sum = g.sum(dim=-1)  # [c]
+    loss = ((row_max + row_sum.log() - picked) * valid).sum()
+    g.div_(row_sum[:, None])  # softmax
+    g[torch.arange(g.size(0), device=g.device), safe_y] -= 1.0  # - onehot(y)
+    if not bool(valid.all()):
+        g[~valid] = 0.0
+    return loss, g.to(grad_dtype)
+
+
+def _chunk_loss_inplace(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`_chunk_loss` without logsumexp's [c, V] temporary (eager devices)."""
+    if logits.dtype != torch.float32 and logits.dtype != torch.float64:
+        logits = logits.float()
+    valid = y != IGNORE_INDEX
+    picked = logits.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
+    row_max = logits.amax(dim=-1)
+    lse = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=-1).log()
+    return ((lse - picked) * valid).sum()
+
+
+# Bytes one [chunk, V] fp32 logits block may take. CUDA: 4096 rows of Llama 3's 128k vocab
+# (2 GiB), the measured setting of benchmarks/RESULTS.md; the compiled kernel keeps ~2 blocks.
+# Elsewhere the block is host memory and the eager kernel keeps one: 64 MiB (130 rows at 128k,
+# 524 at 32k) measured as fast as larger chunks on CPU (benchmarks/ce_cpu_memory.py).
+_BLOCK_BYTES = {"cuda": 4096 * 128256 * 4, "cpu": 64 << 20}
+_MIN_ROWS, _MAX_ROWS = 64, 4096
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk for a vocabulary of `vocab`: as many as the block budget allows."""
+    budget = _BLOCK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(_MIN_ROWS, min(_MAX_ROWS, budget // (4 * max(vocab, 1))))
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -69,7 +115,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _kernels(device: torch.device):
     """Compiled chunk kernels on CUDA (built once per process), eager elsewhere."""
     if device.type != "cuda":
-        return _chunk_loss_and_grad, _chunk_loss
+        return _chunk_loss_and_grad_inplace, _chunk_loss_inplace
     if not _COMPILED:
         _COMPILED["grad"] = torch.compile(_chunk_loss_and_grad, dynamic=False)
         _COMPILED["loss"] = torch.compile(_chunk_loss, dynamic=False)
@@ -98,6 +144,7 @@ def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.T
             grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
         if grad_w is not None:
             grad_w += (g.t() @ h).to(grad_w.dtype)
+        del logits, g  # one [c, V] block alive at a time: freed before the next is allocated
     return total
 
 
@@ -131,7 +178,7 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     compute_dtype: torch.dtype | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sum of CE of `hidden @ weight.T` against `labels`.
 
@@ -141,7 +188,10 @@ def linear_cross_entropy(
     Tensor parallel: `weight` may be a DTensor sharded on the vocab dim (Shard(0) over the TP
     mesh) and `hidden` a sequence-sharded DTensor; the loss is then computed vocab-parallel on
     each rank's [V/tp, D] slice without ever gathering the head or the logits.
+    chunk_size: rows per chunk; default `chunk_rows(V, device)`, from the memory a block costs.
     """
+    if chunk_size is None:
+        chunk_size = chunk_rows(weight.shape[0], hidden.device)
     if _is_dtensor(hidden) or _is_dtensor(weight):
         return _dtensor_linear_cross_entropy(hidden, weight, labels, compute_dtype, chunk_size)
     h = hidden.reshape(-1, hidden.size(-1))

@@ -50,7 +50,7 @@ _GQA_FORMULAS = {
 
 
 class StepFlops:
-    """Counts the step after `start` warm-up steps (compile and allocator warm-up done)."""
+    """Counts one step after `start` warm-up steps (compile and allocator warm-up done)."""
 
     def __init__(self, start: int, world_size: int):
         self.start = start
@@ -60,7 +60,9 @@ class StepFlops:
         self.tokens: int | None = None  # tokens of the counted step, all ranks
 
     def due(self) -> bool:
-        return self.measured is None and self.seen == self.start
+        """The first step after `start` steps in this process not yet counted (the observer
+        skips steps under the profiler, so a trace never shows the eager counted step)."""
+        return self.measured is None and self.seen >= self.start
 
     def counter(self) -> FlopCounterMode:
         return FlopCounterMode(display=False, custom_mapping=_GQA_FORMULAS)

@@ -1,20 +1,25 @@
-"""PyTorch profiler traces, a CUDA memory snapshot at the peak step, and the top-kernels line.
+"""PyTorch profiler traces, a CUDA memory snapshot of the traced steps, and the top-kernels line.
 
 `profile.steps: [start, end]` (or llama-recipes' wait/warmup/active) traces optimizer steps
 start..end on every rank: the profiler is created `warmup` steps before `start` (so steps before
-that run with no profiler at all), and exports `OUTPUT/profile/trace_rank{R}_steps{start}-{end}.json`
-(Chrome trace format: chrome://tracing, https://ui.perfetto.dev) plus `top_kernels_rank{R}.txt`,
-whose first line is also logged. `profile.memory_snapshot` records CUDA allocator history over the
-same steps (or the first `_SNAPSHOT_STEPS` without a window) and dumps
-`memory_snapshot_rank{R}.pickle` (https://pytorch.org/memory_viz) whenever a step sets a new peak.
+that run with no profiler at all) and stopped after `end`, and exports
+`PROFILE_DIR/trace_rank{R}_steps{start}-{end}.json` (Chrome trace format: chrome://tracing,
+https://ui.perfetto.dev) plus `top_kernels_rank{R}.txt`, whose first line is also logged.
+`profile.memory_snapshot` records CUDA allocator history over the same steps (or the first
+`_SNAPSHOT_STEPS` without a window), writes `memory_snapshot_rank{R}.pickle`
+(https://pytorch.org/memory_viz) after the last of them, and stops recording right there:
+history recording slows every allocation, so no later step runs with it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from tunesmith.config.schema import ProfileConfig
@@ -22,39 +27,64 @@ from tunesmith.config.schema import ProfileConfig
 log = logging.getLogger("tunesmith")
 _SNAPSHOT_STEPS = 3  # without a trace window: the optimizer state appears at step 1, so 3 covers the peak
 _SNAPSHOT_ENTRIES = 100_000  # allocator events kept in the snapshot's ring buffer
+_GIB = 2**30
+
+
+class CudaHistory:
+    """The CUDA caching allocator's history recording (torch.cuda.memory's private API)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        torch.cuda.memory._record_memory_history(max_entries=_SNAPSHOT_ENTRIES)
+
+    def stop(self) -> None:
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+    def dump(self, path: Path) -> None:
+        torch.cuda.memory._dump_snapshot(str(path))
+
+    def peak_bytes(self) -> int:
+        """Peak allocated since the counters were last reset (per step: `DeviceHealth.apart`)."""
+        return torch.cuda.max_memory_allocated(self.device)
 
 
 class StepProfiler:
     """Owns the profiler for one rank; driven by `before(step)` / `after(step)` around each step."""
 
-    def __init__(self, cfg: ProfileConfig, out_dir: Path, rank: int, device: torch.device):
+    def __init__(self, cfg: ProfileConfig, out_dir: Path, rank: int, device: torch.device,
+                 history: CudaHistory | None = None):
         self.cfg = cfg
-        self.dir = out_dir / "profile"
+        self.dir = Path(cfg.dir) if cfg.dir else out_dir / "profile"
         self.rank = rank
         self.device = device
         self.window = cfg.window
         self.warmup = min(cfg.warmup, self.window[0] - 1) if self.window else 0
-        self.snapshot = cfg.memory_snapshot and device.type == "cuda"
-        if cfg.memory_snapshot and not self.snapshot:
+        if history is None and device.type == "cuda":
+            history = CudaHistory(device)
+        self.history = history if cfg.memory_snapshot else None
+        if cfg.memory_snapshot and self.history is None:
             log.warning("profile.memory_snapshot needs a CUDA device; skipped on %s", device.type)
         self._snap_steps = self.window or (1, _SNAPSHOT_STEPS)
         self._prof: profile | None = None
         self._recording = False
-        self._peak = -1
+        self._peak: tuple[int, int] = (-1, 0)  # (bytes, step) of the recorded steps
+        self._recorded = 0  # the last step recorded
         self.outputs: dict[str, str] = {}  # what was written, for summary.json
         self.top_line: str | None = None
 
     def watches(self, step: int) -> bool:
         """True for steps run under the profiler or allocator recording (left out of throughput)."""
         in_window = self.window is not None and self.window[0] - self.warmup <= step <= self.window[1]
-        in_snap = self.snapshot and self._snap_steps[0] <= step <= self._snap_steps[1]
+        in_snap = self.history is not None and self._snap_steps[0] <= step <= self._snap_steps[1]
         return in_window or in_snap
 
     def before(self, step: int) -> None:
         if self.window is not None and step == self.window[0] - self.warmup:
             self._start_trace()
-        if self.snapshot and step == self._snap_steps[0]:
-            torch.cuda.memory._record_memory_history(max_entries=_SNAPSHOT_ENTRIES)
+        if self.history is not None and step == self._snap_steps[0]:
+            self.history.start()
             self._recording = True
 
     def after(self, step: int) -> None:
@@ -64,18 +94,29 @@ class StepProfiler:
                 self._prof.stop()
                 self._prof = None
         if self._recording:
-            self._snapshot_if_peak(step)
+            self._peak = max(self._peak, (self.history.peak_bytes(), step))
+            self._recorded = step
             if step >= self._snap_steps[1]:
                 self.close()
 
     def close(self) -> None:
-        """Stop anything still running (a run that ended or stopped inside the window)."""
+        """Stop anything still running; a run that ended or stopped inside the recorded steps
+        still gets the snapshot of the steps it ran."""
         if self._prof is not None:
             self._prof.stop()
             self._prof = None
         if self._recording:
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self._recording = False
+            try:
+                if self._recorded:
+                    self._write_snapshot()
+            finally:
+                self.history.stop()
+                self._recording = False
+
+    @property
+    def recording(self) -> bool:
+        """Whether allocator history is being recorded now."""
+        return self._recording
 
     def _start_trace(self) -> None:
         start, end = self.window
@@ -103,33 +144,93 @@ class StepProfiler:
         if self.rank == 0:
             log.info("profile: %s (trace %s)", self.top_line, trace)
 
-    def _snapshot_if_peak(self, step: int) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device)
-        if peak <= self._peak:
-            return
-        self._peak = peak
+    def _write_snapshot(self) -> None:
+        """After the last recorded step: the history covers every recorded step, the peak
+        one included (memory_viz's timeline shows it)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"memory_snapshot_rank{self.rank}.pickle"
-        torch.cuda.memory._dump_snapshot(str(path))
-        self.outputs["memory_snapshot"] = str(path)
-        self.outputs["memory_snapshot_step"] = str(step)
-        self.outputs["memory_snapshot_peak_gib"] = f"{peak / 2**30:.3f}"
+        self.history.dump(path)
+        first, last = self._snap_steps[0], self._recorded
+        peak, at = self._peak
+        self.outputs.update({"memory_snapshot": str(path), "memory_snapshot_steps": f"{first}-{last}",
+                             "memory_snapshot_peak_step": str(at),
+                             "memory_snapshot_peak_gib": f"{peak / _GIB:.3f}"})
+
+
+# CUPTI/Kineto records that take time on a timeline but are no GPU work: the profiler's own
+# overhead ("Command Buffer Full": the launch queue was full), lazy module loading, and the
+# synchronisation records (CUDA_SYNC activities count as device events).
+_NOT_KERNELS = ("Command Buffer Full", "Lazy Function Loading", "Activity Buffer Request",
+                "Stream Wait Event", "Event Sync", "Stream Sync", "Context Sync")
+_NAME_CAP = 60  # characters of a kernel name in the one-line summary
+# Wrapper kernels whose name says nothing without their first template argument.
+_GENERIC = {"Kernel", "Kernel2", "kernel", "device_kernel"}
+
+
+def _is_work(name: str) -> bool:
+    return not (name in _NOT_KERNELS or name.startswith(("CUPTI", "ProfilerStep", "cuda")))
+
+
+def ranked_ops(events: Any, cuda: bool) -> list[tuple[str, float, int]]:
+    """(name, self time in microseconds, calls), longest first. On CUDA `events` are the
+    profiler's events (`prof.events()`) and the ranking holds the device's kernels, copies and
+    memsets (no annotations, runtime calls or CUPTI markers); on CPU they are
+    `prof.key_averages()` and it holds the operators by self CPU time."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    if cuda:
+        keep = lambda e: e.device_type == DeviceType.CUDA  # noqa: E731
+        micros = lambda e: float(e.device_time_total)  # noqa: E731 - its own span on the device
+    else:
+        keep = lambda e: e.device_type == DeviceType.CPU  # noqa: E731
+        micros = lambda e: float(e.self_cpu_time_total)  # noqa: E731
+    for e in events:
+        if not keep(e) or getattr(e, "is_user_annotation", False) or not _is_work(e.key):
+            continue
+        total = totals[e.key]
+        total[0] += micros(e)
+        total[1] += getattr(e, "count", 1)
+    ranked = [(name, t, int(n)) for name, (t, n) in totals.items() if t > 0]
+    return sorted(ranked, key=lambda r: r[1], reverse=True)
+
+
+def short_name(name: str, cap: int = _NAME_CAP) -> str:
+    """A demangled C++ kernel name as a reader wants it: no return type, template arguments or
+    parameter list ('void at::native::elementwise_kernel<128, 2, ...>(int, ...)' ->
+    'at::native::elementwise_kernel'); a generic wrapper keeps its first template argument
+    ('cutlass::Kernel2<cutlass_80_tensorop_...>'). At most `cap` characters."""
+    text = name.strip().replace("(anonymous namespace)::", "")
+    text = text.removeprefix("## ").removesuffix(" ##")  # inductor's "## Call CompiledFxGraph h ##"
+    text = text.removeprefix("void ")
+    base, arg, depth, arg_done = [], [], 0, False
+    for ch in text:
+        if ch == "(" and depth == 0:
+            break  # the parameter list
+        if ch in "<>":
+            depth = depth + 1 if ch == "<" else max(depth - 1, 0)
+            arg_done = arg_done or (ch == ">" and depth == 0)
+        elif depth == 0:
+            base.append(ch)
+        elif depth == 1 and not arg_done:
+            arg_done = ch == ","
+            arg += [] if arg_done else [ch]
+    out, first = "".join(base).strip(), "".join(arg).strip()
+    if out.rsplit("::", 1)[-1] in _GENERIC and first:
+        out = f"{out}<{first}>"
+    return out if len(out) <= cap else out[: cap - 3] + "..."
 
 
 def top_kernels(prof: profile, n: int, cuda: bool) -> tuple[str, str]:
-    """(key_averages table, one line 'top kernels by <device> time: name share (ms), ...')."""
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    events = prof.key_averages()
-    table = events.table(sort_by=sort, row_limit=n)
+    """(the saved text, the one line 'top kernels by <device> time: name share (ms), ...').
 
-    def self_time(e) -> float:  # microseconds
-        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
-
-    # ProfilerStep#N spans the whole step: a label, not a kernel.
-    ops = [e for e in events if not e.key.startswith("ProfilerStep")]
-    ranked = sorted(ops, key=self_time, reverse=True)
-    total = sum(self_time(e) for e in ops) or 1.0
-    parts = [f"{e.key} {100 * self_time(e) / total:.1f}% ({self_time(e) / 1000:.1f} ms)"
-             for e in ranked[:n] if self_time(e) > 0]
+    The line shortens names (`short_name`); the text lists every kernel with its full name,
+    then torch's key_averages table."""
+    ranked = ranked_ops(prof.events() if cuda else prof.key_averages(), cuda)
+    total = sum(t for _, t, _ in ranked) or 1.0
+    parts = [f"{short_name(name)} {100 * t / total:.1f}% ({t / 1000:.1f} ms)" for name, t, _ in ranked[:n]]
     where = "GPU" if cuda else "CPU"
-    return table, f"top kernels by {where} time: " + ", ".join(parts)
+    line = f"top kernels by {where} time: " + ", ".join(parts)
+    rows = [f"{'share':>6} {'ms':>10} {'calls':>7}  name (all {len(ranked)} {where} kernels, full names)"]
+    rows += [f"{100 * t / total:5.1f}% {t / 1000:10.3f} {calls:7d}  {name}" for name, t, calls in ranked]
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=max(n, 30), max_name_column_width=120)
+    return "\n".join(rows) + "\n\n" + table, line

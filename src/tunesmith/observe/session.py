@@ -52,6 +52,8 @@ class RunObserver:
         self.profiler = StepProfiler(cfg.profile, out_dir, rank, device)
         self.flops = StepFlops(cfg.profile.flop_counter_start, world_size) if cfg.profile.count_flops else None
         self.report_s = 0.0
+        self.instrumented_steps = 0  # profiled or FLOP-counted: left out of throughput
+        self._refill = False  # the next step follows the FLOP-counted one (CUDA)
         self._done = False
 
     # ------------------------------------------------------------------ run
@@ -82,22 +84,39 @@ class RunObserver:
     @contextmanager
     def step(self, step: int, tput: Any) -> Iterator[StepWatch]:
         """Around optimizer step `step` (1-based). Profiled or FLOP-counted steps run inside
-        `tput.excluded("profile")`: instrumentation slows them, so they do not count."""
-        count = self.flops is not None and self.flops.due()
-        watch = StepWatch(instrumented=count or self.profiler.watches(step))
+        `tput.excluded("profile")` and `health.apart()`: instrumentation slows them and changes
+        their memory, so neither their time, tokens nor peak memory count as training's."""
+        watched = self.profiler.watches(step)
+        count = self.flops is not None and self.flops.due() and not watched
+        # The step after the counted one refills the allocator cache emptied after the eager
+        # step (cudaMalloc of every block): not a steady-state step either.
+        refill, self._refill = self._refill, count and self.health.cuda
+        watch = StepWatch(instrumented=count or watched or refill)
         with ExitStack() as stack:
             if watch.instrumented:
                 stack.enter_context(tput.excluded("profile"))
+                stack.enter_context(self.health.apart(release=count))
+                self.instrumented_steps += 1
             self.profiler.before(step)
-            if count:
-                with self.flops.counter() as mode:
-                    yield watch
-                self.flops.record(mode, watch.tokens)
-            else:
+            with ExitStack() as counting:
+                if count:
+                    mode = self._flop_mode(counting)
                 yield watch
+            if count:
+                self.flops.record(mode, watch.tokens)
             self.profiler.after(step)
         if self.flops is not None:
             self.flops.seen += 1
+
+    def _flop_mode(self, stack: ExitStack) -> Any:
+        # FlopCounterMode is a TorchDispatchMode. A compiled block entered under one misses its
+        # guards, and dynamo then runs it eagerly *and marks the code to be skipped from then
+        # on*; blocks compiled in place share one code object, so every block stayed eager for
+        # the rest of the run (~30% slower, more memory, on a 1B model). With the stance
+        # force_eager dynamo stays out of this step: it runs eagerly (the same aten ops, so the
+        # same FLOPs) and the compiled graphs serve the next step unchanged, with no recompile.
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        return stack.enter_context(self.flops.counter())
 
     def record(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add the window's health fields to a train record (before it is written)."""
@@ -112,6 +131,10 @@ class RunObserver:
     # ------------------------------------------------------------------ end
     def summary_fields(self, flops_per_token: float, tokens_per_s: float | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        if self.instrumented_steps:
+            out["profiled_steps"] = self.instrumented_steps
+            if self.health.apart_peak_gib is not None:
+                out["profile_peak_mem_gib"] = self.health.apart_peak_gib
         if self.flops is not None:
             out.update(self.flops.summary(flops_per_token, tokens_per_s))
         if self.profiler.outputs:
@@ -141,6 +164,7 @@ class RunObserver:
         self.trackers.finish(summary, model_dir, ok)
         if summary is not None:
             summary["tracker_s"] = self.trackers.seconds
+            summary["tracker_log_s"] = self.trackers.log_seconds
         if self.cfg.logging.report:
             self._write_report(summary)
         if summary is not None:

@@ -99,6 +99,10 @@ def launch(args: argparse.Namespace, worker_argv: Sequence[str], module: str = "
 
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise TunesmithError("--nproc-per-node and --nnodes must be >= 1")
+    if args.max_restarts < 0:
+        raise TunesmithError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
+        raise TunesmithError(f"--node-rank must be in [0, {args.nnodes}), got {args.node_rank}")
     world = args.nnodes * args.nproc_per_node
     cfg, layout = validate(args.recipe, list(args.overrides), world, args.nproc_per_node)
     log.info("launching %d process(es) per node on %d node(s): %s",

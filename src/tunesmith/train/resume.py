@@ -148,6 +148,28 @@ def plan_resume(cfg: RunConfig, mgr: CheckpointManager) -> ResumePlan:
     return ResumePlan(ckpt, step)
 
 
+class RunFinished(Exception):
+    """Resuming a run that already completed: nothing to train, nothing to write."""
+
+    def __init__(self, out_dir: Path, checkpoint: Path, step: int) -> None:
+        super().__init__(f"the run in {out_dir} already finished at step {step} (checkpoint "
+                         f"{checkpoint}); nothing to do, its files are left as they were")
+        self.summary_path = out_dir / "summary.json"
+
+
+def check_not_finished(out_dir: Path, plan: ResumePlan, total_steps: int | None) -> None:
+    """Raise `RunFinished` when `plan` resumes at the run's last step and the run completed.
+
+    summary.json is the last file a run writes, so its presence means the final eval and the
+    final model are there too; without it (a crash after the last checkpoint) the resume goes
+    on and finishes the run.
+    """
+    if plan.checkpoint is None or total_steps is None or plan.step != total_steps:
+        return
+    if (out_dir / "summary.json").is_file():
+        raise RunFinished(out_dir, plan.checkpoint, plan.step)
+
+
 def check_run_dir_matches(out_dir: Path, cfg: RunConfig) -> None:
     """With resume set, `out_dir` may hold a run, but only this one (same strict keys)."""
     f = out_dir / "config.yaml"

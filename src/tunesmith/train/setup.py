@@ -8,6 +8,7 @@ output directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from tunesmith.train.guard import DIAGNOSTICS_FILE
 from tunesmith.train.metrics import LossWindow
 from tunesmith.train.resume import (
     ResumePlan,
+    RunFinished,
     apply_optimizer_config,
     check_model_matches,
+    check_not_finished,
     check_run_dir_matches,
     plan_resume,
     truncate_metrics,
@@ -127,6 +130,7 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, RunParts]:
     plan = plan_resume(cfg, manager)
     if ck.resume is not None:
         check_run_dir(out_dir, cfg, plan.checkpoint)
+    check_not_finished(out_dir, plan, cfg.train.max_steps)  # before any costly build
     asm = assemble(cfg)  # runtime -> spec -> processes -> ... -> optimizer (tunesmith.build)
     ctx: ParallelContext = asm.need("ctx")
     manager.cleanup_partial()  # rank 0 removes, between barriers
@@ -169,6 +173,7 @@ def _make_trainer(cfg: RunConfig, asm: Assembly, task: TaskData, out_dir: Path,
             f"this run has {total_steps} steps but checkpoint {plan.checkpoint} is at step "
             f"{plan.step}; raise train.epochs or train.max_steps to continue from it"
         )
+    check_not_finished(out_dir, plan, total_steps)  # epoch-based runs: known only now
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
     scaler, progress, window = rt.grad_scaler(), Progress(), LossWindow()
     rng = DeferredRNGState()
@@ -219,7 +224,11 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     A run stopped by SIGTERM/SIGINT returns normally with `summary["interrupted"] = True` and
     no final model (its state is in the checkpoint). A NaN halt raises `NonFiniteError`.
     """
-    trainer, parts = build_trainer(cfg)
+    try:
+        trainer, parts = build_trainer(cfg)
+    except RunFinished as done:  # resuming at the last step of a completed run: touch nothing
+        log.warning("%s", done)
+        return json.loads(done.summary_path.read_text(encoding="utf-8"))
     summary = trainer.train()
     after_training(cfg, trainer, parts, summary)
     out_dir = Path(cfg.output.dir)

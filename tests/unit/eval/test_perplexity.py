@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.peft_utils import tiny_model
+from tunesmith.errors import TunesmithError
 from tunesmith.eval.perplexity import eval_metrics, evaluate_loss
 from tunesmith.runtime import resolve_runtime
 
@@ -34,5 +36,9 @@ def test_eval_loss_matches_a_plain_cross_entropy():
         == int((batches[0]["labels"] != -100).sum())
 
 
-def test_eval_metrics_with_no_tokens_is_finite():
-    assert eval_metrics(0.0, 0) == {"eval_loss": 0.0, "perplexity": 1.0, "eval_tokens": 0}
+def test_eval_metrics_with_no_tokens_is_refused():
+    """A loss over zero tokens would read as 0.0 and a perfect perplexity of 1.0 (issue #10):
+    no metric is reported, one clear line says why."""
+    with pytest.raises(TunesmithError, match="evaluation saw no target tokens"):
+        eval_metrics(0.0, 0)
+    assert eval_metrics(2.0, 1) == {"eval_loss": 2.0, "perplexity": math.exp(2.0), "eval_tokens": 1}

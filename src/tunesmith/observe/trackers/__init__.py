@@ -56,6 +56,7 @@ class Trackers:
     def __init__(self, cfg: LoggingConfig, out_dir: Path, enabled: bool = True):
         self.trackers: list[Tracker] = []
         self.seconds = 0.0  # time spent in tracker calls (reported as tracker_s)
+        self.log_seconds = 0.0  # of which logging records during training (tracker_log_s)
         if not enabled:
             return
         check_trackers(cfg)
@@ -100,7 +101,9 @@ class Trackers:
     def log(self, record: dict[str, Any]) -> None:
         items = metric_items(record)
         if items:
+            before = self.seconds
             self._each("log", lambda t: t.log(items, int(record["step"])))
+            self.log_seconds += self.seconds - before
 
     def finish(self, summary: dict[str, Any] | None, model_dir: Path | None, ok: bool) -> None:
         if summary is not None:
