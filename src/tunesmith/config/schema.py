@@ -115,6 +115,12 @@ class OptimConfig(Section):
         "smaller than bf16's spacing are not lost without fp32 master weights. Needs "
         "train.precision=bf16-pure; default: on for adamw8bit/adamw4bit with bf16-pure.",
     )
+    in_backward: bool = Field(
+        False,
+        description="Step each parameter as soon as its gradient is complete and free that gradient, "
+        "so whole-model gradients never coexist (saves their memory). One process; needs "
+        "train.max_grad_norm=null, grad_accum_steps=1, nan_policy=halt. See docs/performance.md.",
+    )
 
 
 class ScheduleConfig(Section):
@@ -140,6 +146,11 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
+    compile_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="torch.compile options for the compiled blocks: TorchInductor config keys, e.g. "
+        "{coordinate_descent_tuning: true} (default: none; see docs/performance.md).",
+    )
     float8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
         "none",
         description="float8 training (torchao) of the chosen linear layers: tensorwise (fastest), "
@@ -550,3 +561,21 @@ def _check_lowmem(cfg: RunConfig) -> None:
         raise ValueError("train.float8_all_gather needs train.float8=tensorwise")
     if pc.base_dtype == "float8" and pc.method not in ("lora", "dora"):
         raise ValueError("peft.base_dtype=float8 needs peft.method lora or dora (qlora stores NF4)")
+    if oc.in_backward:
+        _check_in_backward(cfg)
+
+
+def _check_in_backward(cfg: RunConfig) -> None:
+    """optim.in_backward applies each update during backward (tunesmith/optim_backward.py)."""
+    tc = cfg.train
+    if tc.max_grad_norm is not None:
+        raise ValueError("optim.in_backward needs train.max_grad_norm=null: the global grad norm is "
+                         "known only after every parameter was already updated")
+    if tc.grad_accum_steps != 1:
+        raise ValueError("optim.in_backward needs train.grad_accum_steps=1 (each backward applies updates)")
+    if tc.nan_policy != "halt":
+        raise ValueError("optim.in_backward needs train.nan_policy=halt: an update applied during "
+                         "backward cannot be skipped")
+    if tc.precision == "fp16":
+        raise ValueError("optim.in_backward does not work with train.precision=fp16 (its grad scaler "
+                         "unscales all gradients before the step)")
