@@ -4,7 +4,8 @@
 
 Variants: tunesmith (compiled blocks), tunesmith-eager, tunesmith-float8 / tunesmith-float8-rowwise
 (train.float8=tensorwise / rowwise, default layer rule, compiled), tunesmith-float8-all (tensorwise,
-train.float8_filter=all: wk/wv too), hf-trainer. MFU always uses
+train.float8_filter=all: wk/wv too), hf-trainer, and any NAME given by `--define NAME:KEY=JSON`:
+tunesmith with recipe keys changed, e.g. `--define ib:optim.in_backward=true`. MFU always uses
 the bf16 peak, float8 variants included.
 
 Each variant runs in its own subprocess (clean allocator, fair peak memory) on identical
@@ -42,31 +43,44 @@ def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int 
 
 
 def _flops_and_peak(model, seq):
-    import torch
-
     from tunesmith.runtime import peak_tflops
 
-    return float(model.flops_per_token(seq)), peak_tflops(torch.device("cuda"))
+    return float(model.flops_per_token(seq)), peak_tflops(next(model.parameters()).device)
 
 
-def run_tunesmith(args, compile_blocks: bool, float8: str = "none") -> dict:
-    """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
-    import torch
+def parse_sets(spec: list[str]) -> dict:
+    """["train.compile_options={\"coordinate_descent_tuning\": true}", ...] -> {dotted: value};
+    each value is JSON (a bare word is a string)."""
+    out = {}
+    for item in spec:
+        key, _, raw = item.partition("=")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
+
+def build_trainer(args, compile_blocks: bool, float8: str = "none", sets: dict | None = None):
+    """tunesmith's own Trainer as `tunesmith train` assembles it, for synthetic batches.
+
+    `sets`: extra recipe keys (dotted, e.g. "optim.in_backward": true) for A/B variants.
+    Returns (trainer, model, flops per token, peak TFLOP/s).
+    """
     from tunesmith.build import assemble
-    from tunesmith.config.schema import RunConfig
+    from tunesmith.config.resolve import build_config
     from tunesmith.optim import build_scheduler
     from tunesmith.train.trainer import Trainer
 
-    cfg = RunConfig.model_validate({
+    cfg = build_config({
         "model": {"name": args.shape},
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"device": "cuda", "micro_batch_size": args.micro_batch, "precision": "bf16",
+        "train": {"device": getattr(args, "device", "cuda"), "micro_batch_size": args.micro_batch, "precision": "bf16",
                   "compile": compile_blocks, "seed": 0, "float8": float8,
                   "float8_filter": "all" if args.variant.endswith("-all") else "auto"},
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
-    })
+    }, **(sets or {}))
     # The model and optimizer as `tunesmith train` assembles them (tunesmith.build): built on
     # meta, float8 layers (train.float8) and compiled blocks by parallelize, materialised with
     # the seeded init, then the optimizer.
@@ -77,10 +91,28 @@ def run_tunesmith(args, compile_blocks: bool, float8: str = "none") -> dict:
     tr = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
                  val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
                  flops_per_token=flops, peak_tflops=peak)
-    times, losses = [], []
-    for ids in synthetic_batches(model.cfg.vocab_size, args.seq, args.micro_batch, args.steps):
+    return tr, model, flops, peak
+
+
+def synthetic_step_batches(vocab: int, seq: int, micro_batch: int, n: int):
+    """n pinned {input_ids, labels} batches [micro_batch, seq] (labels shifted, last -100)."""
+    import torch
+
+    for ids in synthetic_batches(vocab, seq, micro_batch, n):
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        batch = {"input_ids": ids.pin_memory(), "labels": labels.pin_memory()}
+        if torch.cuda.is_available():
+            ids, labels = ids.pin_memory(), labels.pin_memory()
+        yield {"input_ids": ids, "labels": labels}
+
+
+def run_tunesmith(args, compile_blocks: bool, float8: str = "none", sets: dict | None = None) -> dict:
+    """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
+    import torch
+
+    tr, model, flops, peak = build_trainer(args, compile_blocks, float8, sets)
+    args.micro_batch = tr.cfg.train.micro_batch_size  # a variant may set train.micro_batch_size
+    times, losses = [], []
+    for batch in synthetic_step_batches(model.cfg.vocab_size, args.seq, args.micro_batch, args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss, _, _, _ = tr.train_step([batch])
@@ -145,6 +177,7 @@ def _result(args, times, flops, peak, losses, n_params) -> dict:
         "median_step_s": step_s,
         "mean_step_s": sum(steady) / len(steady),
         "params": n_params,
+        "micro_batch": args.micro_batch,
         "flops_per_token": flops,
         "first_losses": losses[:3],
         "losses": losses,
@@ -158,7 +191,7 @@ def child(args) -> None:
         res = run_hf_trainer(args)
     else:
         res = run_tunesmith(args, compile_blocks=args.variant != "tunesmith-eager",
-                            float8=FLOAT8.get(args.variant, "none"))
+                            float8=FLOAT8.get(args.variant, "none"), sets=parse_sets(args.set))
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -170,28 +203,39 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--variants", default="tunesmith,hf-trainer")
+    p.add_argument("--define", action="append", default=[], metavar="NAME:KEY=JSON",
+                   help="a variant NAME = tunesmith (compiled) plus recipe key KEY set to JSON; "
+                        "repeat for more keys or variants, then list NAME in --variants")
     p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.variant:
         return child(args)
+    defined: dict[str, list[str]] = {}
+    for d in args.define:
+        name, _, kv = d.partition(":")
+        defined.setdefault(name, []).extend(["--set", kv])
     rows = {}
     for v in args.variants.split(","):
-        rows[v] = run_variant(__file__, v, [
+        if v not in VARIANTS and v not in defined:
+            p.error(f"unknown variant {v!r}: one of {', '.join(VARIANTS)} or a --define NAME")
+        child_variant = "tunesmith" if v in defined else v
+        rows[v] = run_variant(__file__, child_variant, [
             "--shape", args.shape, "--seq", str(args.seq), "--micro-batch", str(args.micro_batch),
-            "--steps", str(args.steps), "--warmup", str(args.warmup)])
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+            "--steps", str(args.steps), "--warmup", str(args.warmup), *defined.get(v, [])])
+        if args.json:  # after every variant: a time limit from outside keeps what finished
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.micro_batch}, {args.steps} steps "
           f"({args.warmup} warm-up)")
-    print("| variant | tokens/s | MFU | peak mem (GiB) | median step (s) |")
-    print("|---|---|---|---|---|")
+    print("| variant | micro-batch | tokens/s | MFU | peak mem (GiB) | median step (s) |")
+    print("|---|---|---|---|---|---|")
     for v, r in rows.items():
         if "error" in r:
-            print(f"| {v} | failed | | | |")
+            print(f"| {v} | | failed | | | |")
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-            print(f"| {v} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['median_step_s']:.3f} |")
+            print(f"| {v} | {r.get('micro_batch', args.micro_batch)} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['median_step_s']:.3f} |")
 
 
 if __name__ == "__main__":

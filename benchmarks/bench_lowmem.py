@@ -41,8 +41,10 @@ def run(args) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_budget_gib / total_gib))
     cfg = RunConfig.model_validate({
         "data": {"path": "synthetic", "block_size": args.seq},
-        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16-pure", "compile": True},
-        "optim": {"name": args.optim, "lr": 1e-5, "weight_decay": 0.0},
+        "train": {"micro_batch_size": args.micro_batch, "precision": "bf16-pure", "compile": True,
+                  # optim.in_backward applies updates during backward: no global-norm clipping.
+                  **({"max_grad_norm": None} if args.in_backward else {})},
+        "optim": {"name": args.optim, "lr": 1e-5, "weight_decay": 0.0, "in_backward": args.in_backward},
         "schedule": {"name": "constant"},
         "parallel": {"activation_checkpointing": args.ac},
     })
@@ -78,7 +80,8 @@ def run(args) -> dict:
                     sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in t.__tensor_flatten__()[0])
                     for s in opt.state.values() for t in s.values() if torch.is_tensor(t)) / 2**30
     return {
-        "shape": args.shape, "optim": args.optim, "ac": args.ac, "seq": args.seq,
+        "shape": args.shape, "optim": args.optim, "in_backward": args.in_backward, "ac": args.ac,
+        "seq": args.seq,
         "micro_batch": args.micro_batch, "mem_budget_gib": args.mem_budget_gib,
         "tokens_per_s": tok_s, "mfu_bf16_peak": tok_s * flops / (peak * 1e12) if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -100,6 +103,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--mem-budget-gib", type=float, default=None)
+    p.add_argument("--in-backward", action="store_true",
+                   help="optim.in_backward: step each parameter during backward (no whole-model grads)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     res = run(args)

@@ -9,6 +9,7 @@ from torch import nn
 
 from tunesmith.config.schema import OptimConfig, ScheduleConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.optim_backward import attach_in_backward
 from tunesmith.optim_lowmem import build_lowmem_optimizer, uses_torchao
 
 
@@ -32,7 +33,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    opt = optimizer_for(param_groups(model, cfg.weight_decay), cfg, device)
+    if cfg.in_backward:  # steps during backward; `opt` keeps the state (see optim_backward)
+        attach_in_backward(model, opt, lambda groups: optimizer_for(groups, cfg, device))
+    return opt
+
+
+def optimizer_for(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The configured optimizer over `groups` (param groups as `param_groups` makes them)."""
     param_dtype = next(p for g in groups for p in g["params"]).dtype
     if uses_torchao(cfg, param_dtype):  # 8-/4-bit moments, bf16 stochastic rounding
         return build_lowmem_optimizer(groups, cfg, param_dtype)

@@ -4,6 +4,7 @@ names offline, accelerator-flag and llama-recipes mappings, and --print-recipe f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,28 @@ def test_llama_recipes_lora_fields_and_refusals() -> None:
     with pytest.raises(TunesmithError, match="tunesmith does not run dataset code"):
         build_lr("llama-recipes", _llama_recipes("--dataset", "custom_dataset",
                                                  "--custom_dataset.file", "ds.py:get_data"))
+
+
+def test_llama_recipes_llama_adapter_maps_and_trains(tmp_path: Path) -> None:
+    """--peft_method llama_adapter -> peft.method llama_adapter; a 2-step run on stories260K
+    (5 blocks) writes peft's ADAPTION_PROMPT adapter."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i} plus {i}?", "a": f"It is {2 * i}."}) + "\n"
+                            for i in range(24)))
+    argv = _llama_recipes("--use_peft", "--peft_method", "llama_adapter",
+                          "--llama_adapter_config.adapter_len", "4",
+                          "--llama_adapter_config.adapter_layers", "2", "--enable_fsdp",
+                          "--dataset", "custom_dataset", "--custom_dataset.file", str(data),
+                          "--custom_dataset.format", "custom", "--custom_dataset.prompt_template",
+                          "Q: {q}\nA: ", "--custom_dataset.response_template", "{a}")
+    recipe, _ = build_lr("llama-recipes", argv)
+    assert recipe.data["peft"] == {"method": "llama_adapter", "adapter_len": 4, "adapter_layers": 2}
+    recipe.config()
+    out = tmp_path / "out"
+    assert run(["llama-recipes", *argv, "--max_train_step", "2", "--max_eval_step", "1",
+                "--context_length", "128", "--batch_size_training", "2", "--output_dir", str(out)]) == 0
+    conf = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert (conf["peft_type"], conf["adapter_len"], conf["adapter_layers"]) == ("ADAPTION_PROMPT", 4, 2)
 
 
 def test_llama_recipes_custom_dataset_is_a_data_file(tmp_path: Path) -> None:

@@ -115,6 +115,12 @@ class OptimConfig(Section):
         "smaller than bf16's spacing are not lost without fp32 master weights. Needs "
         "train.precision=bf16-pure; default: on for adamw8bit/adamw4bit with bf16-pure.",
     )
+    in_backward: bool = Field(
+        False,
+        description="Step each parameter as soon as its gradient is complete and free that gradient, "
+        "so whole-model gradients never coexist (saves their memory). One process; needs "
+        "train.max_grad_norm=null, grad_accum_steps=1, nan_policy=halt. See docs/performance.md.",
+    )
 
 
 class ScheduleConfig(Section):
@@ -140,6 +146,11 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
+    compile_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="torch.compile options for the compiled blocks: TorchInductor config keys, e.g. "
+        "{coordinate_descent_tuning: true} (default: none; see docs/performance.md).",
+    )
     float8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
         "none",
         description="float8 training (torchao) of the chosen linear layers: tensorwise (fastest), "
@@ -418,11 +429,13 @@ class ParallelConfig(Section):
 class PeftConfig(Section):
     """Parameter-efficient fine-tuning and layer freezing (see docs/peft.md)."""
 
-    method: Literal["none", "lora", "dora", "qlora"] = Field(
+    method: Literal["none", "lora", "dora", "qlora", "llama_adapter"] = Field(
         "none",
         description="none: train all (unfrozen) weights; lora: low-rank adapters on a frozen base; "
         "dora: LoRA plus a learned per-row magnitude (weight-decomposed); qlora: LoRA on a base "
-        "stored in 4-bit NF4 (needs torchao).",
+        "stored in 4-bit NF4 (needs torchao); llama_adapter: learnable adaption prompts with a "
+        "zero-initialised gate in the top attention layers of a frozen Llama/Mistral (peft's "
+        "adaption_prompt; see adapter_len, adapter_layers).",
     )
     r: int = Field(8, gt=0, description="LoRA rank: adapter matrices A [r, in] and B [out, r].")
     alpha: float = Field(
@@ -454,6 +467,14 @@ class PeftConfig(Section):
         "float8: block linear weights in float8 e4m3 with one fixed scale per row, their matmuls "
         "run in float8 (CUDA, compute capability >= 8.9; see docs/lowmem.md).",
     )
+    adapter_len: int = Field(
+        10, gt=0, description="llama_adapter: adaption prompt tokens per adapted layer (llama-recipes' default)."
+    )
+    adapter_layers: int = Field(
+        30, gt=0,
+        description="llama_adapter: how many of the top transformer blocks get an adaption prompt "
+        "(llama-recipes' default; at most the model's block count).",
+    )
     freeze_layers: list[int] = Field(
         default_factory=list,
         description="Transformer block indices to freeze (no updates; with LoRA they get no adapters).",
@@ -467,11 +488,19 @@ class PeftConfig(Section):
     def _check(self) -> PeftConfig:
         if self.method == "none":
             if self.from_checkpoint is not None:
-                raise ValueError("peft.from_checkpoint needs peft.method lora, dora or qlora")
+                raise ValueError("peft.from_checkpoint needs peft.method lora, dora, qlora or llama_adapter")
             if self.save_merged:
                 raise ValueError("peft.save_merged needs peft.method lora, dora or qlora")
         if any(i < 0 for i in self.freeze_layers):
             raise ValueError("peft.freeze_layers holds block indices, which are >= 0")
+        if self.method == "llama_adapter":
+            if self.save_merged:
+                raise ValueError("peft.save_merged: a llama_adapter prompt cannot be folded into "
+                                 "the weights (it is extra attention input); drop save_merged")
+            if self.freeze_layers or self.num_freeze_layers or self.freeze_embeddings:
+                raise ValueError("peft.method=llama_adapter freezes the whole base already; drop "
+                                 "freeze_layers / num_freeze_layers / freeze_embeddings (choose "
+                                 "the adapted blocks with peft.adapter_layers)")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("peft.target_modules is empty: name at least one module or use all-linear")
         return self
@@ -544,3 +573,21 @@ def _check_lowmem(cfg: RunConfig) -> None:
         raise ValueError("train.float8_all_gather needs train.float8=tensorwise")
     if pc.base_dtype == "float8" and pc.method not in ("lora", "dora"):
         raise ValueError("peft.base_dtype=float8 needs peft.method lora or dora (qlora stores NF4)")
+    if oc.in_backward:
+        _check_in_backward(cfg)
+
+
+def _check_in_backward(cfg: RunConfig) -> None:
+    """optim.in_backward applies each update during backward (tunesmith/optim_backward.py)."""
+    tc = cfg.train
+    if tc.max_grad_norm is not None:
+        raise ValueError("optim.in_backward needs train.max_grad_norm=null: the global grad norm is "
+                         "known only after every parameter was already updated")
+    if tc.grad_accum_steps != 1:
+        raise ValueError("optim.in_backward needs train.grad_accum_steps=1 (each backward applies updates)")
+    if tc.nan_policy != "halt":
+        raise ValueError("optim.in_backward needs train.nan_policy=halt: an update applied during "
+                         "backward cannot be skipped")
+    if tc.precision == "fp16":
+        raise ValueError("optim.in_backward does not work with train.precision=fp16 (its grad scaler "
+                         "unscales all gradients before the step)")

@@ -248,13 +248,6 @@ def _peft(f: ParsedFlags, r: Recipe) -> None:
 
 
 def _llama_adapter(f: ParsedFlags, r: Recipe) -> None:
-    from typing import get_args
-
-    from tunesmith.config.schema import PeftConfig
-
-    if "llama_adapter" not in get_args(PeftConfig.model_fields["method"].annotation):
-        raise TunesmithError("--peft_method llama_adapter is not available in this tunesmith "
-                             "version (peft.method: lora, dora, qlora)")
     r.set("peft.method", "llama_adapter")
     r.set("peft.adapter_len", f["adapter_len"])
     r.set("peft.adapter_layers", f["adapter_layers"])

@@ -8,6 +8,7 @@ keeping its own tables of model types:
                       family.shardable             (FSDP2 / DDP, sharded loading)
     data / train      family.kind                  ("causal" decoders, "masked" encoders)
     models.io         family.load_fn / save_fn     (families loading through transformers)
+    peft              family.adaption              (Llama-Adapter's attachment point)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 # A family's config dataclass (LlamaConfig, GPT2Config, BertConfig, ...). They share the
@@ -36,6 +38,23 @@ class TPPlan(Protocol):
 
 
 @dataclass(frozen=True)
+class AdaptionPoint:
+    """Where Llama-Adapter (peft's `adaption_prompt`) attaches in a family's blocks.
+
+    attention: the block's attention submodule name. It must call `forward(x, cos, sin, ...)`
+        with x [B, T, D] and cos/sin the block's rotary tables, and own `wq`, `wk`, `wv`, `wo`
+        linears and `head_dim`; the transform recomputes the rotated queries from these.
+    rotate: the family's rotary embedding applied to q [B, H, T, hd] (cos/sin as given).
+    peft_model_types: HF model types peft's adaption_prompt supports in this family (adapters
+        for other types of the family could not be loaded by peft, so they are refused).
+    """
+
+    attention: str
+    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    peft_model_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """Everything needed to build, load, save and parallelise one architecture family.
 
@@ -46,6 +65,7 @@ class ModelFamily:
     context_parallel: the model's attention goes through `models.attention.sdpa_attention` with
         an `AttnSpec` from its caller and takes explicit `positions`, so context parallelism can
         put ring attention in its place (`parallel.cp`).
+    adaption: where Llama-Adapter attaches (`peft.method=llama_adapter`); None: not offered.
     """
 
     name: str
@@ -59,6 +79,7 @@ class ModelFamily:
     tp_plan: TPPlan | None = None
     shardable: bool = True
     context_parallel: bool = False
+    adaption: AdaptionPoint | None = None
     # Families that load/save through transformers itself (the generic fallback).
     load_fn: Callable[..., nn.Module] | None = None
     save_fn: Callable[[nn.Module, Path], None] | None = None

@@ -20,7 +20,7 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
 from tunesmith.models import hf_generic
-from tunesmith.models.family import ModelConfig, ModelFamily
+from tunesmith.models.family import AdaptionPoint, ModelConfig, ModelFamily
 
 GENERIC_FAMILY = hf_generic.FAMILY
 
@@ -60,6 +60,17 @@ def get_family(model_type: str) -> ModelFamily:
 def family_of(model: nn.Module) -> ModelFamily:
     """The family of a built model (read from its config, never from its class)."""
     return get_family(model.cfg.model_type)  # type: ignore[union-attr]
+
+
+def adaption_point(model_type: str) -> AdaptionPoint:
+    """Where Llama-Adapter attaches for `model_type`; a one-line error for types without one."""
+    family = get_family(model_type)
+    if family.adaption is None or model_type not in family.adaption.peft_model_types:
+        served = sorted(t for t, f in families().items()
+                        if f.adaption is not None and t in f.adaption.peft_model_types)
+        raise TunesmithError(f"peft.method=llama_adapter is not available for model_type "
+                             f"{model_type!r} (peft's adaption_prompt: {', '.join(served)})")
+    return family.adaption
 
 
 def all_presets() -> dict[str, ModelFamily]:

@@ -26,6 +26,7 @@ import logging
 from torch import nn
 
 from tunesmith.config.schema import RunConfig
+from tunesmith.errors import ConfigError
 from tunesmith.parallel.ac import apply_activation_checkpointing
 from tunesmith.parallel.cp import apply_context_parallel
 from tunesmith.parallel.dist import ParallelContext
@@ -36,6 +37,24 @@ from tunesmith.runtime import Runtime
 from tunesmith.transforms.float8 import apply_float8
 
 log = logging.getLogger("tunesmith")
+
+
+def inductor_options(options: dict) -> dict | None:
+    """train.compile_options checked against TorchInductor's config (a typo would otherwise
+    only surface as a warning deep inside the first compiled step); None when empty."""
+    if not options:
+        return None
+    import difflib
+
+    import torch._inductor.config as inductor_config
+
+    known = set(inductor_config.get_config_copy())
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"train.compile_options: {key!r} is not a TorchInductor option{hint}")
+    return dict(options)
 
 
 def _dp_mesh(ctx: ParallelContext):
@@ -65,8 +84,9 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
     if cfg.train.compile:
         # Regional compile: each block in place (state-dict keys unchanged); blocks share one
         # graph, so compile time does not grow with depth.
+        options = inductor_options(cfg.train.compile_options)
         for block in model.layers:  # type: ignore[attr-defined]
-            block.compile()
+            block.compile(options=options)
     if ctx.distributed and ctx.token_ranks > 1:
         if layout.sharded:
             apply_fsdp(model, _dp_mesh(ctx), layout, pc,

@@ -25,7 +25,7 @@ from typing import Any
 
 from tunesmith.config.schema import ParallelConfig, RunConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.models.registry import families, get_family
+from tunesmith.models.registry import adaption_point, families, get_family
 
 SHARDED = ("full_shard", "shard_grad_op", "hybrid_shard")
 
@@ -224,6 +224,11 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
             f"parallel.tp={tp}: QLoRA's NF4 base weights shard with FSDP2/HSDP/DDP only, not with "
             "tensor parallelism; use parallel.tp=1"
         )
+    if pc.method == "llama_adapter":
+        adaption_point(model_cfg.model_type)  # one line for a model type without one
+        if not pc.from_checkpoint and pc.adapter_layers > model_cfg.n_layers:
+            raise TunesmithError(f"peft.adapter_layers={pc.adapter_layers} exceeds the model's "
+                                 f"{model_cfg.n_layers} transformer blocks")
     if tp > 1 and (pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers):
         raise TunesmithError(
             f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "

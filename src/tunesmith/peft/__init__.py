@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning: LoRA, DoRA, QLoRA, layer freezing, PEFT-format adapters.
+"""Parameter-efficient fine-tuning: LoRA, DoRA, QLoRA, Llama-Adapter, layer freezing,
+PEFT-format adapters.
 
 Everything is a transform applied to an already built model from outside; model code is
 untouched and module paths do not change. Typical use::
@@ -12,6 +13,8 @@ For a trainer: `is_peft_model(model)` says whether checkpoints should hold only 
 tensors, and `checkpoint_model_state(model)` returns the matching `ModelState`.
 """
 
+from tunesmith.peft.adaption import adaption_modules, apply_adaption_prompt, init_adaption
+from tunesmith.peft.adaption_io import load_adaption, save_adaption
 from tunesmith.peft.io import AdapterFiles, adapter_state_dict, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.merge import merge_adapter
@@ -34,10 +37,10 @@ from tunesmith.peft.transform import (
 )
 
 __all__ = [
-    "ALL_LINEAR", "AdapterFiles", "LoRALinear", "LoRASpec", "NF4Linear", "adapter_state_dict",
-    "apply_freezing", "apply_lora", "apply_peft", "base_dtype", "check_peft_layout", "checkpoint_model_state",
-    "count_params", "fill_peft", "frozen_block_set", "has_frozen_params", "init_adapters",
-    "is_peft_model", "load_adapter",
+    "ALL_LINEAR", "AdapterFiles", "LoRALinear", "LoRASpec", "NF4Linear", "adaption_modules",
+    "adapter_state_dict", "apply_adaption_prompt", "apply_freezing", "apply_lora", "apply_peft", "base_dtype",
+    "check_peft_layout", "checkpoint_model_state", "count_params", "fill_peft", "frozen_block_set",
+    "has_frozen_params", "init_adaption", "init_adapters", "is_peft_model", "load_adaption", "load_adapter",
     "lora_modules", "merge_adapter", "merge_lora", "nf4_available", "quantize_base", "quantize_peft_base",
-    "read_adapter", "save_adapter", "save_final", "select_targets",
+    "read_adapter", "save_adaption", "save_adapter", "save_final", "select_targets",
 ]

@@ -95,12 +95,19 @@ def adapter_config(model: nn.Module, adapter: KeyAdapter, base_model: str | None
 def save_adapter(model: nn.Module, adapter: KeyAdapter, out_dir: str | Path, *, base_model: str | None = None,
                  tokenizer: Any = None) -> Path:
     """Write a PEFT-format adapter dir atomically (temp dir renamed into place)."""
-    from safetensors.torch import save_file
-
     cfg = adapter_config(model, adapter, base_model)
     tensors = adapter_state_dict(model, adapter)  # every rank: gathering shards is collective
+    return write_adapter_dir(out_dir, tensors, cfg, tokenizer)
+
+
+def write_adapter_dir(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
+                      tokenizer: Any = None) -> Path:
+    """adapter_model.safetensors + adapter_config.json (+ tokenizer) into `out_dir`, atomically;
+    rank 0 writes, other ranks return at once (their part, gathering the tensors, is done)."""
+    from safetensors.torch import save_file
+
     if process_rank() != 0:
-        return Path(out_dir)  # rank 0 writes
+        return Path(out_dir)
     with hfio.atomic_output_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         hfio.write_json(tmp / ADAPTER_CONFIG, cfg)
@@ -121,6 +128,9 @@ class AdapterFiles:
 
 
 def _check_supported(cfg: dict[str, Any], where: Path) -> None:
+    if cfg.get("peft_type") == "ADAPTION_PROMPT":
+        raise TunesmithError(f"{where} is a Llama-Adapter (peft_type ADAPTION_PROMPT): use it with "
+                             "peft.method=llama_adapter; its prompt cannot be merged into the weights")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise TunesmithError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for key, default in _UNSUPPORTED.items():
@@ -141,7 +151,7 @@ def _spec_from_config(cfg: dict[str, Any], where: Path) -> LoRASpec:
         raise TunesmithError(f"{where}: {e}") from None
 
 
-def _weights_file(d: Path) -> Path:
+def weights_file(d: Path) -> Path:
     for name in (ADAPTER_WEIGHTS, ADAPTER_BIN):
         if (d / name).is_file():
             return d / name
@@ -172,7 +182,7 @@ def read_adapter(path: str | Path) -> AdapterFiles:
     cfg = hfio.read_json(d / ADAPTER_CONFIG)
     _check_supported(cfg, d)
     spec = _spec_from_config(cfg, d)
-    groups = _group(load_weights_file(_weights_file(d)), d)
+    groups = _group(load_weights_file(weights_file(d)), d)
     return AdapterFiles(d, spec, groups, cfg)
 
 

@@ -2,7 +2,7 @@
 
     base_dtype(cfg.peft, rt)        dtype to load the frozen base in (checks QLoRA's backend)
     check_layout(cfg.peft, ..)      QLoRA: NF4 weights split evenly over the FSDP2 shards
-    apply_peft(model, cfg.peft, ..) freezing / LoRA / DoRA / QLoRA / adapter from a checkpoint
+    apply_peft(model, cfg.peft, ..) freezing / LoRA / DoRA / QLoRA / Llama-Adapter / adapter from a checkpoint
     fill_peft(model, cfg.peft, ..)  the adapters' values: seeded init, or the loaded adapter
     save_final(...)                 OUTPUT/final = PEFT adapter (+ OUTPUT/final-merged)
 
@@ -25,7 +25,10 @@ from tunesmith.config import PeftConfig, RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.models.family import ModelConfig, ModelFamily
 from tunesmith.models.io import build_model, save_pretrained
+from tunesmith.models.registry import adaption_point
 from tunesmith.peft import quant
+from tunesmith.peft.adaption import adaption_modules, apply_adaption_prompt, init_adaption
+from tunesmith.peft.adaption_io import copy_adaption_values, load_adaption, read_adaption, save_adaption
 from tunesmith.peft.io import copy_adapter_values, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
 from tunesmith.peft.targets import KeyAdapter
@@ -103,6 +106,8 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
             log.info("peft: froze %.2fM params (blocks %s%s)", n / 1e6, sorted(blocks) or "none",
                      ", embeddings" if pc.freeze_embeddings else "")
         return model
+    if pc.method == "llama_adapter":
+        return _apply_adaption(model, pc, rt, family, model_cfg, values=not on_meta)
     adapter = family.adapter(model_cfg)
     if pc.method == "qlora" and (not on_meta or family.load_fn is None):
         # NF4 storage now, before the adapters wrap the layers and before FSDP2 shards them.
@@ -123,6 +128,26 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
     trainable, total = count_params(model)
     log.info("peft %s: %d layers with adapters, %.3fM trainable of %.2fM params (%.3f%%)",
              pc.method, len(lora_modules(model)), trainable / 1e6, total / 1e6,
+             100 * trainable / max(total, 1))
+    return model
+
+
+def _apply_adaption(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamily,
+                    model_cfg: ModelConfig, *, values: bool) -> nn.Module:
+    """peft.method=llama_adapter: prompts and gates in the top blocks (or those of
+    `from_checkpoint`, with its own adapter_len / adapter_layers); the rest frozen."""
+    point = adaption_point(model_cfg.model_type)
+    if pc.from_checkpoint:
+        files = load_adaption(model, point, family.adapter(model_cfg), pc.from_checkpoint,
+                              dtype=rt.param_dtype, values=values)
+        log.info("peft: continuing Llama-Adapter %s (adapter_len=%d, adapter_layers=%d)",
+                 files.path, files.adapter_len, files.adapter_layers)
+    else:
+        apply_adaption_prompt(model, point, pc.adapter_len, pc.adapter_layers, dtype=rt.param_dtype)
+    cast_frozen(model, base_dtype(pc, rt))
+    trainable, total = count_params(model)
+    log.info("peft llama_adapter: %d adapted attention layers, %.3fM trainable of %.2fM params "
+             "(%.3f%%)", len(adaption_modules(model)), trainable / 1e6, total / 1e6,
              100 * trainable / max(total, 1))
     return model
 
@@ -159,6 +184,13 @@ def fill_peft(model: nn.Module, pc: PeftConfig, family: ModelFamily, model_cfg: 
     the model is sharded: call on every rank."""
     if pc.method == "none":
         return
+    if pc.method == "llama_adapter":
+        if not pc.from_checkpoint:
+            init_adaption(model, seed)
+        elif not loaded:
+            copy_adaption_values(model, adaption_point(model_cfg.model_type), family.adapter(model_cfg),
+                                 read_adaption(pc.from_checkpoint))
+        return
     if pc.from_checkpoint:
         if not loaded:
             copy_adapter_values(model, family.adapter(model_cfg), read_adapter(pc.from_checkpoint))
@@ -173,12 +205,16 @@ def _base_name(name: str) -> str:
 
 def save_final(model: nn.Module, family: ModelFamily, model_cfg: ModelConfig, cfg: RunConfig,
                out_dir: Path, tokenizer: Any) -> dict[str, str]:
-    """Run end of a LoRA run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final and,
-    with peft.save_merged, the merged HF model to OUTPUT/final-merged (merged in place last,
-    so do not train this model afterwards)."""
+    """Run end of an adapter run: the adapter (PEFT format, plus tokenizer) to OUTPUT/final
+    and, with peft.save_merged (LoRA), the merged HF model to OUTPUT/final-merged (merged in
+    place last, so do not train this model afterwards)."""
     final = out_dir / "final"
-    save_adapter(model, family.adapter(model_cfg), final, base_model=_base_name(cfg.model.name),
-                 tokenizer=tokenizer)
+    if adaption_modules(model):
+        save_adaption(model, adaption_point(model_cfg.model_type), family.adapter(model_cfg), final,
+                      base_model=_base_name(cfg.model.name), tokenizer=tokenizer)
+    else:
+        save_adapter(model, family.adapter(model_cfg), final, base_model=_base_name(cfg.model.name),
+                     tokenizer=tokenizer)
     out = {"final_model": str(final), "final_adapter": str(final)}
     if cfg.peft.save_merged:
         merge_lora(model)

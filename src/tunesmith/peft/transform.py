@@ -23,6 +23,7 @@ from tunesmith.checkpoint import ModelState
 from tunesmith.errors import TunesmithError
 from tunesmith.parallel.loading import copy_full_into
 from tunesmith.peft import float8, quant
+from tunesmith.peft.adaption import AdaptedAttention
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
 from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
 
@@ -201,8 +202,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """True when the model carries LoRA/DoRA adapters (its checkpoints hold only adapters)."""
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    """True when the model carries LoRA/DoRA adapters or Llama-Adapter prompts (its
+    checkpoints hold only adapters; its final save is a PEFT adapter)."""
+    return any(isinstance(m, (LoRALinear, AdaptedAttention)) for m in model.modules())
 
 
 def has_frozen_params(model: nn.Module) -> bool:

@@ -327,17 +327,14 @@ class Trainer:
 
     def _clip_and_step(self, loss: torch.Tensor) -> torch.Tensor:
         """Clip, let the NaN guard decide, step. Returns the (pre-clip) grad norm."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        params = [p for _, p in named]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        # Sharded (FSDP2/TP DTensor) grads: norms of the full gradients, the same on all ranks.
-        norms = dist_grad_norms if self._distributed else grad_norms
-        grad_norm, per_param = norms([p.grad for p in params])
-        max_norm = self.cfg.train.max_grad_norm
-        if max_norm:
-            clip_grads_with_norm_(params, max_norm, grad_norm)
-        apply = self.guard.check(self.progress.step + 1, loss, grad_norm, per_param, [n for n, _ in named])
+        in_backward = getattr(self.optimizer, "in_backward", None)
+        if in_backward is not None:
+            # optim.in_backward: already applied during backward (no clipping: config-checked);
+            # the norms it recorded feed the log and the NaN guard (halt only).
+            grad_norm, per_param, names = in_backward.grad_norms()
+        else:
+            grad_norm, per_param, names = self._clip()
+        apply = self.guard.check(self.progress.step + 1, loss, grad_norm, per_param, names)
         if apply is None:
             self.guard.fused_step(self.optimizer)  # skipped on-device when non-finite
         elif apply and self.scaler is not None:
@@ -350,6 +347,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.after_step()
         return grad_norm.detach()
+
+    def _clip(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Unscale (fp16), global grad norm, clip to train.max_grad_norm; (norm, per-param, names)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        # Sharded (FSDP2/TP DTensor) grads: norms of the full gradients, the same on all ranks.
+        norms = dist_grad_norms if self._distributed else grad_norms
+        grad_norm, per_param = norms([p.grad for p in params])
+        max_norm = self.cfg.train.max_grad_norm
+        if max_norm:
+            clip_grads_with_norm_(params, max_norm, grad_norm)
+        return grad_norm, per_param, [n for n, _ in named]
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, float]:

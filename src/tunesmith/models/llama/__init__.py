@@ -1,10 +1,11 @@
 """Llama family (Llama 2/3, Mistral, Qwen2): the only family with a tensor-parallel plan."""
 
-from tunesmith.models.family import ModelFamily, preset_map
+from tunesmith.models.family import AdaptionPoint, ModelFamily, preset_map
 from tunesmith.models.llama import parallel_plan
 from tunesmith.models.llama.adapter import LlamaStateDictAdapter
 from tunesmith.models.llama.config import PRESET_NAMES, LlamaConfig, apply_overrides, preset
 from tunesmith.models.llama.model import Llama
+from tunesmith.models.rope import apply_rope
 
 FAMILY = ModelFamily(
     name="llama",
@@ -16,4 +17,6 @@ FAMILY = ModelFamily(
     apply_overrides=apply_overrides,
     tp_plan=parallel_plan,
     context_parallel=True,
+    # peft's adaption_prompt serves llama and mistral (not qwen2)
+    adaption=AdaptionPoint("attention", apply_rope, ("llama", "mistral")),
 )
