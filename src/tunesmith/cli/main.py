@@ -175,7 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides (optional)")
     t.set_defaults(func=_train)
     add_launch_command(sub)
+    _add_eval(sub)
+    _add_model_commands(sub)
+    add_data_command(sub)  # `tunesmith data inspect` (cli/data_inspect.py)
 
+    d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
+    d.add_argument("--output", default="outputs/demo")
+    d.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: recipe's)")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
+    d.set_defaults(func=_demo)
+    add_report_command(sub)
+    add_frontend_commands(sub)  # run_clm, run_mlm, run_lora_clm, llama-recipes
+    return p
+
+
+def _add_eval(sub) -> None:
+    """`tunesmith eval`: loss/perplexity, or --generate with ROUGE / exact match."""
     e = sub.add_parser("eval", help="evaluation loss and perplexity of a model on a text file")
     e.add_argument("model", help="HF-format model directory (or hub id)")
     e.add_argument("--data", required=True, type=nonempty, help="text/json/jsonl/csv/parquet file")
@@ -197,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--generate on CUDA: run decode steps eagerly, not as CUDA-graph replays")
     e.set_defaults(func=_eval)
 
+
+def _add_model_commands(sub) -> None:
+    """`tunesmith generate`, `export` and `merge`: commands on a saved model or checkpoint."""
     g = sub.add_parser("generate", help="generate text from a prompt (KV-cached)")
     g.add_argument("model", help="HF-format model directory (or hub id)")
     g.add_argument("--prompt", required=True, type=nonempty)
@@ -226,17 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saved dtype (auto: the base checkpoint's)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
     m.set_defaults(func=_merge)
-
-    add_data_command(sub)  # `tunesmith data inspect` (cli/data_inspect.py)
-
-    d = sub.add_parser("demo", help="pre-train a small Llama on text shipped with Python (no download)")
-    d.add_argument("--output", default="outputs/demo")
-    d.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: recipe's)")
-    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
-    d.set_defaults(func=_demo)
-    add_report_command(sub)
-    add_frontend_commands(sub)  # run_clm, run_mlm, run_lora_clm, llama-recipes
-    return p
 
 
 def run(argv: list[str] | None, entry: Callable[[argparse.Namespace], int] | None = None) -> int:
