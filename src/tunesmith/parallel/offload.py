@@ -45,6 +45,13 @@ _MARK = "_tunesmith_offloaded"
 MIN_BYTES = 1 << 20  # smaller tensors stay on the device: the transfer costs more than it saves
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a tensor on `a` lives on the run's device `b`. The runtime's device on one GPU is
+    `cuda` without an index while tensors report `cuda:0`, and `torch.device("cuda") !=
+    torch.device("cuda:0")`: an index missing on either side matches any index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _dense(t: torch.Tensor) -> bool:
     """True when `t`'s strides are a permutation of a contiguous layout (no gaps, no overlap):
     then a buffer with the same strides holds exactly its elements."""
@@ -116,7 +123,7 @@ class ActivationOffloader:
     def _keep(self, t: torch.Tensor) -> bool:
         # Integer tensors are weights' storage (QLoRA's NF4 codes and scales, saved by
         # tunesmith::nf4_linear and re-gathered by FSDP2) or ids and masks: never activations.
-        return (not self.enabled or isinstance(t, nn.Parameter) or t.device != self.device
+        return (not self.enabled or isinstance(t, nn.Parameter) or not same_device(t.device, self.device)
                 or not t.is_floating_point() or t.numel() * t.element_size() < self.min_bytes)
 
     def _pack(self, stash: _Stash, t: torch.Tensor) -> Any:
