@@ -190,6 +190,16 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
+def default_positions(attn: "AttnSpec | None", b: int, t: int, offset: int,
+                      device: torch.device) -> torch.Tensor:
+    """The positions [B, T] a decoder uses when none are given: offset + 0..T-1 (offset = the
+    KV cache's length), except for a `documents` spec, where they restart at 0 in every
+    packed document."""
+    if attn is not None and attn.kind == "documents" and attn.doc_ids is not None:
+        return document_positions(attn.doc_ids.to(device))
+    return (torch.arange(t, device=device) + offset).expand(b, t)
+
+
 def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """Bottom-right aligned causal mask [T, S]: query i sits at absolute position S - T + i."""
     offset = kv_len - q_len

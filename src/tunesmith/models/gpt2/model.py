@@ -26,7 +26,7 @@ from torch import nn
 from tunesmith.models.attention import (
     AttnSpec,
     PreparedAttention,
-    document_positions,
+    default_positions,
     prepare_attention,
     sdpa_attention,
 )
@@ -130,10 +130,7 @@ class GPT2(nn.Module):
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
-            if attn is not None and attn.kind == "documents" and attn.doc_ids is not None:
-                positions = document_positions(attn.doc_ids.to(input_ids.device))
-            else:
-                positions = (torch.arange(t, device=input_ids.device) + offset).expand(b, t)
+            positions = default_positions(attn, b, t, offset, input_ids.device)
         h = self.tok_embeddings(input_ids) + self.pos_embeddings(positions)  # [B, T, D]
         prepared = prepare_attention(attn, t, offset + t, h.device)
         for layer in self.layers:

@@ -28,7 +28,7 @@ from torch import nn
 from tunesmith.models.attention import (
     AttnSpec,
     PreparedAttention,
-    document_positions,
+    default_positions,
     prepare_attention,
     sdpa_attention,
 )
@@ -133,10 +133,7 @@ class GPTJ(nn.Module):
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
-            if attn is not None and attn.kind == "documents" and attn.doc_ids is not None:
-                positions = document_positions(attn.doc_ids.to(input_ids.device))
-            else:
-                positions = (torch.arange(t, device=input_ids.device) + offset).expand(b, t)
+            positions = default_positions(attn, b, t, offset, input_ids.device)
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         cos, sin = interleaved_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, rd]
         prepared = prepare_attention(attn, t, offset + t, h.device)

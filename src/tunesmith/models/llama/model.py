@@ -27,7 +27,7 @@ from torch import nn
 from tunesmith.models.attention import (
     AttnSpec,
     PreparedAttention,
-    document_positions,
+    default_positions,
     prepare_attention,
     sdpa_attention,
 )
@@ -206,7 +206,7 @@ class Llama(nn.Module):
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
-            positions = self._default_positions(attn, b, t, offset, input_ids.device)
+            positions = default_positions(attn, b, t, offset, input_ids.device)
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, hd] each
         prepared = prepare_attention(attn, t, offset + t, h.device)
@@ -216,13 +216,6 @@ class Llama(nn.Module):
             cache.advance(t)
         h = self.norm(h)
         return h if return_hidden else self.output(h)
-
-    @staticmethod
-    def _default_positions(attn: AttnSpec | None, b: int, t: int, offset: int,
-                           device: torch.device) -> torch.Tensor:
-        if attn is not None and attn.kind == "documents" and attn.doc_ids is not None:
-            return document_positions(attn.doc_ids.to(device))
-        return (torch.arange(t, device=device) + offset).expand(b, t)
 
     # -- accounting ----------------------------------------------------------------------
     def num_params(self, exclude_embedding: bool = False) -> int:
