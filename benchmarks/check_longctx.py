@@ -99,6 +99,29 @@ def qlora_memory(args) -> None:
 
 
 # ----------------------------------------------------------------------------- one layer
+def _timed_steps(trainer, vocab_size: int, args, *, seed: int, cuda: bool,
+                 reset_peak_at: int) -> tuple[list[float], list[float]]:
+    """args.steps training steps on random [1, args.seq] rows; (losses, seconds per step), each
+    step timed between device syncs; peak-memory stats reset before step `reset_peak_at`."""
+    import torch
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator().manual_seed(seed)
+    losses, times = [], []
+    for step in range(args.steps):
+        if step == reset_peak_at and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, vocab_size, (1, args.seq), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        sync()
+        t0 = time.perf_counter()
+        loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    return losses, times
+
+
 def _worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -131,19 +154,8 @@ def _worker(args) -> None:
                       scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
                       train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,
                       steps_per_epoch=args.steps, flops_per_token=0.0, peak_tflops=None, par=ctx)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    g = torch.Generator().manual_seed(ctx.rank)
-    losses, times = [], []
-    for _ in range(args.steps):
-        ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        sync()
-        t0 = time.perf_counter()
-        loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
-        sync()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+    losses, times = _timed_steps(trainer, mcfg.vocab_size, args, seed=ctx.rank, cuda=cuda,
+                                 reset_peak_at=0)
     stats = ([built, torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
               torch.cuda.max_memory_reserved()] if cuda else [0.0] * 4)
     mem = torch.tensor(stats, dtype=torch.float64, device=ctx.device)
@@ -203,26 +215,14 @@ def _offload_worker(args) -> None:
         "parallel": {"activation_checkpointing": ac, "activation_offload": offload},
     })
     cuda = args.device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     a = assemble(cfg, with_tokenizer=False)
     rt, model, opt, mcfg = a.need("rt"), a.need("model"), a.need("optimizer"), a.need("spec").model_cfg
     trainer = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt,
                       scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps),
                       train_loader=None, val_loader=None, out_dir=Path("."), total_steps=args.steps,
                       steps_per_epoch=args.steps, flops_per_token=0.0, peak_tflops=None)
-    g = torch.Generator().manual_seed(0)
-    times, losses = [], []
-    for step in range(args.steps):
-        if step == 1 and cuda:
-            torch.cuda.reset_peak_memory_stats()  # after the compile step
-        ids = torch.randint(0, mcfg.vocab_size, (1, args.seq), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        sync()
-        t0 = time.perf_counter()
-        loss, *_ = trainer.train_step([{"input_ids": ids, "labels": labels}])
-        sync()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+    # Peak memory from step 1: after the compile step.
+    losses, times = _timed_steps(trainer, mcfg.vocab_size, args, seed=0, cuda=cuda, reset_peak_at=1)
     step_s = sorted(times[1:])[len(times[1:]) // 2]
     print("RESULT " + json.dumps({
         "variant": args.variant, "n_layers": args.n_layers, "seq": args.seq,
