@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tunesmith.config.schema import ScheduleConfig
+from tunesmith.objective import loss as loss_mod
 from tunesmith.objective.loss import chunk_rows, cross_entropy_sum, linear_cross_entropy
 from tunesmith.optim import lr_factor, param_groups
 
@@ -59,6 +60,45 @@ def test_linear_cross_entropy_matches_reference(chunk):
     torch.testing.assert_close(w.grad, gw, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_linear_cross_entropy_bf16_compute_matches_reference(chunk):
+    """fp32 weights, bf16 matmuls (mixed precision): the "cast" dW accumulation CPU uses. The
+    reference is fp64 on the same bf16-rounded inputs, so what differs is bf16 rounding of the
+    logits / chunk products only; dW sums chunks in fp32 starting from the first chunk's
+    product (no zero fill), so a wrong first chunk or a missed one shows here."""
+    g = torch.Generator().manual_seed(1)
+    n, d, v = 37, 16, 40
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = (torch.randn(v, d, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[3, 36]] = -100
+    h64, w64 = (t.detach().bfloat16().double().requires_grad_() for t in (h, w))
+    ref = cross_entropy_sum(h64 @ w64.t(), y)
+    ref.backward(torch.tensor(0.5, dtype=torch.float64))
+    out = linear_cross_entropy(h, w, y, compute_dtype=torch.bfloat16, chunk_size=chunk)
+    (out * 0.5).backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=0)
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_weight_grad_accumulation_modes_agree():
+    """Each CPU-runnable dW mode: the first chunk overwrites the (unfilled) buffer, later ones
+    add. CUDA's "addmm"/"mm" modes are checked against "cast" by benchmarks/check_f8head.py."""
+    g = torch.Generator().manual_seed(2)
+    gs = [torch.randn(8, 24, generator=g) for _ in range(3)]  # [c, V] per chunk
+    hs = [torch.randn(8, 16, generator=g) for _ in range(3)]  # [c, D]
+    ref = sum(a.double().t() @ b.double() for a, b in zip(gs, hs))
+    cpu = torch.device("cpu")
+    for dtype, mode in ((torch.float32, "same"), (torch.bfloat16, "cast")):
+        buf = torch.full((24, 16), float("nan"))  # what an unfilled buffer may hold
+        assert loss_mod._grad_w_mode(cpu, dtype, buf) == mode
+        for i, (a, b) in enumerate(zip(gs, hs)):
+            loss_mod._add_weight_grad(buf, a.to(dtype), b.to(dtype), mode, first=i == 0)
+        torch.testing.assert_close(buf.double(), ref, rtol=3e-2 if mode == "cast" else 1e-5, atol=5e-2)
+
+
 def test_linear_cross_entropy_no_grad_and_all_ignored():
     h, w = torch.randn(6, 4), torch.randn(9, 4)
     y = torch.full((6,), -100)
@@ -67,6 +107,10 @@ def test_linear_cross_entropy_no_grad_and_all_ignored():
     y[2] = 3
     expect = torch.logsumexp(h[2] @ w.t(), 0) - (h[2] @ w[3])
     assert math.isclose(linear_cross_entropy(h, w, y).item(), expect.item(), rel_tol=1e-5)
+    # No rows at all: the (otherwise unfilled) dW buffer is zero.
+    w.requires_grad_()
+    linear_cross_entropy(torch.empty(0, 4), w, torch.empty(0, dtype=torch.long)).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_chunk_rows_follow_the_block_memory():

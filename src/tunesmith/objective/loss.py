@@ -5,7 +5,8 @@ chunks, computing each chunk's gradient during the forward pass. The [N, V] logi
 (8 x 2048 x 128256 fp32 = 8.4 GB for Llama 3 at micro-batch 8) is never materialised; the peak
 is one [chunk, V] block, whose row count is chosen from the memory it costs (`chunk_rows`).
 FLOPs equal the unfused head (three matmuls per chunk), with no
-recomputation.
+recomputation. The head's weight gradient [V, D] is summed over chunks in fp32; on CUDA each
+chunk's GEMM adds into it directly (`_add_weight_grad`), so the sum costs no [V, D] pass of its own.
 
 Both functions return the *sum* of token losses: the trainer divides by the global count of
 target tokens across all micro-batches of a step, so accumulation is exact.
@@ -13,8 +14,12 @@ target tokens across all micro-batches of a step, so accumulation is exact.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("tunesmith")
 
 IGNORE_INDEX = -100
 
@@ -123,12 +128,14 @@ def _kernels(device: torch.device):
 
 
 def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.Tensor:
-    """Loss sum over all rows; fills grad_h [N, D] and adds into grad_w [V, D] (fp32) when given.
+    """Loss sum over all rows; fills grad_h [N, D] and grad_w [V, D] (fp32; see
+    `_weight_grad_buffer`) when given.
 
     hidden [N, D], w [V, D] already in the compute dtype, labels [N].
     """
     with_grad = grad_h is not None or grad_w is not None
     grad_fn, loss_fn = _kernels(hidden.device)
+    mode = _grad_w_mode(hidden.device, w.dtype, grad_w)
     acc_dtype = torch.promote_types(w.dtype, torch.float32)
     total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
     for start in range(0, hidden.size(0), chunk_size):
@@ -143,9 +150,85 @@ def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.T
         if grad_h is not None:
             grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
         if grad_w is not None:
-            grad_w += (g.t() @ h).to(grad_w.dtype)
+            _add_weight_grad(grad_w, g, h, mode, first=start == 0)
         del logits, g  # one [c, V] block alive at a time: freed before the next is allocated
     return total
+
+
+# ------------------------------------------------------------- weight-gradient accumulation
+# How each chunk's dW = g^T h [V, D] reaches the fp32 accumulator grad_w, per (device, dtype):
+#   "addmm"  one GEMM per chunk reads and writes grad_w in fp32 (cuBLAS with beta=1 and an fp32
+#            C for bf16 A/B: `addmm(..., out_dtype=float32)`); the first chunk writes grad_w
+#            outright (`mm(..., out_dtype=float32)`), so grad_w needs no zero fill either.
+#   "mm"     the GEMM writes fp32 (no bf16 -> fp32 cast pass), then one add pass per chunk
+#            (builds whose addmm.dtype wants `self` in the input dtype).
+#   "same"   inputs already in grad_w's dtype (fp32 runs, CPU): in-place addmm_, no temporary.
+#   "cast"   bf16 GEMM, cast to fp32, add: two extra [V, D] fp32 passes per chunk (CPU bf16,
+#            and CUDA builds without the out_dtype overloads).
+# "addmm" and "mm" also skip the bf16 rounding of each chunk's partial dW: the sum is the fp32
+# sum of the products, up to summation order.
+_GRAD_W_MODES: dict[str, str] = {}
+
+
+def _grad_w_mode(device: torch.device, dtype: torch.dtype, grad_w: torch.Tensor | None) -> str:
+    if grad_w is None or grad_w.dtype == dtype:
+        return "same"
+    if device.type != "cuda":
+        return "cast"  # the out_dtype overloads have no CPU kernel
+    key = f"{device}:{dtype}"
+    if key not in _GRAD_W_MODES:
+        _GRAD_W_MODES[key] = _probe_out_dtype(device, dtype, grad_w.dtype)
+    return _GRAD_W_MODES[key]
+
+
+def _probe_out_dtype(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> str:
+    """Which of "addmm" / "mm" this torch build runs correctly (once per process), else "cast"."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    g = torch.randn(32, 48, device=device, generator=gen).to(dtype)  # [c, V]
+    h = torch.randn(32, 16, device=device, generator=gen).to(dtype)  # [c, D]
+    ref = 2 * (g.t().to(acc) @ h.to(acc))  # two chunks' worth
+    for mode in ("addmm", "mm"):
+        out = torch.empty(48, 16, device=device, dtype=acc)
+        try:
+            _add_weight_grad(out, g, h, mode, first=True)
+            _add_weight_grad(out, g, h, mode, first=False)
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            log.debug("fused loss: dW accumulation %r unavailable (%s)", mode, str(e).splitlines()[0])
+            continue
+        if torch.allclose(out, ref, rtol=1e-2, atol=1e-2):
+            return mode
+    return "cast"
+
+
+def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mode: str,
+                     first: bool) -> None:
+    """grad_w [V, D] += g^T @ h, g [c, V], h [c, D]; `first`: grad_w may hold garbage (see
+    `_weight_grad_buffer`) and is overwritten."""
+    if mode == "same":
+        if first:
+            torch.mm(g.t(), h, out=grad_w)
+        else:
+            grad_w.addmm_(g.t(), h)
+    elif mode == "cast":
+        if first:
+            grad_w.copy_(g.t() @ h)  # the cast is the copy
+        else:
+            grad_w += (g.t() @ h).to(grad_w.dtype)
+    elif first:
+        torch.mm(g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+    elif mode == "addmm":
+        torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+    else:
+        grad_w += torch.mm(g.t(), h, out_dtype=grad_w.dtype)
+
+
+def _weight_grad_buffer(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """fp32 [V, D] accumulator. Every mode but "cast" overwrites it on the first chunk, so it is
+    left unfilled (saves one [V, D] write) unless there are no rows at all."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    if rows == 0:
+        return torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    return torch.empty(weight.shape, dtype=acc, device=weight.device)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -153,8 +236,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, compute_dtype, chunk_size):
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if needs_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation of dW over chunks
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_w else None
+        # fp32 accumulation of dW over chunks
+        grad_w = _weight_grad_buffer(weight, hidden.size(0)) if needs_w else None
         # Precision is chosen by compute_dtype; an enclosing autocast must not re-cast inside.
         with torch.autocast(hidden.device.type, enabled=False):
             total = _accumulate_chunks(
@@ -167,9 +250,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        h_dtype = grad_h.dtype if grad_h is not None else None
+        return (*_scaled_grads(grad_h, grad_w, grad_out, h_dtype, ctx.weight_dtype), None, None, None)
+
+
+def _scaled_grads(grad_h, grad_w, grad_out, h_dtype, w_dtype):
+    """(grad_h [N, D], grad_w [V, D]) x grad_out, in place, then cast to the inputs' dtypes: the
+    forward's buffers are used once, and scaling grad_w fp32 in place is one pass with no second
+    [V, D] allocation (autograd then takes the fp32 result as the weight's .grad as it is)."""
+    gh = grad_h.mul_(grad_out.to(grad_h.dtype)).to(h_dtype) if grad_h is not None else None
+    gw = grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None
+    return gh, gw
 
 
 def linear_cross_entropy(
@@ -211,6 +302,7 @@ def _vocab_parallel_chunks(hidden, w, labels, chunk_size, grad_h, grad_w, group,
     import torch.distributed as dist
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    mode = _grad_w_mode(hidden.device, w.dtype, grad_w)
     v_local = w.size(0)
     for start in range(0, hidden.size(0), chunk_size):
         h = hidden[start : start + chunk_size].to(w.dtype)  # [c, D]
@@ -234,7 +326,7 @@ def _vocab_parallel_chunks(hidden, w, labels, chunk_size, grad_h, grad_w, group,
         if grad_h is not None:
             grad_h[start : start + chunk_size] = (g @ w).float()
         if grad_w is not None:
-            grad_w += (g.t() @ h).float()
+            _add_weight_grad(grad_w, g, h, mode, first=start == 0)
     return total
 
 
@@ -246,7 +338,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # fp32 partial grads: summed over the TP group below, a bf16 sum would round twice.
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+        grad_w = _weight_grad_buffer(weight, hidden.size(0)) if needs_w else None
         with torch.autocast(hidden.device.type, enabled=False):
             total = _vocab_parallel_chunks(hidden, weight.to(compute_dtype), labels, chunk_size,
                                            grad_h, grad_w, group, vocab_start)
@@ -259,10 +351,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return (*_scaled_grads(grad_h, grad_w, grad_out, *ctx.dtypes), None, None, None, None, None)
 
 
 def _dtensor_linear_cross_entropy(hidden, weight, labels, compute_dtype, chunk_size):
