@@ -7,6 +7,7 @@ so an impossible run fails before any work starts.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
@@ -161,7 +162,8 @@ class TrainConfig(Section):
     float8_skip: list[str] = Field(
         default_factory=lambda: ["output"],
         description="Linear layers kept in bf16: module-name globs (ours, e.g. output, "
-        "layers.0.*, *.w2). Default: the LM head.",
+        "layers.0.*, *.w2). Default: the LM head; without it (e.g. []) and with float8=tensorwise "
+        "the fused loss runs the head's matmuls in float8 too (docs/lowmem.md).",
     )
     float8_all_gather: bool = Field(
         False,
@@ -458,6 +460,9 @@ def _check_lowmem(cfg: RunConfig) -> None:
                              "use peft.base_dtype=float8 instead")
         if cfg.parallel.tp > 1:
             raise ValueError("train.float8 with tensor parallelism (parallel.tp > 1) is not supported")
+        if tc.float8 != "tensorwise" and not any(fnmatchcase("output", p) for p in tc.float8_skip):
+            raise ValueError(f"train.float8={tc.float8}: the LM head ('output') trains in float8 only "
+                             "with tensorwise; keep 'output' in train.float8_skip")
     if tc.float8_all_gather and tc.float8 != "tensorwise":
         raise ValueError("train.float8_all_gather needs train.float8=tensorwise")
     if pc.base_dtype == "float8" and pc.method not in ("lora", "dora"):

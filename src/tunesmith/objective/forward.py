@@ -11,6 +11,7 @@ from tunesmith.objective.loss import IGNORE_INDEX, linear_cross_entropy
 from tunesmith.parallel.cp import ContextParallel, context_parallel_of
 from tunesmith.parallel.fsdp import gathered_head_weight
 from tunesmith.runtime import Runtime
+from tunesmith.transforms.float8 import float8_head_recipe
 
 _PAD_DOC = -1  # document id of padding under context parallelism (as the SFT collator's)
 
@@ -91,7 +92,9 @@ def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool =
     hidden, head = head_with_bias(hidden, model.output, head)  # [B, T, D(+1)], [V, D(+1)]
     if not need_grad:
         head = head.detach()
-    return linear_cross_entropy(hidden, head, labels, compute_dtype=rt.compute_dtype)
+    # float8: the recipe the float8 transform marked the head with (train.float8_skip), or None.
+    return linear_cross_entropy(hidden, head, labels, compute_dtype=rt.compute_dtype,
+                                float8=float8_head_recipe(model.output))
 
 
 def head_with_bias(hidden: torch.Tensor, output: nn.Module,

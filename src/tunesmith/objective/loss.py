@@ -19,6 +19,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from tunesmith.errors import TunesmithError
+from tunesmith.objective.loss_float8 import check_float8_head, float8_chunks, quantize
+
 log = logging.getLogger("tunesmith")
 
 IGNORE_INDEX = -100
@@ -35,8 +38,9 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     )
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype):
-    """logits [c, V], y [c] -> (sum of CE, d(sum CE)/d logits [c, V] in grad_dtype).
+def _chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype,
+                         grad_scale: float = 1.0):
+    """logits [c, V], y [c] -> (sum of CE, d(sum CE)/d logits [c, V] x grad_scale in grad_dtype).
 
     Pure elementwise + row reductions: on CUDA it is compiled into one or two fused kernels,
     which turns ~6 passes over the [c, V] fp32 block into ~2 (it is memory-bound).
@@ -51,7 +55,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torc
     vocab = torch.arange(logits.size(-1), device=logits.device)
     onehot = (vocab[None, :] == safe_y[:, None]).to(logits.dtype)  # [c, V]; fused when compiled
     g = (torch.exp(logits - lse[:, None]) - onehot) * valid[:, None]
-    return loss, g.to(grad_dtype)
+    return loss, (g * grad_scale).to(grad_dtype)
 
 
 def _chunk_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,8 @@ def _chunk_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
 
 
-def _chunk_loss_and_grad_inplace(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype):
+def _chunk_loss_and_grad_inplace(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype,
+                                 grad_scale: float = 1.0):
     """`_chunk_loss_and_grad` for eager devices (CPU): the gradient is built in the logits block
     itself, so a chunk costs one [c, V] fp32 block instead of ~5 (logsumexp's temporary, exp,
     one-hot, difference, mask), and ~2 passes over it fewer. Same values as the reference."""
@@ -78,7 +83,18 @@ def _chunk_loss_and_grad_inplace(logits: torch.Tensor, y: torch.Tensor, grad_dty
     g[torch.arange(g.size(0), device=g.device), safe_y] -= 1.0  # - onehot(y)
     if not bool(valid.all()):
         g[~valid] = 0.0
+    if grad_scale != 1.0:
+        g.mul_(grad_scale)
     return loss, g.to(grad_dtype)
+
+
+def _with_transpose(grad_fn):
+    """grad_fn plus G's transpose [V, c] (token-major, what the float8 dW GEMM reduces over);
+    compiled, one kernel writes both layouts."""
+    def fn(logits, y, grad_dtype, grad_scale):
+        loss, g = grad_fn(logits, y, grad_dtype, grad_scale)
+        return loss, g, g.t().contiguous()
+    return fn
 
 
 def _chunk_loss_inplace(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -117,14 +133,21 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _kernels(device: torch.device):
-    """Compiled chunk kernels on CUDA (built once per process), eager elsewhere."""
+def _kernels(device: torch.device, float8: bool = False):
+    """(grad_fn, loss_fn): compiled on CUDA (built once per process), eager elsewhere.
+    float8: grad_fn also returns G's transpose, and `quantize` comes third."""
     if device.type != "cuda":
-        return _chunk_loss_and_grad_inplace, _chunk_loss_inplace
+        eager = (_chunk_loss_and_grad_inplace, _chunk_loss_inplace)
+        return (_with_transpose(eager[0]), eager[1], quantize) if float8 else eager
     if not _COMPILED:
         _COMPILED["grad"] = torch.compile(_chunk_loss_and_grad, dynamic=False)
         _COMPILED["loss"] = torch.compile(_chunk_loss, dynamic=False)
-    return _COMPILED["grad"], _COMPILED["loss"]
+    if not float8:
+        return _COMPILED["grad"], _COMPILED["loss"]
+    if "grad_f8" not in _COMPILED:
+        _COMPILED["grad_f8"] = torch.compile(_with_transpose(_chunk_loss_and_grad), dynamic=False)
+        _COMPILED["quantize"] = torch.compile(quantize, dynamic=False)  # amax + cast: 2 kernels
+    return _COMPILED["grad_f8"], _COMPILED["loss"], _COMPILED["quantize"]
 
 
 def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.Tensor:
@@ -233,16 +256,21 @@ def _weight_grad_buffer(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, compute_dtype, chunk_size):
+    def forward(ctx, hidden, weight, labels, compute_dtype, chunk_size, float8):
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if needs_h else None
         # fp32 accumulation of dW over chunks
         grad_w = _weight_grad_buffer(weight, hidden.size(0)) if needs_w else None
         # Precision is chosen by compute_dtype; an enclosing autocast must not re-cast inside.
         with torch.autocast(hidden.device.type, enabled=False):
-            total = _accumulate_chunks(
-                hidden, weight.to(compute_dtype), labels, chunk_size, grad_h, grad_w
-            )
+            if float8:  # the weight is quantised from its own dtype, never cast to compute_dtype
+                grad_fn, loss_fn, quantize_fn = _kernels(hidden.device, float8=True)
+                total = float8_chunks(hidden, weight, labels, chunk_size, grad_h, grad_w,
+                                      (grad_fn, loss_fn), compute_dtype, quantize_fn)
+            else:
+                total = _accumulate_chunks(
+                    hidden, weight.to(compute_dtype), labels, chunk_size, grad_h, grad_w
+                )
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -251,7 +279,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype = grad_h.dtype if grad_h is not None else None
-        return (*_scaled_grads(grad_h, grad_w, grad_out, h_dtype, ctx.weight_dtype), None, None, None)
+        return (*_scaled_grads(grad_h, grad_w, grad_out, h_dtype, ctx.weight_dtype),
+                None, None, None, None)
 
 
 def _scaled_grads(grad_h, grad_w, grad_out, h_dtype, w_dtype):
@@ -270,25 +299,33 @@ def linear_cross_entropy(
     *,
     compute_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    float8: str | None = None,
 ) -> torch.Tensor:
     """Sum of CE of `hidden @ weight.T` against `labels`.
 
     hidden [..., D] (final normed hidden states), weight [V, D] (the LM head), labels [...].
     compute_dtype: matmul dtype (bf16 under mixed precision); defaults to hidden's dtype.
+    float8: "tensorwise" runs the head's three matmuls in float8 (objective/loss_float8.py);
+    V and D must be multiples of 16. None: compute_dtype matmuls.
 
     Tensor parallel: `weight` may be a DTensor sharded on the vocab dim (Shard(0) over the TP
     mesh) and `hidden` a sequence-sharded DTensor; the loss is then computed vocab-parallel on
-    each rank's [V/tp, D] slice without ever gathering the head or the logits.
+    each rank's [V/tp, D] slice without ever gathering the head or the logits (no float8 there).
     chunk_size: rows per chunk; default `chunk_rows(V, device)`, from the memory a block costs.
     """
     if chunk_size is None:
         chunk_size = chunk_rows(weight.shape[0], hidden.device)
+    if float8:
+        check_float8_head(float8, weight.shape[0], weight.shape[-1])
     if _is_dtensor(hidden) or _is_dtensor(weight):
+        if float8:
+            raise TunesmithError("float8 LM head: not supported with tensor parallelism (a "
+                                 "DTensor head); keep 'output' in train.float8_skip")
         return _dtensor_linear_cross_entropy(hidden, weight, labels, compute_dtype, chunk_size)
     h = hidden.reshape(-1, hidden.size(-1))
     y = labels.reshape(-1).to(h.device)
     dtype = compute_dtype or h.dtype
-    return _LinearCrossEntropy.apply(h, weight, y, dtype, chunk_size)
+    return _LinearCrossEntropy.apply(h, weight, y, dtype, chunk_size, float8)
 
 
 # ---------------------------------------------------------------------------- tensor parallel

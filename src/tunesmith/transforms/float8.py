@@ -5,6 +5,7 @@
     convert_float8(model, recipe, ...)    swap them in place; returns their names
     apply_float8(model, cfg)              the config's transform (called by parallelize first)
     float8_post_step(model, cfg)          per-optimizer-step hook for FSDP2 float8 all-gather
+    float8_head_recipe(head)              the recipe the fused loss runs the LM head in, or None
 
 Each converted layer keeps its `weight` Parameter (same name, dtype and values), so optimizer,
 checkpoints and HF export are unchanged; only its three matmuls (output, input gradient, weight
@@ -16,13 +17,19 @@ is never converted), before activation checkpointing, compile and FSDP2, so comp
 float8 casts into each block's graph and FSDP2 shards the `Float8Linear` weights.
 
 The rule (`train.float8_filter`, `train.float8_skip`): a layer converts when
-  * its name does not match a `float8_skip` glob (default `output`: the LM head; the fused loss
-    reads its weight directly and the vocab projection is the most precision-sensitive matmul),
+  * its name does not match a `float8_skip` glob (default `output`: the LM head, the most
+    precision-sensitive matmul; opt in with e.g. `float8_skip: []`),
   * both its dims are multiples of 16 (the float8 GEMM's requirement), and
   * `auto` only: its shape is large enough to gain, per torchao's H100 thresholds for the recipe
     (tensorwise: not when in <= 4096 and out <= 1024; rowwise: not when out <= 2048, in <= 1024,
     or out <= 4096 and in <= 2048). Llama-3.2-1B, tensorwise: wq, wo, w1, w2, w3 convert, wk/wv
     (out 512) stay bf16.
+
+The LM head is never a `Float8Linear`: the fused loss (objective/loss.py) reads its weight and
+never calls its forward. A head the rule picks is marked instead (`float8_head_recipe`) and the
+fused loss runs its three matmuls in float8 (objective/loss_float8.py). Only tensorwise: with
+another recipe a picked head is refused (a one-line TunesmithError), as is a head with a bias
+(it is folded into the matmul as an extra column, so D + 1 is not a multiple of 16).
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ log = logging.getLogger("tunesmith")
 # Compute capability from which GPUs have float8 tensor cores (Ada L4/L40 8.9, Hopper 9.0, ...).
 MIN_CAPABILITY = (8, 9)
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+HEAD = "output"  # the LM head's module name in every family
+HEAD_RECIPES = ("tensorwise",)  # what the fused loss's float8 head implements
+_HEAD_MARK = "_tunesmith_float8_head"
 
 
 def require_float8(device: torch.device, option: str) -> None:
@@ -117,11 +127,32 @@ def convert_float8(model: nn.Module, recipe: str, filter_mode: str = "auto",
             f"train.float8={recipe}: no linear layer qualifies (train.float8_filter={filter_mode}, "
             f"float8_skip={list(skip)}); use float8_filter=all or train.float8=none"
         )
-    config = ao.Float8LinearConfig.from_recipe_name(recipe)
-    if all_gather or emulate:
-        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=all_gather, emulate=emulate)
-    ao.convert_to_float8_training(model, module_filter_fn=lambda _m, fqn: fqn in chosen, config=config)
+    if HEAD in chosen:  # the fused loss runs it in float8 (module docstring); torchao does not
+        _mark_head(getattr(model, HEAD), recipe)
+    layers = chosen - {HEAD}
+    if layers:
+        config = ao.Float8LinearConfig.from_recipe_name(recipe)
+        if all_gather or emulate:
+            config = dataclasses.replace(config, enable_fsdp_float8_all_gather=all_gather, emulate=emulate)
+        ao.convert_to_float8_training(model, module_filter_fn=lambda _m, fqn: fqn in layers, config=config)
     return sorted(chosen)
+
+
+def _mark_head(head: nn.Module, recipe: str) -> None:
+    if recipe not in HEAD_RECIPES:
+        raise TunesmithError(
+            f"train.float8={recipe}: the LM head ('{HEAD}') trains in float8 only with "
+            f"tensorwise; keep '{HEAD}' in train.float8_skip or use train.float8=tensorwise")
+    if getattr(head, "bias", None) is not None:
+        raise TunesmithError(
+            f"train.float8: the LM head ('{HEAD}') has a bias, which the fused loss folds in as "
+            f"an extra column (not a multiple of 16 for float8); keep '{HEAD}' in train.float8_skip")
+    setattr(head, _HEAD_MARK, recipe)
+
+
+def float8_head_recipe(head: nn.Module) -> str | None:
+    """The float8 recipe the fused loss runs `head` in (set by `convert_float8`), else None."""
+    return getattr(head, _HEAD_MARK, None)
 
 
 def apply_float8(model: nn.Module, cfg: RunConfig, *, distributed: bool = False) -> list[str]:
@@ -132,8 +163,9 @@ def apply_float8(model: nn.Module, cfg: RunConfig, *, distributed: bool = False)
     names = convert_float8(model, tc.float8, tc.float8_filter, tc.float8_skip,
                            all_gather=tc.float8_all_gather and distributed)
     linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-    log.info("float8 %s: %d of %d linear layers train in float8 (%s)", tc.float8, len(names),
-             linears, _summary(names))
+    log.info("float8 %s: %d of %d linear layers train in float8 (%s)%s", tc.float8, len(names),
+             linears, _summary(names),
+             f"; the LM head ({HEAD}) in the fused loss" if HEAD in names else "")
     return names
 
 
