@@ -4,9 +4,12 @@
 
 Variants: tunesmith (compiled blocks), tunesmith-eager, tunesmith-float8 / tunesmith-float8-rowwise
 (train.float8=tensorwise / rowwise, default layer rule, compiled), tunesmith-float8-all (tensorwise,
-train.float8_filter=all: wk/wv too), hf-trainer, and any NAME given by `--define NAME:KEY=JSON`:
-tunesmith with recipe keys changed, e.g. `--define ib:optim.in_backward=true`. MFU always uses
-the bf16 peak, float8 variants included.
+train.float8_filter=all: wk/wv too), tunesmith-float8-head (tensorwise, train.float8_skip=[]: the
+LM head in float8 inside the fused loss too), hf-trainer, hf-trainer-liger (the same with
+`use_liger_kernel=True`), and any NAME given by `--define NAME:KEY=JSON`: tunesmith with recipe
+keys changed, e.g. `--define ib:optim.in_backward=true` or, as two keys of one variant,
+`--define 'f8head:train.float8="tensorwise"' --define 'f8head:train.float8_skip=[]'`. MFU always
+uses the bf16 peak, float8 variants included.
 
 Each variant runs in its own subprocess (clean allocator, fair peak memory) on identical
 synthetic token batches (uniform random ids, fixed seed). Throughput excludes the first
@@ -28,9 +31,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-eager", "tunesmith-float8", "tunesmith-float8-rowwise",
-            "tunesmith-float8-all", "hf-trainer")
+            "tunesmith-float8-all", "tunesmith-float8-head", "hf-trainer", "hf-trainer-liger")
 FLOAT8 = {"tunesmith-float8": "tensorwise", "tunesmith-float8-rowwise": "rowwise",
-          "tunesmith-float8-all": "tensorwise"}
+          "tunesmith-float8-all": "tensorwise", "tunesmith-float8-head": "tensorwise"}
+# Recipe keys a built-in variant sets on top of its float8 recipe.
+VARIANT_SETS = {"tunesmith-float8-head": {"train.float8_skip": []}}
 
 
 def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int = 0):
@@ -122,8 +127,10 @@ def run_tunesmith(args, compile_blocks: bool, float8: str = "none", sets: dict |
     return _result(args, times, flops, peak, losses, sum(p.numel() for p in model.parameters()))
 
 
-def run_hf_trainer(args) -> dict:
-    """HF Trainer on the same shape: bf16 autocast, SDPA, fused AdamW, no grad checkpointing."""
+def run_hf_trainer(args, liger: bool = False) -> dict:
+    """HF Trainer on the same shape: bf16 autocast, SDPA, fused AdamW, no grad checkpointing;
+    `liger`: with Liger kernels (`use_liger_kernel=True`: fused RMSNorm, RoPE, SwiGLU and
+    linear cross-entropy; liger-kernel must be installed)."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -158,7 +165,7 @@ def run_hf_trainer(args) -> dict:
         output_dir="/tmp/hf_bench", per_device_train_batch_size=args.micro_batch, max_steps=args.steps,
         bf16=True, optim="adamw_torch_fused", learning_rate=1e-4, weight_decay=0.1, logging_steps=10**9,
         save_strategy="no", report_to=[], dataloader_pin_memory=True, lr_scheduler_type="constant",
-        disable_tqdm=True,
+        disable_tqdm=True, use_liger_kernel=liger,
     )
     Trainer(model=model, args=targs, train_dataset=data, callbacks=[Timer()]).train()
     return _result(args, times, flops, peak, [], sum(p.numel() for p in model.parameters()))
@@ -187,11 +194,12 @@ def _result(args, times, flops, peak, losses, n_params) -> dict:
 
 
 def child(args) -> None:
-    if args.variant == "hf-trainer":
-        res = run_hf_trainer(args)
+    if args.variant.startswith("hf-trainer"):
+        res = run_hf_trainer(args, liger=args.variant == "hf-trainer-liger")
     else:
+        sets = {**VARIANT_SETS.get(args.variant, {}), **parse_sets(args.set)}
         res = run_tunesmith(args, compile_blocks=args.variant != "tunesmith-eager",
-                            float8=FLOAT8.get(args.variant, "none"), sets=parse_sets(args.set))
+                            float8=FLOAT8.get(args.variant, "none"), sets=sets)
     print("RESULT " + json.dumps(res), flush=True)
 
 
