@@ -105,7 +105,8 @@ def _group(hidden, labels, mats, chunk_size, kernels, compute_dtype, quantize_fn
     gt8 = None
     if grad_w is not None:
         gt8 = torch.empty(w8.size(0), n16, dtype=E5M2, device=hidden.device)  # [V, n16]
-        gt8[:, n:].zero_()  # the pad tokens contribute nothing to dW
+        if n16 > n:  # the pad tokens contribute nothing to dW (zeroed as bytes: +0.0 in e5m2)
+            gt8[:, n:].view(torch.uint8).zero_()
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
