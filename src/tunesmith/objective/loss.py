@@ -133,21 +133,25 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _kernels(device: torch.device, float8: bool = False):
-    """(grad_fn, loss_fn): compiled on CUDA (built once per process), eager elsewhere.
-    float8: grad_fn also returns G's transpose, and `quantize` comes third."""
+def _kernels(device: torch.device):
+    """(grad_fn, loss_fn): compiled on CUDA (built once per process), eager elsewhere."""
     if device.type != "cuda":
-        eager = (_chunk_loss_and_grad_inplace, _chunk_loss_inplace)
-        return (_with_transpose(eager[0]), eager[1], quantize) if float8 else eager
+        return _chunk_loss_and_grad_inplace, _chunk_loss_inplace
     if not _COMPILED:
         _COMPILED["grad"] = torch.compile(_chunk_loss_and_grad, dynamic=False)
         _COMPILED["loss"] = torch.compile(_chunk_loss, dynamic=False)
-    if not float8:
-        return _COMPILED["grad"], _COMPILED["loss"]
+    return _COMPILED["grad"], _COMPILED["loss"]
+
+
+def _float8_kernels(device: torch.device):
+    """(grad_fn that also returns G's transpose, loss_fn, quantize) for `float8_chunks`."""
+    grad_fn, loss_fn = _kernels(device)
+    if device.type != "cuda":
+        return _with_transpose(grad_fn), loss_fn, quantize
     if "grad_f8" not in _COMPILED:
         _COMPILED["grad_f8"] = torch.compile(_with_transpose(_chunk_loss_and_grad), dynamic=False)
         _COMPILED["quantize"] = torch.compile(quantize, dynamic=False)  # amax + cast: 2 kernels
-    return _COMPILED["grad_f8"], _COMPILED["loss"], _COMPILED["quantize"]
+    return _COMPILED["grad_f8"], loss_fn, _COMPILED["quantize"]
 
 
 def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.Tensor:
@@ -264,7 +268,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Precision is chosen by compute_dtype; an enclosing autocast must not re-cast inside.
         with torch.autocast(hidden.device.type, enabled=False):
             if float8:  # the weight is quantised from its own dtype, never cast to compute_dtype
-                grad_fn, loss_fn, quantize_fn = _kernels(hidden.device, float8=True)
+                grad_fn, loss_fn, quantize_fn = _float8_kernels(hidden.device)
                 total = float8_chunks(hidden, weight, labels, chunk_size, grad_h, grad_w,
                                       (grad_fn, loss_fn), compute_dtype, quantize_fn)
             else:
