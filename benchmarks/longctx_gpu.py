@@ -93,32 +93,71 @@ def _trainer(cfg):
     return a, tr
 
 
-def _host_pinned_gib() -> float | None:
-    """Peak pinned host memory of this process (activation offload's stash), if torch reports it."""
-    import torch
+class _Ballast:
+    """What the blocks a truncated model lacks would hold, so one step of it at T tokens stands
+    for the full depth's memory: on the device the missing blocks' parameters (plus adapter
+    gradients and AdamW state), allocated once; on the host their offloaded block inputs, sized
+    per T from what the model's own last block stored, page-locked like the offloader's."""
 
-    stats = getattr(torch.cuda, "host_memory_stats", None)
-    if stats is None:
-        return None
-    s = stats()
-    peak = s.get("allocated_bytes.current", None) if "allocated_bytes.peak" not in s else s["allocated_bytes.peak"]
-    return None if peak is None else round(peak / GiB, 2)
+    def __init__(self, model, depth: int, built_bytes: int) -> None:
+        import torch
+
+        n = len(model.layers)
+        self.missing = max(depth - n, 0)
+        # Device bytes per block from the allocator, not from numel (QLoRA's NF4 weights report
+        # their logical shape): everything built minus the blocks' outside (embedding, head,
+        # final norm: plain tensors), split evenly; then the adapters' gradient and AdamW state.
+        blocks = set(id(p) for p in model.layers.parameters())
+        outside = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                      if id(p) not in blocks)
+        trainable = sum(p.numel() * p.element_size() for p in model.layers[n - 1].parameters() if p.requires_grad)
+        per_block = (built_bytes - outside) // n + 3 * trainable
+        self.device_bytes = self.missing * per_block
+        self.device = torch.empty(self.device_bytes, dtype=torch.uint8, device="cuda") if self.missing else None
+        self.host: list = []
+        self.host_per_token = 0.0  # bytes per token per block, measured after a probe
+
+    def hold_host(self, t: int) -> int:
+        import torch
+
+        self.release_host()
+        nbytes = int(self.host_per_token * t)
+        for _ in range(self.missing if nbytes else 0):
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf[:: 4096] = 0  # touch every page: really resident
+            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed")
+            self.host.append(buf)
+        return nbytes * len(self.host)
+
+    def release_host(self) -> None:
+        import torch
+
+        for buf in self.host:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self.host.clear()
 
 
-def _probe(tr, vocab: int, t: int) -> dict:
-    """One optimizer step at sequence length t; peak device and pinned-host memory and time,
-    or the OOM."""
+def _probe(tr, vocab: int, t: int, ballast: _Ballast | None = None) -> dict:
+    """One optimizer step at sequence length t; peak device memory, host memory (the
+    offloader's buffers, the ballast's, the process's peak RSS) and time, or the OOM."""
     import resource
 
     import torch
+
+    from tunesmith.parallel.offload import offloader_of
 
     ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(t))
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     gc.collect()
     torch.cuda.empty_cache()
+    try:
+        host_ballast = ballast.hold_host(t) if ballast is not None else 0
+    except (RuntimeError, MemoryError) as e:
+        rec = {"seq": t, "ok": False, "error": f"host ballast: {e}"[:200]}
+        print("PROBE " + json.dumps(rec), flush=True)
+        return rec
     torch.cuda.reset_peak_memory_stats()
-    if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
-        torch.cuda.reset_peak_host_memory_stats()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
@@ -128,11 +167,17 @@ def _probe(tr, vocab: int, t: int) -> dict:
     except (torch.OutOfMemoryError, RuntimeError) as e:  # device OOM, or pinned host memory
         ok, why = False, str(e).splitlines()[0][:200]
         tr.optimizer.zero_grad(set_to_none=True)
+    off = offloader_of(tr.model)
+    n = len(tr.model.layers)
     rec = {"seq": t, "ok": ok, "step_s": round(time.perf_counter() - t0, 2),
            "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2),
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2),
-           "host_pinned_peak_gib": _host_pinned_gib(),
+           "offload_host_gib": round(off.pool.nbytes / GiB, 2) if off else None,
+           "ballast_host_gib": round(host_ballast / GiB, 2),
+           "ballast_device_gib": round(ballast.device_bytes / GiB, 2) if ballast else 0.0,
            "rss_max_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "error": why}
+    if ok and off is not None and ballast is not None:
+        ballast.host_per_token = off.pool.block_nbytes(n - 1) / t
     print("PROBE " + json.dumps(rec), flush=True)
     return rec
 
@@ -173,11 +218,13 @@ def _seq_worker(args) -> None:
     a, tr = _trainer(_seq_config(args))
     mcfg = a.need("spec").model_cfg
     built_gib = torch.cuda.memory_allocated() / GiB
+    ballast = _Ballast(tr.model, args.emulate_depth, torch.cuda.memory_allocated()) if args.emulate_depth else None
     result = {"method": args.method, "n_layers": mcfg.n_layers, "offload": not args.no_offload,
+              "emulated_depth": args.emulate_depth or mcfg.n_layers,
               "budget_gib": round(budget / GiB, 1), "model_gib": round(built_gib, 2)}
     probes = []
     for t in (int(x) for x in args.probes.split(",") if x):
-        probes.append(_probe(tr, mcfg.vocab_size, t))
+        probes.append(_probe(tr, mcfg.vocab_size, t, ballast))
         if time.monotonic() > deadline:
             result["stopped"] = f"time budget spent after the probe at {t}"
             break
@@ -197,13 +244,14 @@ def _seq_worker(args) -> None:
                       step_s_model=[c1, c2])
         if args.search and pred:
             result.update(_bisect(tr, mcfg.vocab_size, max(ok, key=lambda p: p["seq"])["seq"],
-                                  pred, (c1, c2), deadline))
+                                  pred, (c1, c2), deadline, ballast))
     result.update(torch=torch.__version__, device=torch.cuda.get_device_name(),
                   host_mem_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1))
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _bisect(tr, vocab: int, lo: int, pred: int, model: tuple[float, float], deadline: float) -> dict:
+def _bisect(tr, vocab: int, lo: int, pred: int, model: tuple[float, float], deadline: float,
+            ballast: _Ballast | None) -> dict:
     """Longest length in [lo, ...) that trains, starting at the prediction; stops (and says so)
     when the next probe's predicted time does not fit the deadline."""
     c1, c2 = model
@@ -214,7 +262,7 @@ def _bisect(tr, vocab: int, lo: int, pred: int, model: tuple[float, float], dead
         if time.monotonic() + est > deadline:
             res["stopped"] = f"time budget: a step at {t} tokens needs ~{est:.0f}s"
             break
-        if _probe(tr, vocab, t)["ok"]:
+        if _probe(tr, vocab, t, ballast)["ok"]:
             lo = t
         else:
             hi = t
@@ -308,8 +356,9 @@ class Report:
                     "budget_gib", "stopped", "rc", "wall_s")
             lines.append(f"| {name} | " + ", ".join(f"{k}={r[k]}" for k in keys if k in r) + " |")
             for p in r.get("probes", []):
-                lines.append(f"| {name} @ {p['seq']} | ok={p['ok']} step {p['step_s']} s, peak {p['peak_gib']} GiB, "
-                             f"pinned host {p.get('host_pinned_peak_gib')} GiB, rss {p.get('rss_max_gib')} GiB |")
+                lines.append(f"| {name} @ {p['seq']} | ok={p['ok']} step {p.get('step_s')} s, peak {p.get('peak_gib')} GiB "
+                             f"(ballast {p.get('ballast_device_gib')}), offload host {p.get('offload_host_gib')} GiB "
+                             f"+ ballast {p.get('ballast_host_gib')} GiB, rss {p.get('rss_max_gib')} GiB |")
         return "\n".join(lines) + "\n"
 
 
@@ -367,6 +416,7 @@ def _one_gpu(args, rep: Report, deadline: float) -> None:
         budget = min(args.seq_budget, left - 40)
         rep.add(name, _run([py, __file__, "seq-worker", "--method", method, "--mem-gib", str(mem),
                             "--n-layers", str(layers), "--probes", probes, *(["--search"] if search else []),
+                            *(["--emulate-depth", "32"] if layers else []),
                             "--budget", str(int(budget))], budget + 90))
 
 
@@ -388,6 +438,8 @@ def main() -> None:
     ap.add_argument("--probes", default=FULL_PROBES, help="seq-worker: sequence lengths to step, in order")
     ap.add_argument("--search", action="store_true", help="seq-worker: then bisect for the longest that fits")
     ap.add_argument("--no-offload", action="store_true", help="seq-worker: full AC without activation offload")
+    ap.add_argument("--emulate-depth", type=int, default=0,
+                    help="seq-worker: hold the missing blocks' device and host memory (ballast) up to this depth")
     ap.add_argument("--mem-gib", type=float, default=0)
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--init", default="")
