@@ -15,16 +15,22 @@ its own process under a timeout, results written after each step (JSON + markdow
                32768, one saved init) trained 3 steps at --cp-seq tokens with 4 packed
                documents per row: one GPU vs cp=2 on two GPUs (FSDP2 over the cp ranks), fp32,
                full AC; per-step loss and grad norm differences.
-1-GPU steps:
+1-GPU steps (--one-gpu-steps, in order; default offload,seq_lora,seq_qlora,depth_lora,depth_qlora_80g):
   offload      none / full AC / full AC + offload / offload alone: 8 blocks of the 8B shape at
                8k, LoRA, eager (benchmarks/check_longctx.py offload --no-compile)
   seq_lora, seq_qlora, seq_qlora_80g
                the whole 8B shape (32 blocks), LoRA r=16 (bf16 base) or QLoRA (NF4 base), bf16,
-               full AC + activation offload + chunked CE, micro-batch 1, eager: one step at 8k,
-               16k, 32k (twice: tokens/s), then a linear fit of peak memory in T predicts the
-               longest sequence for the budget, and a bisection verifies it while the time
-               budget lasts (a probe whose predicted time does not fit is skipped and reported).
+               full AC + activation offload + chunked CE, micro-batch 1, eager: one step at each
+               of 8k, 16k, 32k (twice: tokens/s), 128k; peak device memory, peak pinned host
+               memory (the offloaded block inputs) and a linear fit of device memory in T.
                _80g caps the allocator at 80 GiB (torch.cuda.set_per_process_memory_fraction).
+  depth_lora, depth_qlora, depth_qlora_80g, depth4_lora
+               the same with the 8B shape truncated to 2 (4) blocks: with offload the device
+               holds one block's working set whatever the depth, so the truncated model finds
+               the device-side longest sequence in minutes instead of the full model's hours
+               (probes at 128k, 256k, 384k, then a bisection while the time budget lasts).
+               The full-depth limit is that minus the 30 missing blocks' weights (known), and
+               its host side is n_layers x T x dim x 2 bytes of pinned memory.
 """
 
 from __future__ import annotations
@@ -87,14 +93,70 @@ def _trainer(cfg):
     return a, tr
 
 
-def _probe(tr, vocab: int, t: int) -> dict:
-    """One optimizer step at sequence length t; peak memory and time, or the OOM."""
+class _Ballast:
+    """What the blocks a truncated model lacks would hold, so one step of it at T tokens stands
+    for the full depth's memory: on the device the missing blocks' parameters (plus adapter
+    gradients and AdamW state), allocated once; on the host their offloaded block inputs, sized
+    per T from what the model's own last block stored, page-locked like the offloader's."""
+
+    def __init__(self, model, depth: int, built_bytes: int) -> None:
+        import torch
+
+        n = len(model.layers)
+        self.missing = max(depth - n, 0)
+        # Device bytes per block from the allocator, not from numel (QLoRA's NF4 weights report
+        # their logical shape): everything built minus the blocks' outside (embedding, head,
+        # final norm: plain tensors), split evenly; then the adapters' gradient and AdamW state.
+        blocks = set(id(p) for p in model.layers.parameters())
+        outside = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                      if id(p) not in blocks)
+        trainable = sum(p.numel() * p.element_size() for p in model.layers[n - 1].parameters() if p.requires_grad)
+        per_block = (built_bytes - outside) // n + 3 * trainable
+        self.device_bytes = self.missing * per_block
+        self.device = torch.empty(self.device_bytes, dtype=torch.uint8, device="cuda") if self.missing else None
+        self.host: list = []
+        self.host_per_token = 0.0  # bytes per token per block, measured after a probe
+
+    def hold_host(self, t: int) -> int:
+        import torch
+
+        self.release_host()
+        nbytes = int(self.host_per_token * t)
+        for _ in range(self.missing if nbytes else 0):
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf[:: 4096] = 0  # touch every page: really resident
+            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed")
+            self.host.append(buf)
+        return nbytes * len(self.host)
+
+    def release_host(self) -> None:
+        import torch
+
+        for buf in self.host:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self.host.clear()
+
+
+def _probe(tr, vocab: int, t: int, ballast: _Ballast | None = None) -> dict:
+    """One optimizer step at sequence length t; peak device memory, host memory (the
+    offloader's buffers, the ballast's, the process's peak RSS) and time, or the OOM."""
+    import resource
+
     import torch
+
+    from tunesmith.parallel.offload import offloader_of
 
     ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(t))
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     gc.collect()
     torch.cuda.empty_cache()
+    try:
+        host_ballast = ballast.hold_host(t) if ballast is not None else 0
+    except (RuntimeError, MemoryError) as e:
+        rec = {"seq": t, "ok": False, "error": f"host ballast: {e}"[:200]}
+        print("PROBE " + json.dumps(rec), flush=True)
+        return rec
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -105,8 +167,17 @@ def _probe(tr, vocab: int, t: int) -> dict:
     except (torch.OutOfMemoryError, RuntimeError) as e:  # device OOM, or pinned host memory
         ok, why = False, str(e).splitlines()[0][:200]
         tr.optimizer.zero_grad(set_to_none=True)
+    off = offloader_of(tr.model)
+    n = len(tr.model.layers)
     rec = {"seq": t, "ok": ok, "step_s": round(time.perf_counter() - t0, 2),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2), "error": why}
+           "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2),
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2),
+           "offload_host_gib": round(off.pool.nbytes / GiB, 2) if off else None,
+           "ballast_host_gib": round(host_ballast / GiB, 2),
+           "ballast_device_gib": round(ballast.device_bytes / GiB, 2) if ballast else 0.0,
+           "rss_max_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "error": why}
+    if ok and off is not None and ballast is not None:
+        ballast.host_per_token = off.pool.block_nbytes(n - 1) / t
     print("PROBE " + json.dumps(rec), flush=True)
     return rec
 
@@ -117,52 +188,87 @@ def _fit(a: dict, b: dict) -> tuple[float, float]:
     return a[1] - s * a[0], s
 
 
-def _seq_worker(args) -> None:
-    import torch
-
+def _seq_config(args):
     from tunesmith.config.schema import RunConfig
+
+    overrides = {"n_layers": args.n_layers} if args.n_layers else {}
+    return RunConfig.model_validate({
+        "model": {"name": "llama3-8b", "overrides": overrides},
+        "data": {"path": "synthetic", "block_size": 32768},
+        "train": {"device": "cuda", "micro_batch_size": 1, "precision": "bf16", "seed": 0},
+        "optim": {"lr": 1e-5}, "schedule": {"name": "constant"},
+        "peft": {"method": args.method, "r": 16, "alpha": 32},
+        "parallel": {"activation_checkpointing": "full", "activation_offload": not args.no_offload},
+    })
+
+
+def _seq_worker(args) -> None:
+    """Probe the given lengths (--probes), then, with --search, bisect for the longest sequence
+    that fits the budget while the time budget lasts. --n-layers truncates the 8B shape: with
+    activation offload the device keeps one block's working set whatever the depth, so a
+    truncated model finds the device-side limit of the full one (its weights differ by a known
+    amount: `model_gib` is reported for both depths by the orchestration)."""
+    import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
     budget = total if not args.mem_gib else min(total, args.mem_gib * GiB)
     if args.mem_gib:
         torch.cuda.set_per_process_memory_fraction(budget / total)
     deadline = time.monotonic() + args.budget
-    cfg = RunConfig.model_validate({
-        "model": {"name": "llama3-8b"}, "data": {"path": "synthetic", "block_size": 32768},
-        "train": {"device": "cuda", "micro_batch_size": 1, "precision": "bf16", "seed": 0},
-        "optim": {"lr": 1e-5}, "schedule": {"name": "constant"},
-        "peft": {"method": args.method, "r": 16, "alpha": 32},
-        "parallel": {"activation_checkpointing": "full", "activation_offload": True},
-    })
-    a, tr = _trainer(cfg)
-    vocab = a.need("spec").model_cfg.vocab_size
+    a, tr = _trainer(_seq_config(args))
+    mcfg = a.need("spec").model_cfg
     built_gib = torch.cuda.memory_allocated() / GiB
-    probes = [_probe(tr, vocab, t) for t in (8192, 16384, 32768, 32768)]
-    p16, p32 = probes[1], probes[3]
-    result = {"method": args.method, "budget_gib": round(budget / GiB, 1), "model_gib": round(built_gib, 2),
-              "tokens_per_s_32k": round(32768 / p32["step_s"], 1) if p32["ok"] else None}
-    if p16["ok"] and p32["ok"]:
-        mi, ms = _fit((16384, p16["peak_gib"]), (32768, p32["peak_gib"]))
-        # step time ~ c1 T + c2 T^2 (linear layers + attention), from the 16k and 32k steps
-        c2 = (p32["step_s"] / 32768 - p16["step_s"] / 16384) / 16384
-        c1 = p16["step_s"] / 16384 - c2 * 16384
-        pred = int(((budget / GiB) * 0.97 - mi) / ms) // STEP * STEP if ms > 0 else 32768
-        result.update(gib_per_1k_tokens=round(ms * 1024, 4), predicted_max_seq=pred)
-        lo, hi, t = 32768, None, max(pred, 32768 + STEP)
-        while hi is None or hi - lo > 2 * STEP:
-            est = 1.2 * (c1 * t + max(c2, 0.0) * t * t) + 20
-            if time.monotonic() + est > deadline:
-                result["stopped"] = f"time budget: a step at {t} tokens needs ~{est:.0f}s"
-                break
-            if _probe(tr, vocab, t)["ok"]:
-                lo = t
-            else:
-                hi = t
-            t = (lo + hi) // 2 // STEP * STEP if hi is not None else int(lo * 1.25) // STEP * STEP
-        result.update(verified_max_seq=lo, first_failed_seq=hi)
+    ballast = _Ballast(tr.model, args.emulate_depth, torch.cuda.memory_allocated()) if args.emulate_depth else None
+    result = {"method": args.method, "n_layers": mcfg.n_layers, "offload": not args.no_offload,
+              "emulated_depth": args.emulate_depth or mcfg.n_layers,
+              "budget_gib": round(budget / GiB, 1), "model_gib": round(built_gib, 2)}
+    probes = []
+    for t in (int(x) for x in args.probes.split(",") if x):
+        probes.append(_probe(tr, mcfg.vocab_size, t, ballast))
+        if time.monotonic() > deadline:
+            result["stopped"] = f"time budget spent after the probe at {t}"
+            break
+    result["probes"] = probes
+    ok = [p for p in probes if p["ok"]]
+    for p in ok:  # the last successful probe of each length gives tokens/s (the first may compile)
+        result[f"tokens_per_s_{p['seq'] // 1024}k"] = round(p["seq"] / p["step_s"], 1)
+    if len({p["seq"] for p in ok}) >= 2:
+        (t1, m1, s1), (t2, m2, s2) = [(t, p["peak_gib"], p["step_s"]) for t, p in
+                                      sorted({p["seq"]: p for p in ok}.items())[-2:]]
+        mi, ms = _fit((t1, m1), (t2, m2))
+        # step time ~ c1 T + c2 T^2 (linear layers + attention), from the two longest probes
+        c2 = (s2 / t2 - s1 / t1) / (t2 - t1)
+        c1 = s1 / t1 - c2 * t1
+        pred = int(((budget / GiB) * 0.97 - mi) / ms) // STEP * STEP if ms > 0 else None
+        result.update(gib_per_1k_tokens=round(ms * 1024, 4), predicted_max_seq=pred,
+                      step_s_model=[c1, c2])
+        if args.search and pred:
+            result.update(_bisect(tr, mcfg.vocab_size, max(ok, key=lambda p: p["seq"])["seq"],
+                                  pred, (c1, c2), deadline, ballast))
     result.update(torch=torch.__version__, device=torch.cuda.get_device_name(),
                   host_mem_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1))
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _bisect(tr, vocab: int, lo: int, pred: int, model: tuple[float, float], deadline: float,
+            ballast: _Ballast | None) -> dict:
+    """Longest length in [lo, ...) that trains, starting at the prediction; stops (and says so)
+    when the next probe's predicted time does not fit the deadline."""
+    c1, c2 = model
+    res: dict = {}
+    hi, t = None, max(pred, lo + STEP)
+    while hi is None or hi - lo > 2 * STEP:
+        est = 1.2 * (c1 * t + max(c2, 0.0) * t * t) + 20
+        if time.monotonic() + est > deadline:
+            res["stopped"] = f"time budget: a step at {t} tokens needs ~{est:.0f}s"
+            break
+        if _probe(tr, vocab, t, ballast)["ok"]:
+            lo = t
+        else:
+            hi = t
+        t = (lo + hi) // 2 // STEP * STEP if hi is not None else int(lo * 1.25) // STEP * STEP
+    res.update(verified_max_seq=lo, first_failed_seq=hi)
+    return res
 
 
 # ---------------------------------------------------------------------------- CP parity
@@ -245,9 +351,14 @@ class Report:
                       f"peak 1 GPU {par['ref'].get('peak_gib')} GiB, per cp rank {par['cp2'].get('peak_gib')} GiB", ""]
         lines += ["| step | result |", "|---|---|"]
         for name, r in self.steps.items():
-            keys = ("passed", "verified_max_seq", "predicted_max_seq", "tokens_per_s_32k", "budget_gib",
-                    "stopped", "rc", "wall_s")
+            keys = ("passed", "n_layers", "model_gib", "verified_max_seq", "predicted_max_seq",
+                    "gib_per_1k_tokens", *sorted(k for k in r if k.startswith("tokens_per_s_")),
+                    "budget_gib", "stopped", "rc", "wall_s")
             lines.append(f"| {name} | " + ", ".join(f"{k}={r[k]}" for k in keys if k in r) + " |")
+            for p in r.get("probes", []):
+                lines.append(f"| {name} @ {p['seq']} | ok={p['ok']} step {p.get('step_s')} s, peak {p.get('peak_gib')} GiB "
+                             f"(ballast {p.get('ballast_device_gib')}), offload host {p.get('offload_host_gib')} GiB "
+                             f"+ ballast {p.get('ballast_host_gib')} GiB, rss {p.get('rss_max_gib')} GiB |")
         return "\n".join(lines) + "\n"
 
 
@@ -273,20 +384,39 @@ def _two_gpu(args, rep: Report, deadline: float) -> None:
     rep.add("cp_parity", par)
 
 
+# 1-GPU steps: name -> (method, 80 GiB cap?, n_layers (0 = all 32), probe lengths, bisect?)
+FULL_PROBES = "8192,16384,32768,32768,131072"
+DEPTH_PROBES = "131072,262144,393216"
+ONE_GPU_STEPS = {
+    "seq_lora": ("lora", 0, 0, FULL_PROBES, False),
+    "seq_qlora": ("qlora", 0, 0, FULL_PROBES, False),
+    "seq_qlora_80g": ("qlora", 80, 0, "32768,131072", False),
+    "depth_lora": ("lora", 0, 2, DEPTH_PROBES, True),
+    "depth_qlora": ("qlora", 0, 2, DEPTH_PROBES, True),
+    "depth_qlora_80g": ("qlora", 80, 2, "131072,262144", True),
+    "depth4_lora": ("lora", 0, 4, "131072", False),
+}
+
+
 def _one_gpu(args, rep: Report, deadline: float) -> None:
     py = sys.executable
-    off = _run([py, str(ROOT / "benchmarks/check_longctx.py"), "offload", "--no-compile", "--steps", "3",
-                "--out", str(args.out / "offload"), "--budget", "150", "--timeout", "60"], 180)
-    md = args.out / "offload" / "offload.md"
-    off["table"] = md.read_text() if md.exists() else None
-    rep.add("offload", off)
-    for name, method, mem in (("seq_lora", "lora", 0), ("seq_qlora", "qlora", 0), ("seq_qlora_80g", "qlora", 80)):
+    for name in args.one_gpu_steps.split(","):
         left = deadline - time.monotonic()
         if left < 60:
             rep.add(name, {"rc": None, "stopped": "total time budget spent"})
             continue
+        if name == "offload":
+            off = _run([py, str(ROOT / "benchmarks/check_longctx.py"), "offload", "--no-compile", "--steps", "3",
+                        "--out", str(args.out / "offload"), "--budget", "150", "--timeout", "60"], min(180, left))
+            md = args.out / "offload" / "offload.md"
+            off["table"] = md.read_text() if md.exists() else None
+            rep.add("offload", off)
+            continue
+        method, mem, layers, probes, search = ONE_GPU_STEPS[name]
         budget = min(args.seq_budget, left - 40)
         rep.add(name, _run([py, __file__, "seq-worker", "--method", method, "--mem-gib", str(mem),
+                            "--n-layers", str(layers), "--probes", probes, *(["--search"] if search else []),
+                            *(["--emulate-depth", "32"] if layers else []),
                             "--budget", str(int(budget))], budget + 90))
 
 
@@ -301,7 +431,15 @@ def main() -> None:
     ap.add_argument("--seq-budget", type=int, default=100, help="seconds per longest-sequence search")
     ap.add_argument("--cp-seq", type=int, default=16384)
     # worker arguments
+    ap.add_argument("--one-gpu-steps", default="offload,seq_lora,seq_qlora,depth_lora,depth_qlora_80g",
+                    help="1-GPU steps to run, in order: offload and " + ", ".join(ONE_GPU_STEPS))
     ap.add_argument("--method", default="lora")
+    ap.add_argument("--n-layers", type=int, default=0, help="seq-worker: truncate the 8B shape (0: all 32)")
+    ap.add_argument("--probes", default=FULL_PROBES, help="seq-worker: sequence lengths to step, in order")
+    ap.add_argument("--search", action="store_true", help="seq-worker: then bisect for the longest that fits")
+    ap.add_argument("--no-offload", action="store_true", help="seq-worker: full AC without activation offload")
+    ap.add_argument("--emulate-depth", type=int, default=0,
+                    help="seq-worker: hold the missing blocks' device and host memory (ballast) up to this depth")
     ap.add_argument("--mem-gib", type=float, default=0)
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--init", default="")

@@ -103,3 +103,41 @@ def test_tensors_on_the_runs_gpu_are_offloaded_whatever_the_index_spelling():
     assert same_device(cuda0, cuda) and same_device(cuda, cuda0) and same_device(cuda1, cuda)
     assert same_device(cuda0, cuda0) and not same_device(cuda0, cuda1)
     assert not same_device(torch.device("cpu"), cuda) and same_device(torch.device("cpu"), torch.device("cpu"))
+
+
+def test_host_buffers_are_exact_size_and_reused_step_after_step():
+    """Host copies live in one buffer per (block, saved tensor) of exactly the tensor's bytes
+    (torch's pinned caching allocator rounds to a power of two), reused by the next step; a
+    longer sequence grows them, a shorter one reuses them."""
+    model = tiny_model(seed=3)[0]
+    apply_activation_checkpointing(model, "full")
+    off = apply_activation_offload(model, torch.device("cpu"), force=True, min_bytes=0)
+    assert off is not None
+    _grads(model, batch(7))
+    first = {k: (b.data_ptr(), b.numel()) for k, b in off.pool.buffers.items()}
+    per_step = off.offloaded_bytes
+    assert off.pool.nbytes == per_step  # exact sizes: nothing rounded up
+    _grads(model, batch(8))
+    assert {k: (b.data_ptr(), b.numel()) for k, b in off.pool.buffers.items()} == first
+    assert off.offloaded_bytes == 2 * per_step
+    _grads(model, batch(9, t=48))  # twice the tokens: buffers grow
+    assert off.pool.nbytes == off.offloaded_bytes - 2 * per_step > per_step
+    grown = off.pool.nbytes
+    _grads(model, batch(9, t=24))  # shorter again: the grown buffers serve it
+    assert off.pool.nbytes == grown
+
+
+def test_a_tensor_every_block_receives_is_offloaded_once():
+    """The RoPE tables go to every block: the first block's copy is the only one; later blocks
+    keep theirs on the device (alive there until backward anyway). Under full checkpointing a
+    step offloads each block's input [B, T, D] plus one copy of the tables."""
+    model = tiny_model(seed=3)[0]
+    apply_activation_checkpointing(model, "full")
+    off = apply_activation_offload(model, torch.device("cpu"), force=True, min_bytes=0)
+    data = batch(7)
+    _grads(model, data)
+    b, t = data["input_ids"].shape
+    inputs = len(model.layers) * b * t * model.cfg.dim * 4  # fp32 block inputs
+    rope = 2 * b * t * model.cfg.head_dim * 4  # cos and sin [B, T, hd], fp32, once
+    assert off.offloaded_bytes == inputs + rope
+    assert len(off.stashes[0].host) == 3 and all(len(s.host) == 1 for s in off.stashes[1:])

@@ -13,10 +13,17 @@ How (torch.autograd.graph.saved_tensors_hooks around each block's forward):
   block ahead), so the copies overlap the backward compute of block i. The compute stream
   waits on the copy's event only when it needs that tensor.
 
+Host memory: one exact-size buffer per (block, saved tensor), page-locked with
+`cudaHostRegister` once and reused every step (`_HostPool`). Pinned tensors from torch's caching
+host allocator would be rounded up to a power of two (a 3 GiB block input at 384k tokens of the
+8B shape takes 4 GiB), and the sizes change whenever the sequence length does.
+
 Kept on the GPU: parameters (and FSDP2's gathered ones), integer tensors (QLoRA's NF4 codes and
 scales, token ids, masks), tensors below `min_bytes` (RoPE tables: not worth a transfer) and
 anything not on the compute device. One tensor saved
-several times in a block (e.g. the normalised input of q, k and v) is copied once.
+several times in a block (e.g. the normalised input of q, k and v) is copied once, and one that
+an earlier block of the same step already saved (the RoPE tables every block receives) stays on
+the GPU: it is alive there anyway until the step's backward.
 
 Composes with activation checkpointing: the offload wraps the checkpointed forward, so with
 `full` the block inputs that checkpointing keeps are offloaded (the recomputed internals are
@@ -63,6 +70,56 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _contiguous_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class _HostPool:
+    """Host buffers keyed by (block index, slot), exact size, reused step after step.
+
+    On CUDA each buffer is page-locked once with cudaHostRegister, so copies are asynchronous
+    DMA; it is unregistered when a longer sequence needs a bigger one. Off CUDA (force=True on
+    CPU, for tests) the buffers are plain host memory."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.buffers: dict[tuple[int, int], torch.Tensor] = {}  # flat uint8
+
+    def get(self, key: tuple[int, int], nbytes: int) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            if buf is not None:
+                self._release(buf)
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            if self.pin:
+                err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+                if int(err) != 0:
+                    raise RuntimeError(f"activation offload: cudaHostRegister of {nbytes / 2**30:.2f} GiB "
+                                       f"failed (cudaError {int(err)}): host memory exhausted?")
+            self.buffers[key] = buf
+        return buf[:nbytes]
+
+    def _release(self, buf: torch.Tensor) -> None:
+        if self.pin:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers.values())
+
+    def block_nbytes(self, block: int) -> int:
+        return sum(b.numel() for (i, _), b in self.buffers.items() if i == block)
+
+    def clear(self) -> None:
+        for buf in self.buffers.values():
+            self._release(buf)
+        self.buffers.clear()
+
+
 class _Stash:
     """One block call's offloaded tensors: host copies, and GPU copies once brought back."""
 
@@ -89,6 +146,9 @@ class ActivationOffloader:
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.stashes: list[_Stash] = []  # forward order of the current step's block calls
+        self.pool = _HostPool(pin=self.cuda)
+        # Storage keys saved by this step's earlier blocks: a tensor shared by blocks stays put.
+        self.step_seen: set[tuple] = set()
         self.offloaded_bytes = 0  # since construction; tests and logs read it
 
     # -- per block ----------------------------------------------------------------------------
@@ -102,14 +162,16 @@ class ActivationOffloader:
                 return forward(*args, **kwargs)
             if first:
                 self.stashes.clear()
+                self.step_seen.clear()
             stash = _Stash()
             index = len(self.stashes)
             self.stashes.append(stash)
             with torch.autograd.graph.saved_tensors_hooks(
-                functools.partial(self._pack, stash), functools.partial(self._unpack, index)
+                functools.partial(self._pack, index), functools.partial(self._unpack, index)
             ):
                 out = forward(*args, **kwargs)
             stash.live.clear()
+            self.step_seen.update(stash.seen)
             stash.seen.clear()
             if self.cuda and stash.host:
                 stash.copied = torch.cuda.Event()
@@ -126,14 +188,17 @@ class ActivationOffloader:
         return (not self.enabled or isinstance(t, nn.Parameter) or not same_device(t.device, self.device)
                 or not t.is_floating_point() or t.numel() * t.element_size() < self.min_bytes)
 
-    def _pack(self, stash: _Stash, t: torch.Tensor) -> Any:
+    def _pack(self, index: int, t: torch.Tensor) -> Any:
         if self._keep(t):
             return t
+        stash = self.stashes[index]
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in self.step_seen:  # an earlier block's input too (RoPE tables): alive on the GPU anyway
+            return t
         slot = stash.seen.get(key)
         if slot is None:
             slot = stash.seen[key] = len(stash.host)
-            stash.host.append(self._to_host(t))
+            stash.host.append(self._to_host(t, (index, slot)))
             stash.device.append(None)
             stash.uses.append(0)
             stash.live.append(t)
@@ -141,17 +206,16 @@ class ActivationOffloader:
         stash.uses[slot] += 1
         return slot
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy with the same shape and, when dense, the same strides (so backward runs
-        the same kernels); pinned and asynchronous on CUDA (force=True on CPU: a plain copy,
-        otherwise the same path)."""
-        if _dense(t):
-            host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=self.cuda)
-        else:  # e.g. an expanded view: stored compact
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+    def _to_host(self, t: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+        """A host copy in the pool's buffer for `key` with the same shape and, when dense, the
+        same strides (so backward runs the same kernels); asynchronous on CUDA."""
+        stride = t.stride() if _dense(t) else _contiguous_strides(t.shape)  # e.g. an expanded view
+        nbytes = t.numel() * t.element_size()
+        host = self.pool.get(key, nbytes).view(t.dtype).as_strided(t.shape, stride)
         if not self.cuda:
             return host.copy_(t.detach())
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        self.d2h.wait_stream(self.h2d)  # the buffer's last fetch (an earlier step) has read it
         with torch.cuda.stream(self.d2h):
             host.copy_(t, non_blocking=True)
         t.record_stream(self.d2h)  # its memory is not reused before this copy has read it
@@ -197,7 +261,14 @@ def apply_activation_offload(model: nn.Module, device: torch.device, *, force: b
         return None
     off = ActivationOffloader(device, min_bytes=min_bytes, force=force)
     for i, block in enumerate(model.layers):  # type: ignore[attr-defined]
-        if not getattr(block, _MARK, False):
+        if getattr(block, _MARK, None) is None:
             block.forward = off.wrap(block.forward, first=i == 0)  # instance attribute: keys unchanged
-            setattr(block, _MARK, True)
+            setattr(block, _MARK, off)
     return off
+
+
+def offloader_of(model: nn.Module) -> ActivationOffloader | None:
+    """The offloader `apply_activation_offload` put on `model`'s blocks (benchmarks read its
+    host buffers), or None."""
+    layers = getattr(model, "layers", None)
+    return getattr(layers[0], _MARK, None) if layers is not None and len(layers) else None
