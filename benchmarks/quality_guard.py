@@ -14,6 +14,8 @@ eval loss is within --tol (1%) of its baseline's:
     bf16 (compiled blocks, fp32 master weights, fused AdamW)      the baseline of every mode
     float8-tensorwise / float8-rowwise   train.float8, float8_filter=all (the auto rule would
                                          keep this small model's layers in bf16: nothing tested)
+    float8-head                          float8-tensorwise plus the LM head in float8 inside the
+                                         fused loss (train.float8_skip=[])
     adamw8bit / adamw4bit                8-/4-bit moments, fp32 master weights
     bf16-pure-sr / adamw8bit-bf16-pure-sr  bf16 weights, no master copy, stochastic rounding
     ac-full / ac-selective               activation checkpointing
@@ -60,6 +62,8 @@ MODES: dict[str, tuple[str | None, dict[str, Any], bool]] = {
     "bf16": (None, {}, False),
     "float8-tensorwise": ("bf16", {"train.float8": "tensorwise", "train.float8_filter": "all"}, True),
     "float8-rowwise": ("bf16", {"train.float8": "rowwise", "train.float8_filter": "all"}, True),
+    "float8-head": ("bf16", {"train.float8": "tensorwise", "train.float8_filter": "all",
+                             "train.float8_skip": []}, True),
     "adamw8bit": ("bf16", {"optim.name": "adamw8bit"}, False),
     "adamw4bit": ("bf16", {"optim.name": "adamw4bit"}, False),
     "bf16-pure-sr": ("bf16", {"train.precision": "bf16-pure", "optim.bf16_stochastic_round": True}, True),
