@@ -53,17 +53,15 @@ def check_float8_head(recipe: str, vocab: int, dim: int) -> None:
             f"multiples of {ALIGN}; keep 'output' in train.float8_skip")
 
 
-def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [M, K] -> (t8 [M, K] in `dtype`, 0-dim fp32 scale) with t ~= t8 * scale: the tensor's
-    amax maps to the format's largest value (tensorwise dynamic scaling)."""
+def quantize(t: torch.Tensor, dtype: torch.dtype, col_major: bool = False):
+    """t [M, K] -> (t8 [M, K] in `dtype`, t8 stored column-major or None, 0-dim fp32 scale) with
+    t ~= t8 * scale: the tensor's amax maps to the format's largest value (tensorwise dynamic
+    scaling). `col_major`: also the copy `_scaled_mm` wants as mat2 where K is the reduced dim;
+    compiled (CUDA), one tiled kernel writes both layouts instead of a byte-strided transpose."""
     fmax = torch.finfo(dtype).max
     scale = t.abs().amax().float().clamp(min=1e-12) / fmax
-    return (t.float() / scale).clamp(-fmax, fmax).to(dtype), scale
-
-
-def _col_major(t: torch.Tensor) -> torch.Tensor:
-    """The same [M, K] matrix stored column-major (the layout `_scaled_mm` wants for mat2)."""
-    return t.t().contiguous().t()
+    t8 = (t.float() / scale).clamp(-fmax, fmax).to(dtype)
+    return t8, t8.t().contiguous().t() if col_major else None, scale
 
 
 def group_rows(vocab: int, chunk: int, device: torch.device) -> int:
@@ -80,8 +78,9 @@ def float8_chunks(hidden, weight, labels, chunk_size, grad_h, grad_w, kernels, c
     kernels: (grad_fn, loss_fn) on logits [c, V]; grad_fn(logits, y, E5M2, GRAD_SCALE) returns
     (loss, G8 [c, V], G8^T [V, c]). quantize_fn: `quantize`, compiled on CUDA by the caller.
     """
-    w8, s_w = quantize_fn(weight, E4M3)  # [V, D] row-major: W8^T is the column-major mat2
-    w8_cm = _col_major(w8) if grad_h is not None else None
+    # W8 [V, D] row-major: W8^T is the column-major mat2 of the logits GEMM; dH needs W8 itself
+    # column-major.
+    w8, w8_cm, s_w = quantize_fn(weight, E4M3, grad_h is not None)
     g_scale = torch.full((), 1.0 / GRAD_SCALE, dtype=torch.float32, device=hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = group_rows(weight.size(0), chunk_size, hidden.device)
@@ -101,7 +100,9 @@ def _group(hidden, labels, mats, chunk_size, kernels, compute_dtype, quantize_fn
     w8, w8_cm, s_w, g_scale = mats
     grad_fn, loss_fn = kernels
     n, n16 = hidden.size(0), -(-hidden.size(0) // ALIGN) * ALIGN
-    h8, s_h = quantize_fn(F.pad(hidden, (0, 0, 0, n16 - n)), E4M3)  # [n16, D], zero pad rows
+    if n16 > n:  # zero pad rows: they reach only dW, where their gradient columns are zero too
+        hidden = F.pad(hidden, (0, 0, 0, n16 - n))
+    h8, h8_cm, s_h = quantize_fn(hidden, E4M3, grad_w is not None)  # [n16, D]
     gt8 = None
     if grad_w is not None:
         gt8 = torch.empty(w8.size(0), n16, dtype=E5M2, device=hidden.device)  # [V, n16]
@@ -126,7 +127,7 @@ def _group(hidden, labels, mats, chunk_size, kernels, compute_dtype, quantize_fn
             gt8[:, start:stop] = g8_t
         del g8, g8_t
     if gt8 is not None:
-        _weight_grad(grad_w, gt8, _col_major(h8), g_scale, s_h, first)
+        _weight_grad(grad_w, gt8, h8_cm, g_scale, s_h, first)
     return total
 
 
