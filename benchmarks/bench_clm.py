@@ -5,7 +5,9 @@
 Variants: tunesmith (compiled blocks), tunesmith-eager, tunesmith-float8 / tunesmith-float8-rowwise
 (train.float8=tensorwise / rowwise, default layer rule, compiled), tunesmith-float8-all (tensorwise,
 train.float8_filter=all: wk/wv too), tunesmith-float8-head (tensorwise, train.float8_skip=[]: the
-LM head in float8 inside the fused loss too), hf-trainer, hf-trainer-liger (the same with
+LM head in float8 inside the fused loss too), tunesmith-cast-dw (tunesmith with the LM head's
+weight gradient summed as before the fp32-in-GEMM change: bf16 chunk product, cast, add; the
+A/B of that change), hf-trainer, hf-trainer-liger (the same with
 `use_liger_kernel=True`), and any NAME given by `--define NAME:KEY=JSON`: tunesmith with recipe
 keys changed, e.g. `--define ib:optim.in_backward=true` or, as two keys of one variant,
 `--define 'f8head:train.float8="tensorwise"' --define 'f8head:train.float8_skip=[]'`. MFU always
@@ -31,7 +33,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-eager", "tunesmith-float8", "tunesmith-float8-rowwise",
-            "tunesmith-float8-all", "tunesmith-float8-head", "hf-trainer", "hf-trainer-liger")
+            "tunesmith-float8-all", "tunesmith-float8-head", "tunesmith-cast-dw", "hf-trainer",
+            "hf-trainer-liger")
 FLOAT8 = {"tunesmith-float8": "tensorwise", "tunesmith-float8-rowwise": "rowwise",
           "tunesmith-float8-all": "tensorwise", "tunesmith-float8-head": "tensorwise"}
 # Recipe keys a built-in variant sets on top of its float8 recipe.
@@ -197,6 +200,12 @@ def child(args) -> None:
     if args.variant.startswith("hf-trainer"):
         res = run_hf_trainer(args, liger=args.variant == "hf-trainer-liger")
     else:
+        if args.variant == "tunesmith-cast-dw":
+            import torch
+
+            from tunesmith.objective import loss
+
+            loss._GRAD_W_MODES[f"cuda:0:{torch.bfloat16}"] = "cast"  # skip the probe: the old path
         sets = {**VARIANT_SETS.get(args.variant, {}), **parse_sets(args.set)}
         res = run_tunesmith(args, compile_blocks=args.variant != "tunesmith-eager",
                             float8=FLOAT8.get(args.variant, "none"), sets=sets)
