@@ -33,17 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
+from tunesmith.transforms.float8 import HEAD_RECIPES
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 ALIGN = 16  # the float8 GEMM's rule for every dim it reduces over or lays out column-major
 GRAD_SCALE = 2.0**15  # G8 = e5m2(G * 2^15); |G| <= 1 keeps it far below e5m2's max (57344)
-RECIPES = ("tensorwise",)
 _GROUP_BYTES = {"cuda": 2 << 30, "cpu": 64 << 20}
 
 
 def check_float8_head(recipe: str, vocab: int, dim: int) -> None:
     """One TunesmithError unless the head [vocab, dim] can run `recipe` in the fused loss."""
-    if recipe not in RECIPES:
+    if recipe not in HEAD_RECIPES:
         raise TunesmithError(
             f"float8 LM head: recipe {recipe!r} is not supported in the fused loss (only "
             "tensorwise); keep 'output' in train.float8_skip or use train.float8=tensorwise")

@@ -55,7 +55,7 @@ log = logging.getLogger("tunesmith")
 MIN_CAPABILITY = (8, 9)
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 HEAD = "output"  # the LM head's module name in every family
-HEAD_RECIPES = ("tensorwise",)  # what the fused loss's float8 head implements
+HEAD_RECIPES = ("tensorwise",)  # what the fused loss's float8 head (objective/loss_float8.py) runs
 _HEAD_MARK = "_tunesmith_float8_head"
 
 
