@@ -141,3 +141,25 @@ def test_a_tensor_every_block_receives_is_offloaded_once():
     rope = 2 * b * t * model.cfg.head_dim * 4  # cos and sin [B, T, hd], fp32, once
     assert off.offloaded_bytes == inputs + rope
     assert len(off.stashes[0].host) == 3 and all(len(s.host) == 1 for s in off.stashes[1:])
+
+
+def test_a_new_tensor_at_a_freed_tensors_address_is_still_offloaded():
+    """A block's activations die after its forward, and the allocator may hand their address
+    to the next block's tensor of the same shape, which then has the same storage key: only a
+    tensor that is still alive counts as shared. Forced here with two views of one storage."""
+    from tunesmith.parallel.offload import ActivationOffloader
+
+    off = ActivationOffloader(torch.device("cpu"), min_bytes=0, force=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    base = torch.randn(64 * 64)
+
+    def block(x):
+        view = base.view(64, 64)  # a new tensor object each call, same (ptr, offset, shape, stride)
+        return (view * w * x).sum()  # saves the view; it dies when the block returns
+
+    first, second = off.wrap(block, first=True), off.wrap(block)
+    x = torch.randn(64, 64)
+    loss = first(x) + second(x)
+    assert [len(s.host) for s in off.stashes] == [2, 1]  # view + (view * w) once; view again (x is shared)
+    loss.backward()
+    torch.testing.assert_close(w.grad, 2 * base.view(64, 64) * x)

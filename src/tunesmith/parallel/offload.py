@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -147,8 +148,10 @@ class ActivationOffloader:
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.stashes: list[_Stash] = []  # forward order of the current step's block calls
         self.pool = _HostPool(pin=self.cuda)
-        # Storage keys saved by this step's earlier blocks: a tensor shared by blocks stays put.
-        self.step_seen: set[tuple] = set()
+        # Tensors this step's earlier blocks saved, by storage key, held weakly: one still alive
+        # when a later block saves it again (the RoPE tables) stays put. Only a live tensor
+        # matches: a freed tensor's address may come back for a new tensor with the same key.
+        self.step_seen: dict[tuple, weakref.ref] = {}
         self.offloaded_bytes = 0  # since construction; tests and logs read it
 
     # -- per block ----------------------------------------------------------------------------
@@ -170,8 +173,8 @@ class ActivationOffloader:
                 functools.partial(self._pack, index), functools.partial(self._unpack, index)
             ):
                 out = forward(*args, **kwargs)
+            self.step_seen.update({key: weakref.ref(stash.live[slot]) for key, slot in stash.seen.items()})
             stash.live.clear()
-            self.step_seen.update(stash.seen)
             stash.seen.clear()
             if self.cuda and stash.host:
                 stash.copied = torch.cuda.Event()
@@ -193,7 +196,8 @@ class ActivationOffloader:
             return t
         stash = self.stashes[index]
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if key in self.step_seen:  # an earlier block's input too (RoPE tables): alive on the GPU anyway
+        earlier = self.step_seen.get(key)
+        if earlier is not None and earlier() is t:  # an earlier block's too (RoPE tables): alive anyway
             return t
         slot = stash.seen.get(key)
         if slot is None:
