@@ -245,14 +245,15 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.micro_batch}, {args.steps} steps "
           f"({args.warmup} warm-up)")
-    print("| variant | micro-batch | tokens/s | MFU | peak mem (GiB) | median step (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | micro-batch | tokens/s | MFU | peak mem (GiB) | median step (s) | last loss |")
+    print("|---|---|---|---|---|---|---|")
     for v, r in rows.items():
         if "error" in r:
-            print(f"| {v} | | failed | | | |")
+            print(f"| {v} | | failed | | | | |")
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-            print(f"| {v} | {r.get('micro_batch', args.micro_batch)} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['median_step_s']:.3f} |")
+            last = f"{r['losses'][-1]:.4f}" if r.get("losses") else "n/a"  # HF: not recorded
+            print(f"| {v} | {r.get('micro_batch', args.micro_batch)} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['median_step_s']:.3f} | {last} |")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def test_weight_grad_accumulation_modes_agree():
         for i, (a, b) in enumerate(zip(gs, hs)):
             loss_mod._add_weight_grad(buf, a.to(dtype), b.to(dtype), mode, first=i == 0)
         torch.testing.assert_close(buf.double(), ref, rtol=3e-2 if mode == "cast" else 1e-5, atol=5e-2)
+    # The probe falls back to "cast" where the out_dtype GEMMs do not run (no CPU kernel).
+    assert loss_mod._probe_out_dtype(cpu, torch.bfloat16, torch.float32) == "cast"
 
 
 def test_linear_cross_entropy_no_grad_and_all_ignored():
