@@ -138,6 +138,13 @@ class _Ballast:
         self.host.clear()
 
 
+def _mem_available() -> int:
+    """Host bytes available now (/proc/meminfo MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return kib * 1024
+
+
 def _probe(tr, vocab: int, t: int, ballast: _Ballast | None = None) -> dict:
     """One optimizer step at sequence length t; peak device memory, host memory (the
     offloader's buffers, the ballast's, the process's peak RSS) and time, or the OOM."""
@@ -151,6 +158,18 @@ def _probe(tr, vocab: int, t: int, ballast: _Ballast | None = None) -> dict:
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     gc.collect()
     torch.cuda.empty_cache()
+    if ballast is not None and ballast.host_per_token:
+        # The whole depth's offloaded inputs must fit the host, or the kernel's OOM killer ends
+        # the process: count that as this length failing (the limit is then the host's).
+        need = ballast.host_per_token * t * (ballast.missing + len(tr.model.layers))
+        ballast.release_host()
+        off = offloader_of(tr.model)
+        avail = _mem_available() + (off.pool.nbytes if off else 0)  # the pool's buffers get reused
+        if need > 0.92 * avail:
+            rec = {"seq": t, "ok": False, "error": f"host memory: the offloaded inputs need {need / GiB:.1f} "
+                   f"GiB, {avail / GiB:.1f} GiB available"}
+            print("PROBE " + json.dumps(rec), flush=True)
+            return rec
     try:
         host_ballast = ballast.hold_host(t) if ballast is not None else 0
     except (RuntimeError, MemoryError) as e:
@@ -198,7 +217,8 @@ def _seq_config(args):
         "train": {"device": "cuda", "micro_batch_size": 1, "precision": "bf16", "seed": 0},
         "optim": {"lr": 1e-5}, "schedule": {"name": "constant"},
         "peft": {"method": args.method, "r": 16, "alpha": 32},
-        "parallel": {"activation_checkpointing": "full", "activation_offload": not args.no_offload},
+        "parallel": {"activation_checkpointing": "full", "activation_offload": not args.no_offload,
+                     "mlp_chunk_size": args.mlp_chunk or None},
     })
 
 
@@ -220,6 +240,7 @@ def _seq_worker(args) -> None:
     built_gib = torch.cuda.memory_allocated() / GiB
     ballast = _Ballast(tr.model, args.emulate_depth, torch.cuda.memory_allocated()) if args.emulate_depth else None
     result = {"method": args.method, "n_layers": mcfg.n_layers, "offload": not args.no_offload,
+              "mlp_chunk_size": args.mlp_chunk or None,
               "emulated_depth": args.emulate_depth or mcfg.n_layers,
               "budget_gib": round(budget / GiB, 1), "model_gib": round(built_gib, 2)}
     probes = []
@@ -384,7 +405,8 @@ def _two_gpu(args, rep: Report, deadline: float) -> None:
     rep.add("cp_parity", par)
 
 
-# 1-GPU steps: name -> (method, 80 GiB cap?, n_layers (0 = all 32), probe lengths, bisect?)
+# 1-GPU steps: name -> (method, 80 GiB cap?, n_layers (0 = all 32), probe lengths, bisect?);
+# a "_tiled" suffix adds parallel.mlp_chunk_size=8192.
 FULL_PROBES = "8192,16384,32768,32768,131072"
 DEPTH_PROBES = "131072,262144,393216"
 ONE_GPU_STEPS = {
@@ -412,11 +434,12 @@ def _one_gpu(args, rep: Report, deadline: float) -> None:
             off["table"] = md.read_text() if md.exists() else None
             rep.add("offload", off)
             continue
-        method, mem, layers, probes, search = ONE_GPU_STEPS[name]
+        method, mem, layers, probes, search = ONE_GPU_STEPS[name.removesuffix("_tiled")]
         budget = min(args.seq_budget, left - 40)
         rep.add(name, _run([py, __file__, "seq-worker", "--method", method, "--mem-gib", str(mem),
                             "--n-layers", str(layers), "--probes", probes, *(["--search"] if search else []),
                             *(["--emulate-depth", "32"] if layers else []),
+                            *(["--mlp-chunk", "8192"] if name.endswith("_tiled") else []),
                             "--budget", str(int(budget))], budget + 90))
 
 
@@ -438,6 +461,7 @@ def main() -> None:
     ap.add_argument("--probes", default=FULL_PROBES, help="seq-worker: sequence lengths to step, in order")
     ap.add_argument("--search", action="store_true", help="seq-worker: then bisect for the longest that fits")
     ap.add_argument("--no-offload", action="store_true", help="seq-worker: full AC without activation offload")
+    ap.add_argument("--mlp-chunk", type=int, default=0, help="seq-worker: parallel.mlp_chunk_size (0: off)")
     ap.add_argument("--emulate-depth", type=int, default=0,
                     help="seq-worker: hold the missing blocks' device and host memory (ballast) up to this depth")
     ap.add_argument("--mem-gib", type=float, default=0)

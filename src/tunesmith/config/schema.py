@@ -294,6 +294,13 @@ class ParallelConfig(Section):
         "and prefetch them back in backward, on side streams (CUDA; a no-op on CPU). With full "
         "activation checkpointing only the block inputs are saved, so only they move.",
     )
+    mlp_chunk_size: int | None = Field(
+        None,
+        gt=0,
+        description="Run each block's MLP over chunks of this many sequence positions, each "
+        "chunk checkpointed, so the MLP's [chunk, ffn] intermediates exist for one chunk at a "
+        "time (long context; costs one more MLP forward in backward). Native families only.",
+    )
     timeout_s: float = Field(
         600.0, gt=0, description="Collective timeout: a hung or dead peer fails the job after this."
     )

@@ -1,5 +1,6 @@
-"""`parallelize(model, cfg, ctx, rt)`: float8 -> tensor parallel -> activation checkpointing ->
-compile -> data parallel, the order in which the pieces compose:
+"""`parallelize(model, cfg, ctx, rt)`: float8 -> tensor parallel -> context parallel -> tiled MLP
+-> activation checkpointing -> activation offload -> compile -> data parallel, the order in
+which the pieces compose:
 
 * float8 training (train.float8) first: it swaps nn.Linear layers for torchao Float8Linear
   (same parameters), so compile traces the float8 casts and FSDP2 shards those layers.
@@ -9,6 +10,8 @@ compile -> data parallel, the order in which the pieces compose:
 * context parallelism (parallel.cp) marks the model: the objective then splits each batch along
   the sequence and attention runs as ring attention over the cp ranks (`parallel.cp`); no
   module changes, so everything below wraps the same blocks.
+* tiled MLP (parallel.mlp_chunk_size) wraps each block's MLP in per-chunk checkpoints, inside
+  the block so that AC's block checkpoint encloses it.
 * AC wraps each block's forward (hooks stay outside the recomputed region).
 * activation offload wraps that (saved tensors of the block, or AC's kept inputs, to the host).
 * compile each block in place (FQNs unchanged; one graph shared by all blocks).
@@ -32,6 +35,7 @@ from tunesmith.parallel.cp import apply_context_parallel
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
 from tunesmith.parallel.offload import apply_activation_offload
+from tunesmith.parallel.tiled_mlp import apply_tiled_mlp
 from tunesmith.parallel.tp import apply_tp
 from tunesmith.runtime import Runtime
 from tunesmith.transforms.float8 import apply_float8
@@ -78,6 +82,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
     if ctx.distributed and layout.cp > 1:  # the objective splits each batch, attention rings
         assert ctx.mesh is not None
         apply_context_parallel(model, ctx.mesh["cp"])
+    apply_tiled_mlp(model, pc.mlp_chunk_size)  # inside the block checkpoint that AC adds next
     n_ac = apply_activation_checkpointing(model, pc.activation_checkpointing, pc.ac_every)
     if pc.activation_offload:  # outside AC: the inputs AC keeps are what it offloads
         apply_activation_offload(model, rt.device)
@@ -94,8 +99,9 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         else:
             apply_ddp(model, ctx.token_mesh)
     if ctx.is_main and (ctx.distributed or n_ac):
-        log.info("parallelize: %s; activation checkpointing %s on %d block(s)%s%s",
+        log.info("parallelize: %s; activation checkpointing %s on %d block(s)%s%s%s",
                  layout.describe(), pc.activation_checkpointing, n_ac,
+                 f"; MLP in chunks of {pc.mlp_chunk_size} positions" if pc.mlp_chunk_size else "",
                  "; activation offload" if pc.activation_offload else "",
                  "; compiled blocks" if cfg.train.compile else "")
     return model
