@@ -93,7 +93,7 @@ def _place(src: Path, dst: Path, max_chars: int | None) -> None:
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     if max_chars is None:
-        dst.symlink_to(src)
+        dst.symlink_to(src.resolve())  # a relative --data would leave the link dangling
     else:
         with open(src, encoding="utf-8", newline="") as fh:
             dst.write_text(fh.read(max_chars), encoding="utf-8", newline="")
