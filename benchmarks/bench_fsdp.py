@@ -42,7 +42,9 @@ def _run_config(args):
                   "overrides": {"n_layers": args.n_layers} if args.n_layers else {}},
         "data": {"path": "synthetic", "block_size": args.seq},
         "train": {"device": args.device, "micro_batch_size": args.micro_batch, "precision": "bf16",
-                  "compile": not args.no_compile, "max_grad_norm": 1.0},
+                  "compile": not args.no_compile, "max_grad_norm": 1.0, "float8": args.float8,
+                  "float8_all_gather": args.float8_all_gather,
+                  **({"float8_skip": []} if args.float8_head else {})},
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
         "parallel": {"strategy": args.strategy, "activation_checkpointing": args.ac,
@@ -156,6 +158,9 @@ def _worker_cmd(args, n: int) -> list[str]:
            "--warmup", str(args.warmup), "--ac", args.ac, "--strategy", args.strategy, "--tp", str(args.tp)]
     if args.n_layers:
         cmd += ["--n-layers", str(args.n_layers)]
+    if args.float8 != "none":
+        cmd += ["--float8", args.float8, *(["--float8-all-gather"] if args.float8_all_gather else []),
+                *(["--float8-head"] if args.float8_head else [])]
     if args.no_compile:
         cmd.append("--no-compile")
     if args.device != "cuda":
@@ -181,6 +186,7 @@ def _table(args, rows: list[dict]) -> str:
     base = ok[0]["tokens_per_s_per_gpu"] if ok else None
     head = (f"Llama shape `{args.shape}`{f' ({args.n_layers} layers)' if args.n_layers else ''}, "
             f"seq {args.seq}, micro-batch {args.micro_batch}/GPU, bf16 (fp32 master), "
+            f"{'' if args.float8 == 'none' else f'float8 {args.float8} (MFU on the bf16 peak), '}"
             f"{args.strategy}, AC {args.ac}, {'eager' if args.no_compile else 'per-block compile'}; "
             f"median of steps {args.warmup + 1}-{args.steps}")
     out = [head, "", "| GPUs | tokens/s/GPU | tokens/s | MFU | peak alloc (GiB) | peak reserved (GiB) "
@@ -211,6 +217,10 @@ def main() -> None:
                    choices=["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"])
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--float8", default="none", choices=["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"],
+                   help="train.float8 (MFU stays on the bf16 peak)")
+    p.add_argument("--float8-all-gather", action="store_true", help="train.float8_all_gather (tensorwise)")
+    p.add_argument("--float8-head", action="store_true", help="the LM head in float8 too (float8_skip=[])")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
