@@ -115,6 +115,38 @@ def test_linear_cross_entropy_no_grad_and_all_ignored():
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_linear_cross_entropy_under_no_grad_computes_no_gradients(monkeypatch):
+    """Inputs that require grad under torch.no_grad (evaluation with a trainable model): no graph
+    is recorded, so the forward must not build the [N, D] / [V, D] gradients it would throw away."""
+    seen = []
+    real = loss_mod._accumulate_chunks
+
+    def spy(hidden, w, labels, chunk_size, grad_h, grad_w):
+        seen.append((grad_h is None, grad_w is None))
+        return real(hidden, w, labels, chunk_size, grad_h, grad_w)
+
+    monkeypatch.setattr(loss_mod, "_accumulate_chunks", spy)
+    h, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    y = torch.tensor([1, 2, 3, -100, 4, 5])
+    with torch.no_grad():
+        inference = linear_cross_entropy(h, w, y)
+    training = linear_cross_entropy(h, w, y)
+    assert seen == [(True, True), (False, False)]
+    assert torch.equal(inference, training.detach())
+
+
+def test_a_second_backward_through_the_loss_is_refused():
+    """Backward scales the gradients made in forward in place (no second [V, D] buffer), so a
+    retained graph cannot be backpropagated twice: refused in one line instead of wrong."""
+    from tunesmith.errors import TunesmithError
+
+    h, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.tensor([1, 2, 3, 0, 4, 5]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(TunesmithError, match="backward runs once"):
+        loss.backward()
+
+
 def test_chunk_rows_follow_the_block_memory():
     """Rows per chunk come from what a [rows, V] fp32 block costs: 64 MiB off CUDA."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

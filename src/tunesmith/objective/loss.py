@@ -277,10 +277,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 )
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
+        ctx.consumed = False
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.consumed:  # the buffers were scaled in place by the first backward
+            raise TunesmithError("linear_cross_entropy: its backward runs once (the gradients "
+                                 "computed in forward are scaled in place); do not backpropagate "
+                                 "through it twice with retain_graph=True")
+        ctx.consumed = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype = grad_h.dtype if grad_h is not None else None
         return (*_scaled_grads(grad_h, grad_w, grad_out, h_dtype, ctx.weight_dtype),
@@ -319,6 +325,8 @@ def linear_cross_entropy(
     """
     if chunk_size is None:
         chunk_size = chunk_rows(weight.shape[0], hidden.device)
+    if not torch.is_grad_enabled():  # no graph is recorded: the gradients made in forward are waste
+        hidden, weight = hidden.detach(), weight.detach()
     if float8:
         check_float8_head(float8, weight.shape[0], weight.shape[-1])
     if _is_dtensor(hidden) or _is_dtensor(weight):
