@@ -211,9 +211,20 @@ def _check_context_parallel(cfg: RunConfig, layout: Layout, model_cfg: Any) -> N
         )
 
 
+def _check_tiled_mlp(cfg: RunConfig, model_cfg: Any) -> None:
+    """parallel.mlp_chunk_size tiles the native families' `feed_forward`: the generic transformers
+    wrapper (not shardable) has none."""
+    if cfg.parallel.mlp_chunk_size and not get_family(model_cfg.model_type).shardable:
+        raise TunesmithError(
+            f"parallel.mlp_chunk_size needs a natively implemented family (Llama/Mistral/Qwen2, "
+            f"GPT-2, GPT-NeoX, GPT-J, BERT/RoBERTa), not model type {model_cfg.model_type!r}"
+        )
+
+
 def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:
     """Checks that need the model shape, the data settings or the device (still no comms)."""
     tp = layout.tp
+    _check_tiled_mlp(cfg, model_cfg)
     if layout.world_size > 1:
         _check_single_process_features(cfg, model_cfg)
     if layout.cp > 1:

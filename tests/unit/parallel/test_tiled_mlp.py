@@ -88,3 +88,20 @@ def test_config_rejects_a_non_positive_chunk():
     with pytest.raises(Exception, match="mlp_chunk_size"):
         RunConfig.model_validate({"data": {"path": "x"}, "parallel": {"mlp_chunk_size": 0}})
     assert RunConfig.model_validate({"data": {"path": "x"}, "parallel": {"mlp_chunk_size": 4096}}).parallel.mlp_chunk_size == 4096
+
+
+def test_a_generic_transformers_model_is_refused_before_any_work():
+    """The generic wrapper's blocks are transformers' own: refused by the run checks (one line,
+    before any process group or model build), not at parallelize time."""
+    from types import SimpleNamespace
+
+    from tunesmith.config import load_config
+    from tunesmith.parallel.layout import check_run, resolve_layout
+
+    cfg = load_config(None, ["data.path=x", "parallel.mlp_chunk_size=4096"])
+    with pytest.raises(TunesmithError, match="needs a natively implemented family.*'opt'"):
+        check_run(cfg, resolve_layout(cfg.parallel, 1), SimpleNamespace(model_type="opt"), "cpu")
+    from tunesmith.models import resolve_model_config
+
+    _, llama = resolve_model_config("tiny")
+    check_run(cfg, resolve_layout(cfg.parallel, 1), llama, "cpu")  # native: fine
