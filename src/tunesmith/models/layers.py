@@ -43,3 +43,45 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(activation(self.w1(x), self.activation))
+
+
+class _RMSNormLean(torch.autograd.Function):
+    """HF-numerics RMSNorm (normalise in fp32, cast to x's dtype, then times the weight) that
+    saves x, the weight and the per-row rstd [..., 1] for backward instead of autograd's fp32
+    copy of x: at long sequences that copy is the largest tensor left on the device (the final
+    norm sits outside every block checkpoint; 7 GiB for [458k, 4096]). Backward recomputes the
+    fp32 normalised rows from x and rstd; the cast before the weight is passed straight through,
+    as autograd does for `.to()`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        normed = (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd  # [..., D] fp32, recomputed
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        g = (grad_out * weight).to(x.dtype).float()  # d loss / d normed, via the straight-through cast
+        grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] -> weight * (x / rms(x)) with HF's numerics. Eager training on plain tensors
+    uses `_RMSNormLean` (smaller saved state); compiled code, DTensors (tensor parallel) and
+    no-grad calls take the plain expression, which compile fuses and DTensor shards by rule."""
+    lean = (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling() and type(x) is torch.Tensor
+            and type(weight) in (torch.Tensor, nn.Parameter))
+    if lean:
+        return _RMSNormLean.apply(x, weight, eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)

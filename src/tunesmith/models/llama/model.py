@@ -32,7 +32,7 @@ from tunesmith.models.attention import (
     sdpa_attention,
 )
 from tunesmith.models.kv_cache import KVCache
-from tunesmith.models.layers import shared_input
+from tunesmith.models.layers import rms_norm, shared_input
 from tunesmith.models.llama.config import LlamaConfig
 from tunesmith.models.rope import apply_rope, rope_cos_sin
 
@@ -70,9 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
