@@ -120,6 +120,14 @@ class _HostPool:
             self._release(buf)
         self.buffers.clear()
 
+    def __del__(self) -> None:
+        # Registered host memory must be unregistered before it is freed. At interpreter exit
+        # CUDA may already be gone; the process's memory goes with it then.
+        try:
+            self.clear()
+        except Exception:  # noqa: BLE001 -- nothing left to do on a failed cleanup
+            pass
+
 
 class _Stash:
     """One block call's offloaded tensors: host copies, and GPU copies once brought back."""
