@@ -224,7 +224,8 @@ def environment(device: str) -> dict[str, str]:
             "torch": torch.__version__}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the device-dependent defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--work", type=Path, default=None,
@@ -253,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_batches = args.eval_batches or (64 if cuda else 2)
     args.max_chars = args.max_chars or (None if cuda else 40000)
     args.data = args.data or next((d for d in DATA_DIRS if d.is_dir()), DATA_DIRS[-1])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = args.device == "cuda"
     missing = [f for f in (*TRAIN_FILES, EVAL_FILE, TOKENIZER) if not (args.data / f).exists()]
     if missing:
         print(f"quality_guard: missing {args.data / missing[0]} (--data: a copy of ../shared/data)",
