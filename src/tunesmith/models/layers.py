@@ -45,6 +45,13 @@ class DenseMLP(nn.Module):
         return self.w2(activation(self.w1(x), self.activation))
 
 
+def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (x / rms(x) computed in fp32 and cast back to x's dtype, rstd [..., 1] fp32)."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * rstd).to(x.dtype), rstd
+
+
 class _RMSNormLean(torch.autograd.Function):
     """HF-numerics RMSNorm (normalise in fp32, cast to x's dtype, then times the weight) that
     saves x, the weight and the per-row rstd [..., 1] for backward instead of autograd's fp32
@@ -55,9 +62,7 @@ class _RMSNormLean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        normed = (x32 * rstd).to(x.dtype)
+        normed, rstd = _normalize(x, eps)
         ctx.save_for_backward(x, weight, rstd)
         return weight * normed
 
@@ -82,6 +87,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             and type(weight) in (torch.Tensor, nn.Parameter))
     if lean:
         return _RMSNormLean.apply(x, weight, eps)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return weight * _normalize(x, eps)[0]

@@ -26,6 +26,7 @@ from typing import Any
 from tunesmith.config.schema import ParallelConfig, RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.models.registry import adaption_point, families, get_family
+from tunesmith.parallel.tiled_mlp import native_only
 
 SHARDED = ("full_shard", "shard_grad_op", "hybrid_shard")
 
@@ -215,10 +216,7 @@ def _check_tiled_mlp(cfg: RunConfig, model_cfg: Any) -> None:
     """parallel.mlp_chunk_size tiles the native families' `feed_forward`: the generic transformers
     wrapper (not shardable) has none."""
     if cfg.parallel.mlp_chunk_size and not get_family(model_cfg.model_type).shardable:
-        raise TunesmithError(
-            f"parallel.mlp_chunk_size needs a natively implemented family (Llama/Mistral/Qwen2, "
-            f"GPT-2, GPT-NeoX, GPT-J, BERT/RoBERTa), not model type {model_cfg.model_type!r}"
-        )
+        raise native_only(f"not model type {model_cfg.model_type!r}")
 
 
 def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:

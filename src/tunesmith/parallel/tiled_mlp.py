@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.registry import families
 
 _MARK = "_tunesmith_tiled_mlp"
 
@@ -44,16 +45,19 @@ def tiled(forward: Callable[[torch.Tensor], torch.Tensor], chunk: int) -> Callab
     return run
 
 
+def native_only(what: str) -> TunesmithError:
+    """The one refusal for a model the tiled MLP cannot reach (run checks and this transform)."""
+    types = ", ".join(sorted(t for t, fam in families().items() if fam.shardable))
+    return TunesmithError(f"parallel.mlp_chunk_size needs a natively implemented family ({types}); {what}")
+
+
 def apply_tiled_mlp(model: nn.Module, chunk: int | None) -> int:
     """Tile every block's `feed_forward` (the native families' MLP); returns the blocks tiled."""
     if not chunk:
         return 0
     blocks = getattr(model, "layers", None)
     if blocks is None or not all(hasattr(b, "feed_forward") for b in blocks):
-        raise TunesmithError(
-            "parallel.mlp_chunk_size needs a natively implemented family (Llama/Mistral/Qwen2, "
-            "GPT-2, GPT-NeoX, GPT-J, BERT/RoBERTa): this model's blocks have no feed_forward MLP"
-        )
+        raise native_only("this model's blocks have no feed_forward MLP")
     for block in blocks:
         ff = block.feed_forward
         if not getattr(ff, _MARK, False):
