@@ -205,7 +205,7 @@ def child(args) -> None:
 
             from tunesmith.objective import loss
 
-            loss._GRAD_W_MODES[f"cuda:0:{torch.bfloat16}"] = "cast"  # skip the probe: the old path
+            loss._GRAD_W_MODES[loss.grad_w_mode_key("cuda:0", torch.bfloat16)] = "cast"  # the old path
         sets = {**VARIANT_SETS.get(args.variant, {}), **parse_sets(args.set)}
         res = run_tunesmith(args, compile_blocks=args.variant != "tunesmith-eager",
                             float8=FLOAT8.get(args.variant, "none"), sets=sets)

@@ -93,7 +93,7 @@ def part_accum() -> dict:
     h, w, y = _problem(8192)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref, _ = _run(h.detach().float().requires_grad_(), w, y, reps=0, compute_dtype=torch.float32)
-    key = f"{h.device}:{torch.bfloat16}"
+    key = L.grad_w_mode_key(h.device, torch.bfloat16)
     L._GRAD_W_MODES.pop(key, None)
     probed = L._grad_w_mode(h.device, torch.bfloat16, torch.empty(1))  # what training would use
     res = {"probed_mode": probed, "torch": torch.__version__,

@@ -197,12 +197,17 @@ def _accumulate_chunks(hidden, w, labels, chunk_size, grad_h, grad_w) -> torch.T
 _GRAD_W_MODES: dict[str, str] = {}
 
 
+def grad_w_mode_key(device: torch.device | str, dtype: torch.dtype) -> str:
+    """`_GRAD_W_MODES`'s key: benchmarks pin a mode under it (the A/B against the old path)."""
+    return f"{torch.device(device)}:{dtype}"
+
+
 def _grad_w_mode(device: torch.device, dtype: torch.dtype, grad_w: torch.Tensor | None) -> str:
     if grad_w is None or grad_w.dtype == dtype:
         return "same"
     if device.type != "cuda":
         return "cast"  # the out_dtype overloads have no CPU kernel
-    key = f"{device}:{dtype}"
+    key = grad_w_mode_key(device, dtype)
     if key not in _GRAD_W_MODES:
         _GRAD_W_MODES[key] = _probe_out_dtype(device, dtype, grad_w.dtype)
     return _GRAD_W_MODES[key]
