@@ -73,7 +73,31 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def breakdown(trace: dict, steps: int) -> dict:
+def _launching_ops(events: list[dict]) -> dict:
+    """correlation id -> name of the innermost CPU op around the launch that carries it.
+
+    One sweep per thread over ops and launches sorted by start time, with a stack of the ops
+    still open: the innermost open op at a launch is the stack's top."""
+    by_tid: dict = {}
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            by_tid.setdefault(e.get("tid"), []).append((e["ts"], 0, -e["dur"], e["name"]))
+        elif e.get("cat") in _RUNTIME and "correlation" in e.get("args", {}):
+            by_tid.setdefault(e.get("tid"), []).append((e["ts"], 1, 0, e["args"]["correlation"]))
+    out = {}
+    for items in by_tid.values():
+        stack: list[tuple[float, str]] = []  # (end, name)
+        for ts, kind, neg_dur, val in sorted(items, key=lambda x: (x[0], x[1], x[2])):
+            while stack and stack[-1][0] < ts:
+                stack.pop()
+            if kind == 0:
+                stack.append((ts - neg_dur, val))
+            else:
+                out[val] = stack[-1][1] if stack else "(no op)"
+    return out
+
+
+def breakdown(trace: dict, steps: int, top_n: int = 15) -> dict:
     """Per-step averages (ms) by category from a chrome trace of `steps` traced steps."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     opt_ranges = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
@@ -87,14 +111,20 @@ def breakdown(trace: dict, steps: int) -> dict:
         return t is not None and any(s <= t <= e for s, e in opt_ranges)
 
     gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    op_of = _launching_ops(events)
     per_cat = dict.fromkeys(CATEGORIES, 0.0)
     per_kernel: dict[str, list[float]] = {}
+    per_op: dict[tuple[str, str], list[float]] = {}  # (launching op, category) -> [us, calls]
     for e in gpu:
-        c = classify(e["name"], e["cat"], in_opt(e.get("args", {}).get("correlation")))
+        corr = e.get("args", {}).get("correlation")
+        c = classify(e["name"], e["cat"], in_opt(corr))
         per_cat[c] += e["dur"]
-        k = per_kernel.setdefault(e["name"], [0.0, 0, c])
+        k = per_kernel.setdefault(e["name"], [0.0, 0, c, op_of.get(corr, "(unknown)")])
         k[0] += e["dur"]
         k[1] += 1
+        o = per_op.setdefault((op_of.get(corr, "(unknown)"), c), [0.0, 0])
+        o[0] += e["dur"]
+        o[1] += 1
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
     busy = _busy(intervals)
@@ -102,7 +132,8 @@ def breakdown(trace: dict, steps: int) -> dict:
     ms = 1e-3 / max(1, steps)  # trace times are microseconds; per-step milliseconds
     out = {c: v * ms for c, v in per_cat.items()}
     out["idle gaps"] = (span - busy) * ms
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top_n]
+    top_ops = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top_n]
     return {
         "per_step_ms": out,
         "gpu_span_ms": span * ms,
@@ -110,8 +141,11 @@ def breakdown(trace: dict, steps: int) -> dict:
         "kernels_per_step": len(gpu) / max(1, steps),
         "launch_calls_per_step": len(launches) / max(1, steps),
         "launch_cpu_ms": sum(e["dur"] for e in launches) * ms,
-        "top_kernels": [{"name": n[:120], "ms": v[0] * ms, "calls": v[1] / max(1, steps), "category": v[2]}
-                        for n, v in top],
+        "top_kernels": [{"name": n[:120], "ms": v[0] * ms, "calls": v[1] / max(1, steps), "category": v[2],
+                         "op": v[3][:80]} for n, v in top],
+        # GPU time by the CPU op that launched it (aten op, or the compiled graph's wrapper)
+        "top_ops": [{"op": o[:100], "category": c, "ms": v[0] * ms, "calls": v[1] / max(1, steps)}
+                    for (o, c), v in top_ops],
     }
 
 
@@ -130,6 +164,9 @@ def markdown(b: dict, meta: dict) -> str:
               "| top kernels | category | ms / step | calls / step |", "|---|---|---|---|"]
     for k in b["top_kernels"]:
         lines.append(f"| `{k['name'][:80]}` | {k['category']} | {k['ms']:.2f} | {k['calls']:.0f} |")
+    lines += ["", "| launching op | category | ms / step | kernels / step |", "|---|---|---|---|"]
+    for o in b.get("top_ops", []):
+        lines.append(f"| `{o['op'][:70]}` | {o['category']} | {o['ms']:.2f} | {o['calls']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +207,7 @@ def profile(args) -> tuple[dict, dict]:
             "micro_batch": args.micro_batch, "sets": ", ".join(args.set), "warmup": args.warmup,
             "active": args.active, "step_ms": step_s * 1e3,
             "tokens_per_s": args.seq * args.micro_batch / step_s}
-    return breakdown(trace, args.active), meta
+    return breakdown(trace, args.active, args.top), meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--active", type=int, default=3, help="traced steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="recipe key to change (repeatable), e.g. optim.in_backward=true")
+    p.add_argument("--top", type=int, default=40, help="rows of the kernel and op tables")
     p.add_argument("--tag", default="", help="suffix of the output names (profile{tag}.json)")
     args = p.parse_args(argv)
     args.steps = args.warmup + args.timed + args.active

@@ -57,3 +57,26 @@ def test_breakdown_categories_gaps_and_launches():
     md = ps.markdown(b, {"date": "d", "gpu": "g", "torch": "t", "shape": "s", "seq": 1, "micro_batch": 1,
                          "sets": "", "warmup": 1, "active": 2, "step_ms": 1.0, "tokens_per_s": 1.0})
     assert "| idle gaps | 0.01 | 12.0% |" in md or "| idle gaps | 0.02 | 12.0% |" in md
+
+
+def _op(name, ts, dur, tid=1):
+    return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+
+def test_kernels_are_charged_to_the_innermost_launching_op():
+    ps = _load()
+    events = [
+        _op("aten::linear", 0, 20), _op("aten::mm", 2, 5),  # mm nested in linear
+        {**_launch(3, 1), "tid": 1}, _k("nvjet_sm90_gemm", 30, 40, 1),
+        {**_launch(10, 2), "tid": 1}, _k("vectorized_elementwise_kernel<add>", 70, 8, 2),  # linear's own
+        _op("aten::mul_", 50, 4, tid=2), {**_launch(51, 3), "tid": 2},
+        _k("elementwise_kernel<BinaryFunctor>", 80, 6, 3),
+        {**_launch(60, 4), "tid": 1}, _k("triton_poi_fused_x", 90, 2, 4),  # outside any op
+    ]
+    b = ps.breakdown({"traceEvents": events}, steps=1, top_n=10)
+    ops = {(o["op"], o["category"]): o["ms"] for o in b["top_ops"]}
+    assert ops == {("aten::mm", "matmul"): pytest.approx(0.040),
+                   ("aten::linear", "norm+elementwise"): pytest.approx(0.008),
+                   ("aten::mul_", "norm+elementwise"): pytest.approx(0.006),
+                   ("(no op)", "norm+elementwise"): pytest.approx(0.002)}
+    assert b["top_kernels"][0]["op"] == "aten::mm"

@@ -119,6 +119,26 @@ def test_skip_counts_and_halts_after_too_many(tmp_path: Path, monkeypatch: pytes
     assert t.progress.skipped_steps == 4
 
 
+def test_clip_folded_into_the_fused_step_equals_the_clip_pass(tmp_path: Path) -> None:
+    # deferred (the CUDA fused path): the clip is fused AdamW's grad_scale divisor instead of a
+    # pass over the gradients. A tight max norm clips every step; the updates must match.
+    runs = []
+    for deferred in (False, True):
+        t = _trainer(tmp_path / str(deferred), fused=True)
+        t.cfg.train.max_grad_norm = 0.05
+        t.guard.deferred = deferred
+        norms = [float(t.train_step([_batch(s)])[1]) for s in (1, 2, 3)]
+        t.guard.flush()
+        assert min(norms) > 0.05  # clipping was active on every step
+        runs.append((_params(t.model), norms))
+    (ref, ref_norms), (got, norms) = runs
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(got[k], _params(_trainer(tmp_path / "0", fused=True).model)[k])
+               for k in got)  # the steps did move the weights
+
+
 def test_stop_request_first_flags_second_aborts() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingAborted) as exc:

@@ -52,11 +52,17 @@ def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     device = _comm_device(grads[0])
     sq = torch.zeros(len(grads), dtype=torch.float32, device=device)  # [n] squared norms
     groups: dict[tuple, list[int]] = {}
+    plain: dict[torch.device, list[int]] = {}
     for i, g in enumerate(grads):
         if isinstance(g, DTensor):
             groups.setdefault(_mesh_key(g), []).append(i)
         else:
-            sq[i] = _sq_norm(g).to(device)
+            plain.setdefault(g.device, []).append(i)
+    for idx in plain.values():
+        # One multi-tensor kernel per device instead of a reduction + an index write per
+        # parameter (~300 launches for a 16-layer model, each a full pass over one gradient).
+        norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float32)
+        sq[torch.tensor(idx, device=device)] = torch.stack(norms).to(device) ** 2
     for idx in groups.values():  # same order on every rank: parameter order
         mesh = grads[idx[0]].device_mesh
         local = torch.stack([_sq_norm(grads[i].to_local()).to(device) / _replicas(grads[i]) for i in idx])
@@ -68,15 +74,29 @@ def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.vector_norm(per), per
 
 
+def clip_scale(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    """The divisor that clips gradients of global norm `total_norm` to `max_norm`: fp32
+    scalar >= 1 on `total_norm`'s device. Dividing by it equals `clip_grads_with_norm_`'s
+    multiplication by min(1, max_norm / (norm + 1e-6)), up to rounding. Fused torch Adam/AdamW
+    take it as `grad_scale` and divide inside their one kernel, which saves the separate
+    read-and-write pass over every gradient that clipping costs (see `trainer._clip`)."""
+    return ((total_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+
+
 @torch.no_grad()
 def clip_grads_with_norm_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scale gradients in place so their global norm (`total_norm`) is at most `max_norm`."""
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             continue
         local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        local.mul_(coef.to(local.device, local.dtype))
+        buckets.setdefault((local.device, local.dtype), []).append(local)
+    for (device, dtype), tensors in buckets.items():
+        # multi-tensor kernel: a per-tensor mul by a 0-dim device tensor is a broadcast the
+        # elementwise kernel does not vectorise (measured 5.5 ms per 1B-shape step on H200)
+        torch._foreach_mul_(tensors, coef.to(device, dtype))
 
 
 @torch.no_grad()

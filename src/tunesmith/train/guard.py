@@ -129,8 +129,9 @@ class NonFiniteGuard:
         self._verdict(entry, bad)
         return not bad
 
-    def fused_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run the fused optimizer step with this step's skip flag as `found_inf`."""
+    def fused_step(self, optimizer: torch.optim.Optimizer, grad_scale: Tensor | None = None) -> None:
+        """Run the fused optimizer step with this step's skip flag as `found_inf`; `grad_scale`
+        (fp32 scalar on the device) divides every gradient inside the kernel (the clip)."""
         assert self._current is not None, "check() must run before fused_step()"
         skip = self._current.bad
         if self.policy == "halt":
@@ -138,10 +139,14 @@ class NonFiniteGuard:
             self._halted = skip  # sticky: nothing after a bad step is applied either
             self.last_ok = ~skip
         optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        if grad_scale is not None:
+            optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
+            if grad_scale is not None:
+                del optimizer.grad_scale  # type: ignore[attr-defined]
 
     def after_step(self) -> None:
         """Deferred mode: resolve the previous step's flag, then queue this step's copy."""

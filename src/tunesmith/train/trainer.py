@@ -29,7 +29,7 @@ from tunesmith.eval.perplexity import evaluate_loss
 from tunesmith.observe import RunObserver
 from tunesmith.objective.forward import batch_loss_sum, target_count
 from tunesmith.parallel.dist import ParallelContext
-from tunesmith.parallel.grad import clip_grads_with_norm_
+from tunesmith.parallel.grad import clip_grads_with_norm_, clip_scale
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
 from tunesmith.runtime import Runtime
 from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState
@@ -333,10 +333,14 @@ class Trainer:
             # the norms it recorded feed the log and the NaN guard (halt only).
             grad_norm, per_param, names = in_backward.grad_norms()
         else:
-            grad_norm, per_param, names = self._clip()
+            grad_norm, per_param, names = self._clip(fold=self.guard.deferred)
         apply = self.guard.check(self.progress.step + 1, loss, grad_norm, per_param, names)
         if apply is None:
-            self.guard.fused_step(self.optimizer)  # skipped on-device when non-finite
+            # Fused AdamW on CUDA: skipped on-device when non-finite, and the clipping is the
+            # kernel's `grad_scale` divisor instead of a pass of its own over every gradient.
+            max_norm = self.cfg.train.max_grad_norm
+            scale = clip_scale(max_norm, grad_norm) if max_norm else None
+            self.guard.fused_step(self.optimizer, grad_scale=scale)
         elif apply and self.scaler is not None:
             self.scaler.step(self.optimizer)
         elif apply:
@@ -348,8 +352,9 @@ class Trainer:
         self.guard.after_step()
         return grad_norm.detach()
 
-    def _clip(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Unscale (fp16), global grad norm, clip to train.max_grad_norm; (norm, per-param, names)."""
+    def _clip(self, fold: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Unscale (fp16), global grad norm, clip to train.max_grad_norm; (norm, per-param, names).
+        fold: measure only; the fused optimizer step applies the clip (`clip_scale`)."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         params = [p for _, p in named]
         if self.scaler is not None:
@@ -358,7 +363,7 @@ class Trainer:
         norms = dist_grad_norms if self._distributed else grad_norms
         grad_norm, per_param = norms([p.grad for p in params])
         max_norm = self.cfg.train.max_grad_norm
-        if max_norm:
+        if max_norm and not fold:
             clip_grads_with_norm_(params, max_norm, grad_norm)
         return grad_norm, per_param, [n for n, _ in named]
 
