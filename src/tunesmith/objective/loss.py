@@ -88,12 +88,21 @@ def _chunk_loss_and_grad_inplace(logits: torch.Tensor, y: torch.Tensor, grad_dty
     return loss, g.to(grad_dtype)
 
 
-def _with_transpose(grad_fn):
-    """grad_fn plus G's transpose [V, c] (token-major, what the float8 dW GEMM reduces over);
-    compiled, one kernel writes both layouts."""
+def _transpose(g: torch.Tensor) -> torch.Tensor:
+    """g [c, V] -> g^T [V, c] contiguous."""
+    return g.t().contiguous()
+
+
+def _with_transpose(grad_fn, transpose=_transpose):
+    """grad_fn plus G's transpose [V, c] (token-major, what the float8 dW GEMM reduces over).
+
+    On CUDA `transpose` is its own compiled kernel: inductor tiles a pointwise transpose so
+    both its reads and writes are coalesced, while a transposed store from inside the row-wise
+    softmax reduction writes one byte per row at a stride of c (H200, [4096, 128256] chunks:
+    3.2 ms per chunk for one kernel writing both layouts, 1.26 ms for the bf16 gradient alone)."""
     def fn(logits, y, grad_dtype, grad_scale):
         loss, g = grad_fn(logits, y, grad_dtype, grad_scale)
-        return loss, g, g.t().contiguous()
+        return loss, g, transpose(g)
     return fn
 
 
@@ -149,7 +158,7 @@ def _float8_kernels(device: torch.device):
     if device.type != "cuda":
         return _with_transpose(grad_fn), loss_fn, quantize
     if "grad_f8" not in _COMPILED:
-        _COMPILED["grad_f8"] = torch.compile(_with_transpose(_chunk_loss_and_grad), dynamic=False)
+        _COMPILED["grad_f8"] = _with_transpose(grad_fn, torch.compile(_transpose, dynamic=False))
         _COMPILED["quantize"] = torch.compile(quantize, dynamic=False)  # amax + cast: 2 kernels
     return _COMPILED["grad_f8"], loss_fn, _COMPILED["quantize"]
 
