@@ -51,6 +51,9 @@ def classify(name: str, cat: str, in_optimizer: bool) -> str:
         return "optimizer"
     if any(k in n for k in _ATTENTION):
         return "attention"
+    if n.startswith(("triton_poi", "triton_red", "triton_per")):
+        return "norm+elementwise"  # inductor's fused pointwise/reduction kernels, whose names
+        # list the ops fused in (a float8 cast feeding a GEMM reads "..._scaled_mm_...")
     if any(k in n for k in _MATMUL):
         return "matmul"
     if "multi_tensor_apply" in n or "foreach" in n:

@@ -8,6 +8,7 @@
 #   VARIANTS   this tree's bench_clm variants (default tunesmith,tunesmith-float8-head)
 #   PREV_VARIANTS  the previous tree's (default the same)
 #   PROFILE    0 skips the two step profiles
+#   MB         micro-batch of the profiles and of every bench variant (default 8)
 # Results: profile.md/.json (bf16), profile_f8h.md/.json (float8 + float8 head), clm_prev.json,
 # clm.json; each step has its own time limit so one failure cannot eat the others' time.
 set -u
@@ -21,11 +22,12 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 python3 -c "import torch, torchao, transformers; print('versions: torch', torch.__version__, 'torchao', torchao.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-BENCH="--shape llama3.2-1b --seq 2048 --micro-batch 8 --steps 16 --warmup 6"
+MB=${MB:-8}
+BENCH="--shape llama3.2-1b --seq 2048 --micro-batch $MB --steps 16 --warmup 6"
 if [ "${PROFILE:-1}" != 0 ]; then
-  timeout 110 python3 benchmarks/profile_step.py --out "$OUT" --warmup 5 --timed 5 --active 3 --top 40
+  timeout 110 python3 benchmarks/profile_step.py --out "$OUT" --warmup 5 --timed 5 --active 3 --top 40 --micro-batch "$MB"
   echo "profile bf16: exit $? after $(( $(date +%s) - t0 )) s"
-  timeout 110 python3 benchmarks/profile_step.py --out "$OUT" --warmup 5 --timed 5 --active 3 --top 40 \
+  timeout 110 python3 benchmarks/profile_step.py --out "$OUT" --warmup 5 --timed 5 --active 3 --top 40 --micro-batch "$MB" \
     --set 'train.float8="tensorwise"' --set 'train.float8_skip=[]' --tag _f8h
   echo "profile float8-head: exit $? after $(( $(date +%s) - t0 )) s"
 fi

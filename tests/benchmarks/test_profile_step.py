@@ -80,3 +80,11 @@ def test_kernels_are_charged_to_the_innermost_launching_op():
                    ("aten::mul_", "norm+elementwise"): pytest.approx(0.006),
                    ("(no op)", "norm+elementwise"): pytest.approx(0.002)}
     assert b["top_kernels"][0]["op"] == "aten::mm"
+
+
+def test_inductor_pointwise_kernels_named_after_a_gemm_are_elementwise():
+    ps = _load()
+    assert ps.classify("triton_poi_fused__scaled_mm__to_copy_clamp_mul_reciprocal_t_view_4", "kernel", False) \
+        == "norm+elementwise"
+    assert ps.classify("triton_tem_fused_mm_0", "kernel", False) == "matmul"  # a GEMM template
+    assert ps.classify("nvjet_sm90_qqtst_192x192_128x4_2x1_v_bz_coopB_TNN", "kernel", False) == "matmul"
