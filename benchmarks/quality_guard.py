@@ -18,6 +18,8 @@ eval loss is within --tol (1%) of its baseline's:
                                          fused loss (train.float8_skip=[])
     adamw8bit / adamw4bit                8-/4-bit moments, fp32 master weights
     bf16-pure-sr / adamw8bit-bf16-pure-sr  bf16 weights, no master copy, stochastic rounding
+    bf16-residual                        train.residual_dtype=bf16 (the stream between blocks)
+    float8-head-bf16-residual            float8-head with the bf16 residual stream
     ac-full / ac-selective               activation checkpointing
     eager                                compile off
     lora-float8                          LoRA r16 on the trained baseline with a float8 frozen
@@ -69,6 +71,9 @@ MODES: dict[str, tuple[str | None, dict[str, Any], bool]] = {
     "bf16-pure-sr": ("bf16", {"train.precision": "bf16-pure", "optim.bf16_stochastic_round": True}, True),
     "adamw8bit-bf16-pure-sr": ("bf16", {"optim.name": "adamw8bit", "train.precision": "bf16-pure",
                                         "optim.bf16_stochastic_round": True}, True),
+    "bf16-residual": ("bf16", {"train.residual_dtype": "bf16"}, True),
+    "float8-head-bf16-residual": ("bf16", {"train.float8": "tensorwise", "train.float8_filter": "all",
+                                           "train.float8_skip": [], "train.residual_dtype": "bf16"}, True),
     "ac-full": ("bf16", {"parallel.activation_checkpointing": "full"}, False),
     "ac-selective": ("bf16", {"parallel.activation_checkpointing": "selective"}, False),
     "eager": ("bf16", {"train.compile": False}, True),

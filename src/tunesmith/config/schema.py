@@ -136,6 +136,13 @@ class TrainConfig(Section):
         "bf16 weights and optimizer state; fp32: none. bf16/fp16 fall back to fp32 on CPU "
         "unless the device supports them.",
     )
+    residual_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of the residual stream between blocks under precision=bf16 (native "
+        "Llama-family models): fp32 (default; what autocast over fp32 weights gives, as in HF "
+        "Trainer) or bf16 (as in torchtitan and Megatron: half the memory traffic of the norms and "
+        "residual adds; see docs/performance.md).",
+    )
     micro_batch_size: int = Field(8, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
@@ -470,6 +477,9 @@ def _check_lowmem(cfg: RunConfig) -> None:
         if tc.float8 != "tensorwise" and not any(fnmatchcase("output", p) for p in tc.float8_skip):
             raise ValueError(f"train.float8={tc.float8}: the LM head ('output') trains in float8 only "
                              "with tensorwise; keep 'output' in train.float8_skip")
+    if tc.residual_dtype == "bf16" and tc.precision != "bf16":
+        raise ValueError(f"train.residual_dtype=bf16 needs train.precision=bf16 (bf16 autocast over "
+                         f"fp32 weights), not {tc.precision}")
     if tc.float8_all_gather and tc.float8 != "tensorwise":
         raise ValueError("train.float8_all_gather needs train.float8=tensorwise")
     if pc.base_dtype == "float8" and pc.method not in ("lora", "dora"):

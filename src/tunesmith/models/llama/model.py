@@ -133,6 +133,11 @@ class TransformerBlock(nn.Module):
 class Llama(nn.Module):
     """Llama-family causal LM. See the module docstring for submodule names."""
 
+    # Set by the assembly (train.residual_dtype=bf16): under autocast the residual stream h
+    # [B, T, D] is cast to this dtype after the embedding lookup, instead of staying in the fp32
+    # of the embedding table. RoPE tables are made before the cast and stay fp32.
+    residual_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -207,6 +212,8 @@ class Llama(nn.Module):
             positions = default_positions(attn, b, t, offset, input_ids.device)
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, hd] each
+        if self.residual_dtype is not None and torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.residual_dtype)
         prepared = prepare_attention(attn, t, offset + t, h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, prepared, cache)
