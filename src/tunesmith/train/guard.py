@@ -4,8 +4,11 @@ Every step computes one device flag, `bad = !isfinite(loss) | !isfinite(grad_nor
 values the step computes anyway (the loss for logging, the grad norm for clipping). What
 happens next depends on whether the update can be skipped without the host knowing the flag:
 
-* Deferred (CUDA, no GradScaler, an optimizer whose fused kernel honours `found_inf`: fused
-  AdamW/Adam/SGD). We set `optimizer.found_inf = bad.float()` exactly as `GradScaler.step`
+* Deferred (no GradScaler, an optimizer whose fused kernel honours `found_inf`: fused
+  AdamW/Adam/SGD, the default AdamW on CUDA, on CPU with optim.fused=true; one process or
+  data/FSDP/TP-parallel, where the loss and the global grad norm, hence the flag, are the same
+  on every rank, so every rank skips the same steps and halts at the same step).
+  We set `optimizer.found_inf = bad.float()` exactly as `GradScaler.step`
   does; the fused kernel then leaves params and moments untouched when it is 1.0, and
   `_fused_adam` subtracts `found_inf` from the `step` counters it just incremented (see
   `torch/optim/adam.py::_fused_adam`), so bias correction is unaffected too. The flag is copied
@@ -13,7 +16,7 @@ happens next depends on whether the update can be skipped without the host knowi
   kernels are queued, so the check costs no pipeline stall. Under `halt` the skip flag is
   sticky (`bad | any earlier bad`), so the step that runs before the host notices is skipped
   as well and the weights stay exactly those from before the bad step.
-* Synchronous (CPU, non-fused optimizers, fp16 with GradScaler). The flag is read at once
+* Synchronous (non-fused optimizers, fp16 with GradScaler). The flag is read at once
   (`.item()`): free on CPU, and unavoidable when only the host can decide not to call
   `optimizer.step()`. With a GradScaler, inf/nan gradients are its business (it skips and
   backs off the scale), so only the loss is checked there.
@@ -106,10 +109,10 @@ class NonFiniteGuard:
         self._event: Any = None
 
     @staticmethod
-    def can_defer(optimizer: torch.optim.Optimizer, device: torch.device, has_scaler: bool) -> bool:
+    def can_defer(optimizer: torch.optim.Optimizer, has_scaler: bool) -> bool:
         """True when the fused kernel can skip the update on-device (see module docstring)."""
         fused = all(g.get("fused") for g in optimizer.param_groups)
-        return (device.type == "cuda" and not has_scaler and fused
+        return (not has_scaler and fused
                 and getattr(optimizer, "_step_supports_amp_scaling", False))
 
     # ------------------------------------------------------------------ per step

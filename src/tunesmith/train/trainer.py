@@ -121,9 +121,9 @@ class Trainer:
         tc = self.cfg.train
         self.guard = NonFiniteGuard(
             tc.nan_policy, tc.max_consecutive_skips, self.progress, self.out_dir,
-            # Sharded (DTensor) params: the host decides (every rank sees the same global norm).
-            deferred=NonFiniteGuard.can_defer(self.optimizer, self.rt.device, self.scaler is not None)
-            and not self._distributed,
+            # Sharded (DTensor) params too: the fused kernels take found_inf and grad_scale as
+            # plain tensors, and every rank computes the same flag from the global norm.
+            deferred=NonFiniteGuard.can_defer(self.optimizer, self.scaler is not None),
             check_grad_norm=self.scaler is None,
         )
         self._data_epoch = self.progress.epoch
