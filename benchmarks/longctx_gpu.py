@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 GiB = 1024**3
 STEP = 4096  # sequence granularity of the search
+CALIBRATION_SEQ = 8192  # --emulate-depth: the short step that sizes the host ballast
 
 
 def _env() -> dict:
@@ -243,6 +244,12 @@ def _seq_worker(args) -> None:
               "mlp_chunk_size": args.mlp_chunk or None,
               "emulated_depth": args.emulate_depth or mcfg.n_layers,
               "budget_gib": round(budget / GiB, 1), "model_gib": round(built_gib, 2)}
+    if ballast is not None:
+        # The host ballast is sized from what a step's blocks offloaded per token: learn it on
+        # a short step first, so the first real probe already holds the missing blocks' host
+        # memory (a first probe without it checked only the device side).
+        cal = _probe(tr, mcfg.vocab_size, CALIBRATION_SEQ, ballast)
+        result["calibration"] = {k: cal.get(k) for k in ("seq", "ok", "step_s", "error")}
     probes = []
     for t in (int(x) for x in args.probes.split(",") if x):
         probes.append(_probe(tr, mcfg.vocab_size, t, ballast))
