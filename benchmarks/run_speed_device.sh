@@ -17,7 +17,7 @@ PREV=${2:-}
 shift; [ $# -gt 0 ] && shift
 VARIANTS=${VARIANTS:-tunesmith,tunesmith-float8-head}
 PREV_VARIANTS=${PREV_VARIANTS:-$VARIANTS}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the previous tree's run changes directory
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
@@ -33,7 +33,7 @@ if [ "${PROFILE:-1}" != 0 ]; then
 fi
 rm -f "$OUT"/trace*.json.gz  # 100+ MB each; the tables above are what is kept
 if [ -n "$PREV" ]; then
-  (export PYTHONPATH="$PWD/$PREV/src:${PYTHONPATH:-}"; cd "$PREV" && \
+  (PREV_ABS=$(cd "$PREV" && pwd) && export PYTHONPATH="$PREV_ABS/src:${PYTHONPATH:-}" && cd "$PREV_ABS" && \
    timeout 170 python3 benchmarks/bench_clm.py $BENCH --variants "$PREV_VARIANTS" --json "$OUT/clm_prev.json")
   echo "bench_clm previous: exit $? after $(( $(date +%s) - t0 )) s"
 fi
