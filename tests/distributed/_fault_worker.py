@@ -1,7 +1,9 @@
 """torchrun worker that injects a fault on one rank, then runs the real `tunesmith` CLI.
 
-TUNESMITH_TEST_FAULT=raise|hang, TUNESMITH_TEST_FAULT_RANK (default 1), at optimizer step 2.
-`hang` sleeps (bounded) so its peers block in the next collective and must time out.
+TUNESMITH_TEST_FAULT=raise|hang|nan, TUNESMITH_TEST_FAULT_RANK (default 1), at optimizer step 2
+(0-based: the third step). `hang` sleeps (bounded) so its peers block in the next collective and
+must time out. `nan` makes that rank's loss infinite for the step, so the global loss and the
+reduced gradients are non-finite on every rank: the NaN guard's case.
 Test-only: production code has no fault hooks.
 """
 
@@ -29,6 +31,30 @@ def _faulty_train_step(self, micro_batches):
 
 
 trainer_mod.Trainer.train_step = _faulty_train_step
+_original_loss = trainer_mod.batch_loss_sum
+
+
+def _faulty_loss(model, batch, rt, need_grad=True):
+    out = _original_loss(model, batch, rt, need_grad)
+    trainer = _faulty_loss.trainer
+    if (os.environ.get("TUNESMITH_TEST_FAULT") == "nan" and trainer is not None
+            and int(os.environ.get("RANK", "0")) == int(os.environ.get("TUNESMITH_TEST_FAULT_RANK", "1"))
+            and trainer.progress.step == 2):
+        return out * float("inf")
+    return out
+
+
+_faulty_loss.trainer = None
+_original_init = trainer_mod.Trainer.__post_init__
+
+
+def _post_init(self):
+    _original_init(self)
+    _faulty_loss.trainer = self  # the loss hook reads the step from the trainer that runs
+
+
+trainer_mod.Trainer.__post_init__ = _post_init
+trainer_mod.batch_loss_sum = _faulty_loss
 
 if __name__ == "__main__":
     from tunesmith.cli.main import main

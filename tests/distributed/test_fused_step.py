@@ -2,9 +2,14 @@
 gradient clip go into the kernel (`found_inf`, `grad_scale`), for FSDP2's DTensor parameters
 and DDP's plain ones alike. The runs clip on every step (max norm 0.3 under norms of 0.66-0.85)
 and must reproduce the one-process run that clips with a separate pass and steps unfused
-AdamW, within test_training's tolerances."""
+AdamW, within test_training's tolerances. A non-finite loss on one rank is seen by both (the
+flag comes from the all-reduced loss and the global norm): `halt` ends both ranks with the same
+one-line error, `skip` counts one skipped step and finishes."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 
@@ -32,3 +37,31 @@ def test_fused_step_with_clip_matches_the_clip_pass(tiny_tokenizer_dir, demo_tex
     for name in ("one_fused", *LAYOUTS):
         _assert_same(tmp_path / name, ref, name)
         _assert_same_weights(tmp_path / name, ref, name)
+
+
+@pytest.mark.parametrize("policy", ["halt", "skip"])
+def test_non_finite_step_on_one_rank_is_handled_on_every_rank(tiny_tokenizer_dir, demo_text, tmp_path, policy):
+    # Rank 1's loss is infinite at step 3: the all-reduced loss and the reduced gradients are
+    # non-finite on both ranks, so both read the same flag (one step late, on the fused path).
+    from tests.distributed.helpers import REPO, torchrun
+
+    train, valid = demo_text
+    out = tmp_path / "run"
+    argv = ["train", *job(tiny_tokenizer_dir, train, valid, out, dp=2, steps=6,
+                          extra=("optim.fused=true", "parallel.strategy=full_shard",
+                                 f"train.nan_policy={policy}"))]
+    proc = torchrun(2, [str(REPO / "tests/distributed/_fault_worker.py"), *argv], timeout=240,
+                    TUNESMITH_TEST_FAULT="nan")
+    if policy == "halt":
+        assert proc.returncode != 0, proc.stderr[-3000:]
+        for rank in (0, 1):  # each rank's one-line error (torchrun's summary repeats them)
+            assert f"tunesmith: error (rank {rank}): non-finite loss and grad norm at step 3" in proc.stderr, \
+                proc.stderr[-3000:]
+        diag = json.loads((out / "nan_diagnostics.json").read_text())
+        assert diag["step"] == 3 and diag["non_finite"] == ["loss", "grad_norm"]
+        assert not (out / "final").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+        recs = losses(out)  # the skipped step's loss is logged as what it was
+        assert len(recs) == 6 and all(math.isfinite(loss) for i, (loss, _) in enumerate(recs) if i != 2)
