@@ -28,6 +28,8 @@ from tunesmith.cli.main import run
 
 # Runs that checkpoint at step 3 and run on to 6 (the uninterrupted runs to compare with).
 CKPT_STEPS = ("train.max_steps=6", "checkpoint.every_steps=3", "parallel.strategy=full_shard")
+QWEN3_OVERRIDES = ("model.overrides={vocab_size: 512, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, "
+                   "head_dim: 16, intermediate_size: 128, max_position_embeddings: 512}")
 # Adam turns float32 reduction-order noise in tiny gradients into ~1e-5 weight differences.
 LOSS_ATOL, GRAD_RTOL, WEIGHT_ATOL = 1e-4, 1e-3, 1e-4
 
@@ -45,6 +47,7 @@ def inits(tmp_path_factory):
     out = {tied: save_init(root / f"tied{int(tied)}", tied) for tied in (True, False)}
     out["gpt2"] = save_init(root / "gpt2", preset="gpt2-tiny", overrides=GPT2_OVERRIDES)
     out["gptj"] = save_init(root / "gptj", preset="gptj-tiny", overrides=GPT2_OVERRIDES)
+    out["qwen3"] = save_init(root / "qwen3", preset="qwen3-0.6b", overrides=QWEN3_OVERRIDES)
     return out
 
 
@@ -66,6 +69,9 @@ def reference(data, inits, tmp_path_factory):
     d = root / "gptj"  # parallel attention + MLP, interleaved partial rotary, head bias
     assert run(["-q", "train", *job(*data, d, init=inits["gptj"])]) == 0
     out["gptj"] = d
+    d = root / "qwen3"  # per-head q/k RMSNorm weights, sharded like the other norms
+    assert run(["-q", "train", *job(*data, d, init=inits["qwen3"])]) == 0
+    out["qwen3"] = d
     d = root / "ckpt1"  # one process, checkpoint at step 3: resumed on 2 ranks below
     assert run(["-q", "train", *job(*data, d, tied=False, extra=CKPT_STEPS)]) == 0
     out["ckpt1"] = d
@@ -95,6 +101,7 @@ LAYOUTS = {
     "gptj_shard_grad_op+full_ac": (2, 2, "gptj", ("parallel.strategy=shard_grad_op",
                                                   "parallel.activation_checkpointing=full")),
     "full_shard_from_scratch": (2, 2, "scratch", ("parallel.strategy=full_shard",)),
+    "qwen3_full_shard": (2, 2, "qwen3", ("parallel.strategy=full_shard",)),
     "full_shard": (2, 2, False, ("parallel.strategy=full_shard",)),
     "shard_grad_op+selective_ac": (2, 2, True, ("parallel.strategy=shard_grad_op",
                                                 "parallel.activation_checkpointing=selective")),

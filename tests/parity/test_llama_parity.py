@@ -33,6 +33,10 @@ def _hf_configs() -> dict[str, transformers.PretrainedConfig]:
                                               num_key_value_heads=2, sliding_window=None),
         "qwen2": transformers.Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2,
                                           tie_word_embeddings=False),
+        # Qwen3: per-head q/k RMSNorm; head_dim 24 != hidden / heads (16) as in the real models;
+        # biases on all four projections (attention_bias applies to o too).
+        "qwen3": transformers.Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=24, tie_word_embeddings=True, attention_bias=True),
     }
 
 
@@ -85,7 +89,7 @@ def test_logits_match_hf(hf_models, name: str) -> None:
         assert ours.output.weight is ours.tok_embeddings.weight
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3"])
 def test_padding_matches_hf_attention_mask(hf_models, name: str) -> None:
     hf, path = hf_models[name]
     ours = _load_ours(path)

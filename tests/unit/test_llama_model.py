@@ -251,3 +251,17 @@ def test_sdpa_preference_moves_one_kernel_first_and_rejects_unknown() -> None:
         torch._C._set_sdp_priority_order(before)
     with pytest.raises(TunesmithError, match="TUNESMITH_SDPA='fa9'"):
         configure_sdpa(torch.device("cpu"), "fa9")
+
+
+def test_qwen3_from_scratch_initialises_the_qk_norms() -> None:
+    from tunesmith.models import build_model, init_random, resolve_model_config
+
+    family, cfg = resolve_model_config("qwen3-0.6b", {"vocab_size": 64, "dim": 32, "n_layers": 2,
+                                                      "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+                                                      "intermediate_size": 48})
+    model = init_random(build_model(family, cfg, "meta"), "cpu", torch.float32, seed=0)
+    for layer in model.layers:
+        assert torch.equal(layer.attention.q_norm.weight, torch.ones(8))
+        assert torch.equal(layer.attention.k_norm.weight, torch.ones(8))
+    assert torch.isfinite(model(torch.randint(0, 64, (2, 10)))).all()
+    assert "layers.0.attention.q_norm.weight" in model.state_dict()

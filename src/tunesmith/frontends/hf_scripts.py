@@ -27,6 +27,7 @@ from tunesmith.frontends.recipe import (
 # peft's default LoRA targets per model type (what run_lora_clm gets without the flag).
 _PEFT_DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
 }
 

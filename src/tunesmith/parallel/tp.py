@@ -19,6 +19,9 @@ def _plan(model: nn.Module) -> TPPlan:
     family = family_of(model)
     if family.tp_plan is None:
         raise TunesmithError(f"tensor parallelism has no plan for the {family.name} family")
+    model_type = getattr(getattr(model, "cfg", None), "model_type", None)
+    if model_type is not None and not family.has_tp_plan(model_type):
+        raise TunesmithError(f"tensor parallelism has no plan for the model type {model_type!r}")
     return family.tp_plan
 
 

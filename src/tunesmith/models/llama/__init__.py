@@ -1,4 +1,5 @@
-"""Llama family (Llama 2/3, Mistral, Qwen2): the only family with a tensor-parallel plan."""
+"""Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): the only family with a tensor-parallel plan
+(for all but Qwen3, whose per-head q/k norm weights the plan does not reduce yet)."""
 
 from tunesmith.models.family import AdaptionPoint, ModelFamily, preset_map
 from tunesmith.models.llama import parallel_plan
@@ -9,13 +10,14 @@ from tunesmith.models.rope import apply_rope
 
 FAMILY = ModelFamily(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     config_cls=LlamaConfig,
     model_cls=Llama,
     adapter_cls=LlamaStateDictAdapter,
     presets=preset_map(PRESET_NAMES, preset),
     apply_overrides=apply_overrides,
     tp_plan=parallel_plan,
+    tp_model_types=("llama", "mistral", "qwen2"),
     context_parallel=True,
     # peft's adaption_prompt serves llama and mistral (not qwen2)
     adaption=AdaptionPoint("attention", apply_rope, ("llama", "mistral")),

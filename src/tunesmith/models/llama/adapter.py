@@ -22,6 +22,8 @@ _LAYER_MAP = {
     "feed_forward.w1": "mlp.gate_proj",
     "feed_forward.w3": "mlp.up_proj",
     "feed_forward.w2": "mlp.down_proj",
+    "attention.q_norm": "self_attn.q_norm",  # Qwen3
+    "attention.k_norm": "self_attn.k_norm",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }

@@ -1,11 +1,14 @@
-"""Configuration of the Llama family (Llama 2/3, Mistral, Qwen2) and its HF `config.json` mapping.
+"""Configuration of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) and its HF `config.json`
+mapping.
 
-The three HF model types share one architecture; they differ only in config keys and in
-which attention projections carry a bias:
+The four HF model types share one architecture; they differ only in config keys, in which
+attention projections carry a bias, and in Qwen3's per-head q/k RMSNorm:
     llama:   `attention_bias` applies to q, k, v *and* o projections
     mistral: never any attention bias (`sliding_window` is accepted but ignored: we always
              run full causal attention, identical to HF for sequences <= sliding_window)
     qwen2:   q, k, v always have a bias, o never does (HF hard-codes this)
+    qwen3:   `attention_bias` applies to q, k, v and o (as llama), and q and k go through an
+             RMSNorm over head_dim (`qk_norm`) before RoPE; sliding-window layers are refused
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from typing import Any
 from tunesmith.errors import TunesmithError
 from tunesmith.models.common import SHAPE_ALIASES
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 _ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -116,6 +120,11 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, where)
 
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm over head_dim on q and k before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
+
     # ------------------------------------------------------------------ HF conversion
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
@@ -141,7 +150,10 @@ class LlamaConfig:
         kw["torch_dtype"] = str(kw.get("torch_dtype") or "float32").replace("torch.", "")
         kw["head_dim"] = kw.get("head_dim") or 0
         kw["n_kv_heads"] = kw.get("n_kv_heads") or 0
-        if model_type == "llama":
+        if model_type == "qwen3" and hf.get("use_sliding_window"):
+            raise TunesmithError("config.json: qwen3 with use_sliding_window=true is not supported "
+                                 "(tunesmith runs full causal attention in every layer)")
+        if model_type in ("llama", "qwen3"):
             kw["attention_out_bias"] = bool(kw.get("attention_bias", False))
         elif model_type == "mistral":
             kw["attention_bias"] = kw["attention_out_bias"] = False
@@ -185,6 +197,9 @@ class LlamaConfig:
         }
         if mt == "llama":
             out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+        elif mt == "qwen3":
+            out.update(attention_bias=self.attention_bias, use_sliding_window=False, sliding_window=None,
+                       max_window_layers=self.n_layers, layer_types=["full_attention"] * self.n_layers)
         elif mt == "mistral":
             out["sliding_window"] = None
         else:
@@ -200,6 +215,7 @@ class LlamaConfig:
         mt = self.model_type
         bias = (self.attention_bias, self.attention_out_bias)
         expected = {"llama": (self.attention_bias, self.attention_bias),
+                    "qwen3": (self.attention_bias, self.attention_bias),
                     "mistral": (False, False), "qwen2": (True, False)}[mt]
         if bias != expected or (self.mlp_bias and mt != "llama"):
             raise TunesmithError(
@@ -303,6 +319,10 @@ def _preset_table() -> dict[str, dict[str, Any]]:
     l31 = dict(l3, max_position_embeddings=131072, rope_scaling=_llama3_scaling(8.0))
     l32 = dict(l3, max_position_embeddings=131072, rope_scaling=_llama3_scaling(32.0),
                tie_word_embeddings=True)
+    # Qwen3: head_dim 128 and 8 KV heads at every size; eos is <|im_end|> as in the HF configs.
+    qwen3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, n_kv_heads=8,
+                 rope_theta=1000000.0, norm_eps=1e-6, max_position_embeddings=40960,
+                 bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
     qwen = dict(model_type="qwen2", attention_bias=True, rope_theta=1000000.0, norm_eps=1e-6,
                 max_position_embeddings=131072, bos_token_id=151643, eos_token_id=151643,
                 torch_dtype="bfloat16")
@@ -337,6 +357,11 @@ def _preset_table() -> dict[str, dict[str, Any]]:
                            n_kv_heads=2, intermediate_size=4864, tie_word_embeddings=True),
         "qwen2-7b": dict(qwen, vocab_size=152064, dim=3584, n_layers=28, n_heads=28,
                          n_kv_heads=4, intermediate_size=18944),
+        "qwen3-0.6b": dict(qwen3, dim=1024, n_layers=28, n_heads=16, intermediate_size=3072,
+                           tie_word_embeddings=True),
+        "qwen3-4b": dict(qwen3, dim=2560, n_layers=36, n_heads=32, intermediate_size=9728,
+                         tie_word_embeddings=True),
+        "qwen3-8b": dict(qwen3, dim=4096, n_layers=36, n_heads=32, intermediate_size=12288),
     }
 
 

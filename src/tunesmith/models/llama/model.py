@@ -1,4 +1,4 @@
-"""Native Llama-family decoder (Llama 2/3, Mistral, Qwen2), numerically matching HF transformers.
+"""Native Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), numerically matching HF transformers.
 
 Single-device code on purpose: parallelism (FSDP2, TP, activation checkpointing, compile) is
 applied from outside using the stable submodule names:
@@ -7,6 +7,7 @@ applied from outside using the stable submodule names:
     layers[i]                          TransformerBlock (nn.ModuleList)
         .attention_norm / .ffn_norm    RMSNorm [D]
         .attention.{wq,wk,wv,wo}       nn.Linear  (HF q/k/v/o_proj)
+        .attention.{q_norm,k_norm}     RMSNorm [hd], Qwen3 only (HF q_norm/k_norm)
         .feed_forward.{w1,w2,w3}       nn.Linear  (HF gate/down/up_proj)
     norm                               RMSNorm [D]
     output                             nn.Linear [V, D]; shares tok_embeddings.weight when tied
@@ -84,14 +85,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_out_bias)
+        if cfg.qk_norm:  # Qwen3: one [hd] RMSNorm weight shared by all q (k) heads
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: PreparedAttention, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
         b, t, _ = x.shape
         # Head counts are inferred (-1) so tensor parallelism can shard heads from outside.
         xq, xk, xv = shared_input(x, self.wq, self.wk, self.wv)
-        q = xq.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = xk.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = xq.view(b, t, -1, self.head_dim)  # [B, T, H, hd]
+        k = xk.view(b, t, -1, self.head_dim)  # [B, T, Hkv, hd]
+        if hasattr(self, "q_norm"):  # per head, over hd, before RoPE (as HF Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = xv.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -171,7 +178,8 @@ class Llama(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Init for training from scratch: N(0, initializer_range) for embeddings and input
         projections, N(0, initializer_range / sqrt(2 * n_layers)) for the residual output
-        projections (wo, w2; GPT-2 style), norms = 1, biases = 0, RoPE buffer recomputed."""
+        projections (wo, w2; GPT-2 style), norms (Qwen3's q/k norms too) = 1, biases = 0, RoPE
+        buffer recomputed."""
         std = self.cfg.initializer_range
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
@@ -185,6 +193,9 @@ class Llama(nn.Module):
                     nn.init.zeros_(lin.bias)
             layer.attention_norm.reset_parameters()
             layer.ffn_norm.reset_parameters()
+            if hasattr(att, "q_norm"):  # Qwen3
+                att.q_norm.reset_parameters()
+                att.k_norm.reset_parameters()
         self.norm.reset_parameters()
         if not self.cfg.tie_word_embeddings:
             nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
