@@ -108,6 +108,7 @@ LAYOUTS = {
     "no_shard_ddp+full_ac": (2, 2, False, ("parallel.strategy=no_shard",
                                             "parallel.activation_checkpointing=full")),
     "tp2": (2, 1, True, ("parallel.tp=2",)),
+    "qwen3_tp2": (2, 1, "qwen3", ("parallel.tp=2",)),
     "tp2_gathered_head": (2, 1, False, ("parallel.tp=2", "parallel.loss_parallel=false")),
     "tp2_compiled+selective_ac": (2, 1, False, ("parallel.tp=2", "train.compile=true",
                                                 "parallel.activation_checkpointing=selective")),

@@ -59,8 +59,7 @@ class ModelFamily:
     """Everything needed to build, load, save and parallelise one architecture family.
 
     kind: "causal" (decoder LMs: clm/sft tasks, generation) or "masked" (encoders: mlm task).
-    tp_plan: the tensor-parallel plan, None when the family has none (tp=1 only);
-        tp_model_types narrows it to some of model_types.
+    tp_plan: the tensor-parallel plan, None when the family has none (tp=1 only).
     shardable: native modules (`layers`, `tok_embeddings`, `output`) that FSDP2 / DDP wrap and
         the sharded loader streams into; False for the generic transformers wrapper.
     context_parallel: the model's attention goes through `models.attention.sdpa_attention` with
@@ -78,17 +77,12 @@ class ModelFamily:
     apply_overrides: Callable[[ModelConfig, dict[str, Any] | None], ModelConfig]
     kind: str = "causal"
     tp_plan: TPPlan | None = None
-    tp_model_types: tuple[str, ...] | None = None  # those the plan serves; None: all model_types
     shardable: bool = True
     context_parallel: bool = False
     adaption: AdaptionPoint | None = None
     # Families that load/save through transformers itself (the generic fallback).
     load_fn: Callable[..., nn.Module] | None = None
     save_fn: Callable[[nn.Module, Path], None] | None = None
-
-    def has_tp_plan(self, model_type: str) -> bool:
-        """A tensor-parallel plan exists for this HF model type."""
-        return self.tp_plan is not None and (self.tp_model_types is None or model_type in self.tp_model_types)
 
     def adapter(self, cfg: ModelConfig) -> Any:
         """The family's state-dict adapter (native <-> HF tensor names) for `cfg`."""

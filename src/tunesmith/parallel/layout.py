@@ -156,7 +156,7 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
 def _tp_support() -> tuple[str, str]:
     """("Llama", "llama, mistral, qwen2"): the families declaring a tensor-parallel plan and
     the HF model types they serve, for the error message."""
-    fams = {t: fam for t, fam in families().items() if fam.has_tp_plan(t)}
+    fams = {t: fam for t, fam in families().items() if fam.tp_plan is not None}
     names = sorted({fam.name.capitalize() for fam in fams.values()})
     return " / ".join(names), ", ".join(sorted(fams))
 
@@ -243,7 +243,7 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
             f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "
             "(FSDP2, HSDP, DDP) but not yet with tensor parallelism; use parallel.tp=1"
         )
-    if tp > 1 and not get_family(model_cfg.model_type).has_tp_plan(model_cfg.model_type):
+    if tp > 1 and get_family(model_cfg.model_type).tp_plan is None:
         names, types = _tp_support()
         raise TunesmithError(
             f"parallel.tp={tp}: tensor parallelism has a plan for the {names} family only "

@@ -19,9 +19,6 @@ def _plan(model: nn.Module) -> TPPlan:
     family = family_of(model)
     if family.tp_plan is None:
         raise TunesmithError(f"tensor parallelism has no plan for the {family.name} family")
-    model_type = getattr(getattr(model, "cfg", None), "model_type", None)
-    if model_type is not None and not family.has_tp_plan(model_type):
-        raise TunesmithError(f"tensor parallelism has no plan for the model type {model_type!r}")
     return family.tp_plan
 
 
@@ -39,7 +36,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     plan = _plan(model)
     plan.check_tp_shape(model, tp_mesh.size())
     for block in model.layers:  # type: ignore[attr-defined]
-        parallelize_module(block, tp_mesh, plan.block_plan())
+        parallelize_module(block, tp_mesh, plan.block_plan(block))
     parallelize_module(model, tp_mesh, plan.top_plan())
     # The embedding's sequence-sharded output [B, T/tp, D] is a view of its DTensor's local
     # tensor. Fed as is to a compiled first block, AOTAutograd hands the upstream redistribute

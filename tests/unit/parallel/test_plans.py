@@ -30,17 +30,13 @@ def test_layout_fills_degrees_and_describes_them():
 
 
 def test_only_families_declaring_a_plan_accept_tp():
-    with_plan = sorted(t for t, fam in families().items() if fam.has_tp_plan(t))
-    assert with_plan == ["llama", "mistral", "qwen2"]
+    with_plan = sorted(t for t, fam in families().items() if fam.tp_plan is not None)
+    assert with_plan == ["llama", "mistral", "qwen2", "qwen3"]
     cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
     lay = resolve_layout(cfg.parallel, 2)
     _, neox = resolve_model_config("pythia-tiny")
-    with pytest.raises(TunesmithError, match=r"plan for the Llama family only \(llama, mistral, qwen2\)"):
+    with pytest.raises(TunesmithError, match=r"plan for the Llama family only \(llama, mistral, qwen2, qwen3\)"):
         check_run(cfg, lay, neox, "cpu")
-    # Qwen3 is in the Llama family, but its per-head q/k norm weights are not in the plan yet
-    _, qwen3 = resolve_model_config("qwen3-0.6b", {"n_layers": 2})
-    with pytest.raises(TunesmithError, match=r"\(llama, mistral, qwen2\), not 'qwen3'"):
-        check_run(cfg, lay, qwen3, "cpu")
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

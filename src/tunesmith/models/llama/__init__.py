@@ -1,5 +1,4 @@
-"""Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): the only family with a tensor-parallel plan
-(for all but Qwen3, whose per-head q/k norm weights the plan does not reduce yet)."""
+"""Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): the only family with a tensor-parallel plan."""
 
 from tunesmith.models.family import AdaptionPoint, ModelFamily, preset_map
 from tunesmith.models.llama import parallel_plan
@@ -17,7 +16,6 @@ FAMILY = ModelFamily(
     presets=preset_map(PRESET_NAMES, preset),
     apply_overrides=apply_overrides,
     tp_plan=parallel_plan,
-    tp_model_types=("llama", "mistral", "qwen2"),
     context_parallel=True,
     # peft's adaption_prompt serves llama and mistral (not qwen2)
     adaption=AdaptionPoint("attention", apply_rope, ("llama", "mistral")),

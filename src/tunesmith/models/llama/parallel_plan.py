@@ -11,6 +11,7 @@ Activations between sublayers are sharded on the sequence dim, Shard(1): [B, T/t
     *_norm, norm     SequenceParallel: RMSNorm runs on the local [B, T/tp, D] slice.
     attention        inputs all-gathered to [B, T, D]; wq/wk/wv ColwiseParallel (local heads:
                      [B, T, H/tp * hd]); wo RowwiseParallel, reduce-scattered to [B, T/tp, D].
+                     Qwen3's q_norm/k_norm: SequenceParallel over the head dim (local heads).
     feed_forward     same pattern: w1/w3 colwise, w2 rowwise.
     output           ColwiseParallel (Shard(0) of [V, D], local vocab slice). Only used for
                      full logits (eval/generate); training takes the sharded weight straight
@@ -43,9 +44,12 @@ def _sublayer_input() -> PrepareModuleInput:
     )
 
 
-def block_plan() -> dict[str, ParallelStyle]:
-    """Plan for one TransformerBlock (keys relative to the block)."""
-    return {
+def block_plan(block: nn.Module | None = None) -> dict[str, ParallelStyle]:
+    """Plan for one TransformerBlock (keys relative to the block). Qwen3's q_norm / k_norm
+    [hd] run on the local heads, [B, T, H/tp, hd]: SequenceParallel over the head dim (2)
+    keeps their weights Replicate, so each weight's gradient, a partial sum over this rank's
+    heads, is reduced over the TP group like the sequence-parallel norms'."""
+    plan = {
         "attention_norm": SequenceParallel(),
         "attention": _sublayer_input(),
         "attention.wq": ColwiseParallel(),
@@ -60,6 +64,10 @@ def block_plan() -> dict[str, ParallelStyle]:
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         "feed_forward.w3": ColwiseParallel(),
     }
+    if block is not None and hasattr(block.attention, "q_norm"):
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
 
 
 def top_plan() -> dict[str, ParallelStyle]:
