@@ -121,11 +121,12 @@ def breakdown(trace: dict, steps: int, top_n: int = 15) -> dict:
     for e in gpu:
         corr = e.get("args", {}).get("correlation")
         c = classify(e["name"], e["cat"], in_opt(corr))
+        op = op_of.get(corr, "(unknown)")
         per_cat[c] += e["dur"]
-        k = per_kernel.setdefault(e["name"], [0.0, 0, c, op_of.get(corr, "(unknown)")])
+        k = per_kernel.setdefault(e["name"], [0.0, 0, c, op])
         k[0] += e["dur"]
         k[1] += 1
-        o = per_op.setdefault((op_of.get(corr, "(unknown)"), c), [0.0, 0])
+        o = per_op.setdefault((op, c), [0.0, 0])
         o[0] += e["dur"]
         o[1] += 1
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]

@@ -336,8 +336,9 @@ class Trainer:
             grad_norm, per_param, names = self._clip(fold=self.guard.deferred)
         apply = self.guard.check(self.progress.step + 1, loss, grad_norm, per_param, names)
         if apply is None:
-            # Fused AdamW on CUDA: skipped on-device when non-finite, and the clipping is the
-            # kernel's `grad_scale` divisor instead of a pass of its own over every gradient.
+            # A fused optimizer (any device, sharded or not): skipped on-device when non-finite,
+            # and the clipping is the kernel's `grad_scale` divisor instead of a pass of its own
+            # over every gradient.
             max_norm = self.cfg.train.max_grad_norm
             scale = clip_scale(max_norm, grad_norm) if max_norm else None
             self.guard.fused_step(self.optimizer, grad_scale=scale)
