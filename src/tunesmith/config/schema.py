@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.observe import LoggingConfig, ProfileConfig, TrackerName  # noqa: F401 (re-exported)
 from tunesmith.config.section import Section
-from tunesmith.config.tasks import GenerateEvalConfig, MLMConfig, SFTConfig
+from tunesmith.config.tasks import DPOConfig, GenerateEvalConfig, MLMConfig, SFTConfig
 
 # The one list of precisions: the config's literal and the CLI's choices.
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
@@ -414,14 +414,16 @@ class PeftConfig(Section):
 class RunConfig(Section):
     """A whole job: `tunesmith train RECIPE.yaml key=value ...` resolves to one of these."""
 
-    task: Literal["clm", "sft", "mlm"] = Field(
+    task: Literal["clm", "sft", "mlm", "dpo"] = Field(
         "clm", description="clm: raw-text causal LM; sft: instruction/chat/summarization data "
-        "(see sft.*); mlm: masked LM with an encoder (see mlm.*).",
+        "(see sft.*); mlm: masked LM with an encoder (see mlm.*); dpo: preference tuning on "
+        "prompt/chosen/rejected records (see dpo.*, rendered as sft.* says).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     mlm: MLMConfig = Field(default_factory=MLMConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -453,7 +455,21 @@ class RunConfig(Section):
             raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
         if self.eval.generate.enabled and self.task != "sft":
             raise ValueError("eval.generate needs task=sft (prompts and references)")
+        if self.task == "dpo":
+            _check_dpo(self)
         return self
+
+
+def _check_dpo(cfg: RunConfig) -> None:
+    """What preference tuning cannot combine with (docs/tasks.md#preference-tuning-dpo)."""
+    if cfg.sft.packing:
+        raise ValueError("task=dpo: sft.packing is not supported (each pair is two padded rows)")
+    if cfg.data.streaming:
+        raise ValueError("task=dpo: data.streaming is not supported (preference files are read whole)")
+    if cfg.parallel.cp > 1:
+        raise ValueError("task=dpo: context parallelism (parallel.cp > 1) is not supported")
+    if cfg.peft.method == "llama_adapter":
+        raise ValueError("task=dpo: peft.method=llama_adapter is not supported; use lora, dora or qlora")
 
 
 def _check_lowmem(cfg: RunConfig) -> None:

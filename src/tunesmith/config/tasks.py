@@ -1,5 +1,5 @@
 """Config sections of the non-CLM tasks: `sft:` (instruction / chat / summarization data),
-`mlm:` (masked LM) and `eval.generate:` (evaluation by generation). Kept apart from
+`mlm:` (masked LM), `dpo:` (preference tuning) and `eval.generate:` (evaluation by generation). Kept apart from
 `schema.py` so the core schema stays small; `RunConfig` only references them."""
 
 from __future__ import annotations
@@ -95,6 +95,35 @@ class MLMConfig(_Section):
         if self.mask_fraction + self.random_fraction > 1:
             raise ValueError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
         return self
+
+
+class DPOConfig(_Section):
+    """Preference tuning (task=dpo): records of prompt / chosen / rejected, rendered through the
+    `sft:` section (format fields, chat template, overlong and invalid policies)."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid: DPO (Rafailov et al. 2023); ipo: IPO's squared loss "
+        "(Azar et al. 2023) on length-averaged log-ratios; simpo: SimPO (Meng et al. 2024), "
+        "reference-free, length-averaged log-probabilities and a target margin.",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty (DPO, IPO: "
+                        "0.1 is common; SimPO's paper uses 2.0-2.5).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: conservative "
+                                   "DPO, the probability that a pair's label is flipped.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin "
+                               "gamma of -log sigmoid(beta * (avg logp_chosen - avg logp_rejected) "
+                               "- gamma).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOConfig:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {self.loss}")
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares with a reference policy (SimPO does not)."""
+        return self.loss != "simpo"
 
 
 class GenerateEvalConfig(_Section):
