@@ -45,7 +45,7 @@ def row_logps(model: nn.Module, batch: dict, rt: Runtime, *, need_grad: bool = T
     dev = rt.device
     input_ids = batch["input_ids"].to(dev, non_blocking=True)  # [R, T]
     labels = batch["labels"].to(dev, non_blocking=True)  # [R, T]
-    attn, positions = attention_for(batch, dev)
+    attn, positions = attention_for(_drop_right_padding_mask(batch), dev)
     with rt.autocast():
         hidden = model(input_ids, positions=positions, attn=attn, return_hidden=True)  # [R, T, D]
     head = gathered_head_weight(model)
@@ -58,6 +58,17 @@ def row_logps(model: nn.Module, batch: dict, rt: Runtime, *, need_grad: bool = T
     ce = [linear_cross_entropy(hidden[r], head, labels[r], compute_dtype=rt.compute_dtype,
                                float8=recipe) for r in range(hidden.shape[0])]
     return -torch.stack(ce).float(), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def _drop_right_padding_mask(batch: dict) -> dict:
+    """The batch without its attention mask when every row is right-padded (real tokens, then
+    padding): under causal attention no real token sees a later position, so plain causal
+    attention (SDPA's fastest kernels) gives every real token exactly what the padding mask
+    would; the padded positions' outputs carry no target and are never scored."""
+    mask = batch.get("attention_mask")  # [R, T] host tensor: checking it costs no device sync
+    if mask is None or "doc_ids" in batch or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return batch
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def pair_losses(cfg: DPOConfig, logp: torch.Tensor, ref_logp: torch.Tensor | None,

@@ -146,3 +146,16 @@ def test_reference_losses_need_a_reference() -> None:
     with pytest.raises(ValueError, match="needs a reference"):
         PreferenceObjective(DPOConfig(loss="ipo"))
     PreferenceObjective(DPOConfig(loss="simpo"))  # reference-free
+
+
+def test_right_padding_runs_as_plain_causal_attention_with_the_same_scores() -> None:
+    from tests.peft_utils import tiny_model
+    from tunesmith.objective.forward import batch_loss_sum
+
+    model, _, _ = tiny_model(seed=6)
+    batch = _pair_batch(seed=8, pairs=2)
+    assert (batch["attention_mask"] == 0).any()  # the rows really are padded
+    logp, _ = row_logps(model, batch, RT, need_grad=False)
+    # The padding-mask path (the token objective keeps the mask) gives the same total.
+    total = batch_loss_sum(model, batch, RT, need_grad=False)
+    torch.testing.assert_close(-logp.sum(), total, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,271 @@
+"""DPO throughput and memory: tunesmith vs TRL's DPOTrainer (+ peft, optionally + Liger), same GPU.
+
+    python benchmarks/bench_dpo.py --shape llama3.2-1b --prompt 512 --answer 512 --pairs 4 --steps 20
+
+LoRA r=16 (alpha 32, no dropout) on all linear layers except the LM head, randomly initialised
+bf16 base of the given shape, DPO sigmoid loss with beta 0.1, the reference = the base with the
+adapters switched off (both tools' default for a PEFT model). Identical synthetic pairs: a
+prompt of `--prompt` uniform token ids, then two answers: the chosen one's length drawn uniformly
+from [answer/2, answer], the rejected one's 1.5 answer minus that (so every micro-batch is padded,
+as real preference data is, and every step holds the same number of real tokens in any order). Each variant runs
+in its own subprocess. Variants:
+
+  tunesmith      tunesmith's Trainer.train_step with the preference objective: compiled blocks,
+                 fused AdamW, per-row log-probs through the fused head + CE kernel, no AC
+  tunesmith-ac   the same with per-block activation checkpointing
+  trl            TRL DPOTrainer (its fused LM-head log-probs) + peft, bf16, fused AdamW, no
+                 gradient checkpointing; tokenisation skipped (the same token ids are given)
+  trl-liger      the same with `use_liger_kernel=True` (Liger's RMSNorm / SwiGLU / RoPE kernels)
+
+tokens/s counts the policy's real (unpadded) tokens of both answers and prompts per step, the
+same count for every variant. Median step time after `--warmup` steps. Prints a markdown table;
+--json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+
+VARIANTS = ("tunesmith", "tunesmith-ac", "trl", "trl-liger")
+DEFAULT = "tunesmith,trl,trl-liger"
+PAD = 0
+
+
+def synthetic_pairs(vocab: int, prompt: int, answer: int, n: int, seed: int = 0) -> list[dict]:
+    """n pairs of token-id lists {prompt_ids, chosen_ids, rejected_ids} (ids >= 1: 0 pads)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k: int) -> list[int]:
+        return torch.randint(1, vocab, (k,), generator=g).tolist()
+
+    pairs = []
+    for _ in range(n):
+        # chosen in [answer/2, answer], rejected the complement: every pair (so every step, in any
+        # order the peer's sampler picks) holds the same number of real tokens, and rows differ.
+        c = int(torch.randint(answer // 2, answer + 1, (1,), generator=g))
+        pairs.append({"prompt_ids": ids(prompt), "chosen_ids": ids(c), "rejected_ids": ids(3 * answer // 2 - c)})
+    return pairs
+
+
+def real_tokens(pairs: list[dict]) -> int:
+    return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+
+
+def _ours_batch(pairs: list[dict]) -> dict:
+    """The data pipeline's contract: rows chosen/rejected interleaved, right-padded, labels
+    shifted with -100 on the prompt and the padding."""
+    import torch
+
+    rows = [(p["prompt_ids"], a) for p in pairs for a in (p["chosen_ids"], p["rejected_ids"])]
+    t = max(len(q) + len(a) for q, a in rows)
+    ids = torch.full((len(rows), t), PAD, dtype=torch.long)
+    labels = torch.full((len(rows), t), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, (q, a) in enumerate(rows):
+        seq = torch.tensor(q + a)
+        ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+        labels[i, len(q) - 1:len(seq) - 1] = torch.tensor(a)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_memory() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def run_tunesmith(args, variant: str) -> dict:
+    from tunesmith.build import assemble
+    from tunesmith.config.schema import RunConfig
+    from tunesmith.optim import build_scheduler
+    from tunesmith.train.setup import build_objective
+    from tunesmith.train.trainer import Trainer
+
+    cfg = RunConfig.model_validate({
+        "task": "dpo", "dpo": {"beta": 0.1},
+        "model": {"name": args.shape},
+        "data": {"path": "synthetic", "block_size": args.prompt + args.answer},
+        "train": {"device": args.device, "micro_batch_size": args.pairs, "precision": "bf16",
+                  "compile": not args.no_compile, "seed": 0},
+        "optim": {"lr": 1e-5, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+        "parallel": {"activation_checkpointing": "full" if variant == "tunesmith-ac" else "none"},
+        "peft": {"method": "lora", "r": args.r, "alpha": 2 * args.r, "target_modules": "all-linear"},
+    })
+    a = assemble(cfg, with_tokenizer=False)
+    model, opt = a.need("model"), a.need("optimizer")
+    tr = Trainer(cfg=cfg, rt=a.need("rt"), model=model, optimizer=opt,
+                 scheduler=build_scheduler(opt, cfg.schedule, args.steps, args.steps), train_loader=None,
+                 val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
+                 flops_per_token=1.0, peak_tflops=None, objective=build_objective(cfg, a))
+    data = synthetic_pairs(model.cfg.vocab_size, args.prompt, args.answer, args.steps * args.pairs)
+    setup_gib = _reset_memory()
+    times, losses, tokens = [], [], []
+    for s in range(args.steps):
+        pairs = data[s * args.pairs:(s + 1) * args.pairs]
+        batch = _ours_batch(pairs)
+        _sync()
+        t0 = time.perf_counter()
+        loss, _, _, _ = tr.train_step([batch])
+        _sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        tokens.append(real_tokens(pairs))
+    return _result(args, times, tokens, losses, setup_gib)
+
+
+def run_trl(args, liger: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.models import resolve_model_config
+
+    _, mcfg = resolve_model_config(args.shape)
+    torch.manual_seed(0)
+    with torch.device("cuda" if args.device == "cuda" else "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**mcfg.to_hf()),
+                                                 attn_implementation="sdpa", dtype=torch.bfloat16)
+    # TRL wants a tokenizer for its pad id; the pairs are already token ids, so a stand-in holding
+    # only the special tokens is enough (nothing is tokenised).
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1}, "<pad>")),
+                                  pad_token="<pad>", eos_token="</s>")
+
+    class Pretokenized(DPOTrainer):
+        def _prepare_dataset(self, dataset, *a, **k):  # the same ids as tunesmith's, untouched
+            return dataset
+
+    data = synthetic_pairs(mcfg.vocab_size, args.prompt, args.answer, args.steps * args.pairs)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            _sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            _sync()
+            times.append(time.perf_counter() - self.t0)
+
+    targs = DPOConfig(
+        output_dir="/tmp/trl_dpo_bench", per_device_train_batch_size=args.pairs, max_steps=args.steps,
+        bf16=args.device == "cuda", use_cpu=args.device == "cpu", learning_rate=1e-5, weight_decay=0.0,
+        optim="adamw_torch_fused" if args.device == "cuda" else "adamw_torch", beta=0.1,
+        loss_type=["sigmoid"], max_length=None, logging_steps=10**9, save_strategy="no", report_to=[],
+        lr_scheduler_type="constant", disable_tqdm=True, gradient_checkpointing=False,
+        use_liger_kernel=liger, dataloader_drop_last=True,
+    )
+    trainer = Pretokenized(model=model, args=targs, train_dataset=Dataset.from_list(data), processing_class=tok,
+                           peft_config=LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                                                  target_modules="all-linear", task_type="CAUSAL_LM"),
+                           callbacks=[Timer()])
+    setup_gib = _reset_memory()
+    trainer.train()
+    tokens = [real_tokens(data[s * args.pairs:(s + 1) * args.pairs]) for s in range(args.steps)]
+    return _result(args, times, tokens, [], setup_gib)
+
+
+def _result(args, times, tokens, losses, setup_gib) -> dict:
+    import torch
+
+    steady = list(zip(times, tokens))[args.warmup:] or list(zip(times, tokens))
+    tps = sorted(tok / t for t, tok in steady)[len(steady) // 2]  # median step's rate
+    cuda = torch.cuda.is_available() and args.device == "cuda"
+    return {
+        "tokens_per_s": tps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "setup_gib": setup_gib,
+        "median_step_s": sorted(t for t, _ in steady)[len(steady) // 2],
+        "first_losses": losses[:3],
+        "steps_timed": len(times),
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def child(args) -> None:
+    if args.variant.startswith("trl"):
+        res = run_trl(args, liger=args.variant == "trl-liger")
+    else:
+        res = run_tunesmith(args, args.variant)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama3.2-1b")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--answer", type=int, default=512)
+    p.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (2x rows)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test only")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return child(args)
+    rows = {v: run_variant(__file__, v, _strip(sys.argv[1:])) for v in args.variants.split(",")}
+    print(f"\n{args.shape}, DPO (sigmoid, beta 0.1), LoRA r={args.r} all-linear, {args.pairs} pairs per "
+          f"micro-batch, prompt {args.prompt} + answers {args.answer // 2}-{args.answer} tokens, "
+          f"{args.steps} steps ({args.warmup} warm-up)")
+    print("| variant | tokens/s | peak mem (GiB) | model after setup (GiB) | median step (s) |")
+    print("|---|---|---|---|---|")
+    for v, r in rows.items():
+        if "error" in r:
+            print(f"| {v} | failed | | | |")
+            continue
+        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        setup = f"{r['setup_gib']:.1f}" if r["setup_gib"] is not None else "n/a"
+        print(f"| {v} | {r['tokens_per_s']:,.0f} | {peak} | {setup} | {r['median_step_s']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def _strip(argv: list[str]) -> list[str]:
+    """argv without --variants/--json and their values (the child gets its own --variant)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--variants", "--json"):
+            skip = True
+            continue
+        if a.startswith(("--variants=", "--json=")):
+            continue
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    main()
