@@ -292,3 +292,16 @@ def test_data_inspect_bad_record_exits_2_with_one_line(tmp_path: Path, capsys: A
     assert f"{path}: record 2 (line 2): missing field 'rejected'" in err
     errors = [line for line in err.splitlines() if "error" in line]
     assert "Traceback" not in err and len(errors) == 1 and "rejected" in errors[0]
+
+
+def test_sample_file_through_llama3_template(tmp_path: Path, capsys: Any) -> None:
+    """recipes/data/preference_sample.jsonl (hand-written standard records) as a chat."""
+    sample = Path(__file__).resolve().parents[3] / "recipes" / "data" / "preference_sample.jsonl"
+    tok = shared_path("tokenizers", "llama3", "hf")
+    argv = [*_argv(tmp_path, sample), f"model.tokenizer={tok}", "sft.chat_template=llama3",
+            ("model.overrides={vocab_size: 128256, dim: 32, n_layers: 1, n_heads: 2, "
+             "n_kv_heads: 1, intermediate_size: 64, max_position_embeddings: 128}")]
+    assert run(["data", "inspect", *argv, "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs: 16;" in out and "dropped pairs: overlong 0, no target left 0" in out
+    assert out.count("<|start_header_id|>assistant<|end_header_id|>") == 2
