@@ -97,6 +97,23 @@ def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool =
                                 float8=float8_head_recipe(model.output))
 
 
+class TokenObjective:
+    """The trainer's objective for clm / sft / mlm: cross-entropy summed over target tokens,
+    normalised by the step's global count of target tokens. (task=dpo has its own:
+    `objective.preference.PreferenceObjective`, with the same three methods.)"""
+
+    kind = "tokens"
+
+    def count(self, model: nn.Module, batch: dict) -> int:
+        return target_count(model, batch)
+
+    def loss_sum(self, model: nn.Module, batch: dict, rt: Runtime) -> torch.Tensor:
+        return batch_loss_sum(model, batch, rt, need_grad=True)
+
+    def log_fields(self, all_reduce=None) -> dict[str, float]:  # noqa: ARG002 - same signature
+        return {}
+
+
 def head_with_bias(hidden: torch.Tensor, output: nn.Module,
                    weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden, weight) for the fused loss; a head bias (BERT/RoBERTa MLM decoder) is folded in

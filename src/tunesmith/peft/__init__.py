@@ -16,7 +16,7 @@ tensors, and `checkpoint_model_state(model)` returns the matching `ModelState`.
 from tunesmith.peft.adaption import adaption_modules, apply_adaption_prompt, init_adaption
 from tunesmith.peft.adaption_io import load_adaption, save_adaption
 from tunesmith.peft.io import AdapterFiles, adapter_state_dict, load_adapter, read_adapter, save_adapter
-from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
+from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear, adapters_disabled
 from tunesmith.peft.merge import merge_adapter
 from tunesmith.peft.quant import nf4_available
 from tunesmith.peft.run import apply_peft, base_dtype, fill_peft, quantize_peft_base, save_final
@@ -37,7 +37,7 @@ from tunesmith.peft.transform import (
 )
 
 __all__ = [
-    "ALL_LINEAR", "AdapterFiles", "LoRALinear", "LoRASpec", "NF4Linear", "adaption_modules",
+    "ALL_LINEAR", "AdapterFiles", "LoRALinear", "LoRASpec", "NF4Linear", "adapters_disabled", "adaption_modules",
     "adapter_state_dict", "apply_adaption_prompt", "apply_freezing", "apply_lora", "apply_peft", "base_dtype",
     "check_peft_layout", "checkpoint_model_state", "count_params", "fill_peft", "frozen_block_set",
     "has_frozen_params", "init_adaption", "init_adapters", "is_peft_model", "load_adaption", "load_adapter",

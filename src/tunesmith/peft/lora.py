@@ -11,7 +11,9 @@ leaves the model's outputs unchanged. The layer keeps the replaced module's para
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,9 @@ def _autocast_on(x: torch.Tensor) -> bool:
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (optionally DoRA)."""
+
+    # False inside `adapters_disabled`: the layer is its frozen base alone (task=dpo's reference).
+    adapters_on: bool = True
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LoRASpec,
                  adapter_dtype: torch.dtype, weight_scale: torch.Tensor | None = None) -> None:
@@ -153,6 +158,8 @@ class LoRALinear(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)  # [..., out]
+        if not self.adapters_on:
+            return out
         xa = self.dropout(x) if self.spec.dropout > 0 and self.training else x
         if self.lora_magnitude is None:
             return self._add_adapter(out, xa)
@@ -170,6 +177,8 @@ class LoRALinear(nn.Module):
         """
         from torch.distributed.tensor import DTensor
 
+        if not all(m.adapters_on for m in layers):
+            return tuple(m._base(x) for m in layers)
         if not SHARE_INPUT or any(
             m.lora_magnitude is not None or (m.spec.dropout > 0 and m.training)
             or isinstance(m.lora_A, DTensor) for m in layers
@@ -252,3 +261,18 @@ class NF4Linear(nn.Module):
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
         return lin
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, every LoRA / DoRA layer of `model` is its frozen base alone: the model
+    computes the policy the run started from (task=dpo's reference, with no second copy). A
+    compiled block sees the switch as a guard and keeps one graph for each state."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.adapters_on = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.adapters_on  # back to the class default (True)

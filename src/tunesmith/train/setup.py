@@ -24,9 +24,13 @@ from tunesmith.config import RunConfig, dump_config
 from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
 from tunesmith.errors import TunesmithError
+from tunesmith.models import build_model, load_pretrained
+from tunesmith.objective.forward import TokenObjective
+from tunesmith.objective.preference import PreferenceObjective
 from tunesmith.observe import check_trackers
 from tunesmith.optim import build_scheduler
 from tunesmith.parallel.dist import ParallelContext, main_rank_first
+from tunesmith.peft import LoRALinear, adapters_disabled
 from tunesmith.runtime import peak_tflops, precision_note
 from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState, hf_files_writer, trainer_state
 from tunesmith.train.finish import after_training, save_final_model
@@ -154,6 +158,38 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, RunParts]:
     return trainer, RunParts(spec, trainer.model, task)
 
 
+def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
+    """The trainer's objective: token cross-entropy, or for task=dpo the preference loss with its
+    reference policy, the policy the run starts from:
+      * SimPO: none;
+      * LoRA / DoRA / QLoRA: the same model with its adapters switched off (no second copy);
+      * otherwise a frozen copy of `model.name`'s weights in the compute dtype (one process:
+        a sharded reference is not built yet), never the resumed weights, so a resumed run
+        compares with the same reference as an uninterrupted one."""
+    if cfg.task != "dpo":
+        return TokenObjective()
+    dc, model = cfg.dpo, asm.need("model")
+    if not dc.uses_reference:
+        return PreferenceObjective(dc)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        return PreferenceObjective(dc, adapters_off=lambda: adapters_disabled(model))
+    spec, rt, ctx = asm.need("spec"), asm.need("rt"), asm.need("ctx")
+    if not spec.pretrained:
+        raise TunesmithError(
+            f"task=dpo with dpo.loss={dc.loss} compares with the starting policy, so model.name must "
+            f"hold pretrained weights ({spec.source!r} has none); or use dpo.loss=simpo (no reference)")
+    if ctx.distributed and ctx.world_size > 1:
+        raise TunesmithError(
+            "task=dpo: a full fine-tune's reference model is built in one process only; use "
+            "peft.method=lora, dora or qlora (the base is the reference) or dpo.loss=simpo")
+    reference = build_model(spec.family, spec.model_cfg, device="meta")
+    load_pretrained(reference, spec.source, rt.device, rt.compute_dtype,
+                    allow_pickle=cfg.model.allow_unsafe_pickle)
+    reference.requires_grad_(False).eval()
+    log.info("dpo: reference policy = a frozen copy of %s (%s)", spec.source, rt.compute_dtype)
+    return PreferenceObjective(dc, reference=reference)
+
+
 def _schedule_steps(cfg: RunConfig, task: TaskData) -> tuple[int, int]:
     """(steps per epoch, total steps) of the run."""
     if task.sized:
@@ -196,7 +232,7 @@ def _make_trainer(cfg: RunConfig, asm: Assembly, task: TaskData, out_dir: Path,
         peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops), scaler=scaler,
         progress=progress, window=window, hooks=hooks, checkpointer=checkpointer,
         resumed_from=plan.checkpoint, rng_state=rng if plan.checkpoint is not None else None,
-        par=ctx,
+        par=ctx, objective=build_objective(cfg, asm),
     )
 
 

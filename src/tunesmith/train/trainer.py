@@ -27,7 +27,8 @@ from tunesmith.data.streaming import StreamingLoader
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.perplexity import evaluate_loss
 from tunesmith.observe import RunObserver
-from tunesmith.objective.forward import batch_loss_sum, target_count
+from tunesmith.objective.forward import TokenObjective
+from tunesmith.objective.preference import evaluate_preferences
 from tunesmith.parallel.dist import ParallelContext
 from tunesmith.parallel.grad import clip_grads_with_norm_, clip_scale
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
@@ -98,6 +99,9 @@ class Trainer:
     par: ParallelContext | None = None  # None: one process
     observer: RunObserver | None = None  # trackers, profiler, report; built by train() when None
     bundle: Any = None  # tunesmith.train.setup.RunParts (spec, tokenizer, task data)
+    # What a micro-batch's loss is and what it is normalised by: target tokens (TokenObjective)
+    # or preference pairs (objective.preference.PreferenceObjective, task=dpo).
+    objective: Any = field(default_factory=TokenObjective)
 
     @classmethod
     def from_config(cls, recipe: Any = None, **overrides: Any) -> Trainer:
@@ -281,7 +285,7 @@ class Trainer:
         # parallel, and context-parallel ones, each counting its own part of the sequence), so
         # k accumulated micro-batches on N ranks give exactly the gradient of one kN-times
         # larger batch.
-        n_targets = self._global_count(sum(target_count(self.model, mb) for mb in micro_batches))
+        n_targets = self._global_count(sum(self.objective.count(self.model, mb) for mb in micro_batches))
         tokens = sum(_count_tokens(mb) for mb in micro_batches)
         samples = sum(mb["input_ids"].size(0) for mb in micro_batches)
         dp = self.par.dp_size if self.par is not None else 1
@@ -318,7 +322,7 @@ class Trainer:
 
     def forward_backward(self, batch: dict, n_targets: float | torch.Tensor) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its detached loss *sum*."""
-        loss_sum = batch_loss_sum(self.model, batch, self.rt, need_grad=True)
+        loss_sum = self.objective.loss_sum(self.model, batch, self.rt)
         scaled = loss_sum / n_targets
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
@@ -373,6 +377,9 @@ class Trainer:
         if self.val_loader is None:
             return {}
         reduce = self.par.all_reduce_tokens if self.par is not None else None
+        if self.objective.kind == "preference":
+            return evaluate_preferences(self.objective, self.model, self.val_loader, self.rt,
+                                        self.cfg.eval.max_batches, reduce)
         return evaluate_loss(self.model, self.val_loader, self.rt, self.cfg.eval.max_batches, reduce)
 
     def _eval_and_log(self, metrics: MetricsWriter, reporter: ProgressReporter,
@@ -382,8 +389,9 @@ class Trainer:
         record = {"step": self.progress.step, **out}
         metrics.write(record)
         self.observer.log(record)
-        reporter.note(f"{label or f'step {self.progress.step}'}: eval loss {out['eval_loss']:.4f}, "
-                      f"perplexity {out['perplexity']:.2f}")
+        extra = (f"perplexity {out['perplexity']:.2f}" if "perplexity" in out else
+                 f"reward accuracy {out['eval_reward_accuracy']:.3f}, margin {out['eval_reward_margin']:.3f}")
+        reporter.note(f"{label or f'step {self.progress.step}'}: eval loss {out['eval_loss']:.4f}, {extra}")
         return out
 
     # ------------------------------------------------------------------ records
@@ -402,6 +410,8 @@ class Trainer:
             "peak_mem_gib": peak_memory_gib(self.rt.device),
             "tokens_seen": self.progress.tokens_seen,
             "skipped_steps": self.progress.skipped_steps,
+            # task=dpo: mean rewards / accuracy / log-probs of the pairs since the last record
+            **self.objective.log_fields(self.par.all_reduce_tokens if self._distributed else None),
         }
 
     def _summary(self, t_start: float, tput: Throughput, loop: _Loop) -> dict[str, Any]:
@@ -433,7 +443,8 @@ class Trainer:
             summary["resumed_from"] = str(self.resumed_from)
         if loop.start_eval:
             summary["eval_loss_start"] = loop.start_eval["eval_loss"]
-            summary["perplexity_start"] = loop.start_eval["perplexity"]
+            if "perplexity" in loop.start_eval:
+                summary["perplexity_start"] = loop.start_eval["perplexity"]
         if loop.eval_out:
             summary.update(loop.eval_out)
         summary.update(self.observer.summary_fields(self.flops_per_token, tps))
