@@ -4,7 +4,8 @@ Builds the training loader exactly as `tunesmith train` does (same config, token
 shuffling seed) and prints its first `--n` rows token by token: prompt tokens (no loss) dim,
 target tokens highlighted, and for packed rows each document's boundary with its positions.
 Then the counts: examples, tokens, the share of tokens that are targets, and (SFT) how many
-examples were truncated or dropped. Nothing is trained and nothing is written.
+examples were truncated or dropped. task=dpo shows `--n` pairs, each as its chosen and its
+rejected row, and counts pairs. Nothing is trained and nothing is written.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def add_data_command(sub: argparse._SubParsersAction) -> None:
     )
     i.add_argument("recipe", help="YAML recipe (or key=value overrides alone)")
     i.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    i.add_argument("--n", type=positive_int, default=3, help="rows to show (default 3)")
+    i.add_argument("--n", type=positive_int, default=3, help="rows to show (default 3; task=dpo: pairs)")
     i.set_defaults(func=_inspect)
 
 
@@ -47,10 +48,15 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg = load_config(recipe, overrides)
     loader, tokenizer, stats, target_shift = training_loader(cfg)
     console = Console(highlight=False, soft_wrap=True)
-    rows = first_rows(loader, args.n)
+    pairs = cfg.task == "dpo"  # rows come as (chosen, rejected) of each pair, interleaved
+    start = loader.state_dict()
+    rows = first_rows(loader, 2 * args.n if pairs else args.n)
+    if hasattr(loader, "__len__"):  # count the whole epoch, not what first_rows left of it
+        loader.load_state_dict(start)
     console.print(_legend(cfg, target_shift))
     for i, row in enumerate(rows):
-        console.print(f"\n[bold]row {i}[/bold] ({int(row['input_ids'].numel())} tokens)")
+        name = f"pair {i // 2} {('chosen', 'rejected')[i % 2]}" if pairs else f"row {i}"
+        console.print(f"\n[bold]{name}[/bold] ({int(row['input_ids'].numel())} tokens)")
         console.print(render_row(row, tokenizer, target_shift))
     console.print()
     console.print(describe_counts(count_loader(loader, stats), cfg))
@@ -154,8 +160,8 @@ def count_loader(loader: Any, stats: dict[str, Any]) -> dict[str, Any]:
             counts["rows"] += int(batch["input_ids"].size(0))
             counts["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             counts["target_tokens"] += int((batch["labels"] != IGNORE_INDEX).sum())
-    for key in ("examples", "truncated", "dropped_overlong", "dropped_no_target",
-                "invalid_skipped", "filtered_category"):
+    for key in ("examples", "pairs", "truncated", "dropped_overlong", "dropped_no_target",
+                "dropped_identical", "invalid_skipped", "filtered_category"):
         if key in stats:
             counts[key] = stats[key]
     counts.setdefault("examples", counts["rows"])
@@ -167,14 +173,22 @@ def describe_counts(c: dict[str, Any], cfg: Any) -> str:
         return (f"examples: {c['examples']} (a stream: rows are cut as training reads them; "
                 "counts over a whole epoch need a sized data set)")
     share = c["target_tokens"] / c["tokens"] if c["tokens"] else 0.0
+    what = (f"pairs: {c['pairs']}; one epoch yields {c['rows'] // 2} pairs ({c['rows']} rows: "
+            "chosen, rejected) of up to" if "pairs" in c else
+            f"examples: {c['examples']}; one epoch yields {c['rows']} rows of up to")
     lines = [
-        (f"examples: {c['examples']}; one epoch yields {c['rows']} rows of up to "
+        (f"{what} "
          f"{cfg.data.block_size} tokens"
          + (" (data.drop_last leaves out an incomplete last batch)" if cfg.data.drop_last else "")),
         (f"tokens: {c['tokens']:,} (padding excluded)  targets: {c['target_tokens']:,} "
          f"({share:.1%} of tokens carry a loss)"),
     ]
-    if "truncated" in c:
+    if "pairs" in c:
+        lines.append(f"truncated: {c['truncated']}  dropped pairs: overlong "
+                     f"{c['dropped_overlong']}, no target left {c['dropped_no_target']}, "
+                     f"identical sides {c['dropped_identical']}  invalid skipped: "
+                     f"{c['invalid_skipped']}")
+    elif "truncated" in c:
         dropped = c["dropped_overlong"] + c["dropped_no_target"]
         lines.append(f"truncated: {c['truncated']}  dropped: {dropped} (overlong "
                      f"{c['dropped_overlong']}, no target left {c['dropped_no_target']})  "

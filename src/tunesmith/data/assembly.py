@@ -5,6 +5,8 @@
     sft  instruction / chat / summarization records (tunesmith.data.sft*), response-only
          labels, optional packing without cross-talk; streaming too
     mlm  raw text as for clm, masked dynamically by MLMCollator; needs an encoder family
+    dpo  preference pairs (tunesmith.data.preference): one item a pair, PairCollator batches
+         B pairs as 2B interleaved rows (chosen, rejected, ...)
 
 Every loader shards by data-parallel rank (`Shard`), given by the caller: the data layer
 knows nothing of process groups.
@@ -21,6 +23,7 @@ from tunesmith.data.clm import build_clm_datasets, eos_to_append
 from tunesmith.data.collate import make_collator
 from tunesmith.data.loader import StatefulLoader
 from tunesmith.data.mlm import MaskingSpec, MLMCollator
+from tunesmith.data.preference import PairCollator, build_preference_datasets
 from tunesmith.data.records import RecordReader
 from tunesmith.data.sft import InvalidRecord, Rendered, SFTFormatter
 from tunesmith.data.sft_data import (
@@ -62,7 +65,7 @@ def check_task_family(cfg: RunConfig, family: ModelFamily) -> None:
         raise TunesmithError(
             f"task=mlm needs an encoder (bert, roberta); model {cfg.model.name!r} is a "
             f"{family.name} decoder: use task=clm or sft, or an encoder model")
-    if cfg.task in ("clm", "sft") and kind == "masked":
+    if cfg.task in ("clm", "sft", "dpo") and kind == "masked":
         raise TunesmithError(
             f"task={cfg.task} needs a causal LM; model {cfg.model.name!r} is a {family.name} "
             "encoder: use task=mlm")
@@ -102,15 +105,28 @@ def _sft_data(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> 
         return _sft_stream(cfg, tokenizer, tok_source, shard)
     data = build_sft_datasets(cfg.data, cfg.sft, tokenizer, seed=cfg.train.seed,
                               tokenizer_source=tok_source)
-    collate = _sft_collator(cfg, tokenizer)
+    task = _record_loaders(cfg, data, _sft_collator(cfg, tokenizer), shard)
+    task.formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
+    task.val_rendered = data.val_rendered
+    return task
+
+
+def _record_loaders(cfg: RunConfig, data: Any, collate: Any, shard: Shard) -> TaskData:
+    """Loaders over in-memory record datasets (SFT examples, DPO pairs) and their stats."""
     val = None
     if data.val is not None and len(data.val):
         val = _stateful(data.val, cfg, collate, False, shard)
-    formatter = SFTFormatter(cfg.sft, tokenizer, tok_source, add_eos=cfg.data.add_eos)
     return TaskData(_stateful(data.train, cfg, collate, True, shard), val, True,
                     {"train": data.stats.to_dict(),
-                     **({"validation": data.val_stats.to_dict()} if data.val_stats else {})},
-                    formatter, data.val_rendered)
+                     **({"validation": data.val_stats.to_dict()} if data.val_stats else {})})
+
+
+def _dpo_data(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> TaskData:
+    """Preference pairs; train.micro_batch_size counts pairs (2 rows each)."""
+    data = build_preference_datasets(cfg.data, cfg.sft, tokenizer, seed=cfg.train.seed,
+                                     tokenizer_source=tok_source)
+    return _record_loaders(cfg, data, PairCollator(pad_id_of(tokenizer),
+                                                   cfg.data.pad_to_multiple_of), shard)
 
 
 def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> TaskData:
@@ -222,5 +238,7 @@ def build_task_data(cfg: RunConfig, family: ModelFamily, tokenizer: Any, max_pos
                              f"positions ({max_positions})")
     if cfg.task == "sft":
         return _sft_data(cfg, tokenizer, tok_source, shard)
+    if cfg.task == "dpo":
+        return _dpo_data(cfg, tokenizer, tok_source, shard)
     collate = _mlm_collator(cfg, tokenizer) if cfg.task == "mlm" else make_collator(cfg.data, tokenizer)
     return _raw_text_data(cfg, tokenizer, max_positions, collate, shard)

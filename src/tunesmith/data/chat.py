@@ -86,8 +86,10 @@ BUILTIN_TEMPLATES: dict[str, ChatFormat] = {
 
 
 # ------------------------------------------------------------------------------ messages
-def normalize_messages(raw: Any, where: str, field: str) -> list[Message]:
-    """Validate a conversation; ShareGPT `from`/`value` turns become `role`/`content`."""
+def normalize_messages(raw: Any, where: str, field: str, *,
+                       need_assistant: bool = True) -> list[Message]:
+    """Validate a conversation; ShareGPT `from`/`value` turns become `role`/`content`.
+    `need_assistant=False` accepts a prompt alone (preference records' `prompt` list)."""
     if not isinstance(raw, list) or not raw:
         kind = type(raw).__name__ if raw is not None else "null"
         raise TunesmithError(f"{where}: field '{field}' must be a non-empty list of messages, "
@@ -114,6 +116,8 @@ def normalize_messages(raw: Any, where: str, field: str) -> list[Message]:
             raise TunesmithError(f"{at}: unknown role {role!r}; expected one of "
                                  f"{', '.join(ROLES)} (ShareGPT: human, gpt, system)")
         out.append({"role": str(role), "content": str(content)})
+    if not need_assistant:
+        return out
     assistants = [m for m in out if m["role"] == "assistant"]
     if not assistants:
         raise TunesmithError(f"{where}: conversation has no assistant turn (nothing to learn)")

@@ -27,8 +27,26 @@ IGNORE_INDEX = -100
 Example = dict[str, Any]
 
 
+class RecordCounts:
+    """Methods of the per-split record counters (dataclasses with `invalid_skipped` and
+    `skipped_reasons`): SFTStats, and PreferenceStats (task=dpo)."""
+
+    invalid_skipped: int
+    skipped_reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        d.pop("skipped_reasons")
+        return d
+
+    def note_skip(self, reason: str) -> None:
+        self.invalid_skipped += 1
+        if len(self.skipped_reasons) < 3:
+            self.skipped_reasons.append(reason)
+
+
 @dataclass
-class SFTStats:
+class SFTStats(RecordCounts):
     """What happened to the records, reported after building (and in the run summary)."""
 
     records: int = 0
@@ -42,16 +60,6 @@ class SFTStats:
     target_tokens: int = 0
     packed_rows: int = 0
     skipped_reasons: list[str] = field(default_factory=list)  # first few, for the log
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("skipped_reasons")
-        return d
-
-    def note_skip(self, reason: str) -> None:
-        self.invalid_skipped += 1
-        if len(self.skipped_reasons) < 3:
-            self.skipped_reasons.append(reason)
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
