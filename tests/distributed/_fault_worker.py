@@ -31,7 +31,9 @@ def _faulty_train_step(self, micro_batches):
 
 
 trainer_mod.Trainer.train_step = _faulty_train_step
-_original_loss = trainer_mod.batch_loss_sum
+import tunesmith.objective.forward as forward_mod  # noqa: E402  (what TokenObjective calls)
+
+_original_loss = forward_mod.batch_loss_sum
 
 
 def _faulty_loss(model, batch, rt, need_grad=True):
@@ -54,7 +56,7 @@ def _post_init(self):
 
 
 trainer_mod.Trainer.__post_init__ = _post_init
-trainer_mod.batch_loss_sum = _faulty_loss
+forward_mod.batch_loss_sum = _faulty_loss
 
 if __name__ == "__main__":
     from tunesmith.cli.main import main

@@ -317,15 +317,15 @@ def test_disk_full_or_read_only_fails_before_training(tmp_path: Path, ov, monkey
 
 def _poison(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int]) -> list:
     """Make the loss (and so every gradient) infinite at the given steps."""
-    import tunesmith.train.trainer as trainer_mod
+    import tunesmith.objective.forward as forward_mod  # what the trainer's TokenObjective calls
 
-    real, built = trainer_mod.batch_loss_sum, _with_hook(monkeypatch, lambda *a: None)
+    real, built = forward_mod.batch_loss_sum, _with_hook(monkeypatch, lambda *a: None)
 
     def loss_sum(model, batch, rt, need_grad=True):
         out = real(model, batch, rt, need_grad)
         return out * float("inf") if built and built[0].progress.step + 1 in bad_steps else out
 
-    monkeypatch.setattr(trainer_mod, "batch_loss_sum", loss_sum)
+    monkeypatch.setattr(forward_mod, "batch_loss_sum", loss_sum)
     return built
 
 

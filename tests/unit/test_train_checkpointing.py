@@ -61,15 +61,15 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _poison_at(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int], trainer) -> None:
-    import tunesmith.train.trainer as trainer_mod
+    import tunesmith.objective.forward as forward_mod  # what the trainer's TokenObjective calls
 
-    real = trainer_mod.batch_loss_sum
+    real = forward_mod.batch_loss_sum
 
     def loss_sum(model: nn.Module, batch: dict, rt: Any, need_grad: bool = True) -> torch.Tensor:
         out = real(model, batch, rt, need_grad)
         return out * float("inf") if trainer.progress.step + 1 in bad_steps else out
 
-    monkeypatch.setattr(trainer_mod, "batch_loss_sum", loss_sum)
+    monkeypatch.setattr(forward_mod, "batch_loss_sum", loss_sum)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
