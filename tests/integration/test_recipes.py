@@ -13,7 +13,7 @@ from tunesmith.cli.main import run
 from tunesmith.config import load_config
 
 RECIPES = ["llama_sft_alpaca", "llama2_dolly_openqa", "llama_samsum_summarization", "gptj_clm_wikitext",
-           "gpt2_clm_wikitext", "roberta_mlm_wikitext", "llama3_quotes"]
+           "gpt2_clm_wikitext", "roberta_mlm_wikitext", "llama3_quotes", "llama_dpo_lora"]
 QUICK = ["train.max_steps=2", "schedule.warmup_steps=0", "train.micro_batch_size=2",
          "train.precision=fp32", "eval.max_batches=1", "logging.progress=false",
          "output.save_final=false"]

@@ -1,0 +1,80 @@
+"""Preference tuning on 2 ranks (gloo): LoRA DPO under FSDP2 and DDP, and a SimPO full fine-tune
+under FSDP2, reproduce the one-process runs of the same global batch of pairs (losses, rewards,
+grad norms, saved weights). The pair loss is normalised by the global pair count, and the
+reference (the adapters switched off) is computed on each rank's own pairs, so nothing may
+depend on the layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, shared_path
+from tests.distributed.helpers import TEST_DEVICE, run_jobs
+from tests.distributed.test_training import GRAD_RTOL, LOSS_ATOL, WEIGHT_ATOL
+from tunesmith.cli.main import run
+
+pytestmark = pytest.mark.slow
+RECIPE = str(REPO / "recipes" / "llama_dpo_lora.yaml")
+PAIRS = 4  # global micro-batch of pairs: 4 in one process, 2 per rank on two
+KINDS = {  # name -> overrides; the LoRA runs use the recipe's DPO, simpo a full fine-tune
+    "lora": ("peft.method=lora",),
+    "simpo": ("peft.method=none", "dpo.loss=simpo", "dpo.beta=2.0", "optim.lr=1e-3"),
+}
+LAYOUTS = {"lora_full_shard": ("lora", "parallel.strategy=full_shard"),
+           "lora_ddp": ("lora", "parallel.strategy=no_shard"),
+           "simpo_full_shard": ("simpo", "parallel.strategy=full_shard")}
+
+
+def _job(out: Path, dp: int, kind: str, *extra: str) -> list[str]:
+    return [RECIPE, f"output.dir={out}", f"train.micro_batch_size={PAIRS // dp}", "train.max_steps=4",
+            "train.precision=fp32", "logging.steps=1", "logging.progress=false", "eval.every_steps=null",
+            "eval.at_end=true", f"train.device={TEST_DEVICE}", *KINDS[kind], *extra]
+
+
+def _records(out: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r or "eval_loss" in r]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    final = out / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(final / name)
+
+
+def test_two_ranks_match_one_process(tmp_path: Path) -> None:
+    shared_path("models", "stories260K", "hf")
+    for kind in KINDS:
+        assert run(["-q", "train", *_job(tmp_path / f"ref_{kind}", 1, kind)]) == 0
+    run_jobs(2, [_job(tmp_path / name, 2, kind, layout) for name, (kind, layout) in LAYOUTS.items()], tmp_path)
+    for name, (kind, _) in LAYOUTS.items():
+        got, want = _records(tmp_path / name), _records(tmp_path / f"ref_{kind}")
+        assert len(got) == len(want) == 5, name  # 4 steps + the final eval
+        for g, w in zip(got, want, strict=True):
+            for key in ("loss", "reward_margin", "rewards_chosen", "eval_loss", "eval_reward_margin"):
+                if key in w:
+                    assert abs(g[key] - w[key]) < LOSS_ATOL, f"{name} step {w['step']} {key}: {g[key]} vs {w[key]}"
+            if "grad_norm" in w:
+                assert abs(g["grad_norm"] - w["grad_norm"]) <= GRAD_RTOL * w["grad_norm"], name
+        a, b = _weights(tmp_path / name), _weights(tmp_path / f"ref_{kind}")
+        assert a.keys() == b.keys(), name
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{name}: {k}")
+    assert _records(tmp_path / "ref_lora")[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # B = 0
+
+
+def test_full_finetune_with_a_reference_is_refused_on_two_ranks(tmp_path: Path) -> None:
+    shared_path("models", "stories260K", "hf")
+    from tests.distributed.helpers import torchrun
+
+    out = tmp_path / "full"
+    proc = torchrun(2, ["-m", "tunesmith", "train", *_job(out, 2, "lora", "peft.method=none")], timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("tunesmith: error")]
+    assert lines and all("reference model is built in one process only" in x for x in lines), proc.stderr[-2000:]
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()  # nothing written

@@ -1,0 +1,98 @@
+"""Preference tuning (task=dpo) through the real CLI on the pretrained stories260K Llama (CPU,
+fp32): LoRA DPO starts at log 2 (policy = reference) and learns its pairs; a resumed run equals
+an uninterrupted one (the reference is the starting model, never the resumed weights), for LoRA
+and for a full fine-tune with a frozen reference copy; SimPO trains without a reference; what
+cannot work is refused in one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, shared_path
+from tunesmith.cli.main import run
+
+RECIPE = REPO / "recipes" / "llama_dpo_lora.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Bitwise comparisons between runs hold for a fixed thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(out: Path, *extra: str) -> int:
+    shared_path("models", "stories260K", "hf")
+    return run(["-q", "train", str(RECIPE), f"output.dir={out}", "train.precision=fp32",
+                "logging.steps=1", "eval.every_steps=null", "eval.at_end=false",
+                "logging.progress=false", *extra])
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_records(out: Path) -> dict[int, dict]:
+    keys = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "logps_chosen")
+    return {r["step"]: {k: r[k] for k in keys} for r in _records(out) if "loss" in r}
+
+
+def test_lora_dpo_starts_at_log2_and_learns_its_pairs(tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    assert _train(out, "train.max_steps=12", "eval.at_end=true") == 0
+    recs = _train_records(out)
+    # B = 0 at init: the adapted policy is its reference, every pair's loss is log 2.
+    assert recs[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert recs[1]["rewards_chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert recs[12]["loss"] < 0.3 and recs[12]["reward_accuracy"] == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["train"]["pairs"] == 12 and summary["eval_pairs"] == 4
+    assert "eval_reward_accuracy" in summary and "perplexity" not in summary
+    assert (out / "final" / "adapter_model.safetensors").is_file()  # PEFT format, as any LoRA run
+
+
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path, method: str) -> None:
+    """With a full fine-tune the reference is a frozen copy of model.name: were it taken from
+    the resumed weights, the resumed steps' losses and rewards would differ."""
+    extra = [f"peft.method={method}", "optim.lr=2e-3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, "train.max_steps=6", *extra) == 0
+    assert _train(split, "train.max_steps=3", "checkpoint.every_steps=3", *extra) == 0
+    assert _train(split, "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.resume=auto", *extra) == 0
+    assert _train_records(split) == _train_records(straight)
+    assert _train_records(straight)[6]["loss"] < math.log(2)  # it did train
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a, b = load_file(split / "final" / name), load_file(straight / "final" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_simpo_trains_a_model_from_scratch_without_reference(tmp_path: Path) -> None:
+    out = tmp_path / "simpo"
+    assert _train(out, "train.max_steps=6", "dpo.loss=simpo", "dpo.beta=2.0", "peft.method=none",
+                  "model.from_scratch=true", "optim.lr=3e-3") == 0
+    recs = _train_records(out)
+    assert recs[6]["loss"] < recs[1]["loss"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["peft.method=none", "model.from_scratch=true"], "must hold pretrained weights"),
+    (["sft.packing=true"], "sft.packing is not supported"),
+    (["parallel.tp=2"], "context and tensor parallelism"),
+    (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "label_smoothing applies to dpo.loss=sigmoid"),
+    (["sft.train_on_inputs=true"], "train_on_inputs"),
+])
+def test_refusals_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, extra, message) -> None:
+    out = tmp_path / "bad"
+    assert _train(out, "train.max_steps=2", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
