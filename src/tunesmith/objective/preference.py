@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config.tasks import DPOConfig
+from tunesmith.errors import TunesmithError
 from tunesmith.objective.forward import attention_for, head_with_bias
 from tunesmith.objective.loss import IGNORE_INDEX, linear_cross_entropy
 from tunesmith.parallel.fsdp import gathered_head_weight
@@ -190,8 +191,6 @@ def evaluate_preferences(objective: PreferenceObjective, model: nn.Module, loade
     values = total.tolist()
     pairs = values[-1]
     if pairs <= 0:
-        from tunesmith.errors import TunesmithError
-
         raise TunesmithError("evaluation saw no preference pairs; check the validation data")
     out = {"eval_loss": values[0] / pairs, "eval_pairs": int(pairs)}
     out.update({f"eval_{name}": v / pairs for name, v in zip(_FIELDS, values[1:-1])})
