@@ -1,7 +1,7 @@
 """Preference tuning (task=dpo) through the real CLI on the pretrained stories260K Llama (CPU,
 fp32): LoRA DPO starts at log 2 (policy = reference) and learns its pairs; a resumed run equals
 an uninterrupted one (the reference is the starting model, never the resumed weights), for LoRA
-and for a full fine-tune with a frozen reference copy; SimPO trains without a reference; what
+and for a full fine-tune with a frozen reference copy; SimPO and ORPO train without a reference; what
 cannot work is refused in one line with exit code 2."""
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, method: str) -> None
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_simpo_trains_a_model_from_scratch_without_reference(tmp_path: Path) -> None:
-    out = tmp_path / "simpo"
-    assert _train(out, "train.max_steps=6", "dpo.loss=simpo", "dpo.beta=2.0", "peft.method=none",
+@pytest.mark.parametrize("loss,beta", [("simpo", "2.0"), ("orpo", "0.1")])
+def test_reference_free_losses_train_a_model_from_scratch(tmp_path: Path, loss: str, beta: str) -> None:
+    out = tmp_path / loss
+    assert _train(out, "train.max_steps=6", f"dpo.loss={loss}", f"dpo.beta={beta}", "peft.method=none",
                   "model.from_scratch=true", "optim.lr=3e-3") == 0
     recs = _train_records(out)
     assert recs[6]["loss"] < recs[1]["loss"]

@@ -101,10 +101,12 @@ class DPOConfig(_Section):
     """Preference tuning (task=dpo): records of prompt / chosen / rejected, rendered through the
     `sft:` section (format fields, chat template, overlong and invalid policies)."""
 
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
         "sigmoid", description="sigmoid: DPO (Rafailov et al. 2023); ipo: IPO's squared loss "
         "(Azar et al. 2023) on length-averaged log-ratios; simpo: SimPO (Meng et al. 2024), "
-        "reference-free, length-averaged log-probabilities and a target margin.",
+        "reference-free, length-averaged log-probabilities and a target margin; orpo: ORPO (Hong "
+        "et al. 2024), reference-free, the chosen answer's per-token NLL plus beta times the "
+        "odds-ratio loss (beta is ORPO's lambda; 0.1 as TRL).",
     )
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty (DPO, IPO: "
                         "0.1 is common; SimPO's paper uses 2.0-2.5).")
@@ -122,8 +124,8 @@ class DPOConfig(_Section):
 
     @property
     def uses_reference(self) -> bool:
-        """Whether the loss compares with a reference policy (SimPO does not)."""
-        return self.loss != "simpo"
+        """Whether the loss compares with a reference policy (SimPO and ORPO do not)."""
+        return self.loss not in ("simpo", "orpo")
 
 
 class GenerateEvalConfig(_Section):

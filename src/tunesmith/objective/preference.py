@@ -16,7 +16,10 @@ The losses (beta = dpo.beta; log-ratios r = log pi(y|x) - log pi_ref(y|x), summe
   ipo:            (r_c / n_c - r_r / n_r - 1 / (2 beta))^2, log-ratios averaged per token
                   (as TRL does, so beta means the same across answer lengths)
   simpo:          -log sig(beta (logp_c / n_c - logp_r / n_r) - gamma); no reference
-Rewards (logged): beta r for DPO/IPO, beta logp / n for SimPO. The reference is the policy
+  orpo:           -logp_c / n_c - beta log sig(log odds_c - log odds_r), odds = p / (1 - p) with
+                  p = exp(logp / n); no reference (the first term is the chosen answer's
+                  per-token NLL: ORPO trains SFT and preference at once)
+Rewards (logged): beta r for DPO/IPO, beta logp / n for SimPO and ORPO. The reference is the policy
 the run starts from: the base model with its adapters switched off for LoRA/DoRA/QLoRA (no
 second copy in memory), else a frozen copy of `model.name` (see `train.setup`).
 """
@@ -78,9 +81,13 @@ def pair_losses(cfg: DPOConfig, logp: torch.Tensor, ref_logp: torch.Tensor | Non
     are detached (they are only logged)."""
     n = counts.clamp(min=1).to(logp.dtype)
     pc, pr, nc, nr = logp[0::2], logp[1::2], n[0::2], n[1::2]
-    if cfg.loss == "simpo":
-        ac, ar = pc / nc, pr / nr  # average log-prob per target token
-        losses = -F.logsigmoid(cfg.beta * (ac - ar) - cfg.simpo_gamma)
+    if cfg.loss in ("simpo", "orpo"):
+        ac, ar = pc / nc, pr / nr  # average log-prob per target token (< 0)
+        if cfg.loss == "simpo":
+            losses = -F.logsigmoid(cfg.beta * (ac - ar) - cfg.simpo_gamma)
+        else:  # log odds p / (1 - p) with p = exp(avg logp); log(1 - e^a) = log(-expm1(a))
+            log_odds = (ac - ar) - (_log1m_exp(ac) - _log1m_exp(ar))
+            losses = -ac - cfg.beta * F.logsigmoid(log_odds)
         return losses, (cfg.beta * ac).detach(), (cfg.beta * ar).detach()
     if ref_logp is None:
         raise ValueError(f"dpo.loss={cfg.loss} needs the reference log-probs")
@@ -92,6 +99,11 @@ def pair_losses(cfg: DPOConfig, logp: torch.Tensor, ref_logp: torch.Tensor | Non
         eps = cfg.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     return losses, (cfg.beta * rc).detach(), (cfg.beta * rr).detach()
+
+
+def _log1m_exp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^a) for a < 0, accurate near 0 (a row whose every target is certain gives a ~ 0)."""
+    return torch.log(-torch.expm1(a.clamp(max=-1e-7)))
 
 
 # The logged means, in this order, from the accumulated sums (one host read per log record).

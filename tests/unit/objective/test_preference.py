@@ -61,6 +61,10 @@ def _reference_losses(loss: str, beta: float, eps: float, gamma: float, pc, pr, 
         if loss == "simpo":  # SimPO eq. 6
             z = beta * pc[i] / nc[i] - beta * pr[i] / nr[i] - gamma
             out.append(math.log1p(math.exp(-z)))
+        elif loss == "orpo":  # ORPO eqs. 4-6: NLL of the chosen answer + lambda * L_OR
+            p_c, p_r = math.exp(pc[i] / nc[i]), math.exp(pr[i] / nr[i])
+            z = math.log((p_c / (1 - p_c)) / (p_r / (1 - p_r)))
+            out.append(-pc[i] / nc[i] + beta * math.log1p(math.exp(-z)))
         elif loss == "ipo":  # IPO eq. 17, per-token log-ratios as TRL
             h = (pc[i] - rc[i]) / nc[i] - (pr[i] - rr[i]) / nr[i]
             out.append((h - 1 / (2 * beta)) ** 2)
@@ -70,7 +74,8 @@ def _reference_losses(loss: str, beta: float, eps: float, gamma: float, pc, pr, 
     return out
 
 
-@pytest.mark.parametrize("loss,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("simpo", 0.0)])
+@pytest.mark.parametrize("loss,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("simpo", 0.0),
+                                      ("orpo", 0.0)])
 def test_pair_losses_match_the_formulas(loss, eps) -> None:
     g = torch.Generator().manual_seed(7)
     logp = -torch.rand(8, generator=g, dtype=torch.float64) * 30  # 4 pairs
@@ -81,7 +86,7 @@ def test_pair_losses_match_the_formulas(loss, eps) -> None:
     p, r, n = logp.tolist(), ref.tolist(), counts.tolist()
     expected = _reference_losses(loss, 0.3, eps, 0.4, p[0::2], p[1::2], r[0::2], r[1::2], n[0::2], n[1::2])
     torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    if loss == "simpo":
+    if loss in ("simpo", "orpo"):
         torch.testing.assert_close(chosen, 0.3 * logp[0::2] / counts[0::2])
     else:
         torch.testing.assert_close(chosen, 0.3 * (logp[0::2] - ref[0::2]))
@@ -146,6 +151,7 @@ def test_reference_losses_need_a_reference() -> None:
     with pytest.raises(ValueError, match="needs a reference"):
         PreferenceObjective(DPOConfig(loss="ipo"))
     PreferenceObjective(DPOConfig(loss="simpo"))  # reference-free
+    PreferenceObjective(DPOConfig(loss="orpo"))
 
 
 def test_right_padding_runs_as_plain_causal_attention_with_the_same_scores() -> None:
