@@ -33,6 +33,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.generation import generate_batched
+from tunesmith.eval.run import load_for_inference
 from tunesmith.models import get_family, usable_positions
 from tunesmith.runtime import Runtime, resolve_runtime
 
@@ -97,8 +98,6 @@ class TunesmithLM(TemplateLM):
     @staticmethod
     def _load(pretrained: str | nn.Module, tokenizer: Any, base: str | None, device: str,
               precision: str) -> tuple[Runtime, nn.Module, Any]:
-        from tunesmith.eval.run import load_for_inference
-
         if device.startswith("cuda:"):  # lm_eval's default spelling
             torch.cuda.set_device(torch.device(device))
             device = "cuda"

@@ -137,7 +137,7 @@ def _write_tasks(root: Path) -> Path:
     gen = [{"prompt": p, "answer": " there was a little girl"} for p in PROMPTS]
     for name, rows in (("mc", mc), ("ppl", ppl), ("gen", gen)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = f"dataset_path: json\ntest_split: train\n"
+    common = "dataset_path: json\ntest_split: train\n"
     (root / "ts_mc.yaml").write_text(
         f"task: ts_mc\n{common}dataset_kwargs:\n  data_files: {root / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
@@ -227,6 +227,13 @@ def test_adapter_dir_equals_merged(tiny_dir, tmp_path, capsys):
     assert max(abs(x[0] - y[0]) for x, y in zip(a, base, strict=True)) > 1e-2  # the adapter counts
     gen_reqs = _requests("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 12}) for p in PROMPTS])
     assert _ours(adapter).generate_until(gen_reqs) == _ours(tmp_path / "merged").generate_until(gen_reqs)
+    capsys.readouterr()
+    texts = []
+    for d in (adapter, tmp_path / "merged"):  # `tunesmith generate` takes the adapter dir too
+        assert run(["generate", str(d), "--prompt", "Once upon", "--device", "cpu",
+                    "--max-new-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
 
 
 def test_llama_adapter_dir(tiny_dir, tmp_path):
