@@ -16,9 +16,13 @@ in its own subprocess. Variants:
   tunesmith-float8  the same with the frozen base in float8 e4m3 (peft.base_dtype=float8): the
                  reference forward (adapters off) runs the same float8 base
   tunesmith-qlora   NF4 base (QLoRA) with activation checkpointing
+  tunesmith-full full fine-tune (fp32 master weights, bf16 autocast), the reference a frozen
+                 compiled bf16 copy of the starting weights (saved to a temporary directory first)
   trl            TRL DPOTrainer (its fused LM-head log-probs) + peft, bf16, fused AdamW, no
                  gradient checkpointing; tokenisation skipped (the same token ids are given)
   trl-liger      the same with `use_liger_kernel=True` (Liger's RMSNorm / SwiGLU / RoPE kernels)
+  trl-full, trl-full-liger  full fine-tune in TRL (fp32 weights, bf16 autocast), the reference a
+                 frozen bf16 copy as ours, without / with Liger
 
 tokens/s counts the policy's real (unpadded) tokens of both answers and prompts, the same count
 for every variant, over all steps after `--warmup` (total tokens / total time); the median
@@ -29,6 +33,7 @@ step's rate and every step's time are in the JSON. Prints a markdown table;
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -39,7 +44,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
-VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-float8", "tunesmith-qlora", "trl", "trl-liger")
+VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-float8", "tunesmith-qlora", "tunesmith-full", "trl",
+            "trl-liger", "trl-full", "trl-full-liger")
 DEFAULT = "tunesmith,trl,trl-liger"
 PAD = 0
 
@@ -66,21 +72,18 @@ def real_tokens(pairs: list[dict]) -> int:
     return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
 
 
-def _ours_batch(pairs: list[dict]) -> dict:
-    """The data pipeline's contract: rows chosen/rejected interleaved, right-padded, labels
-    shifted with -100 on the prompt and the padding."""
-    import torch
+def _ours_batch(pairs: list[dict], pad_multiple: int | None) -> dict:
+    """The pairs through tunesmith's own collator (`tunesmith train` pads to a multiple of 64
+    under compile): rows chosen/rejected interleaved, right-padded, labels shifted, -100 on the
+    prompt and the padding."""
+    from tunesmith.data.preference import PairCollator
 
-    rows = [(p["prompt_ids"], a) for p in pairs for a in (p["chosen_ids"], p["rejected_ids"])]
-    t = max(len(q) + len(a) for q, a in rows)
-    ids = torch.full((len(rows), t), PAD, dtype=torch.long)
-    labels = torch.full((len(rows), t), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, (q, a) in enumerate(rows):
-        seq = torch.tensor(q + a)
-        ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
-        labels[i, len(q) - 1:len(seq) - 1] = torch.tensor(a)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    def side(q: list[int], a: list[int]) -> dict:
+        return {"input_ids": q + a, "loss_mask": [False] * len(q) + [True] * len(a)}
+
+    return PairCollator(PAD, pad_multiple)([{"chosen": side(p["prompt_ids"], p["chosen_ids"]),
+                                             "rejected": side(p["prompt_ids"], p["rejected_ids"])}
+                                            for p in pairs])
 
 
 def _sync() -> None:
@@ -104,13 +107,16 @@ def _reset_memory() -> float | None:
 def run_tunesmith(args, variant: str) -> dict:
     from tunesmith.build import assemble
     from tunesmith.config.schema import RunConfig
+    from tunesmith.data.assembly import pad_multiple
     from tunesmith.optim import build_scheduler
     from tunesmith.train.setup import build_objective
     from tunesmith.train.trainer import Trainer
 
+    full = variant == "tunesmith-full"
+    model_name = _saved_shape(args.shape) if full else args.shape  # a full FT's reference needs weights
     cfg = RunConfig.model_validate({
         "task": "dpo", "dpo": {"beta": 0.1},
-        "model": {"name": args.shape},
+        "model": {"name": model_name},
         "data": {"path": "synthetic", "block_size": args.prompt + args.answer},
         "train": {"device": args.device, "micro_batch_size": args.pairs, "precision": "bf16",
                   "compile": not args.no_compile, "seed": 0},
@@ -118,7 +124,7 @@ def run_tunesmith(args, variant: str) -> dict:
         "schedule": {"name": "constant"},
         "parallel": {"activation_checkpointing":
                      "full" if variant in ("tunesmith-ac", "tunesmith-qlora") else "none"},
-        "peft": {"method": "qlora" if variant == "tunesmith-qlora" else "lora", "r": args.r,
+        "peft": {"method": "none" if full else "qlora" if variant == "tunesmith-qlora" else "lora", "r": args.r,
                  "alpha": 2 * args.r, "target_modules": "all-linear",
                  "base_dtype": "float8" if variant == "tunesmith-float8" else "auto"},
     })
@@ -133,7 +139,7 @@ def run_tunesmith(args, variant: str) -> dict:
     times, losses, tokens = [], [], []
     for s in range(args.steps):
         pairs = data[s * args.pairs:(s + 1) * args.pairs]
-        batch = _ours_batch(pairs)
+        batch = _ours_batch(pairs, pad_multiple(cfg))
         _sync()
         t0 = time.perf_counter()
         loss, _, _, _ = tr.train_step([batch])
@@ -144,7 +150,23 @@ def run_tunesmith(args, variant: str) -> dict:
     return _result(args, times, tokens, losses, setup_gib)
 
 
-def run_trl(args, liger: bool) -> dict:
+def _saved_shape(shape: str) -> str:
+    """The shape's seeded random init saved in HF format (bf16) to a temporary directory."""
+    import tempfile
+
+    import torch
+
+    from tunesmith.models import build_model, init_random, resolve_model_config, save_pretrained
+
+    family, cfg = resolve_model_config(shape)
+    model = init_random(build_model(family, cfg, "meta"), "cuda" if torch.cuda.is_available() else "cpu",
+                        "bfloat16", 0)
+    out = Path(tempfile.mkdtemp(prefix="dpo_bench_")) / shape
+    save_pretrained(model, family, cfg, out)
+    return str(out)
+
+
+def run_trl(args, liger: bool, full: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -157,8 +179,8 @@ def run_trl(args, liger: bool) -> dict:
     _, mcfg = resolve_model_config(args.shape)
     torch.manual_seed(0)
     with torch.device("cuda" if args.device == "cuda" else "cpu"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**mcfg.to_hf()),
-                                                 attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**mcfg.to_hf()), attn_implementation="sdpa",
+                                                 dtype=torch.float32 if full else torch.bfloat16)
     # TRL wants a tokenizer for its pad id; the pairs are already token ids, so a stand-in holding
     # only the special tokens is enough (nothing is tokenised).
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1}, "<pad>")),
@@ -188,9 +210,14 @@ def run_trl(args, liger: bool) -> dict:
         lr_scheduler_type="constant", disable_tqdm=True, gradient_checkpointing=False,
         use_liger_kernel=liger, dataloader_drop_last=True,
     )
-    trainer = Pretokenized(model=model, args=targs, train_dataset=Dataset.from_list(data), processing_class=tok,
-                           peft_config=LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
-                                                  target_modules="all-linear", task_type="CAUSAL_LM"),
+    # Full fine-tune: the reference is a frozen bf16 copy, as tunesmith's (TRL would otherwise load
+    # one from the policy's hub path, which a randomly initialised model does not have).
+    ref = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False) if full else None
+    trainer = Pretokenized(model=model, ref_model=ref, args=targs, train_dataset=Dataset.from_list(data),
+                           processing_class=tok,
+                           peft_config=None if full else LoraConfig(
+                               r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                               target_modules="all-linear", task_type="CAUSAL_LM"),
                            callbacks=[Timer()])
     setup_gib = _reset_memory()
     trainer.train()
@@ -220,7 +247,7 @@ def _result(args, times, tokens, losses, setup_gib) -> dict:
 
 def child(args) -> None:
     if args.variant.startswith("trl"):
-        res = run_trl(args, liger=args.variant == "trl-liger")
+        res = run_trl(args, liger="liger" in args.variant, full="full" in args.variant)
     else:
         res = run_tunesmith(args, args.variant)
     print("RESULT " + json.dumps(res), flush=True)

@@ -27,6 +27,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models.io import build_model, weights_dir
 from tunesmith.optim import build_optimizer
 from tunesmith.parallel.apply import parallelize as parallelize_model
+from tunesmith.parallel.apply import parallelize_frozen
 from tunesmith.parallel.dist import ParallelContext, init_parallel
 from tunesmith.parallel.layout import check_run, env_world, resolve_layout
 from tunesmith.parallel.loading import materialize as materialize_model
@@ -175,6 +176,23 @@ STEPS: tuple[Step, ...] = (
 )
 
 
+def build_reference(a: Assembly) -> nn.Module:
+    """A frozen copy of the pretrained model `a` was assembled from, for forward passes only
+    (task=dpo's reference policy of a full fine-tune): built on meta from the same spec, in the
+    compute dtype, parallelised as a frozen model (sharded like the policy under FSDP2), its
+    values streamed from `model.name`. Never the resumed weights, so a resumed run compares with
+    the same reference as an uninterrupted one. Call it on every rank."""
+    rt = a.need("rt")
+    ref = Assembly(a.cfg, with_tokenizer=False, rt=dataclasses.replace(rt, param_dtype=rt.compute_dtype),
+                   spec=a.need("spec"), ctx=a.need("ctx"))
+    build_on_meta(ref)
+    parallelize_frozen(ref.need("model"), a.cfg, ref.need("ctx"), ref.need("rt"))
+    materialize(ref)
+    model = ref.need("model")
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def assemble(cfg: RunConfig, *, steps: tuple[Step, ...] = STEPS, until: str | None = None,
              with_tokenizer: bool = True) -> Assembly:
     """Run `steps` in order on a fresh `Assembly`; `until` stops after the named step."""
@@ -186,4 +204,4 @@ def assemble(cfg: RunConfig, *, steps: tuple[Step, ...] = STEPS, until: str | No
     return a
 
 
-__all__ = ["STEPS", "Assembly", "ModelSpec", "assemble", "resolve_model"]
+__all__ = ["STEPS", "Assembly", "ModelSpec", "assemble", "build_reference", "resolve_model"]

@@ -96,8 +96,20 @@ def _mlm_collator(cfg: RunConfig, tokenizer: Any) -> Any:
                        seed=cfg.train.seed, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
 
 
+# Compiled blocks see one graph per distinct padded length (and inductor guards on its
+# alignment), so variable-length batches would recompile for many lengths; padded to a multiple
+# of this the lengths fall into a few classes, all aligned.
+COMPILE_PAD_MULTIPLE = 64
+
+
+def pad_multiple(cfg: RunConfig) -> int | None:
+    """What unpacked SFT and DPO batches are padded to a multiple of: data.pad_to_multiple_of
+    when set, else COMPILE_PAD_MULTIPLE under train.compile, else the longest row."""
+    return cfg.data.pad_to_multiple_of or (COMPILE_PAD_MULTIPLE if cfg.train.compile else None)
+
+
 def _sft_collator(cfg: RunConfig, tokenizer: Any) -> Any:
-    return SFTCollator(pad_id_of(tokenizer), cfg.data.pad_to_multiple_of)
+    return SFTCollator(pad_id_of(tokenizer), pad_multiple(cfg))
 
 
 def _sft_data(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> TaskData:
@@ -125,8 +137,7 @@ def _dpo_data(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> 
     """Preference pairs; train.micro_batch_size counts pairs (2 rows each)."""
     data = build_preference_datasets(cfg.data, cfg.sft, tokenizer, seed=cfg.train.seed,
                                      tokenizer_source=tok_source)
-    return _record_loaders(cfg, data, PairCollator(pad_id_of(tokenizer),
-                                                   cfg.data.pad_to_multiple_of), shard)
+    return _record_loaders(cfg, data, PairCollator(pad_id_of(tokenizer), pad_multiple(cfg)), shard)
 
 
 def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -> TaskData:

@@ -70,6 +70,22 @@ def _dp_mesh(ctx: ParallelContext):
     return ctx.mesh["dp_shard_cp"]
 
 
+def parallelize_frozen(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
+    """A frozen model that only runs forward passes (task=dpo's reference policy), in place:
+    compiled blocks as the policy has, and under a sharded layout FSDP2 over the policy's mesh,
+    so each rank holds 1/N of its weights. Data-parallel replicas (DDP) keep a plain copy: there
+    are no gradients to reduce. No float8, AC or offload: nothing is saved for a backward."""
+    if cfg.train.compile:
+        options = inductor_options(cfg.train.compile_options)
+        for block in model.layers:  # type: ignore[attr-defined]
+            block.compile(options=options)
+    layout = ctx.layout
+    if ctx.distributed and ctx.token_ranks > 1 and layout.sharded:
+        apply_fsdp(model, _dp_mesh(ctx), layout, cfg.parallel,
+                   mp_policy(rt.compute_dtype, rt.param_dtype, cfg.parallel.reduce_dtype))
+    return model
+
+
 def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
     """Apply the configured parallelism to `model` in place and return it."""
     pc, layout = cfg.parallel, ctx.layout

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunesmith.build import Assembly, ModelSpec, assemble
+from tunesmith.build import Assembly, ModelSpec, assemble, build_reference
 from tunesmith.checkpoint import CheckpointManager, Stateful, check_disk, estimate_bytes
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
 from tunesmith.errors import TunesmithError
-from tunesmith.models import build_model, load_pretrained
 from tunesmith.objective.forward import TokenObjective
 from tunesmith.objective.preference import PreferenceObjective
 from tunesmith.observe import check_trackers
@@ -163,9 +162,9 @@ def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
     reference policy, the policy the run starts from:
       * SimPO: none;
       * LoRA / DoRA / QLoRA: the same model with its adapters switched off (no second copy);
-      * otherwise a frozen copy of `model.name`'s weights in the compute dtype (one process:
-        a sharded reference is not built yet), never the resumed weights, so a resumed run
-        compares with the same reference as an uninterrupted one."""
+      * otherwise a frozen copy of `model.name`'s weights in the compute dtype, compiled and
+        sharded as the policy is (`build.build_reference`), never the resumed weights, so a
+        resumed run compares with the same reference as an uninterrupted one."""
     if cfg.task != "dpo":
         return TokenObjective()
     dc, model = cfg.dpo, asm.need("model")
@@ -173,20 +172,14 @@ def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
         return PreferenceObjective(dc)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         return PreferenceObjective(dc, adapters_off=lambda: adapters_disabled(model))
-    spec, rt, ctx = asm.need("spec"), asm.need("rt"), asm.need("ctx")
+    spec, rt = asm.need("spec"), asm.need("rt")
     if not spec.pretrained:
         raise TunesmithError(
             f"task=dpo with dpo.loss={dc.loss} compares with the starting policy, so model.name must "
             f"hold pretrained weights ({spec.source!r} has none); or use dpo.loss=simpo (no reference)")
-    if ctx.distributed and ctx.world_size > 1:
-        raise TunesmithError(
-            "task=dpo: a full fine-tune's reference model is built in one process only; use "
-            "peft.method=lora, dora or qlora (the base is the reference) or dpo.loss=simpo")
-    reference = build_model(spec.family, spec.model_cfg, device="meta")
-    load_pretrained(reference, spec.source, rt.device, rt.compute_dtype,
-                    allow_pickle=cfg.model.allow_unsafe_pickle)
-    reference.requires_grad_(False).eval()
-    log.info("dpo: reference policy = a frozen copy of %s (%s)", spec.source, rt.compute_dtype)
+    reference = build_reference(asm)
+    log.info("dpo: reference policy = a frozen copy of %s (%s%s)", spec.source, rt.compute_dtype,
+             ", sharded like the policy" if asm.need("ctx").layout.sharded else "")
     return PreferenceObjective(dc, reference=reference)
 
 

@@ -305,3 +305,19 @@ def test_sample_file_through_llama3_template(tmp_path: Path, capsys: Any) -> Non
     out = capsys.readouterr().out
     assert "pairs: 16;" in out and "dropped pairs: overlong 0, no target left 0" in out
     assert out.count("<|start_header_id|>assistant<|end_header_id|>") == 2
+
+
+def test_compiled_runs_pad_to_a_multiple_of_64() -> None:
+    """Under train.compile unpacked SFT and DPO batches are padded to a multiple of 64 (few
+    distinct lengths for the compiled blocks); the real tokens' labels are unchanged."""
+    from tunesmith.data.assembly import COMPILE_PAD_MULTIPLE, pad_multiple
+
+    base = ["data.path=x", "task=dpo"]
+    assert pad_multiple(load_config(None, base)) is None
+    assert pad_multiple(load_config(None, [*base, "train.compile=true"])) == COMPILE_PAD_MULTIPLE == 64
+    assert pad_multiple(load_config(None, [*base, "train.compile=true", "data.pad_to_multiple_of=8"])) == 8
+    pair = {"chosen": {"input_ids": [5, 6, 7, 8], "loss_mask": [False, False, True, True]},
+            "rejected": {"input_ids": [5, 6, 9], "loss_mask": [False, False, True]}}
+    tight, padded = PairCollator(0)([pair]), PairCollator(0, 64)([pair])
+    assert tight["input_ids"].shape == (2, 4) and padded["input_ids"].shape == (2, 64)
+    assert torch.equal(padded["labels"][:, :4], tight["labels"]) and (padded["labels"][:, 4:] == -100).all()
