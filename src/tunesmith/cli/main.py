@@ -75,6 +75,10 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tunesmith.eval.run import run_eval
 
+    if args.harness is not None:
+        return _eval_harness(args)
+    if args.data is None:
+        raise TunesmithError("eval needs --data FILE (perplexity, or --generate), or --harness TASKS")
     if args.generate:
         return _eval_generate(args)
     out = run_eval(
@@ -114,6 +118,32 @@ def _eval_generate(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
     )
     print(json.dumps(out))
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace) -> int:
+    from tunesmith.eval.harness_run import result_rows, run_harness
+
+    if args.generate or args.data:
+        raise TunesmithError("--harness runs lm-eval tasks; it takes no --data / --generate")
+    tasks = [t.strip() for t in args.harness.split(",")]
+    results = run_harness(
+        args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+        batch_size=args.batch_size, device=args.device, precision=args.precision,
+        include_path=args.include_path, output=args.output, base=args.base,
+    )
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lm-eval on {args.model}", title_justify="left")
+    for col, justify in (("task", "left"), ("shots", "right"), ("metric", "left"),
+                         ("value", "right"), ("stderr", "right")):
+        table.add_column(col, justify=justify)
+    for row in result_rows(results):
+        table.add_row(*row)
+    Console(soft_wrap=True).print(table)
+    if args.output:
+        print(json.dumps({"results": args.output}))
     return 0
 
 
@@ -190,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval(sub) -> None:
-    """`tunesmith eval`: loss/perplexity, or --generate with ROUGE / exact match."""
-    e = sub.add_parser("eval", help="evaluation loss and perplexity of a model on a text file")
-    e.add_argument("model", help="HF-format model directory (or hub id)")
-    e.add_argument("--data", required=True, type=nonempty, help="text/json/jsonl/csv/parquet file")
+    """`tunesmith eval`: loss/perplexity, --generate with ROUGE / exact match, or --harness
+    with lm-evaluation-harness tasks."""
+    e = sub.add_parser("eval", help="evaluation loss and perplexity of a model on a text file, "
+                       "generation scores, or lm-eval tasks")
+    e.add_argument("model", help="HF-format model directory (or hub id), or a PEFT adapter directory")
+    e.add_argument("--data", default=None, type=nonempty, help="text/json/jsonl/csv/parquet file")
     e.add_argument("--block-size", type=positive_int, default=None, help="default: min(1024, model max)")
     e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--text-column", default="text", type=nonempty)
@@ -207,7 +239,16 @@ def _add_eval(sub) -> None:
     e.add_argument("--chat-template", default=None, help="tokenizer, llama3, chatml, alpaca")
     e.add_argument("--max-new-tokens", type=positive_int, default=128)
     e.add_argument("--max-samples", type=positive_int, default=None)
-    e.add_argument("--output", default=None, help="--generate: predictions JSONL path")
+    e.add_argument("--output", default=None,
+                   help="--generate: predictions JSONL path; --harness: lm-eval's results JSON")
+    e.add_argument("--harness", default=None, type=nonempty, metavar="TASK[,TASK...]",
+                   help="run lm-evaluation-harness tasks (pip install lm-eval)")
+    e.add_argument("--num-fewshot", type=nonneg_int, default=None, help="--harness: few-shot examples")
+    e.add_argument("--limit", type=positive_int, default=None, help="--harness: examples per task")
+    e.add_argument("--include-path", default=None, type=nonempty,
+                   help="--harness: a directory of your own task YAMLs")
+    e.add_argument("--base", default=None, type=nonempty,
+                   help="--harness: base model of an adapter directory (default: the one it names)")
     e.add_argument("--no-cuda-graphs", action="store_true",
                    help="--generate on CUDA: run decode steps eagerly, not as CUDA-graph replays")
     e.set_defaults(func=_eval)

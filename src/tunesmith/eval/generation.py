@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,11 @@ def _cut(new: list[int], stop: list[int]) -> list[int]:
 def generate_batched(model: torch.nn.Module, prompts: Sequence[list[int]], max_new: int,
                      stop: list[int], *, batch_size: int, temperature: float = 0.0,
                      gen: torch.Generator | None = None, pad_id: int = 0,
-                     cuda_graphs: bool = True) -> list[list[int]]:
-    """New tokens for each prompt (stop token and what follows cut), in the prompts' order."""
+                     cuda_graphs: bool = True, top_k: int | None = None, top_p: float | None = None,
+                     stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> list[list[int]]:
+    """New tokens for each prompt (stop token and what follows cut), in the prompts' order.
+    `stop_fn` ends rows early on other criteria (see models.generate.generate)."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
@@ -54,7 +57,7 @@ def generate_batched(model: torch.nn.Module, prompts: Sequence[list[int]], max_n
         ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)  # [b, T] each
         result = generate(model, ids, max_new_tokens=max_new, temperature=temperature,
                           eos_token_id=stop or None, generator=gen, attention_mask=mask,
-                          cuda_graph=cuda_graphs)
+                          cuda_graph=cuda_graphs, top_k=top_k, top_p=top_p, stop_fn=stop_fn)
         for row, i in enumerate(rows):
             out[i] = _cut(result[row, ids.shape[1]:].tolist(), stop)
     return out

@@ -1,7 +1,9 @@
-"""`tunesmith eval` and `tunesmith generate`: load an HF-format model and use it."""
+"""`tunesmith eval` and `tunesmith generate`: load an HF-format model (or a PEFT adapter
+directory over its base) and use it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,18 +18,51 @@ from tunesmith.data.sft_data import filter_category, render_split
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.generation import evaluate_generation
 from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.hf import io as hfio
 from tunesmith.models import build_model, get_family, load_pretrained, resolve_model_config, usable_positions
 from tunesmith.models.generate import generate
+from tunesmith.models.registry import adaption_point
+from tunesmith.peft.adaption_io import PEFT_TYPE as ADAPTION_PROMPT
+from tunesmith.peft.adaption_io import load_adaption
+from tunesmith.peft.io import ADAPTER_CONFIG, load_adapter
+from tunesmith.peft.merge import first_tokenizer
 from tunesmith.runtime import Runtime, resolve_device, resolve_runtime
 
 
-def load_for_inference(source: str, rt: Runtime) -> tuple[torch.nn.Module, Any]:
-    """Model (eval mode, weights from `source`) and its tokenizer."""
-    family, model_cfg = resolve_model_config(source)
+def adapter_base(source: str, base: str | None = None) -> tuple[str, str | None]:
+    """(base model, adapter dir or None) for `source`: a PEFT adapter directory (what
+    `tunesmith train` writes to OUTPUT/final for LoRA / DoRA / Llama-Adapter runs) names its
+    base in adapter_config.json's base_model_name_or_path; `base` overrides that."""
+    d = Path(source).expanduser()
+    if not (d / ADAPTER_CONFIG).is_file() or (d / "config.json").is_file():
+        return source, None
+    base = base or hfio.read_json(d / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise TunesmithError(f"adapter {d} does not name its base model "
+                             "(base_model_name_or_path in adapter_config.json); pass --base")
+    return str(base), str(d)
+
+
+def load_for_inference(source: str, rt: Runtime, *, base: str | None = None
+                       ) -> tuple[torch.nn.Module, Any]:
+    """Model (eval mode, weights from `source`, or its base plus the adapter when `source` is
+    a PEFT adapter directory) and its tokenizer (the adapter's own first)."""
+    base_dir, adapter_dir = adapter_base(source, base)
+    family, model_cfg = resolve_model_config(base_dir)
     model = build_model(family, model_cfg, device="meta")
-    load_pretrained(model, source, device=rt.device, dtype=rt.param_dtype)
+    load_pretrained(model, base_dir, device=rt.device, dtype=rt.param_dtype)
+    if adapter_dir is None:
+        model.eval()
+        return model, load_tokenizer(source)
+    peft_type = hfio.read_json(Path(adapter_dir) / ADAPTER_CONFIG).get("peft_type")
+    if peft_type == ADAPTION_PROMPT:
+        load_adaption(model, adaption_point(model_cfg.model_type), family.adapter(model_cfg),
+                      adapter_dir, dtype=rt.param_dtype)
+    else:  # LoRA / DoRA (read_adapter refuses anything else in one line)
+        load_adapter(model, family.adapter(model_cfg), adapter_dir, adapter_dtype=rt.param_dtype)
+    model.to(rt.device)
     model.eval()
-    return model, load_tokenizer(source)
+    return model, first_tokenizer(adapter_dir, base_dir)
 
 
 def run_eval(

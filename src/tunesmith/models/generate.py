@@ -3,7 +3,7 @@ per step over a static KV cache (a CUDA graph replay per step on CUDA; see model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -101,6 +101,7 @@ def generate(
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
     cuda_graph: bool = True,
+    stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Continue input_ids [T] or [B, T]; returns prompt + new tokens [B, T + n].
 
@@ -112,6 +113,9 @@ def generate(
     The KV cache is allocated once for T + max_new_tokens; the prompt runs in one pass, then
     every decode step has the same shapes. On CUDA with cuda_graph, the step is captured once
     as a CUDA graph and replayed (no per-layer kernel launches from Python).
+
+    stop_fn(new tokens [B, n]) -> bool [B] marks rows that are done after each step (stop
+    strings, e.g. lm-eval's `until`); such rows are padded like rows that emitted eos.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -143,8 +147,10 @@ def generate(
         pieces.append(token[:, None])
         if eos.numel():
             finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                break
+        if stop_fn is not None:
+            finished |= stop_fn(torch.cat(pieces[1:], dim=1)).to(device)
+        if (eos.numel() or stop_fn is not None) and bool(finished.all()):
+            break
         if i + 1 < max_new_tokens:
             logits = step(token[:, None], next_pos + i, t + i)  # written at slot t + i
     return torch.cat(pieces, dim=1)

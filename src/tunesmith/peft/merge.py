@@ -40,7 +40,7 @@ def _base_dtype(base: str, requested: str) -> torch.dtype:
     return torch.float32
 
 
-def _tokenizer(*sources: str) -> Any:
+def first_tokenizer(*sources: str) -> Any:
     """The first tokenizer found among `sources` (adapter dir first), or None."""
     for src in sources:
         d = Path(src).expanduser()
@@ -61,7 +61,7 @@ def merge_adapter(base: str, adapter_dir: str, out_dir: str, *, dtype: str = "au
     load_pretrained(model, base, device=device, dtype=save_dtype)
     files = load_adapter(model, family.adapter(model_cfg), adapter_dir)
     n = merge_lora(model)
-    save_pretrained(model, family, model_cfg, out, tokenizer=_tokenizer(adapter_dir, base),
+    save_pretrained(model, family, model_cfg, out, tokenizer=first_tokenizer(adapter_dir, base),
                     dtype=save_dtype)
     log.info("merged %d adapters (r=%d%s) from %s into %s -> %s (%s)", n, files.spec.r,
              ", dora" if files.spec.dora else "", adapter_dir, base, out, save_dtype)
