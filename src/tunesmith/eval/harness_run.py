@@ -79,6 +79,10 @@ def run_harness(
             log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed,
         )
+    except ConnectionError as e:  # the task's data set is on a hub this machine cannot reach
+        raise TunesmithError(f"--harness {','.join(tasks)}: cannot fetch the task's data ({e}); "
+                             "run where the hub is reachable, or give local task YAMLs with "
+                             "--include-path") from None
     except (FileNotFoundError, ValueError) as e:  # a task's data or config that cannot be read
         raise TunesmithError(f"--harness {','.join(tasks)}: {e}") from None
     if results is None:

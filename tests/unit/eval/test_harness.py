@@ -295,6 +295,16 @@ def test_cli_bad_input(tiny_dir, task_dir, tmp_path, capsys, monkeypatch):
     _fails(["eval", tiny_dir, "--harness", "ts_mc", "--limit", "1", "--output", tmp_path / "out", *args],
            capsys, "is a directory")
     _fails(["eval", tiny_dir, "--harness", "ts_mc", "--data", "x.txt", *args], capsys, "no --data")
+    # A task whose data set lives on an unreachable hub (offline here): one line, not a traceback.
+    hub = tmp_path / "hub_tasks"
+    hub.mkdir()
+    (hub / "ts_hub.yaml").write_text(
+        "task: ts_hub\ndataset_path: tunesmith-test/unreachable\ntest_split: train\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fails(["eval", tiny_dir, "--harness", "ts_hub", "--include-path", hub, "--device", "cpu"], capsys,
+           "cannot fetch the task's data")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     _fails(["eval", tiny_dir, "--harness", "ts_mc"], capsys, "pip install lm-eval")
 
