@@ -97,3 +97,18 @@ def test_refusals_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path: Path) -> None:
+    """The loss is normalised by the step's pair count: 2 micro-batches of 2 pairs give the
+    step of one micro-batch of 4."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(one, "train.max_steps=4", "train.micro_batch_size=4") == 0
+    assert _train(two, "train.max_steps=4", "train.micro_batch_size=2", "train.grad_accum_steps=2") == 0
+    a, b = _train_records(one), _train_records(two)
+    for step in a:
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, key)
+    wa, wb = load_file(one / "final" / "adapter_model.safetensors"), load_file(two / "final" / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0)  # Adam on float-order noise (as the 2-rank tests)
