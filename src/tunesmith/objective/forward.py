@@ -70,9 +70,11 @@ def target_count(model: nn.Module, batch: dict) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool = True) -> torch.Tensor:
-    """Sum of token cross-entropies of one batch (labels already shifted, -100 ignored); under
-    context parallelism, of this rank's part of the sequence (the caller sums over ranks)."""
+def head_inputs(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [B, T, D(+1)], head weight [V, D(+1)], labels [B, T]) on the device: what the fused
+    head + cross-entropy kernel reads for one batch (labels already shifted, -100 ignored). Under
+    context parallelism, this rank's part of the sequence."""
     dev = rt.device
     cp = context_parallel_of(model)
     if cp is not None:
@@ -92,6 +94,13 @@ def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool =
     hidden, head = head_with_bias(hidden, model.output, head)  # [B, T, D(+1)], [V, D(+1)]
     if not need_grad:
         head = head.detach()
+    return hidden, head, labels
+
+
+def batch_loss_sum(model: nn.Module, batch: dict, rt: Runtime, need_grad: bool = True) -> torch.Tensor:
+    """Sum of token cross-entropies of one batch (labels already shifted, -100 ignored); under
+    context parallelism, of this rank's part of the sequence (the caller sums over ranks)."""
+    hidden, head, labels = head_inputs(model, batch, rt, need_grad)
     # float8: the recipe the float8 transform marked the head with (train.float8_skip), or None.
     return linear_cross_entropy(hidden, head, labels, compute_dtype=rt.compute_dtype,
                                 float8=float8_head_recipe(model.output))
@@ -110,7 +119,7 @@ class TokenObjective:
     def loss_sum(self, model: nn.Module, batch: dict, rt: Runtime) -> torch.Tensor:
         return batch_loss_sum(model, batch, rt, need_grad=True)
 
-    def log_fields(self, all_reduce=None) -> dict[str, float]:  # noqa: ARG002 - same signature
+    def log_fields(self, all_reduce=None) -> dict[str, float]:  # the preference objective's signature
         return {}
 
 

@@ -35,9 +35,8 @@ from torch import nn
 
 from tunesmith.config.tasks import DPOConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.objective.forward import attention_for, head_with_bias
+from tunesmith.objective.forward import head_inputs
 from tunesmith.objective.loss import IGNORE_INDEX, linear_cross_entropy
-from tunesmith.parallel.fsdp import gathered_head_weight
 from tunesmith.runtime import Runtime
 from tunesmith.transforms.float8 import float8_head_recipe
 
@@ -46,16 +45,7 @@ def row_logps(model: nn.Module, batch: dict, rt: Runtime, *, need_grad: bool = T
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [R] fp32, counts [R] long): per row of the batch, the summed log-probability of its
     target tokens (labels already shifted, -100 ignored) and how many there are."""
-    dev = rt.device
-    input_ids = batch["input_ids"].to(dev, non_blocking=True)  # [R, T]
-    labels = batch["labels"].to(dev, non_blocking=True)  # [R, T]
-    attn, positions = attention_for(_drop_right_padding_mask(batch), dev)
-    with rt.autocast():
-        hidden = model(input_ids, positions=positions, attn=attn, return_hidden=True)  # [R, T, D]
-    head = gathered_head_weight(model)
-    hidden, head = head_with_bias(hidden, model.output, head)  # [R, T, D(+1)], [V, D(+1)]
-    if not need_grad:
-        head = head.detach()
+    hidden, head, labels = head_inputs(model, _drop_right_padding_mask(batch), rt, need_grad)
     recipe = float8_head_recipe(model.output)
     # One fused call per row: the kernel returns a sum, and each row needs its own gradient
     # scale (d loss / d logp_row), which autograd gives each call separately.

@@ -70,19 +70,30 @@ def _dp_mesh(ctx: ParallelContext):
     return ctx.mesh["dp_shard_cp"]
 
 
+def _compile_blocks(model: nn.Module, cfg: RunConfig) -> None:
+    """Regional compile: each block in place (state-dict keys unchanged); blocks share one
+    graph, so compile time does not grow with depth."""
+    options = inductor_options(cfg.train.compile_options)
+    for block in model.layers:  # type: ignore[attr-defined]
+        block.compile(options=options)
+
+
+def _shard(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> None:
+    """FSDP2 (or HSDP) over the data-parallel mesh, in the run's mixed-precision policy."""
+    pc = cfg.parallel
+    apply_fsdp(model, _dp_mesh(ctx), ctx.layout, pc,
+               mp_policy(rt.compute_dtype, rt.param_dtype, pc.reduce_dtype))
+
+
 def parallelize_frozen(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
     """A frozen model that only runs forward passes (task=dpo's reference policy), in place:
     compiled blocks as the policy has, and under a sharded layout FSDP2 over the policy's mesh,
     so each rank holds 1/N of its weights. Data-parallel replicas (DDP) keep a plain copy: there
     are no gradients to reduce. No float8, AC or offload: nothing is saved for a backward."""
     if cfg.train.compile:
-        options = inductor_options(cfg.train.compile_options)
-        for block in model.layers:  # type: ignore[attr-defined]
-            block.compile(options=options)
-    layout = ctx.layout
-    if ctx.distributed and ctx.token_ranks > 1 and layout.sharded:
-        apply_fsdp(model, _dp_mesh(ctx), layout, cfg.parallel,
-                   mp_policy(rt.compute_dtype, rt.param_dtype, cfg.parallel.reduce_dtype))
+        _compile_blocks(model, cfg)
+    if ctx.distributed and ctx.token_ranks > 1 and ctx.layout.sharded:
+        _shard(model, cfg, ctx, rt)
     return model
 
 
@@ -103,15 +114,10 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
     if pc.activation_offload:  # outside AC: the inputs AC keeps are what it offloads
         apply_activation_offload(model, rt.device)
     if cfg.train.compile:
-        # Regional compile: each block in place (state-dict keys unchanged); blocks share one
-        # graph, so compile time does not grow with depth.
-        options = inductor_options(cfg.train.compile_options)
-        for block in model.layers:  # type: ignore[attr-defined]
-            block.compile(options=options)
+        _compile_blocks(model, cfg)
     if ctx.distributed and ctx.token_ranks > 1:
         if layout.sharded:
-            apply_fsdp(model, _dp_mesh(ctx), layout, pc,
-                       mp_policy(rt.compute_dtype, rt.param_dtype, pc.reduce_dtype))
+            _shard(model, cfg, ctx, rt)
         else:
             apply_ddp(model, ctx.token_mesh)
     if ctx.is_main and (ctx.distributed or n_ac):
