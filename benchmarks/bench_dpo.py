@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _variants import reset_memory, run_variant, sync  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-float8", "tunesmith-qlora", "tunesmith-full", "trl",
             "trl-liger", "trl-full", "trl-full-liger")
@@ -86,24 +86,6 @@ def _ours_batch(pairs: list[dict], pad_multiple: int | None) -> dict:
                                             for p in pairs])
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _reset_memory() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated() / 2**30
-
-
 def run_tunesmith(args, variant: str) -> dict:
     from tunesmith.build import assemble
     from tunesmith.config.schema import RunConfig
@@ -135,15 +117,15 @@ def run_tunesmith(args, variant: str) -> dict:
                  val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
                  flops_per_token=1.0, peak_tflops=None, objective=build_objective(cfg, a))
     data = synthetic_pairs(model.cfg.vocab_size, args.prompt, args.answer, args.steps * args.pairs)
-    setup_gib = _reset_memory()
+    setup_gib = reset_memory(args.device)
     times, losses, tokens = [], [], []
     for s in range(args.steps):
         pairs = data[s * args.pairs:(s + 1) * args.pairs]
         batch = _ours_batch(pairs, pad_multiple(cfg))
-        _sync()
+        sync(args.device)
         t0 = time.perf_counter()
         loss, _, _, _ = tr.train_step([batch])
-        _sync()
+        sync(args.device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         tokens.append(real_tokens(pairs))
@@ -195,11 +177,11 @@ def run_trl(args, liger: bool, full: bool = False) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            _sync()
+            sync(args.device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            _sync()
+            sync(args.device)
             times.append(time.perf_counter() - self.t0)
 
     targs = DPOConfig(
@@ -219,7 +201,7 @@ def run_trl(args, liger: bool, full: bool = False) -> dict:
                                r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                                target_modules="all-linear", task_type="CAUSAL_LM"),
                            callbacks=[Timer()])
-    setup_gib = _reset_memory()
+    setup_gib = reset_memory(args.device)
     trainer.train()
     tokens = [real_tokens(data[s * args.pairs:(s + 1) * args.pairs]) for s in range(args.steps)]
     return _result(args, times, tokens, [], setup_gib)

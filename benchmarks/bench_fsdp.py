@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _variants import sync  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+
 
 # ----------------------------------------------------------------------------- worker
 def _run_config(args):
@@ -90,13 +92,6 @@ def _build(args):
     return trainer, ctx, mcfg, flops, n_params
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -107,10 +102,10 @@ def worker(args) -> None:
     try:
         for batch in _batches(mcfg.vocab_size, args.seq, args.micro_batch, args.steps,
                               seed=ctx.dp_rank, pin=args.device == "cuda"):
-            _sync(args.device)
+            sync(args.device)
             t0 = time.perf_counter()
             loss, _, _, _ = trainer.train_step([batch])
-            _sync(args.device)
+            sync(args.device)
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
     except torch.cuda.OutOfMemoryError:

@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from _variants import run_variant  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _variants import reset_memory, run_variant, sync  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-qlora-noac", "tunesmith-eager",
             "tunesmith-float8", "hf-peft", "hf-peft-nogc")
@@ -56,25 +56,6 @@ def synthetic_batches(vocab: int, seq: int, micro_batch: int, n: int, seed: int 
 
 def _gib(n_bytes: float) -> float:
     return n_bytes / 2**30
-
-
-def _reset_memory(device: str) -> float | None:
-    """Clear the setup's leftovers, start peak tracking now; returns what the model holds."""
-    import torch
-
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return _gib(torch.cuda.memory_allocated())
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _tunesmith_model(args, variant: str):
@@ -114,15 +95,15 @@ def run_tunesmith(args, variant: str) -> dict:
     tr = Trainer(cfg=cfg, rt=rt, model=model, optimizer=opt, scheduler=sched, train_loader=None,
                  val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
                  flops_per_token=1.0, peak_tflops=None)
-    setup_gib = _reset_memory(args.device)
+    setup_gib = reset_memory(args.device)
     times, losses = [], []
     for ids in synthetic_batches(model.cfg.vocab_size, args.seq, args.micro_batch, args.steps):
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # [B, T]
         batch = {"input_ids": ids, "labels": labels}
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         loss, _, _, _ = tr.train_step([batch])
-        _sync(args.device)
+        sync(args.device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     trainable, total = count_params(model)
@@ -151,11 +132,11 @@ def run_hf_peft(args, gradient_checkpointing: bool) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            _sync(args.device)
+            sync(args.device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            _sync(args.device)
+            sync(args.device)
             times.append(time.perf_counter() - self.t0)
 
     targs = TrainingArguments(
@@ -167,7 +148,7 @@ def run_hf_peft(args, gradient_checkpointing: bool) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Timer()])
-    setup_gib = _reset_memory(args.device)
+    setup_gib = reset_memory(args.device)
     trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

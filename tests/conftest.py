@@ -23,6 +23,22 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    """The real GPT-2 tokenizer from ../shared (skips when absent)."""
+    from tunesmith.data import load_tokenizer
+
+    return load_tokenizer(str(shared_path("tokenizers", "gpt2", "hf")))
+
+
+@pytest.fixture(scope="module")
+def llama3_tok():
+    """The Llama 3 tokenizer from ../shared (skips when absent)."""
+    from tunesmith.data import load_tokenizer
+
+    return load_tokenizer(str(shared_path("tokenizers", "llama3", "hf")))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 512) trained on Python's bundled docs, as the demo does."""

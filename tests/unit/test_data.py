@@ -60,11 +60,6 @@ def tiny_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_tokenizer(str(out))
 
 
-@pytest.fixture(scope="module")
-def gpt2_tok() -> Any:
-    return load_tokenizer(str(shared("tokenizers/gpt2/hf")))
-
-
 def cfg_for(path: Path | str, tmp_path: Path, **kw: Any) -> DataConfig:
     base: dict[str, Any] = {
         "path": str(path),

@@ -12,7 +12,6 @@ import torch
 from tests.conftest import shared_path
 from tunesmith.config.schema import DataConfig
 from tunesmith.config.tasks import SFTConfig
-from tunesmith.data import load_tokenizer
 from tunesmith.data.sft import InvalidRecord, SFTFormatter
 from tunesmith.data.sft_data import SFTCollator, build_sft_datasets
 from tunesmith.errors import TunesmithError
@@ -50,16 +49,6 @@ SHAREGPT = [{"conversations": [
 # A Jinja chat template without special tokens, so it works with the GPT-2 tokenizer.
 PLAIN_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>: {{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}<assistant>: {% endif %}")
-
-
-@pytest.fixture(scope="module")
-def llama3_tok() -> Any:
-    return load_tokenizer(str(shared_path("tokenizers", "llama3", "hf")))
-
-
-@pytest.fixture(scope="module")
-def gpt2_tok() -> Any:
-    return load_tokenizer(str(shared_path("tokenizers", "gpt2", "hf")))
 
 
 def _write(tmp_path: Path, records: list, name: str = "data.jsonl") -> Path:

@@ -38,16 +38,6 @@ def _conv(answer: str) -> list[dict[str, str]]:
     return [*CONV, {"role": "assistant", "content": answer}]
 
 
-@pytest.fixture(scope="module")
-def gpt2_tok() -> Any:
-    return load_tokenizer(str(shared_path("tokenizers", "gpt2", "hf")))
-
-
-@pytest.fixture(scope="module")
-def llama3_tok() -> Any:
-    return load_tokenizer(str(shared_path("tokenizers", "llama3", "hf")))
-
-
 @pytest.fixture()
 def templated_gpt2() -> Any:
     """Its own GPT-2 tokenizer with a Jinja chat template (the shared fixtures stay plain)."""
