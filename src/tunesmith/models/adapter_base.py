@@ -8,7 +8,7 @@ change a tensor on the way, e.g. GPT-2's `Conv1D` stores weights as [in, out] wh
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -41,6 +41,23 @@ class StateDictAdapter:
     def shape_to_native(self, hf_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The native shape of HF tensor `hf_key`, checked before anything is loaded."""
         return shape
+
+    # -- files whose tensors are not 1:1 with the model's (the MoE family's per-expert files) --
+    def hf_view_shapes(self, shapes: dict[str, Any]) -> dict[str, Any]:
+        """{HF name: (shape, where)} of a checkpoint as the name maps see it (identity here)."""
+        return shapes
+
+    def hf_view_tensors(self, tensors: Iterator[tuple[str, torch.Tensor]]
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+        """A checkpoint's (HF name, tensor) stream as the name maps see it (identity here)."""
+        return tensors
+
+    def hf_save_view(self, names: list[str], get_tensor: Callable[[str], torch.Tensor],
+                     nbytes: Callable[[str], int]
+                     ) -> tuple[list[str], Callable[[str], torch.Tensor], Callable[[str], int]]:
+        """The (names, getter, sizes) a HF directory is written with, given those of the name
+        maps (identity here)."""
+        return names, get_tensor, nbytes
 
     # -- whole state dicts -------------------------------------------------------------------
     def to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
 from tunesmith.models.family import ModelConfig, ModelFamily
-from tunesmith.models.registry import all_presets, family_of
+from tunesmith.models.registry import all_presets, family_of, get_family
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # HF's default max_shard_size ("5GB" in GiB)
 
@@ -100,7 +100,7 @@ def plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False,
     mapping: dict[str, str] = {}
     unexpected: list[str] = []
     bad_shapes: list[str] = []
-    for hf_name, (shape, _) in hfio.tensor_shapes(files, allow_pickle).items():
+    for hf_name, (shape, _) in adapter.hf_view_shapes(hfio.tensor_shapes(files, allow_pickle)).items():
         try:
             native = adapter.hf_key_to_native(hf_name)
         except TunesmithError:
@@ -155,7 +155,7 @@ def load_pretrained(
     model.to_empty(device=torch.device(device))  # re-ties and recomputes RoPE (Llama._apply)
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
-        for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
+        for hf_name, tensor in adapter.hf_view_tensors(hfio.iter_tensors(files, allow_pickle)):
             native = mapping.get(hf_name)
             if native is not None:
                 params[native].copy_(adapter.tensor_to_native(hf_name, tensor))
@@ -208,6 +208,9 @@ def write_hf_dir(
     Every save path uses it: `save_pretrained`, `parallel.export.save_pretrained_distributed`
     and `checkpoint.export.export_hf`.
     """
+    # The family's file layout (the MoE family splits stacked experts into per-expert tensors).
+    names, get_tensor, nbytes = get_family(cfg.model_type).adapter(cfg).hf_save_view(
+        names, get_tensor, nbytes)
     with hfio.atomic_output_dir(out_dir) as tmp:
         write_hf_config(tmp, cfg, saved_dtype)
         hfio.save_safetensors_sharded(tmp, names, get_tensor, nbytes, max_shard_size_bytes)

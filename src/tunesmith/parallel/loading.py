@@ -126,7 +126,7 @@ def _stream_pretrained(model: nn.Module, source: str, allow_pickle: bool,
     files = hfio.find_weight_files(weights_dir(source))
     mapping = plan_load(model, files, allow_pickle, skip)  # names and shapes checked from headers
     params = model.state_dict(keep_vars=True)
-    for hf_name, tensor in hfio.iter_tensors(files, allow_pickle):
+    for hf_name, tensor in adapter.hf_view_tensors(hfio.iter_tensors(files, allow_pickle)):
         native = mapping.get(hf_name)
         if native is not None:  # HF layout -> ours (e.g. GPT-2's Conv1D [in, out] transposed)
             copy_full_into(params[native], adapter.tensor_to_native(hf_name, tensor))

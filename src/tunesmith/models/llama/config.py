@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from tunesmith.errors import TunesmithError
 from tunesmith.models.common import SHAPE_ALIASES
@@ -89,6 +89,8 @@ class LlamaConfig:
     initializer_range: float = 0.02
     torch_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)  # unused HF keys, kept for the record
+    # The model types this config class accepts (the MoE family's subclass has its own).
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = MODEL_TYPES
 
     def __post_init__(self) -> None:
         if not self.n_kv_heads:
@@ -100,10 +102,9 @@ class LlamaConfig:
     def validate(self) -> None:
         """Raise TunesmithError on shapes the model cannot build."""
         where = f"model config ({self.model_type})"
-        if self.model_type not in MODEL_TYPES:
-            raise TunesmithError(
-                f"{where}: unknown model_type {self.model_type!r}; known: {', '.join(MODEL_TYPES)}"
-            )
+        if self.model_type not in self.MODEL_TYPES:
+            raise TunesmithError(f"{where}: unknown model_type {self.model_type!r}; "
+                                 f"known: {', '.join(self.MODEL_TYPES)}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "intermediate_size"):
             if int(getattr(self, name)) <= 0:
@@ -122,8 +123,8 @@ class LlamaConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """RMSNorm over head_dim on q and k before RoPE (Qwen3)."""
-        return self.model_type == "qwen3"
+        """RMSNorm over head_dim on q and k before RoPE (Qwen3, Qwen3-MoE)."""
+        return self.model_type in ("qwen3", "qwen3_moe")
 
     # ------------------------------------------------------------------ HF conversion
     @classmethod
@@ -172,9 +173,28 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             rope.update(self.rope_scaling)
             rope["rope_type"] = "llama3"
-        out: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[mt]],
-            "model_type": mt,
+        out = self.hf_decoder_fields(_ARCHITECTURES[mt], rope)
+        if mt == "llama":
+            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+        elif mt == "qwen3":
+            out.update(attention_bias=self.attention_bias, use_sliding_window=False, sliding_window=None,
+                       max_window_layers=self.n_layers, layer_types=["full_attention"] * self.n_layers)
+        elif mt == "mistral":
+            out["sliding_window"] = None
+        else:
+            # HF Qwen2Config has no head_dim field (the model reads it with getattr and a
+            # hidden_size // heads default); write it only when it differs from that default.
+            if self.head_dim == self.dim // self.n_heads:
+                del out["head_dim"]
+            out.update(use_sliding_window=False, sliding_window=None,
+                       max_window_layers=self.n_layers)
+        return out
+
+    def hf_decoder_fields(self, architecture: str, rope: dict[str, Any]) -> dict[str, Any]:
+        """The `config.json` fields every Llama-style decoder type writes (the MoE family's too)."""
+        return {
+            "architectures": [architecture],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "intermediate_size": self.intermediate_size,
@@ -195,21 +215,6 @@ class LlamaConfig:
             "attention_dropout": 0.0,
             "dtype": self.torch_dtype,
         }
-        if mt == "llama":
-            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
-        elif mt == "qwen3":
-            out.update(attention_bias=self.attention_bias, use_sliding_window=False, sliding_window=None,
-                       max_window_layers=self.n_layers, layer_types=["full_attention"] * self.n_layers)
-        elif mt == "mistral":
-            out["sliding_window"] = None
-        else:
-            # HF Qwen2Config has no head_dim field (the model reads it with getattr and a
-            # hidden_size // heads default); write it only when it differs from that default.
-            if self.head_dim == self.dim // self.n_heads:
-                del out["head_dim"]
-            out.update(use_sliding_window=False, sliding_window=None,
-                       max_window_layers=self.n_layers)
-        return out
 
     def _check_hf_expressible(self) -> None:
         mt = self.model_type
@@ -233,6 +238,12 @@ class LlamaConfig:
         kv = 2 * self.dim * self.n_kv_heads * self.head_dim
         o = self.n_heads * self.head_dim * self.dim
         return q + kv + o + 3 * self.dim * self.intermediate_size
+
+    @property
+    def block_matmul_params(self) -> int:
+        """Matmul weights one token goes through in all blocks (the MoE config counts only the
+        experts a token is routed to): the N of `flops_per_token`, without the head."""
+        return self.n_layers * self.n_matmul_params_per_layer
 
 
 def _check_rope_scaling(rs: dict[str, Any], where: str) -> None:
@@ -275,26 +286,26 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 # ---------------------------------------------------------------------- overrides
-_FIELD_NAMES = tuple(f.name for f in fields(LlamaConfig) if f.name != "extra")
-
-
-def apply_overrides(cfg: LlamaConfig, overrides: dict[str, Any] | None) -> LlamaConfig:
-    """Return a copy of `cfg` with overrides applied; keys may be our names or HF names.
+def apply_overrides(cfg: LlamaConfig, overrides: dict[str, Any] | None,
+                    key_map: dict[str, str] = HF_KEY_MAP) -> LlamaConfig:
+    """Return a copy of `cfg` with overrides applied; keys may be our names or HF names
+    (`key_map`: the HF names of `cfg`'s class; the MoE family passes its own).
 
     When dim or n_heads change and head_dim was derived (dim // n_heads) and is not itself
     overridden, head_dim is re-derived so "make it wider" does the obvious thing.
     """
     if not overrides:
         return copy.deepcopy(cfg)
+    names = tuple(f.name for f in fields(cfg) if f.name != "extra")
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         # GPT-2 names (n_embd, n_head, n_layer, ...) are accepted too.
-        ours = key if key in _FIELD_NAMES else HF_KEY_MAP.get(key) or SHAPE_ALIASES.get(key)
+        ours = key if key in names else key_map.get(key) or SHAPE_ALIASES.get(key)
         if ours is None:
-            valid = sorted(set(_FIELD_NAMES) | set(HF_KEY_MAP) | set(SHAPE_ALIASES))
+            valid = sorted(set(names) | set(key_map) | set(SHAPE_ALIASES))
             close = difflib.get_close_matches(key, valid, n=1)
             hint = (f"; did you mean {close[0]!r}?" if close
-                    else f"; valid keys: {', '.join(_FIELD_NAMES)}")
+                    else f"; valid keys: {', '.join(names)}")
             raise TunesmithError(f"model override: unknown key {key!r}{hint}")
         changes[ours] = copy.deepcopy(value)
     derived_head = cfg.head_dim == cfg.dim // cfg.n_heads

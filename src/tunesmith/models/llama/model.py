@@ -13,6 +13,10 @@ applied from outside using the stable submodule names:
     output                             nn.Linear [V, D]; shares tok_embeddings.weight when tied
 
 RoPE uses HF's rotate-half layout, so HF checkpoints load without permutation.
+
+This module is also the shared decoder skeleton of the MoE family (`models/moe`): its model
+subclasses `Llama` with sparse blocks (`make_block`, `init_block`) and reuses `Attention`,
+`RMSNorm` and `FeedForward` as they are, so both families keep one attention code path.
 """
 
 from __future__ import annotations
@@ -122,11 +126,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_id: int) -> None:
+    def __init__(self, cfg: LlamaConfig, layer_id: int, feed_forward: nn.Module | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
+        # The MoE family passes its sparse MLP (same call: [B, T, D] -> [B, T, D]).
+        self.feed_forward = FeedForward(cfg) if feed_forward is None else feed_forward
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -134,6 +139,14 @@ class TransformerBlock(nn.Module):
                 attn: PreparedAttention, cache: KVCache | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, attn, cache, self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def init_linears(pairs: list[tuple[nn.Linear, float]], generator: torch.Generator | None) -> None:
+    """N(0, std) weights and zero biases for each (linear, std)."""
+    for lin, std in pairs:
+        nn.init.normal_(lin.weight, 0.0, std, generator=generator)
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
 
 
 # ---------------------------------------------------------------------------- model
@@ -149,12 +162,16 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # [head_dim // 2] fp32; not saved: derived from the config, recomputed after to_empty.
         self.register_buffer("inv_freq", compute_inv_freq(cfg), persistent=False)
         self.tie_weights()
+
+    def make_block(self, cfg: LlamaConfig, layer_id: int) -> nn.Module:
+        """Block `layer_id`; a subclass (the MoE family) builds its own blocks here."""
+        return TransformerBlock(cfg, layer_id)
 
     # -- weight tying / materialisation ------------------------------------------------
     def tie_weights(self) -> None:
@@ -184,22 +201,26 @@ class Llama(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
         for layer in self.layers:
-            assert isinstance(layer, TransformerBlock)
-            att, ff = layer.attention, layer.feed_forward
-            for lin, s in ((att.wq, std), (att.wk, std), (att.wv, std), (att.wo, out_std),
-                           (ff.w1, std), (ff.w3, std), (ff.w2, out_std)):
-                nn.init.normal_(lin.weight, 0.0, s, generator=generator)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-            if hasattr(att, "q_norm"):  # Qwen3
-                att.q_norm.reset_parameters()
-                att.k_norm.reset_parameters()
+            self.init_block(layer, std, out_std, generator)
         self.norm.reset_parameters()
         if not self.cfg.tie_word_embeddings:
             nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
         self.reset_rope()
+
+    @staticmethod
+    def init_block(layer: nn.Module, std: float, out_std: float,
+                   generator: torch.Generator | None) -> None:
+        """One block's init (see `init_weights`): attention, then its dense SwiGLU MLP."""
+        att = layer.attention
+        init_linears([(att.wq, std), (att.wk, std), (att.wv, std), (att.wo, out_std)], generator)
+        layer.attention_norm.reset_parameters()
+        layer.ffn_norm.reset_parameters()
+        if hasattr(att, "q_norm"):  # Qwen3
+            att.q_norm.reset_parameters()
+            att.k_norm.reset_parameters()
+        ff = layer.feed_forward
+        if isinstance(ff, FeedForward):  # the MoE family's sparse layers init themselves
+            init_linears([(ff.w1, std), (ff.w3, std), (ff.w2, out_std)], generator)
 
     # -- forward -------------------------------------------------------------------------
     def forward(
@@ -245,12 +266,13 @@ class Llama(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 * N_matmul + 12 * L * H * hd * T.
 
-        N_matmul = weights of all nn.Linear layers: the 7 per block plus the output head (V*D).
+        N_matmul = weights of all nn.Linear layers: the 7 per block plus the output head (V*D)
+        (MoE models: the weights a token is routed through, `cfg.block_matmul_params`).
         The input embedding is a lookup, not a matmul, so it is excluded; when tied, the shared
         matrix is counted once, as the output head. Biases and norms are ignored (O(D) work).
         The second term is the attention score/value matmuls (forward + backward), counted for
         the full T x T square as is conventional (PaLM / nanoGPT / torchtitan).
         """
         c = self.cfg
-        n_matmul = c.n_layers * c.n_matmul_params_per_layer + c.vocab_size * c.dim
+        n_matmul = c.block_matmul_params + c.vocab_size * c.dim
         return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len

@@ -1,0 +1,22 @@
+"""MoE family (Mixtral, Qwen3-MoE): the Llama decoder with top-k routed SwiGLU experts."""
+
+from tunesmith.models.family import ModelFamily, preset_map
+from tunesmith.models.moe.adapter import MoEStateDictAdapter
+from tunesmith.models.moe.config import PRESET_NAMES, MoEConfig, apply_overrides, preset
+from tunesmith.models.moe.model import MoE
+
+FAMILY = ModelFamily(
+    name="moe",
+    model_types=("mixtral", "qwen3_moe"),
+    config_cls=MoEConfig,
+    model_cls=MoE,
+    adapter_cls=MoEStateDictAdapter,
+    presets=preset_map(PRESET_NAMES, preset),
+    apply_overrides=apply_overrides,
+    # No tensor-parallel plan (experts would need expert parallelism), no context parallelism
+    # (the load-balancing loss is over the whole sequence), no Llama-Adapter (peft's
+    # adaption_prompt does not serve these model types).
+    tp_plan=None,
+    context_parallel=False,
+    adaption=None,
+)

@@ -1,0 +1,194 @@
+"""Native Mixture-of-Experts decoder (Mixtral, Qwen3-MoE), numerically matching HF transformers.
+
+The Llama family's decoder (`models.llama.model.Llama`: embedding, attention, RoPE, norms, KV
+cache) with sparse MLP blocks. Submodule names, as for Llama except the sparse MLP:
+
+    layers[i].feed_forward             SparseMoE (or the dense FeedForward on Qwen3-MoE's
+                                       dense layers: HF mlp.gate_proj/up_proj/down_proj)
+        .router.weight                 [E, D]      HF mlp.gate.weight (Mixtral hub: block_sparse_moe.gate)
+        .experts.w13                   [E, 2I, D]  gate rows then up rows of every expert
+                                                   (HF 5 mlp.experts.gate_up_proj; hub: experts.{e}.w1/w3
+                                                   or gate_proj/up_proj)
+        .experts.w2                    [E, D, I]   (HF 5 mlp.experts.down_proj; hub: experts.{e}.w2 / down_proj)
+
+Experts are 3-D parameters, one per layer, so FSDP2 shards them like any weight, the CUDA path
+runs every expert in one grouped GEMM, and the adapter stacks the hub's per-expert tensors on
+load (and splits them on save). The router is a plain module (not `nn.Linear`), as in HF 5, so
+LoRA and float8 leave it alone: they target attention (and dense layers) only.
+
+Routing (HF): logits = x @ router^T; softmax in fp32; top-k; renormalised to sum to 1 (Mixtral
+always, Qwen3-MoE iff norm_topk_prob); Qwen3-MoE casts the weights back to the logits' dtype,
+Mixtral keeps them fp32. Each token's output is sum_k weight_k * expert_k(x).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models.llama.model import FeedForward, Llama, TransformerBlock
+from tunesmith.models.moe.config import MoEConfig
+
+_BACKENDS = ("auto", "loop", "grouped")
+_backend = "auto"  # process-wide expert kernel choice (tests compare the two)
+
+
+def set_expert_backend(name: str) -> None:
+    """auto (grouped GEMM on CUDA when available, else the per-expert loop), loop or grouped."""
+    global _backend
+    if name not in _BACKENDS:
+        raise TunesmithError(f"unknown expert backend {name!r}; known: {', '.join(_BACKENDS)}")
+    _backend = name
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """torch._grouped_mm serves CUDA bf16 (Hopper and later) on torch >= 2.8; its CPU kernel's
+    backward is not usable, so CPU always takes the loop."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+class Router(nn.Module):
+    """Top-k softmax router: x [N, D] -> (probs [N, E] fp32, weights [N, k], experts [N, k])."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = cfg.norm_topk_prob
+        self.cast_weights = cfg.model_type == "qwen3_moe"  # HF Qwen3-MoE: back to logits' dtype
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))  # [E, D]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)  # [N, E], autocast dtype under autocast
+        probs = torch.softmax(logits.float(), dim=-1)  # [N, E] fp32
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [N, k] each
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.cast_weights:
+            weights = weights.to(logits.dtype)
+        return probs, weights, experts
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as 3-D weights; each token runs through its top-k experts.
+
+    Tokens are sorted by expert (a stable sort of the N*k assignments), so each expert reads a
+    contiguous block of rows: one grouped GEMM per projection on CUDA, or a loop over the experts
+    that received tokens (CPU, and as the reference). Outputs are weighted, then summed per token
+    with one index_add in expert order, as HF's loop adds them.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        e, d, i = cfg.num_experts, cfg.dim, cfg.moe_intermediate_size
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, d))  # [E, 2I, D]: gate rows, then up rows
+        self.w2 = nn.Parameter(torch.empty(e, d, i))  # [E, D, I]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights / experts [N, k] -> [N, D]."""
+        n_exp, k = self.w13.shape[0], experts.shape[1]
+        flat = experts.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=n_exp)  # [E] tokens per expert
+        token = order // k  # [N*k] the token of each sorted assignment
+        xs = x[token]  # [N*k, D]
+        use_grouped = _backend == "grouped" or (_backend == "auto" and grouped_mm_available(x))
+        ys = self._grouped(xs, counts) if use_grouped else self._loop(xs, counts)  # [N*k, D]
+        w = weights.reshape(-1)[order, None]  # [N*k, 1]
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token, (ys * w).to(x.dtype))
+
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for e, rows in enumerate(xs.split(counts.tolist())):  # one host sync per layer
+            if rows.shape[0]:
+                gate, up = F.linear(rows, self.w13[e]).chunk(2, dim=-1)  # [n_e, I] each
+                outs.append(F.linear(F.silu(gate) * up, self.w2[e]))  # [n_e, D]
+        return torch.cat(outs) if outs else xs.new_zeros(0, self.w2.shape[1])
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # _grouped_mm is not on autocast's lists: cast to the autocast dtype by hand.
+        dtype = (torch.get_autocast_dtype(xs.device.type)
+                 if torch.is_autocast_enabled(xs.device.type) else self.w13.dtype)
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each expert's block
+        h = torch._grouped_mm(xs.to(dtype), self.w13.to(dtype).transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)  # [N*k, I] each
+        return torch._grouped_mm(F.silu(gate) * up, self.w2.to(dtype).transpose(-2, -1), offs=offs)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts on x [B, T, D]. With `keep_router_stats` (set from outside when the
+    run adds the load-balancing loss) it keeps the last call's router probabilities [N, E] and
+    chosen experts [N, k] in `router_stats`, for `MoE.router_aux_loss`."""
+
+    keep_router_stats: bool = False
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.router_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)  # [N, D]
+        probs, weights, experts = self.router(flat)
+        if self.keep_router_stats:
+            self.router_stats = (probs, experts)
+        return self.experts(flat, weights, experts).view(b, t, d)
+
+
+class MoE(Llama):
+    """Mixtral / Qwen3-MoE causal LM: `Llama` with `SparseMoE` feed-forwards."""
+
+    cfg: MoEConfig
+
+    def make_block(self, cfg: MoEConfig, layer_id: int) -> nn.Module:  # type: ignore[override]
+        ff = SparseMoE(cfg) if cfg.is_sparse(layer_id) else FeedForward(cfg)
+        return TransformerBlock(cfg, layer_id, feed_forward=ff)
+
+    @staticmethod
+    def init_block(layer: nn.Module, std: float, out_std: float,
+                   generator: torch.Generator | None) -> None:
+        """Llama's block init; router and expert inputs N(0, std), expert outputs N(0, out_std)."""
+        Llama.init_block(layer, std, out_std, generator)
+        ff = layer.feed_forward
+        if isinstance(ff, SparseMoE):
+            nn.init.normal_(ff.router.weight, 0.0, std, generator=generator)
+            nn.init.normal_(ff.experts.w13, 0.0, std, generator=generator)
+            nn.init.normal_(ff.experts.w2, 0.0, out_std, generator=generator)
+
+    def sparse_blocks(self) -> list[SparseMoE]:
+        return [m for m in self.modules() if isinstance(m, SparseMoE)]
+
+    def keep_router_stats(self, on: bool = True) -> None:
+        """Make every sparse layer keep its routing of the last forward (for the aux loss)."""
+        for moe in self.sparse_blocks():
+            moe.keep_router_stats = on
+            moe.router_stats = None
+
+    def router_aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """HF's load-balancing loss (Switch Transformer eq. 4-6, as `load_balancing_loss_func`)
+        over the last forward's tokens and sparse layers:
+
+            E * sum_e f_e * P_e,  f_e = top-k picks of e / rows,  P_e = sum of probs of e / rows
+
+        with picks and probabilities summed over all sparse layers before the product and rows =
+        layers x counted tokens. token_mask [B, T] (1 = counted) leaves padding out."""
+        stats = [m.router_stats for m in self.sparse_blocks()]
+        if not stats or any(s is None for s in stats):
+            raise TunesmithError("router_aux_loss: no routing recorded; call keep_router_stats() "
+                                 "before the forward")
+        n_exp = self.cfg.num_experts
+        picks = torch.zeros(n_exp, dtype=torch.float32, device=stats[0][0].device)  # type: ignore[index]
+        prob_sum = torch.zeros_like(picks)
+        rows = picks.new_zeros(())
+        for probs, experts in stats:  # type: ignore[misc]
+            w = (torch.ones(probs.shape[0], device=probs.device) if token_mask is None
+                 else token_mask.reshape(-1).to(probs.device, torch.float32))  # [N]
+            picks = picks.index_add(0, experts.reshape(-1), w.repeat_interleave(experts.shape[1]))
+            prob_sum = prob_sum + (probs * w[:, None]).sum(0)
+            rows = rows + w.sum()
+        return n_exp * torch.sum((picks / rows) * (prob_sum / rows))
