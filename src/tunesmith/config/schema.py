@@ -145,6 +145,13 @@ class TrainConfig(Section):
         "Trainer) or bf16 (as in torchtitan and Megatron: half the memory traffic of the norms and "
         "residual adds; see docs/performance.md).",
     )
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0,
+        description="MoE models (mixtral, qwen3_moe): add coef x the router load-balancing loss "
+        "(HF's load_balancing_loss_func, each micro-batch's over its tokens) to the training loss; "
+        "null: off, as HF without output_router_logits. The published configs record 0.02 "
+        "(Mixtral) and 0.001 (Qwen3-MoE). Logged as router_aux_loss (docs/tasks.md).",
+    )
     micro_batch_size: int = Field(8, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
@@ -474,6 +481,9 @@ def _check_dpo(cfg: RunConfig) -> None:
                          "not supported yet; use FSDP2 or DDP")
     if cfg.peft.method == "llama_adapter":
         raise ValueError("task=dpo: peft.method=llama_adapter is not supported; use lora, dora or qlora")
+    if cfg.train.router_aux_loss_coef is not None:
+        raise ValueError("task=dpo: train.router_aux_loss_coef is not supported (the preference loss "
+                         "has no router term); leave it null")
 
 
 def _check_lowmem(cfg: RunConfig) -> None:

@@ -219,10 +219,24 @@ def _check_tiled_mlp(cfg: RunConfig, model_cfg: Any) -> None:
         raise native_only(f"not model type {model_cfg.model_type!r}")
 
 
+def _check_router_aux(cfg: RunConfig, model_cfg: Any) -> None:
+    """train.router_aux_loss_coef needs routers, and each sparse layer's routing of the whole
+    micro-batch (a tiled MLP routes it chunk by chunk)."""
+    if cfg.train.router_aux_loss_coef is None:
+        return
+    if not hasattr(model_cfg, "num_experts"):
+        raise TunesmithError(f"train.router_aux_loss_coef: model type {model_cfg.model_type!r} has no "
+                             "experts (MoE models: mixtral, qwen3_moe); leave it null")
+    if cfg.parallel.mlp_chunk_size:
+        raise TunesmithError("train.router_aux_loss_coef with parallel.mlp_chunk_size is not supported "
+                             "(the tiled MLP routes each chunk apart); drop one of them")
+
+
 def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:
     """Checks that need the model shape, the data settings or the device (still no comms)."""
     tp = layout.tp
     _check_tiled_mlp(cfg, model_cfg)
+    _check_router_aux(cfg, model_cfg)
     if layout.world_size > 1:
         _check_single_process_features(cfg, model_cfg)
     if layout.cp > 1:

@@ -25,6 +25,7 @@ from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
 from tunesmith.errors import TunesmithError
 from tunesmith.objective.forward import TokenObjective
+from tunesmith.objective.router_aux import RouterAuxObjective
 from tunesmith.objective.preference import PreferenceObjective
 from tunesmith.observe import check_trackers
 from tunesmith.optim import build_scheduler
@@ -165,6 +166,9 @@ def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
       * otherwise a frozen copy of `model.name`'s weights in the compute dtype, compiled and
         sharded as the policy is (`build.build_reference`), never the resumed weights, so a
         resumed run compares with the same reference as an uninterrupted one."""
+    if cfg.task != "dpo" and cfg.train.router_aux_loss_coef is not None:
+        asm.need("model").keep_router_stats()  # each sparse layer keeps its routing for the loss
+        return RouterAuxObjective(cfg.train.router_aux_loss_coef)
     if cfg.task != "dpo":
         return TokenObjective()
     dc, model = cfg.dpo, asm.need("model")

@@ -91,7 +91,10 @@ class Experts(nn.Module):
         n_exp, k = self.w13.shape[0], experts.shape[1]
         flat = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=n_exp)  # [E] tokens per expert
+        # [E] tokens per expert; a fixed-shape scatter (bincount's size depends on the data,
+        # which compile cannot trace)
+        counts = torch.zeros(n_exp, dtype=flat.dtype, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         token = order // k  # [N*k] the token of each sorted assignment
         xs = x[token]  # [N*k, D]
         use_grouped = _backend == "grouped" or (_backend == "auto" and grouped_mm_available(x))

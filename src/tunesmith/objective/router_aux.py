@@ -1,0 +1,56 @@
+"""The token objective plus the MoE router's load-balancing loss (`train.router_aux_loss_coef`).
+
+HF adds `coef * aux` to the mean cross-entropy of one forward, with aux computed over that
+forward's tokens (`load_balancing_loss_func`; padding left out through the attention mask). The
+trainer here divides a step's summed losses by the step's global target count N, so each
+micro-batch contributes
+
+    loss_sum(mb) = CE_sum(mb) + coef * aux(mb) * n(mb)        (n = the micro-batch's targets)
+
+and the step's loss is  CE_sum / N + coef * sum_mb (n(mb) / N) * aux(mb):
+  * one micro-batch on one rank: exactly HF's loss (mean CE + coef * aux);
+  * k micro-batches (gradient accumulation) and data-parallel ranks: the cross-entropy of the
+    whole step as before, plus coef times the target-weighted mean of the micro-batches' aux
+    losses (their plain mean when micro-batches hold equal target counts, as packed blocks do).
+    Each aux is over its own micro-batch's routing, as in HF, not over the whole step's.
+Evaluation reports the cross-entropy alone. The logged `router_aux_loss` is the same weighted
+mean over the steps since the last record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tunesmith.objective.forward import TokenObjective, batch_loss_sum, target_count
+from tunesmith.runtime import Runtime
+
+
+class RouterAuxObjective(TokenObjective):
+    """TokenObjective + coef * the router load-balancing loss, weighted by target tokens."""
+
+    def __init__(self, coef: float) -> None:
+        self.coef = coef
+        self._sums: torch.Tensor | None = None  # [2] (aux * n, n) since the last record
+
+    def loss_sum(self, model: nn.Module, batch: dict, rt: Runtime) -> torch.Tensor:
+        ce = batch_loss_sum(model, batch, rt, need_grad=True)
+        mask = batch.get("attention_mask")  # [B, T] host; padding is not routed traffic
+        aux = model.router_aux_loss(mask)  # the routing this forward recorded
+        n = float(target_count(model, batch))
+        sums = torch.stack([aux.detach() * n, aux.new_tensor(n)])
+        self._sums = sums if self._sums is None else self._sums + sums
+        return ce + self.coef * n * aux.to(ce.dtype)
+
+    def log_fields(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> dict[str, float]:
+        """The target-weighted mean aux loss since the last call (over all ranks with
+        `all_reduce`); resets. One host read."""
+        if self._sums is None:
+            return {}
+        sums = all_reduce(self._sums) if all_reduce is not None else self._sums
+        aux_n, n = sums.tolist()
+        self._sums = None
+        return {"router_aux_loss": aux_n / max(n, 1.0)}
