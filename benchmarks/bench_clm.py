@@ -115,19 +115,25 @@ def synthetic_step_batches(vocab: int, seq: int, micro_batch: int, n: int):
 
 def run_tunesmith(args, compile_blocks: bool, float8: str = "none", sets: dict | None = None) -> dict:
     """Drives tunesmith's own Trainer.train_step (the production step) on synthetic batches."""
-    import torch
-
     tr, model, flops, peak = build_trainer(args, compile_blocks, float8, sets)
     args.micro_batch = tr.cfg.train.micro_batch_size  # a variant may set train.micro_batch_size
+    times, losses = time_steps(tr, model.cfg.vocab_size, args.seq, args.micro_batch, args.steps)
+    return _result(args, times, flops, peak, losses, sum(p.numel() for p in model.parameters()))
+
+
+def time_steps(tr, vocab: int, seq: int, micro_batch: int, steps: int) -> tuple[list[float], list[float]]:
+    """(seconds, loss) of each `Trainer.train_step` on synthetic batches, GPU-synchronised."""
+    import torch
+
     times, losses = [], []
-    for batch in synthetic_step_batches(model.cfg.vocab_size, args.seq, args.micro_batch, args.steps):
+    for batch in synthetic_step_batches(vocab, seq, micro_batch, steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss, _, _, _ = tr.train_step([batch])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    return _result(args, times, flops, peak, losses, sum(p.numel() for p in model.parameters()))
+    return times, losses
 
 
 def run_hf_trainer(args, liger: bool = False) -> dict:

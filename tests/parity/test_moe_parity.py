@@ -12,7 +12,12 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tunesmith.models import build_model, load_pretrained, resolve_model_config, save_pretrained
+from tunesmith.models import (
+    build_model,
+    load_pretrained,
+    resolve_model_config,
+    save_pretrained,
+)
 from tunesmith.models.generate import generate
 from tunesmith.models.moe.model import SparseMoE
 

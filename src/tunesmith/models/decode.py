@@ -33,7 +33,10 @@ class DecodeStep:
         self.model, self.cache, self.key_mask = model, cache, key_mask
         self.token = torch.zeros(b, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=dev)
-        self.use_graph = use_graph and dev.type == "cuda"
+        # A model whose step syncs with the host (the MoE family's per-expert loop) cannot be
+        # captured; it says so with `graph_safe_decode()` and then runs eagerly.
+        safe = getattr(model, "graph_safe_decode", None)
+        self.use_graph = use_graph and dev.type == "cuda" and (safe is None or safe())
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer [B, V]
 

@@ -43,11 +43,15 @@ def set_expert_backend(name: str) -> None:
     _backend = name
 
 
-def grouped_mm_available(x: torch.Tensor) -> bool:
-    """torch._grouped_mm serves CUDA bf16 (Hopper and later) on torch >= 2.8; its CPU kernel's
-    backward is not usable, so CPU always takes the loop."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether experts with weights like `w` [E, out, in] take the grouped GEMM for inputs on
+    x's device. torch._grouped_mm serves CUDA bf16 on Hopper and later (torch >= 2.8), with
+    every row 16-byte aligned (dims multiples of 8); its CPU kernel's backward is not usable,
+    so CPU and other dtypes take the loop."""
+    dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype)
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9
+            and all(d % 8 == 0 for d in w.shape[1:]))
 
 
 class Router(nn.Module):
@@ -76,8 +80,8 @@ class Experts(nn.Module):
 
     Tokens are sorted by expert (a stable sort of the N*k assignments), so each expert reads a
     contiguous block of rows: one grouped GEMM per projection on CUDA, or a loop over the experts
-    that received tokens (CPU, and as the reference). Outputs are weighted, then summed per token
-    with one index_add in expert order, as HF's loop adds them.
+    that received tokens (CPU, and as the reference). Outputs are weighted, put back in token
+    order and summed over each token's k experts.
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -95,13 +99,15 @@ class Experts(nn.Module):
         # which compile cannot trace)
         counts = torch.zeros(n_exp, dtype=flat.dtype, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        token = order // k  # [N*k] the token of each sorted assignment
-        xs = x[token]  # [N*k, D]
-        use_grouped = _backend == "grouped" or (_backend == "auto" and grouped_mm_available(x))
+        xs = x[order // k]  # [N*k, D]: the token of each sorted assignment
+        use_grouped = _backend == "grouped" or (_backend == "auto" and grouped_mm_available(x, self.w2))
         ys = self._grouped(xs, counts) if use_grouped else self._loop(xs, counts)  # [N*k, D]
-        w = weights.reshape(-1)[order, None]  # [N*k, 1]
-        out = torch.zeros_like(x)
-        return out.index_add_(0, token, (ys * w).to(x.dtype))
+        weighted = ys * weights.reshape(-1)[order, None]  # [N*k, D]; Mixtral: fp32 weights
+        # Back to token-major order (a permutation: deterministic, unlike index_add's atomics on
+        # CUDA), then each token's k outputs summed in the product's dtype and cast once, as
+        # transformers' default (grouped_mm) experts path does.
+        unsorted = torch.empty_like(weighted).index_copy_(0, order, weighted)
+        return unsorted.view(x.shape[0], k, -1).sum(dim=1).to(x.dtype)
 
     def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -162,6 +168,15 @@ class MoE(Llama):
             nn.init.normal_(ff.router.weight, 0.0, std, generator=generator)
             nn.init.normal_(ff.experts.w13, 0.0, std, generator=generator)
             nn.init.normal_(ff.experts.w2, 0.0, out_std, generator=generator)
+
+    def graph_safe_decode(self) -> bool:
+        """True when a decode step can be captured as a CUDA graph: the experts take the
+        grouped GEMM (no host sync), not the per-expert loop (which reads counts on the host)."""
+        blocks = self.sparse_blocks()
+        if not blocks or _backend == "grouped":
+            return True
+        w = blocks[0].experts.w2
+        return _backend == "auto" and grouped_mm_available(w, w)
 
     def sparse_blocks(self) -> list[SparseMoE]:
         return [m for m in self.modules() if isinstance(m, SparseMoE)]
