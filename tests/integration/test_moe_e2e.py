@@ -1,6 +1,7 @@
 """A tiny MoE (Qwen3-MoE shape) through the CLI: training with the load-balancing loss lowers
-the loss and logs the aux term, the final model loads in transformers with our logits, and a
-LoRA adapter on attention loads in peft with the logits of `tunesmith merge`."""
+the loss and logs the aux term, the final model loads in transformers with our logits, a
+checkpoint exports to the same model, and a LoRA adapter on attention loads in peft with the
+logits of `tunesmith merge`."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def trained(tmp_path_factory, tiny_tokenizer_dir, demo_text):
     out = tmp_path_factory.mktemp("moe") / "run"
     ov = tiny_overrides(tiny_tokenizer_dir, out, demo_text[0], **{
         "train.max_steps": 24, "train.grad_accum_steps": 2, "train.micro_batch_size": 4,
-        "train.router_aux_loss_coef": 0.01, "logging.steps": 4})
+        "train.router_aux_loss_coef": 0.01, "logging.steps": 4, "checkpoint.every_steps": 24})
     assert run(["-q", "train", *ov, *MOE]) == 0
     return out
 
@@ -50,6 +51,19 @@ def test_final_model_loads_in_transformers(trained) -> None:
     ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_exports_to_the_final_model(trained, tmp_path) -> None:
+    """`tunesmith export` streams the DCP checkpoint through the same per-expert split."""
+    out = tmp_path / "exported"
+    assert run(["-q", "export", str(trained / "checkpoints" / "step_00000024"), "--format", "hf",
+                "--out", str(out), "--max-shard-size", "60KB"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        final = transformers.AutoModelForCausalLM.from_pretrained(trained / "final").eval()
+        torch.testing.assert_close(exported(ids).logits, final(ids).logits, atol=0, rtol=0)
 
 
 def test_lora_adapter_loads_in_peft(trained, tmp_path, tiny_tokenizer_dir, demo_text) -> None:

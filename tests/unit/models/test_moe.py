@@ -86,9 +86,13 @@ def test_bad_hf_configs_are_refused(hf: dict, match: str) -> None:
                            "num_hidden_layers": 2, "vocab_size": 64, **hf})
 
 
-def test_mixtral_cannot_have_dense_layers() -> None:
+def test_overrides_hf_cannot_express_are_refused() -> None:
     with pytest.raises(TunesmithError, match="HF mixtral has sparse layers only"):
         apply_overrides(preset("mixtral-8x7b"), {"mlp_only_layers": [0]})
+    with pytest.raises(TunesmithError, match="HF mixtral cannot express .*attention_bias=True"):
+        apply_overrides(preset("mixtral-8x7b"), {"attention_bias": True})
+    with pytest.raises(TunesmithError, match="HF qwen3_moe cannot express .*mlp_bias=True"):
+        apply_overrides(preset("moe-tiny"), {"mlp_bias": True})
 
 
 def test_lora_targets_attention_only_and_refuses_expert_names() -> None:

@@ -73,6 +73,13 @@ class MoEConfig(LlamaConfig):
         if bad:
             raise TunesmithError(f"{where}: mlp_only_layers {bad} are not layers of a "
                                  f"{self.n_layers}-layer model")
+        bias = (self.attention_bias, self.attention_out_bias, self.mlp_bias)
+        if (self.rope_scaling is not None or self.mlp_bias
+                or (self.model_type == "mixtral" and any(bias))
+                or self.attention_out_bias != self.attention_bias):
+            raise TunesmithError(f"{where}: HF {self.model_type} cannot express rope_scaling="
+                                 f"{self.rope_scaling}, attention_bias={bias[0]}, "
+                                 f"attention_out_bias={bias[1]}, mlp_bias={bias[2]}")
         if self.model_type == "mixtral" and (self.mlp_only_layers or self.decoder_sparse_step != 1
                                              or not self.norm_topk_prob):
             raise TunesmithError(f"{where}: HF mixtral has sparse layers only and always "
@@ -132,8 +139,6 @@ class MoEConfig(LlamaConfig):
     def to_hf(self) -> dict[str, Any]:
         """HF `config.json` dict as transformers 5 writes it for this model type."""
         self.validate()
-        if self.rope_scaling is not None:
-            raise TunesmithError(f"model config: HF {self.model_type!r} has no llama3 rope scaling")
         out = self.hf_decoder_fields(_ARCHITECTURES[self.model_type],
                                      {"rope_theta": float(self.rope_theta), "rope_type": "default"})
         out.update(num_experts_per_tok=self.num_experts_per_tok, output_router_logits=False,
@@ -164,10 +169,12 @@ class MoEConfig(LlamaConfig):
 
 def apply_overrides(cfg: MoEConfig, overrides: dict[str, Any] | None) -> MoEConfig:
     """A copy of `cfg` with overrides (our names, HF's or GPT-2's); `moe_intermediate_size`
-    follows `intermediate_size` for Mixtral, whose experts have the dense width."""
-    if overrides and cfg.model_type == "mixtral" and (
-            {"intermediate_size"} & overrides.keys()):
+    follows `intermediate_size` for Mixtral, whose experts have the dense width, and Qwen3-MoE's
+    `attention_bias` covers the o projection too, as in HF."""
+    if overrides and cfg.model_type == "mixtral" and "intermediate_size" in overrides:
         overrides = {**overrides, "moe_intermediate_size": overrides["intermediate_size"]}
+    if overrides and cfg.model_type == "qwen3_moe" and "attention_bias" in overrides:
+        overrides = {**overrides, "attention_out_bias": overrides["attention_bias"]}
     return llama_overrides(cfg, overrides, HF_KEY_MAP)  # type: ignore[return-value]
 
 
