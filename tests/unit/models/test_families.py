@@ -19,7 +19,8 @@ from tunesmith.models import (
 )
 from tunesmith.models.family import ModelFamily
 
-TINY_PRESETS = {"llama": "tiny", "gpt2": "gpt2-tiny", "gptj": "gptj-tiny", "gpt_neox": "pythia-tiny", "bert": "roberta-tiny"}
+TINY_PRESETS = {"llama": "tiny", "gpt2": "gpt2-tiny", "gptj": "gptj-tiny", "gpt_neox": "pythia-tiny", "bert": "roberta-tiny",
+                "gemma": "gemma3-tiny"}
 
 
 def test_registry_discovers_one_descriptor_per_family_folder():

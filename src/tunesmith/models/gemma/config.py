@@ -260,6 +260,11 @@ def _preset_table() -> dict[str, dict[str, Any]]:
     # defaults: 8 heads, 4 KV heads, head_dim 256, 131072 positions, vocab 262208 with the
     # image tokens). Both: every 6th layer full attention, RoPE bases 1e6 (full) / 1e4 (local).
     return {
+        # Test/demo model (~100K parameters): sliding and full layers alternate, window 16.
+        "gemma3-tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                            head_dim=16, intermediate_size=128, sliding_window=16,
+                            sliding_window_pattern=2, max_position_embeddings=2048,
+                            query_pre_attn_scalar=16, torch_dtype="float32"),
         "gemma3-1b": dict(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1,
                           head_dim=256, intermediate_size=6912, sliding_window=512,
                           max_position_embeddings=32768, query_pre_attn_scalar=256),
