@@ -87,7 +87,7 @@ def test_reference_free_losses_train_a_model_from_scratch(tmp_path: Path, loss: 
 @pytest.mark.parametrize("extra,message", [
     (["peft.method=none", "model.from_scratch=true"], "must hold pretrained weights"),
     (["sft.packing=true"], "sft.packing is not supported"),
-    (["parallel.tp=2"], "context and tensor parallelism"),
+    (["parallel.cp=2"], "context parallelism (parallel.cp > 1) is not supported"),
     (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "label_smoothing applies to dpo.loss=sigmoid"),
     (["sft.train_on_inputs=true"], "train_on_inputs"),
 ])

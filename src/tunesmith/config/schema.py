@@ -469,9 +469,9 @@ def _check_dpo(cfg: RunConfig) -> None:
         raise ValueError("task=dpo: sft.packing is not supported (each pair is two padded rows)")
     if cfg.data.streaming:
         raise ValueError("task=dpo: data.streaming is not supported (preference files are read whole)")
-    if cfg.parallel.cp > 1 or cfg.parallel.tp > 1:
-        raise ValueError("task=dpo: context and tensor parallelism (parallel.cp, parallel.tp > 1) are "
-                         "not supported yet; use FSDP2 or DDP")
+    if cfg.parallel.cp > 1:
+        raise ValueError("task=dpo: context parallelism (parallel.cp > 1) is not supported yet; "
+                         "use FSDP2, DDP or tensor parallelism")
     if cfg.peft.method == "llama_adapter":
         raise ValueError("task=dpo: peft.method=llama_adapter is not supported; use lora, dora or qlora")
 

@@ -15,6 +15,7 @@ knows nothing of process groups.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -104,8 +105,15 @@ COMPILE_PAD_MULTIPLE = 64
 
 def pad_multiple(cfg: RunConfig) -> int | None:
     """What unpacked SFT and DPO batches are padded to a multiple of: data.pad_to_multiple_of
-    when set, else COMPILE_PAD_MULTIPLE under train.compile, else the longest row."""
-    return cfg.data.pad_to_multiple_of or (COMPILE_PAD_MULTIPLE if cfg.train.compile else None)
+    when set, else COMPILE_PAD_MULTIPLE under train.compile, else the longest row. Under tensor
+    parallelism the length is also made a multiple of parallel.tp: sequence parallelism splits
+    [B, T, D] into equal [B, T/tp, D] slices, and ragged slices would make the TP ranks'
+    collectives disagree in size."""
+    multiple = cfg.data.pad_to_multiple_of or (COMPILE_PAD_MULTIPLE if cfg.train.compile else None)
+    tp = cfg.parallel.tp
+    if tp > 1:
+        return math.lcm(multiple or 1, tp)
+    return multiple
 
 
 def _sft_collator(cfg: RunConfig, tokenizer: Any) -> Any:

@@ -306,6 +306,10 @@ def test_compiled_runs_pad_to_a_multiple_of_64() -> None:
     assert pad_multiple(load_config(None, base)) is None
     assert pad_multiple(load_config(None, [*base, "train.compile=true"])) == COMPILE_PAD_MULTIPLE == 64
     assert pad_multiple(load_config(None, [*base, "train.compile=true", "data.pad_to_multiple_of=8"])) == 8
+    # tensor parallel: a multiple of tp too (sequence parallelism needs equal slices)
+    assert pad_multiple(load_config(None, [*base, "parallel.tp=3"])) == 3
+    assert pad_multiple(load_config(None, [*base, "parallel.tp=4", "data.pad_to_multiple_of=6"])) == 12
+    assert pad_multiple(load_config(None, [*base, "parallel.tp=2", "train.compile=true"])) == 64
     pair = {"chosen": {"input_ids": [5, 6, 7, 8], "loss_mask": [False, False, True, True]},
             "rejected": {"input_ids": [5, 6, 9], "loss_mask": [False, False, True]}}
     tight, padded = PairCollator(0)([pair]), PairCollator(0, 64)([pair])
