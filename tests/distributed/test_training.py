@@ -30,6 +30,7 @@ from tunesmith.cli.main import run
 CKPT_STEPS = ("train.max_steps=6", "checkpoint.every_steps=3", "parallel.strategy=full_shard")
 QWEN3_OVERRIDES = ("model.overrides={vocab_size: 512, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, "
                    "head_dim: 16, intermediate_size: 128, max_position_embeddings: 512}")
+GEMMA_OVERRIDES = "model.overrides={vocab_size: 512}"  # gemma3-tiny as it is (the tokenizer has 512)
 # Adam turns float32 reduction-order noise in tiny gradients into ~1e-5 weight differences.
 LOSS_ATOL, GRAD_RTOL, WEIGHT_ATOL = 1e-4, 1e-3, 1e-4
 
@@ -48,6 +49,7 @@ def inits(tmp_path_factory):
     out["gpt2"] = save_init(root / "gpt2", preset="gpt2-tiny", overrides=GPT2_OVERRIDES)
     out["gptj"] = save_init(root / "gptj", preset="gptj-tiny", overrides=GPT2_OVERRIDES)
     out["qwen3"] = save_init(root / "qwen3", preset="qwen3-0.6b", overrides=QWEN3_OVERRIDES)
+    out["gemma"] = save_init(root / "gemma", preset="gemma3-tiny", overrides=GEMMA_OVERRIDES)
     return out
 
 
@@ -72,6 +74,9 @@ def reference(data, inits, tmp_path_factory):
     d = root / "qwen3"  # per-head q/k RMSNorm weights, sharded like the other norms
     assert run(["-q", "train", *job(*data, d, init=inits["qwen3"])]) == 0
     out["qwen3"] = d
+    d = root / "gemma"  # four norms a block, q/k norms, sliding-window layers (block 64 > window 16)
+    assert run(["-q", "train", *job(*data, d, init=inits["gemma"])]) == 0
+    out["gemma"] = d
     d = root / "ckpt1"  # one process, checkpoint at step 3: resumed on 2 ranks below
     assert run(["-q", "train", *job(*data, d, tied=False, extra=CKPT_STEPS)]) == 0
     out["ckpt1"] = d
@@ -109,6 +114,8 @@ LAYOUTS = {
                                             "parallel.activation_checkpointing=full")),
     "tp2": (2, 1, True, ("parallel.tp=2",)),
     "qwen3_tp2": (2, 1, "qwen3", ("parallel.tp=2",)),
+    "gemma_full_shard": (2, 2, "gemma", ("parallel.strategy=full_shard",)),
+    "gemma_tp2": (2, 1, "gemma", ("parallel.tp=2",)),
     "tp2_gathered_head": (2, 1, False, ("parallel.tp=2", "parallel.loss_parallel=false")),
     "tp2_compiled+selective_ac": (2, 1, False, ("parallel.tp=2", "train.compile=true",
                                                 "parallel.activation_checkpointing=selective")),

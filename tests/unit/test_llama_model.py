@@ -172,7 +172,7 @@ def test_errors_are_helpful(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         apply_overrides(preset("tiny"), {"n_layerz": 3})
     with pytest.raises(TunesmithError, match=r"neither a preset.*did you mean 'llama3-8b'"):
         resolve_model_config("llama3-8bb")
-    with pytest.raises(TunesmithError, match=r"known: bert, gpt2, gpt_neox, gptj, llama, mistral, mixtral, qwen2"):
+    with pytest.raises(TunesmithError, match=r"known: bert, gemma3, gemma3_text, gpt2, gpt_neox, gptj, llama, mistral, mixtral, qwen2"):
         get_family("not_a_model")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
     with pytest.raises(TunesmithError, match=r"unsupported model_type 'not_a_model'"):

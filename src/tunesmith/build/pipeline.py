@@ -105,8 +105,8 @@ def build_on_meta(a: Assembly) -> None:
     model.to(dtype=a.need("rt").param_dtype)
     if a.cfg.train.residual_dtype == "bf16":
         if not hasattr(model, "residual_dtype"):
-            raise TunesmithError(f"train.residual_dtype=bf16: supported for native Llama-family "
-                                 f"models, not {s.family.name!r}")
+            raise TunesmithError(f"train.residual_dtype=bf16: supported for the native "
+                                 f"Llama-family and Gemma 3 models, not {s.family.name!r}")
         if a.need("rt").autocast_dtype == torch.bfloat16:  # CPU runs fp32: nothing to cast
             model.residual_dtype = torch.bfloat16
     a.model, a.base_names = model, frozenset(model.state_dict())

@@ -141,7 +141,7 @@ class TrainConfig(Section):
     residual_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="dtype of the residual stream between blocks under precision=bf16 (native "
-        "Llama-family models): fp32 (default; what autocast over fp32 weights gives, as in HF "
+        "Llama-family and Gemma 3 models): fp32 (default; what autocast over fp32 weights gives, as in HF "
         "Trainer) or bf16 (as in torchtitan and Megatron: half the memory traffic of the norms and "
         "residual adds; see docs/performance.md).",
     )

@@ -10,6 +10,12 @@ FlexAttention with a block mask built from the doc ids skips the fully masked ti
 [B, 1, T, T] mask costs O(T^2) memory and gives SDPA no way to skip work). The choice is made
 in `prepare_attention` (see `attention_backend`); layers only ever call `sdpa_attention`.
 
+Sliding windows (Gemma 3's local layers): `prepare_attention(..., window=W)` further limits
+every spec to keys less than W slots before the query (HF's `kv_idx > q_idx - W`), on top of
+its causal, padding or document structure; a model with both kinds of layer prepares twice.
+Without a window nothing changes. With one, causal and document masks of one training
+sequence use FlexAttention on CUDA as well, so the tiles outside the window are skipped.
+
 Shapes used throughout:
     q: [B, H, T, hd]      queries of the current step (T new tokens)
     k, v: [B, Hkv, S, hd] keys/values incl. any cached prefix (S >= T)
@@ -200,23 +206,30 @@ def default_positions(attn: "AttnSpec | None", b: int, t: int, offset: int,
     return (torch.arange(t, device=device) + offset).expand(b, t)
 
 
-def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Bottom-right aligned causal mask [T, S]: query i sits at absolute position S - T + i."""
+def _causal_mask(q_len: int, kv_len: int, device: torch.device,
+                 window: int | None = None) -> torch.Tensor:
+    """Bottom-right aligned causal mask [T, S]: query i sits at absolute position S - T + i.
+    With a window, only the keys at most window - 1 slots back stay visible."""
     offset = kv_len - q_len
     q_pos = torch.arange(q_len, device=device)[:, None] + offset
     k_pos = torch.arange(kv_len, device=device)[None, :]
-    return k_pos <= q_pos
+    keep = k_pos <= q_pos
+    return keep if window is None else keep & (k_pos > q_pos - window)
 
 
 def prepare_attention(
-    spec: AttnSpec | None, q_len: int, kv_len: int, device: torch.device, *, causal: bool = True
+    spec: AttnSpec | None, q_len: int, kv_len: int, device: torch.device, *, causal: bool = True,
+    window: int | None = None,
 ) -> PreparedAttention:
     """Turn a spec into backend arguments for T=q_len new queries over S=kv_len keys.
 
     causal=False (encoders): every query may see every key allowed by the spec's padding or
     document structure, earlier or later.
+    window: a causal sliding window (see the module docstring); None = unlimited.
     """
     spec = spec or AttnSpec()
+    if window is not None:
+        return _prepare_windowed(spec, q_len, kv_len, device, window, causal)
     if spec.kind == "custom":
         if q_len != kv_len:
             raise TunesmithError("custom attention (context parallelism) runs without a KV cache")
@@ -250,6 +263,65 @@ def prepare_attention(
     raise TunesmithError(
         f"unknown attention kind {spec.kind!r}; known: causal, padding, documents, keys, custom"
     )
+
+
+def _prepare_windowed(spec: AttnSpec, q_len: int, kv_len: int, device: torch.device,
+                      window: int, causal: bool) -> PreparedAttention:
+    """`prepare_attention` for a sliding-window layer: the spec's mask AND the window."""
+    if not causal or window <= 0:
+        raise TunesmithError(f"sliding-window attention needs causal attention and a window > 0, "
+                             f"got causal={causal}, window={window}")
+    if spec.kind == "custom":
+        raise TunesmithError("sliding-window attention cannot run under context parallelism")
+    if spec.kind == "causal":
+        if kv_len <= window:  # no key is window or more slots before any query
+            return prepare_attention(spec, q_len, kv_len, device)
+        if q_len == kv_len and attention_backend(device) == "flex":
+            return PreparedAttention(None, False, _window_block_mask(None, q_len, device, window))
+        return PreparedAttention(_causal_mask(q_len, kv_len, device, window)[None, None], False)
+    if spec.kind == "padding":
+        mask = _padding_mask(spec, q_len, kv_len, device)  # [B, 1, T, S]; each query sees itself
+        return PreparedAttention(mask & _causal_mask(q_len, kv_len, device, window), False)
+    if spec.kind == "keys":
+        return PreparedAttention(_window_keys(spec, q_len, kv_len, device, window), False)
+    if spec.kind == "documents":
+        _check_documents(spec, q_len, kv_len)
+        if attention_backend(device) == "flex":
+            doc = spec.doc_ids.to(device)  # type: ignore[union-attr]
+            return PreparedAttention(None, False, _window_block_mask(doc, q_len, device, window))
+        mask = _documents_mask(spec, q_len, device) & _causal_mask(q_len, q_len, device, window)
+        return PreparedAttention(mask, is_causal=False)
+    raise TunesmithError(f"unknown attention kind {spec.kind!r}; known: causal, padding, documents, keys")
+
+
+def _window_keys(spec: AttnSpec, q_len: int, kv_len: int, device: torch.device,
+                 window: int) -> torch.Tensor:
+    """A static-cache decode step's key mask [B, 1, 1, S] cut to the window. The query is the
+    newest written slot, the last key marked 1 in each row (models/decode.py writes it before
+    the step), so the cut is made from device tensors alone and a CUDA graph can replay it."""
+    keys = spec.attention_mask
+    assert keys is not None
+    if q_len != 1 or keys.shape[1] != kv_len:
+        raise TunesmithError(f"a windowed key mask serves one query over all {kv_len} keys, got "
+                             f"{q_len} queries over a mask of {keys.shape[1]}")
+    keys = keys.to(device=device, dtype=torch.bool)  # [B, S]
+    slots = torch.arange(kv_len, device=device)
+    newest = torch.where(keys, slots, 0).amax(-1, keepdim=True)  # [B, 1]: the query's slot
+    return (keys & (slots > newest - window))[:, None, None, :]
+
+
+def _window_block_mask(doc: torch.Tensor | None, q_len: int, device: torch.device,
+                       window: int) -> Any:
+    """FlexAttention BlockMask over [B, T, T]: causal, within `window`, and in the same
+    document when `doc` [B, T] is given; tiles wholly outside the band are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def band(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        keep = (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+        return keep if doc is None else keep & (doc[b, q_idx] == doc[b, kv_idx])
+
+    batch = None if doc is None else doc.shape[0]
+    return create_block_mask(band, batch, None, q_len, q_len, device=device)
 
 
 def _padding_mask(
@@ -336,25 +408,31 @@ def sdpa_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     attn: PreparedAttention | AttnSpec | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with GQA. q [B,H,T,hd], k/v [B,Hkv,S,hd] -> [B,H,T,hd].
 
     `attn` is normally prepared once per forward; an `AttnSpec` (or None = causal) is
-    prepared on the fly for convenience.
+    prepared on the fly for convenience. `scale` multiplies q.k (None: 1 / sqrt(hd)).
     """
     if not isinstance(attn, PreparedAttention):
         attn = prepare_attention(attn, q.shape[2], k.shape[2], q.device)
     if attn.attend is not None:
+        if scale is not None:
+            raise TunesmithError("custom attention (context parallelism) takes no score scale")
         return attn.attend(q, k, v)
     n_rep = q.shape[1] // k.shape[1]
+    kwargs: dict[str, Any] = {} if scale is None else {"scale": scale}
     if attn.block_mask is not None:
-        out = _flex_fn(q.device)(q, k, v, block_mask=attn.block_mask, enable_gqa=n_rep > 1)
+        out = _flex_fn(q.device)(q, k, v, block_mask=attn.block_mask, enable_gqa=n_rep > 1,
+                                 **kwargs)
         return out  # type: ignore[return-value]
     if n_rep > 1 and not _SDPA_HAS_GQA:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
         n_rep = 1
-    kwargs = {"enable_gqa": True} if n_rep > 1 else {}
+    if n_rep > 1:
+        kwargs["enable_gqa"] = True
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal, **kwargs
     )

@@ -20,7 +20,7 @@ from tunesmith.models import (
 from tunesmith.models.family import ModelFamily
 
 TINY_PRESETS = {"llama": "tiny", "gpt2": "gpt2-tiny", "gptj": "gptj-tiny", "gpt_neox": "pythia-tiny", "bert": "roberta-tiny",
-                "moe": "moe-tiny"}
+                "gemma": "gemma3-tiny", "moe": "moe-tiny"}
 
 
 def test_registry_discovers_one_descriptor_per_family_folder():

@@ -53,7 +53,7 @@ def test_config_and_family_refusals(tmp_path) -> None:
         load_config(None, ["data.path=x", "train.residual_dtype=bf16", "train.precision=fp32"])
     cfg = load_config(None, ["data.path=x", "model.name=gpt2-tiny", "train.residual_dtype=bf16",
                              "train.device=cpu"])
-    with pytest.raises(TunesmithError, match="supported for native Llama-family models, not 'gpt2'"):
+    with pytest.raises(TunesmithError, match="supported for the native Llama-family and Gemma 3 models, not 'gpt2'"):
         assemble(cfg, with_tokenizer=False, until="build_on_meta")
     ok = assemble(load_config(None, ["data.path=x", "model.name=tiny", "train.residual_dtype=bf16",
                                      "train.device=cpu"]), with_tokenizer=False, until="build_on_meta")

@@ -106,7 +106,7 @@ def test_peft_composes_with_data_parallel_but_not_tp(overrides):
 def test_tp_needs_a_family_with_a_plan():
     cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
     gpt2 = resolve_model_config("gpt2-tiny")[1]
-    with pytest.raises(TunesmithError, match="plan for the Llama family only"):
+    with pytest.raises(TunesmithError, match="plan for the Gemma / Llama family only"):
         check_run(cfg, resolve_layout(cfg.parallel, 2), gpt2, "cpu")
     check_run(load_config(None, ["data.path=x"]), resolve_layout(ParallelConfig(), 2), gpt2, "cpu")
 
