@@ -154,7 +154,7 @@ def step_generate(out: Path) -> dict:
 
 def step_speed(out: Path, steps: int, micro_batch: int) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_clm.py"), "--shape", "gemma3-1b",
-           "--seq", "2048", "--micro-batch", str(micro_batch), "--steps", str(steps), "--warmup", "5",
+           "--seq", "2048", "--micro-batch", str(micro_batch), "--steps", str(steps), "--warmup", "4",
            "--variants", "tunesmith,tunesmith-eager,hf-trainer", "--json", str(out / "clm.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
@@ -167,7 +167,7 @@ def step_speed(out: Path, steps: int, micro_batch: int) -> dict:
 
 
 # Time limits (s): the whole script stays under ~4 minutes even when a step hangs.
-STEPS = {"parity": (step_parity, 60), "generate": (step_generate, 40), "speed": (step_speed, 150)}
+STEPS = {"parity": (step_parity, 60), "generate": (step_generate, 30), "speed": (step_speed, 150)}
 
 
 def child(args) -> None:
@@ -185,7 +185,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--only", default="parity,generate,speed")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--step", help=argparse.SUPPRESS)
