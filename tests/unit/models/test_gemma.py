@@ -50,8 +50,12 @@ def test_presets_match_the_published_shapes():
         assert getattr(one, name) == getattr(from_hf, name), name
     four = preset("gemma3-4b")
     assert four.rope_scaling_factor == 8.0 and four.sliding_window == 1024
-    family, cfg = resolve_model_config("gemma3-1b")
-    assert build_model(family, cfg).num_params() == 999_885_952  # the "1B" (tied head)
+    # Parameters (tied head): the 1B; the 12B and 27B text towers (the published totals,
+    # 12.19B and 27.43B, add a ~0.42B SigLIP vision tower).
+    for name, n in (("gemma3-1b", 999_885_952), ("gemma3-12b", 11_766_034_176),
+                    ("gemma3-27b", 27_009_346_304)):
+        assert build_model(*resolve_model_config(name)).num_params() == n, name
+    assert preset("gemma3-27b").query_pre_attn_scalar == 168  # not head_dim (128)
 
 
 def test_both_hf_layouts_read_alike_and_round_trip():

@@ -256,9 +256,11 @@ def apply_overrides(cfg: GemmaConfig, overrides: dict[str, Any] | None) -> Gemma
 # ---------------------------------------------------------------------- presets
 def _preset_table() -> dict[str, dict[str, Any]]:
     # From the published config.json files on the HF hub: google/gemma-3-1b-pt (text model) and
-    # the `text_config` of google/gemma-3-4b-pt (its other values are Gemma3TextConfig
-    # defaults: 8 heads, 4 KV heads, head_dim 256, 131072 positions, vocab 262208 with the
-    # image tokens). Both: every 6th layer full attention, RoPE bases 1e6 (full) / 1e4 (local).
+    # the `text_config` of google/gemma-3-{4b,12b,27b}-pt (values they leave out are
+    # Gemma3TextConfig defaults: head_dim 256, 131072 positions, vocab 262208 with the image
+    # tokens). All: every 6th layer full attention, RoPE bases 1e6 (full) / 1e4 (local); 4B-27B:
+    # window 1024 and linear RoPE scaling 8 on the full layers. The larger ones are text towers
+    # only: their checkpoints are image+text (`gemma3`), which tunesmith does not load.
     return {
         # Test/demo model (~100K parameters): sliding and full layers alternate, window 16.
         "gemma3-tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -272,6 +274,14 @@ def _preset_table() -> dict[str, dict[str, Any]]:
                           head_dim=256, intermediate_size=10240, sliding_window=1024,
                           max_position_embeddings=131072, query_pre_attn_scalar=256,
                           rope_scaling_factor=8.0),
+        "gemma3-12b": dict(vocab_size=262208, dim=3840, n_layers=48, n_heads=16, n_kv_heads=8,
+                           head_dim=256, intermediate_size=15360, sliding_window=1024,
+                           max_position_embeddings=131072, query_pre_attn_scalar=256,
+                           rope_scaling_factor=8.0),
+        "gemma3-27b": dict(vocab_size=262208, dim=5376, n_layers=62, n_heads=32, n_kv_heads=16,
+                           head_dim=128, intermediate_size=21504, sliding_window=1024,
+                           max_position_embeddings=131072, query_pre_attn_scalar=168,
+                           rope_scaling_factor=8.0),
     }
 
 
