@@ -42,6 +42,9 @@ LAYOUTS = {
     "llama_adapter_full_shard+full_ac": ("llama_adapter", ("parallel.strategy=full_shard",
                                                            "parallel.activation_checkpointing=full")),
     "llama_adapter_ddp": ("llama_adapter", ("parallel.strategy=no_shard",)),
+    # tensor parallel (one data-parallel group: both ranks see the whole batch)
+    "lora_tp2": ("lora", ("parallel.tp=2",)),
+    "freeze_tp2": ("freeze", ("parallel.tp=2",)),
 }
 # Checkpoint at 3 and resume to 6; constant schedule so the 3-step run has the same LRs.
 RESUME = (*LORA, "parallel.strategy=full_shard", "schedule.name=constant", "checkpoint.every_steps=3")
@@ -58,7 +61,7 @@ def setup(tiny_tokenizer_dir, demo_text, tmp_path_factory):
         d = root / f"ref_{method}"
         assert run(["-q", "train", *job(*data, d, extra=extra, init=init)]) == 0
         ref[method] = d
-    jobs = [job(*data, root / name, dp=2, extra=(*METHODS[m], *extra), init=init)
+    jobs = [job(*data, root / name, dp=1 if "tp2" in name else 2, extra=(*METHODS[m], *extra), init=init)
             for name, (m, extra) in LAYOUTS.items()]
     jobs += resume_jobs(data, root, RESUME, init)
     run_jobs(2, jobs, root)
