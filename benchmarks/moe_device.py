@@ -169,7 +169,6 @@ def _trainer(shape: str, overrides: dict, compile_blocks: bool, aux: float | Non
     sets = {"model.overrides": overrides, "train.router_aux_loss_coef": aux}
     tr, model, flops, peak = build_trainer(args, compile_blocks, sets=sets)
     if aux is not None:
-        model.keep_router_stats()
         tr.objective = RouterAuxObjective(aux)
     return tr, model, flops, peak
 
