@@ -87,7 +87,7 @@ class MoEStateDictAdapter(LlamaStateDictAdapter):
         for name, value in shapes.items():
             part = self._part(name)
             if part is None:
-                out[self.normalize_hf_key(name)] = value
+                out[name] = value
             else:
                 groups.setdefault(part[0], []).append(value)
         for fused, values in groups.items():
@@ -107,7 +107,7 @@ class MoEStateDictAdapter(LlamaStateDictAdapter):
         for name, tensor in tensors:
             part = self._part(name)
             if part is None:
-                yield self.normalize_hf_key(name), tensor
+                yield name, tensor
                 continue
             fused, expert, half = part
             parts = pending.setdefault(fused, {})
