@@ -14,10 +14,11 @@ markdown summary OUT/moe_device.md. Steps:
               bf16): grouped GEMM vs the per-expert loop, outputs and gradients, and their times
   compile     a small MoE trained by tunesmith's Trainer with compiled blocks, the fused loss
               and the aux loss: first losses against eager, loss falls, aux logged
-  speed_*     tokens/s and peak memory of a training step, tunesmith (compiled, fused loss,
-              fused AdamW) vs transformers eager (bf16 autocast, SDPA, its default experts
-              implementation, fused AdamW), on Qwen3-30B-A3B with 4 layers and Mixtral-8x7B
-              with 2 layers (full width), sequence 2048, micro-batch 4, synthetic tokens
+  speed_*     tokens/s and peak memory of a training step, tunesmith (precision bf16: fp32
+              weights + bf16 autocast, compiled blocks, fused loss, fused AdamW) vs transformers
+              eager (bf16 weights, so its default grouped_mm experts path runs, bf16 autocast,
+              SDPA, fused AdamW), on Qwen3-30B-A3B with 4 layers and Mixtral-8x7B with 2 layers
+              (full width), sequence 2048, micro-batch 4, synthetic tokens
 """
 
 from __future__ import annotations
@@ -226,8 +227,10 @@ def step_speed_hf(kind: str) -> dict:
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
     torch.manual_seed(0)
     with torch.device("cuda"):
+        # bf16 weights: transformers' grouped_mm experts path needs them (with fp32 weights
+        # under autocast it falls back to a per-expert loop); the stronger baseline
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa",
-                                                              dtype=torch.float32)
+                                                              dtype=torch.bfloat16)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     flops = float(build_model(family, cfg, "meta").flops_per_token(SEQ))
@@ -247,6 +250,7 @@ def step_speed_hf(kind: str) -> dict:
         losses.append(loss.item())
     return {**_speed(times, flops, peak_tflops(torch.device("cuda"))), "losses": losses,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
+            "weights": "bf16",
             "transformers": transformers.__version__}
 
 
