@@ -12,6 +12,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tunesmith.errors import TunesmithError
 from tunesmith.models import (
     build_model,
     load_pretrained,
@@ -148,6 +149,7 @@ def test_aux_loss_matches_hf(hf_models, name: str) -> None:
         ours(ids)
         torch.testing.assert_close(ours.router_aux_loss(), ref.aux_loss, atol=1e-6, rtol=1e-5)
         ref_masked = hf(ids, attention_mask=mask, output_router_logits=True)
+        ours(ids)  # the routing is released once read: route again
         torch.testing.assert_close(ours.router_aux_loss(mask), ref_masked.aux_loss, atol=1e-6, rtol=1e-5)
 
 
@@ -211,3 +213,25 @@ def test_greedy_generation_matches_hf(hf_models, name: str) -> None:
                                do_sample=False, eos_token_id=None, pad_token_id=0)
     got = generate(ours, prompt, max_new_tokens=12, eos_token_id=None)
     assert got.tolist() == expected.tolist()
+
+
+def test_incomplete_or_extra_experts_are_named(hf_models, tmp_path: Path) -> None:
+    """A file missing one expert's tensor, or holding an expert past num_experts, stops with one
+    line naming what is wrong, before anything is allocated."""
+    _, path = hf_models["mixtral"]
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for name, change, match in (
+            ("missing", lambda s: s.pop("model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+             r"missing tensors: layers\.1\.feed_forward\.experts\.w13$"),
+            ("extra", lambda s: s.update({"model.layers.0.block_sparse_moe.experts.4.w2.weight":
+                                          s["model.layers.0.block_sparse_moe.experts.0.w2.weight"].clone()}),
+             r"unexpected tensors: model\.layers\.0\.block_sparse_moe\.experts\.4\.w2\.weight$")):
+        bad = dict(state)
+        change(bad)
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.json").write_text((path / "config.json").read_text())
+        save_file(bad, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(TunesmithError, match=match):
+            _load_ours(out)

@@ -36,9 +36,15 @@ class RouterAuxObjective(TokenObjective):
         self._sums: torch.Tensor | None = None  # [2] (aux * n, n) since the last record
 
     def loss_sum(self, model: nn.Module, batch: dict, rt: Runtime) -> torch.Tensor:
-        ce = batch_loss_sum(model, batch, rt, need_grad=True)
+        # Routing is kept during this forward only: activation checkpointing's recompute in
+        # backward (and evaluation) must not keep more ([N, E] and the router input per layer).
+        model.keep_router_stats(True)
+        try:
+            ce = batch_loss_sum(model, batch, rt, need_grad=True)
+        finally:
+            model.keep_router_stats(False)
         mask = batch.get("attention_mask")  # [B, T] host; padding is not routed traffic
-        aux = model.router_aux_loss(mask)  # the routing this forward recorded
+        aux = model.router_aux_loss(mask)  # the routing this forward kept (then released)
         n = float(target_count(model, batch))
         sums = torch.stack([aux.detach() * n, aux.new_tensor(n)])
         self._sums = sums if self._sums is None else self._sums + sums

@@ -167,8 +167,7 @@ def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
         sharded as the policy is (`build.build_reference`), never the resumed weights, so a
         resumed run compares with the same reference as an uninterrupted one."""
     if cfg.task != "dpo" and cfg.train.router_aux_loss_coef is not None:
-        asm.need("model").keep_router_stats()  # each sparse layer keeps its routing for the loss
-        return RouterAuxObjective(cfg.train.router_aux_loss_coef)
+        return RouterAuxObjective(cfg.train.router_aux_loss_coef)  # MoE only (checked in layout)
     if cfg.task != "dpo":
         return TokenObjective()
     dc, model = cfg.dpo, asm.need("model")

@@ -58,6 +58,16 @@ def test_presets_match_the_published_shapes():
     assert preset("gemma3-27b").query_pre_attn_scalar == 168  # not head_dim (128)
 
 
+def test_flops_per_token_counts_the_linears_and_full_attention():
+    """6 N + 12 L H hd T: N = the 7 linears of every block plus the tied head (V x D), and the
+    attention term counted over the full T x T square in sliding layers too (documented)."""
+    c = preset("gemma3-1b")
+    model = build_model(*resolve_model_config("gemma3-1b"), device="meta")
+    per_layer = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.intermediate_size
+    want = 6 * (c.n_layers * per_layer + c.vocab_size * c.dim) + 12 * c.n_layers * c.n_heads * c.head_dim * 2048
+    assert model.flops_per_token(2048) == want
+
+
 def test_both_hf_layouts_read_alike_and_round_trip():
     legacy = {**GEMMA3_1B_HF, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
               "rope_theta": 123456.0, "rope_local_base_freq": 777.0}

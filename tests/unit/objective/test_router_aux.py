@@ -5,6 +5,8 @@ with the reference written with transformers' own forward passes."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -35,7 +37,6 @@ def models(tmp_path_factory):
     hf.save_pretrained(path)
     family, ours_cfg = resolve_model_config(str(path))
     ours = load_pretrained(build_model(family, ours_cfg), str(path), "cpu", torch.float32)
-    ours.keep_router_stats()
     return hf, ours
 
 
@@ -88,3 +89,24 @@ def test_two_micro_batches_accumulate_as_documented(models) -> None:
         native = adapter.hf_key_to_native(hf_name)
         torch.testing.assert_close(got[native], p.grad, atol=1e-6, rtol=1e-4, msg=hf_name)
     assert obj.log_fields()["router_aux_loss"] == pytest.approx((sum(aux) / 2).item(), rel=1e-5)
+
+
+def test_recompute_in_backward_keeps_no_routing(models) -> None:
+    """Under activation checkpointing the blocks run again in backward; the routing is kept for
+    the objective's forward only, so nothing of the recompute stays referenced afterwards."""
+    from tunesmith.parallel.ac import apply_activation_checkpointing
+
+    _, ours = models
+    ref = RouterAuxObjective(COEF)
+    ours.zero_grad()
+    (ref.loss_sum(ours, _batch(3), RT) / 22).backward()
+    want = _grads(ours)
+    model = copy.deepcopy(ours)
+    assert apply_activation_checkpointing(model, "full") == len(model.layers)
+    model.zero_grad()
+    obj = RouterAuxObjective(COEF)
+    (obj.loss_sum(model, _batch(3), RT) / 22).backward()
+    assert all(m.router_stats is None for m in model.sparse_blocks())
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want[name.replace("._checkpoint_wrapped_module", "")], atol=1e-6, rtol=1e-5)
+    assert obj.log_fields() == ref.log_fields()

@@ -184,8 +184,10 @@ class GemmaConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    # Weights of the 7 linear layers of one block: the same projections as Llama's.
+    # Weights of the 7 linear layers of one block, and of all blocks (what `flops_per_token`,
+    # shared with Llama, counts): the same projections as Llama's.
     n_matmul_params_per_layer = LlamaConfig.n_matmul_params_per_layer
+    block_matmul_params = LlamaConfig.block_matmul_params
 
 
 def pattern_types(n_layers: int, pattern: int) -> list[str]:

@@ -10,9 +10,10 @@ Three layouts of the expert weights exist:
 
 Names map 1:1 between native and the transformers 5 layout (`native_key_to_hf`). The hub files
 are a view of it: `hf_view_shapes` / `hf_view_tensors` stack the per-expert tensors into one
-[E, ...] tensor on load (holding at most one layer's experts of one projection), and
-`hf_save_view` splits each stacked tensor back into per-expert tensors when a directory is
-written, so saves load in transformers (4.x and 5.x) and other tools that read hub layouts.
+[E, ...] tensor on load (holding one layer's expert tensors at a time: files list a layer's
+tensors together), and `hf_save_view` splits each stacked tensor back into per-expert tensors
+when a directory is written, so saves have the published checkpoints' layout (transformers 5
+loads them; tested).
 Checkpoints already in the stacked layout load as they are.
 """
 
@@ -87,7 +88,7 @@ class MoEStateDictAdapter(LlamaStateDictAdapter):
         for name, value in shapes.items():
             part = self._part(name)
             if part is None:
-                out[self.normalize_hf_key(name)] = value
+                out[name] = value
             else:
                 groups.setdefault(part[0], []).append(value)
         for fused, values in groups.items():
@@ -107,7 +108,7 @@ class MoEStateDictAdapter(LlamaStateDictAdapter):
         for name, tensor in tensors:
             part = self._part(name)
             if part is None:
-                yield self.normalize_hf_key(name), tensor
+                yield name, tensor
                 continue
             fused, expert, half = part
             parts = pending.setdefault(fused, {})

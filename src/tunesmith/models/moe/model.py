@@ -182,10 +182,10 @@ class MoE(Llama):
         return [m for m in self.modules() if isinstance(m, SparseMoE)]
 
     def keep_router_stats(self, on: bool = True) -> None:
-        """Make every sparse layer keep its routing of the last forward (for the aux loss)."""
+        """Make every sparse layer keep its routing of the next forwards (for the aux loss), or
+        stop keeping it (what is kept stays until `router_aux_loss` reads it)."""
         for moe in self.sparse_blocks():
             moe.keep_router_stats = on
-            moe.router_stats = None
 
     def router_aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """HF's load-balancing loss (Switch Transformer eq. 4-6, as `load_balancing_loss_func`)
@@ -194,11 +194,15 @@ class MoE(Llama):
             E * sum_e f_e * P_e,  f_e = top-k picks of e / rows,  P_e = sum of probs of e / rows
 
         with picks and probabilities summed over all sparse layers before the product and rows =
-        layers x counted tokens. token_mask [B, T] (1 = counted) leaves padding out."""
-        stats = [m.router_stats for m in self.sparse_blocks()]
+        layers x counted tokens. token_mask [B, T] (1 = counted) leaves padding out. The kept
+        routing is released (the loss's graph holds what backward needs)."""
+        blocks = self.sparse_blocks()
+        stats = [m.router_stats for m in blocks]
         if not stats or any(s is None for s in stats):
             raise TunesmithError("router_aux_loss: no routing recorded; call keep_router_stats() "
                                  "before the forward")
+        for m in blocks:
+            m.router_stats = None
         n_exp = self.cfg.num_experts
         picks = torch.zeros(n_exp, dtype=torch.float32, device=stats[0][0].device)  # type: ignore[index]
         prob_sum = torch.zeros_like(picks)
