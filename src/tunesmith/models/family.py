@@ -9,6 +9,7 @@ keeping its own tables of model types:
     data / train      family.kind                  ("causal" decoders, "masked" encoders)
     models.io         family.load_fn / save_fn     (families loading through transformers)
     peft              family.adaption              (Llama-Adapter's attachment point)
+                      family.lora_note             (why some weights take no LoRA: MoE experts)
 """
 
 from __future__ import annotations
