@@ -167,14 +167,14 @@ def step_kernels(_args) -> dict:
 
 
 def _trainer(shape: str, overrides: dict, compile_blocks: bool, aux: float | None, steps: int,
-             micro_batch: int = MICRO_BATCH, seq: int = SEQ):
+             micro_batch: int = MICRO_BATCH, seq: int = SEQ, precision: str = "bf16"):
     from bench_clm import build_trainer
 
     from tunesmith.objective.router_aux import RouterAuxObjective
 
     args = argparse.Namespace(shape=shape, seq=seq, micro_batch=micro_batch, steps=steps,
                               variant="tunesmith", device="cuda")
-    sets = {"model.overrides": overrides, "train.router_aux_loss_coef": aux}
+    sets = {"model.overrides": overrides, "train.router_aux_loss_coef": aux, "train.precision": precision}
     tr, model, flops, peak = build_trainer(args, compile_blocks, sets=sets)
     if aux is not None:
         tr.objective = RouterAuxObjective(aux)
@@ -212,14 +212,17 @@ def _speed(stats_times: list[float], flops: float, peak: float | None) -> dict:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def step_speed_tunesmith(kind: str) -> dict:
+def step_speed_tunesmith(kind: str, precision: str = "bf16") -> dict:
+    """precision: tunesmith's train.precision (bf16: fp32 master weights + autocast; bf16-pure:
+    bf16 weights, as transformers' baseline runs)."""
     import torch
 
     shape, overrides = SHAPES[kind]
-    tr, model, flops, peak = _trainer(shape, overrides, True, None, SPEED_STEPS)
+    tr, model, flops, peak = _trainer(shape, overrides, True, None, SPEED_STEPS, precision=precision)
     times, losses = _train(tr, model, SPEED_STEPS, MICRO_BATCH, SEQ)
     return {**_speed(times, flops, peak), "losses": losses, "params": sum(p.numel() for p in model.parameters()),
-            "flops_per_token": flops, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+            "flops_per_token": flops, "precision": precision, "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__}
 
 
 def step_speed_hf(kind: str) -> dict:
@@ -261,10 +264,10 @@ def step_speed_hf(kind: str) -> dict:
             "transformers": transformers.__version__}
 
 
-def child(name: str) -> dict:
+def child(name: str, precision: str = "bf16") -> dict:
     if name.startswith("speed_"):
         _, kind, who = name.split("_")
-        return step_speed_tunesmith(kind) if who == "tunesmith" else step_speed_hf(kind)
+        return step_speed_tunesmith(kind, precision) if who == "tunesmith" else step_speed_hf(kind)
     return {"parity": step_parity, "kernels": step_kernels, "compile": step_compile}[name](None)
 
 
@@ -289,9 +292,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("moe_out"))
     ap.add_argument("--child")
     ap.add_argument("--only", nargs="*", help="run these steps only")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "bf16-pure"),
+                    help="tunesmith's train.precision in the speed steps")
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child)))
+        print("RESULT " + json.dumps(child(args.child, args.precision)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -306,7 +311,8 @@ def main() -> None:
         limit = int(min(limit, left))
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True,
+            proc = subprocess.run([sys.executable, __file__, "--child", name, "--precision", args.precision],
+                                  capture_output=True,
                                   text=True, timeout=limit)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             results[name] = (json.loads(line[-1][7:]) if proc.returncode == 0 and line

@@ -9,6 +9,7 @@ keeping its own tables of model types:
     data / train      family.kind                  ("causal" decoders, "masked" encoders)
     models.io         family.load_fn / save_fn     (families loading through transformers)
     peft              family.adaption              (Llama-Adapter's attachment point)
+                      family.lora_note             (why some weights take no LoRA: MoE experts)
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class ModelFamily:
         an `AttnSpec` from its caller and takes explicit `positions`, so context parallelism can
         put ring attention in its place (`parallel.cp`).
     adaption: where Llama-Adapter attaches (`peft.method=llama_adapter`); None: not offered.
+    lora_note: appended to the error for LoRA target names that match no linear layer, when
+        the family has weights LoRA does not adapt (the MoE family's experts and router).
     """
 
     name: str
@@ -80,6 +83,7 @@ class ModelFamily:
     shardable: bool = True
     context_parallel: bool = False
     adaption: AdaptionPoint | None = None
+    lora_note: str | None = None
     # Families that load/save through transformers itself (the generic fallback).
     load_fn: Callable[..., nn.Module] | None = None
     save_fn: Callable[[nn.Module, Path], None] | None = None

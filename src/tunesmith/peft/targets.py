@@ -20,6 +20,7 @@ from typing import Protocol
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.registry import get_family
 from tunesmith.peft.float8 import Float8FrozenLinear
 from tunesmith.peft.lora import LoRALinear, NF4Linear
 
@@ -132,11 +133,21 @@ def select_targets(model: nn.Module, adapter: KeyAdapter, targets: str | Sequenc
     _check_head(model, entries)
     unmatched = [e for e in entries if not any(_list_match(e, c) for c in cands)]
     if unmatched:
+        note = _lora_note(model)
         raise TunesmithError(
             f"peft.target_modules {unmatched} match no linear layer; candidates: "
-            f"{candidate_names(cands)}"
+            f"{candidate_names(cands)}" + (f" ({note})" if note else "")
         )
     return [c for c in cands if any(_list_match(e, c) for e in entries)]
+
+
+def _lora_note(model: nn.Module) -> str | None:
+    """The model family's word on weights LoRA does not adapt (None for most families)."""
+    cfg = getattr(model, "cfg", None)
+    try:
+        return get_family(cfg.model_type).lora_note if cfg is not None else None
+    except TunesmithError:
+        return None
 
 
 def _check_head(model: nn.Module, entries: Sequence[str]) -> None:

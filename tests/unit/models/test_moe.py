@@ -102,7 +102,8 @@ def test_lora_targets_attention_only_and_refuses_expert_names() -> None:
     names = {c.native for c in select_targets(model, adapter, "all-linear")}
     assert "layers.0.attention.wq" in names and "layers.1.feed_forward.w1" in names  # dense layer
     assert not any("router" in n or "experts" in n for n in names)
-    with pytest.raises(TunesmithError, match="match no linear layer"):
+    with pytest.raises(TunesmithError, match="match no linear layer.*experts and the router of these "
+                                             "MoE models are not linear layers"):
         select_targets(model, adapter, ["experts"])
 
 

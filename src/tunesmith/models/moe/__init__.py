@@ -19,4 +19,7 @@ FAMILY = ModelFamily(
     tp_plan=None,
     context_parallel=False,
     adaption=None,
+    lora_note="the experts and the router of these MoE models are not linear layers (stacked 3-D "
+              "expert weights, as in transformers 5): LoRA adapts the attention projections and "
+              "any dense MLP layers",
 )
