@@ -36,6 +36,8 @@ LAYOUTS = {"lora_full_shard": ("lora", "parallel.strategy=full_shard"),
            # padded length is made a multiple of tp for sequence parallelism (LoRA and TP do not
            # compose yet, for any task)
            "full_tp2": ("full", "parallel.tp=2"),
+           # the reference scored once on each rank's shard (sharded copy), gathered, released
+           "full_full_shard_precompute": ("full", "parallel.strategy=full_shard", "dpo.precompute_reference=true"),
            "simpo_tp2": ("simpo", "parallel.tp=2")}
 DP = {name: 1 if "tp2" in name else 2 for name in LAYOUTS}  # data-parallel ranks of a layout
 
@@ -77,9 +79,9 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     shared_path("models", "stories260K", "hf")
     for kind in KINDS:
         assert run(["-q", "train", *_job(tmp_path / f"ref_{kind}", 1, kind)]) == 0
-    run_jobs(2, [_job(tmp_path / name, DP[name], kind, layout) for name, (kind, layout) in LAYOUTS.items()],
+    run_jobs(2, [_job(tmp_path / name, DP[name], kind, *layout) for name, (kind, *layout) in LAYOUTS.items()],
              tmp_path)
-    for name, (kind, _) in LAYOUTS.items():
+    for name, (kind, *_) in LAYOUTS.items():
         got, want = _records(tmp_path / name), _records(tmp_path / f"ref_{kind}")
         assert len(got) == len(want) == 5, name  # 4 steps + the final eval
         for g, w in zip(got, want, strict=True):

@@ -84,6 +84,42 @@ def test_reference_free_losses_train_a_model_from_scratch(tmp_path: Path, loss: 
     assert recs[6]["loss"] < recs[1]["loss"]
 
 
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_precomputed_reference_matches_the_per_step_reference(tmp_path: Path, method: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """dpo.precompute_reference: the pairs scored once before training give the same run as the
+    reference forward at every step (training and eval records, final weights), LoRA and full
+    fine-tune; a resumed precomputed run equals its uninterrupted twin. The only difference
+    allowed is fp32 rounding from other padded lengths in the precompute pass."""
+    extra = [f"peft.method={method}", "optim.lr=2e-3", "eval.at_end=true"]
+    per_step, pre, split = tmp_path / "per_step", tmp_path / "pre", tmp_path / "split"
+    assert _train(per_step, "train.max_steps=6", *extra) == 0
+    with caplog.at_level("INFO", logger="tunesmith"):
+        assert _train(pre, "train.max_steps=6", "dpo.precompute_reference=true", *extra) == 0
+    note = [r.getMessage() for r in caplog.records if "precomputed" in r.getMessage()]
+    assert note and "for 32 rows" in note[0]  # 12 training + 4 validation pairs, 2 rows each
+    assert ("reference copy is released" in note[0]) == (method == "none")
+    want, got = _records(per_step), _records(pre)
+    assert len(got) == len(want) == 7  # 6 steps + the final eval
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "reward_margin", "rewards_chosen", "eval_loss", "eval_reward_margin"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], abs=1e-5), (w["step"], key)
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a, b = load_file(pre / "final" / name), load_file(per_step / "final" / name)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    args = ("dpo.precompute_reference=true", "checkpoint.every_steps=3", *extra)
+    assert _train(split, "train.max_steps=3", *args) == 0
+    assert _train(split, "train.max_steps=6", "checkpoint.resume=auto", *args) == 0
+    assert _train_records(split) == _train_records(pre)
+
+
+def test_precompute_needs_a_reference_loss(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert _train(tmp_path / "bad", "dpo.loss=simpo", "dpo.precompute_reference=true") == 2
+    err = capsys.readouterr().err.strip()
+    assert "dpo.precompute_reference: dpo.loss=simpo has no reference policy" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("extra,message", [
     (["peft.method=none", "model.from_scratch=true"], "must hold pretrained weights"),
     (["sft.packing=true"], "sft.packing is not supported"),

@@ -115,11 +115,18 @@ class DPOConfig(_Section):
     simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin "
                                "gamma of -log sigmoid(beta * (avg logp_chosen - avg logp_rejected) "
                                "- gamma).")
+    precompute_reference: bool = Field(
+        False, description="Score every training and validation pair with the reference policy "
+        "once, before the first step, and keep only those log-probs (TRL's "
+        "precompute_ref_log_probs): no reference forward per step, and a full fine-tune frees its "
+        "reference copy. Recomputed at every start, resume included.")
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {self.loss}")
+        if self.precompute_reference and not self.uses_reference:
+            raise ValueError(f"dpo.precompute_reference: dpo.loss={self.loss} has no reference policy")
         return self
 
     @property

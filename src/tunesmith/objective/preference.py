@@ -37,6 +37,7 @@ from tunesmith.config.tasks import DPOConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.objective.forward import head_inputs
 from tunesmith.objective.loss import IGNORE_INDEX, linear_cross_entropy
+from tunesmith.objective.reference_table import ReferenceTable
 from tunesmith.runtime import Runtime
 from tunesmith.transforms.float8 import float8_head_recipe
 
@@ -117,8 +118,16 @@ class PreferenceObjective:
         if cfg.uses_reference and reference is None and adapters_off is None:
             raise ValueError(f"dpo.loss={cfg.loss} needs a reference model or adapters to switch off")
         self.cfg, self.reference, self.adapters_off = cfg, reference, adapters_off
+        self.table: ReferenceTable | None = None  # dpo.precompute_reference: see `use_table`
         self._sums: torch.Tensor | None = None  # [len(_FIELDS)] device sums since the last read
         self._pairs = 0
+
+    def use_table(self, table: ReferenceTable) -> bool:
+        """From now on the reference log-probs come from `table` (precomputed); the frozen
+        reference copy, if there was one, is dropped. Returns whether one was."""
+        released = self.reference is not None
+        self.table, self.reference, self.adapters_off = table, None, None
+        return released
 
     def count(self, model: nn.Module, batch: dict) -> int:
         """Pairs in the (host) batch."""
@@ -129,6 +138,8 @@ class PreferenceObjective:
         """The reference policy's row log-probs [2B] (None for SimPO)."""
         if not self.cfg.uses_reference:
             return None
+        if self.table is not None:
+            return self.table.lookup(batch, rt.device)
         if self.reference is not None:
             return row_logps(self.reference, batch, rt, need_grad=False)[0]
         with self.adapters_off() if self.adapters_off is not None else nullcontext():

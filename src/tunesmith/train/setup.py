@@ -23,16 +23,23 @@ from tunesmith.checkpoint import CheckpointManager, Stateful, check_disk, estima
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
+from tunesmith.data.loader import StatefulLoader
 from tunesmith.errors import TunesmithError
 from tunesmith.objective.forward import TokenObjective
-from tunesmith.objective.router_aux import RouterAuxObjective
 from tunesmith.objective.preference import PreferenceObjective
+from tunesmith.objective.reference_table import precompute
+from tunesmith.objective.router_aux import RouterAuxObjective
 from tunesmith.observe import check_trackers
 from tunesmith.optim import build_scheduler
 from tunesmith.parallel.dist import ParallelContext, main_rank_first
 from tunesmith.peft import LoRALinear, adapters_disabled
 from tunesmith.runtime import peak_tflops, precision_note
-from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState, hf_files_writer, trainer_state
+from tunesmith.train.checkpointing import (
+    Checkpointer,
+    DeferredRNGState,
+    hf_files_writer,
+    trainer_state,
+)
 from tunesmith.train.finish import after_training, save_final_model
 from tunesmith.train.guard import DIAGNOSTICS_FILE
 from tunesmith.train.metrics import LossWindow
@@ -158,14 +165,16 @@ def build_trainer(cfg: RunConfig) -> tuple[Trainer, RunParts]:
     return trainer, RunParts(spec, trainer.model, task)
 
 
-def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
+def build_objective(cfg: RunConfig, asm: Assembly, task: TaskData | None = None) -> Any:
     """The trainer's objective: token cross-entropy, or for task=dpo the preference loss with its
     reference policy, the policy the run starts from:
       * SimPO: none;
       * LoRA / DoRA / QLoRA: the same model with its adapters switched off (no second copy);
       * otherwise a frozen copy of `model.name`'s weights in the compute dtype, compiled and
         sharded as the policy is (`build.build_reference`), never the resumed weights, so a
-        resumed run compares with the same reference as an uninterrupted one."""
+        resumed run compares with the same reference as an uninterrupted one.
+    With dpo.precompute_reference the reference scores `task`'s pairs once here and is then
+    dropped (`_precompute_reference`)."""
     if cfg.task != "dpo" and cfg.train.router_aux_loss_coef is not None:
         return RouterAuxObjective(cfg.train.router_aux_loss_coef)  # MoE only (checked in layout)
     if cfg.task != "dpo":
@@ -174,7 +183,8 @@ def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
     if not dc.uses_reference:
         return PreferenceObjective(dc)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        return PreferenceObjective(dc, adapters_off=lambda: adapters_disabled(model))
+        objective = PreferenceObjective(dc, adapters_off=lambda: adapters_disabled(model))
+        return _precompute_reference(objective, model, asm, task) if dc.precompute_reference else objective
     spec, rt = asm.need("spec"), asm.need("rt")
     if not spec.pretrained:
         raise TunesmithError(
@@ -183,7 +193,38 @@ def build_objective(cfg: RunConfig, asm: Assembly) -> Any:
     reference = build_reference(asm)
     log.info("dpo: reference policy = a frozen copy of %s (%s%s)", spec.source, rt.compute_dtype,
              ", sharded like the policy" if asm.need("ctx").layout.sharded else "")
-    return PreferenceObjective(dc, reference=reference)
+    objective = PreferenceObjective(dc, reference=reference)
+    return _precompute_reference(objective, model, asm, task) if dc.precompute_reference else objective
+
+
+def _precompute_reference(objective: PreferenceObjective, model: nn.Module, asm: Assembly,
+                          task: TaskData | None) -> PreferenceObjective:
+    """Score the training and validation pairs with the reference once (this rank's shards, in
+    dataset order, gathered over the data-parallel ranks), then keep only the log-probs: the
+    frozen copy of a full fine-tune is released. Every rank runs the same number of batches."""
+    if task is None or not task.sized:
+        raise TunesmithError("dpo.precompute_reference needs the preference data in memory")
+    ctx: ParallelContext = asm.need("ctx")
+    train = task.train_loader
+    loaders = [StatefulLoader(train.dataset, batch_size=train.batch_size, collate_fn=train.collate_fn,
+                              shuffle=False, seed=0, drop_last=False, rank=train.rank,
+                              world_size=train.world_size)]
+    if task.val_loader is not None:
+        loaders.append(task.val_loader)
+
+    def gather(values: dict) -> list[dict]:
+        parts: list[Any] = [None] * ctx.dp_size
+        torch.distributed.all_gather_object(parts, values, group=ctx.dp_group)
+        return parts
+
+    rt = asm.need("rt")
+    table, seconds = precompute(lambda batch: objective.reference_logps(model, batch, rt), loaders,
+                                gather if ctx.dp_size > 1 else None)
+    released = objective.use_table(table)
+    log.info("dpo: reference log-probs precomputed for %d rows in %.1f s; no reference forward "
+             "during training%s", len(table), seconds,
+             " (the frozen reference copy is released)" if released else "")
+    return objective
 
 
 def _schedule_steps(cfg: RunConfig, task: TaskData) -> tuple[int, int]:
@@ -228,7 +269,7 @@ def _make_trainer(cfg: RunConfig, asm: Assembly, task: TaskData, out_dir: Path,
         peak_tflops=peak_tflops(rt.device, cfg.logging.peak_tflops), scaler=scaler,
         progress=progress, window=window, hooks=hooks, checkpointer=checkpointer,
         resumed_from=plan.checkpoint, rng_state=rng if plan.checkpoint is not None else None,
-        par=ctx, objective=build_objective(cfg, asm),
+        par=ctx, objective=build_objective(cfg, asm, task),
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from tests.peft_utils import VOCAB, save_base, tiny_model
 from tunesmith.config.tasks import DPOConfig
+from tunesmith.errors import TunesmithError
 from tunesmith.objective.preference import PreferenceObjective, evaluate_preferences, pair_losses, row_logps
 from tunesmith.peft import LoRALinear, LoRASpec, adapters_disabled, apply_lora
 from tunesmith.runtime import resolve_runtime
@@ -165,3 +166,26 @@ def test_right_padding_runs_as_plain_causal_attention_with_the_same_scores() -> 
     # The padding-mask path (the token objective keeps the mask) gives the same total.
     total = batch_loss_sum(model, batch, RT, need_grad=False)
     torch.testing.assert_close(-logp.sum(), total, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_table_keys_rows_by_content_not_padding() -> None:
+    """dpo.precompute_reference looks rows up by their real tokens and labels: the same pair
+    padded to another length, or batched with other pairs, finds the same keys; another answer
+    does not."""
+    from tunesmith.data.preference import PairCollator
+    from tunesmith.objective.reference_table import ReferenceTable, row_keys
+
+    def pair(answer: list[int]) -> dict:
+        return {"chosen": {"input_ids": [5, 6, *answer], "loss_mask": [False, False] + [True] * len(answer)},
+                "rejected": {"input_ids": [5, 6, 9], "loss_mask": [False, False, True]}}
+
+    alone = PairCollator(0)([pair([7, 8])])
+    padded = PairCollator(0, 64)([pair([7, 8])])
+    batched = PairCollator(0)([pair([1, 2, 3, 4]), pair([7, 8])])
+    assert alone["input_ids"].shape[1] != padded["input_ids"].shape[1]
+    assert row_keys(alone) == row_keys(padded) == row_keys(batched)[2:]
+    assert len(set(row_keys(batched))) == 3  # two chosen answers differ; the rejected rows agree
+    table = ReferenceTable(dict(zip(row_keys(alone), [-1.5, -2.5], strict=True)))
+    assert table.lookup(padded, torch.device("cpu")).tolist() == [-1.5, -2.5]
+    with pytest.raises(TunesmithError, match="was not scored before training"):
+        table.lookup(PairCollator(0)([pair([1, 2, 3, 4])]), torch.device("cpu"))
