@@ -46,3 +46,23 @@ def rename_weights(src: Path, dst: Path, old: str, new: str) -> None:
                        for k, v in tensors.items()}, dst / f.name, metadata={"format": "pt"})
         elif f.is_file():
             (dst / f.name).write_bytes(f.read_bytes())
+
+
+def as_image_text(text_dir: Path, out: Path) -> Path:
+    """The Gemma 3 text checkpoint `text_dir` dressed as an image+text one (as transformers'
+    save_pretrained writes it): its config under `text_config`, its tensors under
+    `language_model.`, and a (random) vision tower and projector beside them."""
+    import json
+
+    out.mkdir(parents=True)
+    text_cfg = json.loads((text_dir / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text_cfg, "vision_config": {"model_type": "siglip_vision_model", **VISION},
+        "tie_word_embeddings": text_cfg.get("tie_word_embeddings", True), **IMAGE_TOKENS}))
+    tensors = {"language_model." + k: v for k, v in load_file(text_dir / "model.safetensors").items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.randn(16, 3, 14, 14, generator=gen)
+    tensors["multi_modal_projector.mm_input_projection_weight"] = torch.randn(16, text_cfg["hidden_size"], generator=gen)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
