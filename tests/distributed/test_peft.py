@@ -16,7 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.helpers import assert_resumed_exactly, job, resume_jobs, run_jobs, save_init
+from tests.distributed.helpers import (
+    assert_resumed_exactly,
+    job,
+    resume_jobs,
+    run_jobs,
+    save_init,
+    skip_unless_ranks,
+)
 from tests.distributed.test_training import GRAD_RTOL, LOSS_ATOL, WEIGHT_ATOL, _assert_same
 from tunesmith.cli.main import run
 
@@ -42,6 +49,9 @@ LAYOUTS = {
     "llama_adapter_full_shard+full_ac": ("llama_adapter", ("parallel.strategy=full_shard",
                                                            "parallel.activation_checkpointing=full")),
     "llama_adapter_ddp": ("llama_adapter", ("parallel.strategy=no_shard",)),
+    # tensor parallel (one data-parallel group: both ranks see the whole batch)
+    "lora_tp2": ("lora", ("parallel.tp=2",)),
+    "freeze_tp2": ("freeze", ("parallel.tp=2",)),
 }
 # Checkpoint at 3 and resume to 6; constant schedule so the 3-step run has the same LRs.
 RESUME = (*LORA, "parallel.strategy=full_shard", "schedule.name=constant", "checkpoint.every_steps=3")
@@ -58,7 +68,7 @@ def setup(tiny_tokenizer_dir, demo_text, tmp_path_factory):
         d = root / f"ref_{method}"
         assert run(["-q", "train", *job(*data, d, extra=extra, init=init)]) == 0
         ref[method] = d
-    jobs = [job(*data, root / name, dp=2, extra=(*METHODS[m], *extra), init=init)
+    jobs = [job(*data, root / name, dp=1 if "tp2" in name else 2, extra=(*METHODS[m], *extra), init=init)
             for name, (m, extra) in LAYOUTS.items()]
     jobs += resume_jobs(data, root, RESUME, init)
     run_jobs(2, jobs, root)
@@ -88,3 +98,23 @@ def test_sharded_lora_checkpoint_is_small_and_resumes_exactly(setup):
     model_keys = [k for k in keys if k.startswith("model.")]
     assert model_keys and all(".lora_A" in k or ".lora_B" in k for k in model_keys), model_keys[:5]
     assert any(k.startswith("optim.state.") and ".lora_A" in k for k in keys)
+
+
+def test_lora_on_fsdp2_x_tp_matches_one_process_and_resumes(setup, tiny_tokenizer_dir, demo_text, tmp_path):
+    """2-D: FSDP2 over 2 data-parallel ranks x TP 2 (4 ranks). The TP-sharded LoRA layers are
+    sharded again by FSDP2; the run reproduces the one-process LoRA run, and its checkpoint
+    (DTensors over the 2-D mesh) resumes exactly."""
+    skip_unless_ranks(4)
+    root, ref = setup
+    data = (tiny_tokenizer_dir, *demo_text)
+    two_d = ("parallel.strategy=full_shard", "parallel.tp=2")
+    jobs = [job(*data, tmp_path / "lora_2d", dp=2, extra=(*LORA, *two_d), init=root / "init")]
+    jobs += resume_jobs(data, tmp_path, (*RESUME, "parallel.tp=2"), root / "init")
+    run_jobs(4, jobs, tmp_path)
+    _assert_same(tmp_path / "lora_2d", ref["lora"], "lora_2d")
+    got = load_file(tmp_path / "lora_2d" / "final" / "adapter_model.safetensors")
+    want = load_file(ref["lora"] / "final" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=WEIGHT_ATOL, rtol=0, msg=f"lora_2d: {k}")
+    assert_resumed_exactly(tmp_path, LOSS_ATOL, GRAD_RTOL)

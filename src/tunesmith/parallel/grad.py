@@ -19,7 +19,22 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+
+@torch.no_grad()
+def settle_partial_grads(params: Iterable[torch.Tensor]) -> None:
+    """Reduce gradients that backward left as Partial sums to their parameter's placements.
+
+    A replicated parameter applied to sharded activations gets a Partial gradient: each TP rank
+    holds its share of the sum (sequence-parallel norm weights; LoRA's whole A under a colwise
+    layer and whole B under a rowwise one). The local pieces of a Partial tensor are not pieces
+    of the gradient, so the norm, the clipping and the optimizer must see the reduced tensor:
+    one all-reduce per such (small) parameter, once per step."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)
 
 
 def _replicas(g: DTensor) -> int:
@@ -103,6 +118,7 @@ def clip_grads_with_norm_(params: Iterable[torch.Tensor], max_norm: float, total
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Measure the global gradient norm and clip to `max_norm` (None/inf: measure only)."""
     params = [p for p in params if p.grad is not None]
+    settle_partial_grads(params)
     total, _ = grad_norms([p.grad for p in params])
     if max_norm is not None and not math.isinf(max_norm):
         clip_grads_with_norm_(params, max_norm, total)

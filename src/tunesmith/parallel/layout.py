@@ -252,10 +252,12 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
         if not pc.from_checkpoint and pc.adapter_layers > model_cfg.n_layers:
             raise TunesmithError(f"peft.adapter_layers={pc.adapter_layers} exceeds the model's "
                                  f"{model_cfg.n_layers} transformer blocks")
-    if tp > 1 and (pc.method != "none" or pc.freeze_embeddings or pc.freeze_layers or pc.num_freeze_layers):
+    if tp > 1 and pc.method in ("dora", "llama_adapter"):
+        # DoRA's row norms ||W + s B A|| need whole rows of W (rowwise TP splits them), and the
+        # adaption prompts attach to attention as a whole; LoRA and freezing shard with TP.
         raise TunesmithError(
-            f"parallel.tp={tp}: peft (LoRA/DoRA/freezing) composes with data parallelism "
-            "(FSDP2, HSDP, DDP) but not yet with tensor parallelism; use parallel.tp=1"
+            f"parallel.tp={tp}: peft.method={pc.method} composes with data parallelism (FSDP2, "
+            "HSDP, DDP) but not yet with tensor parallelism; use peft.method=lora or parallel.tp=1"
         )
     if tp > 1 and get_family(model_cfg.model_type).tp_plan is None:
         names, types = _tp_support()

@@ -95,6 +95,16 @@ class LoRALinear(nn.Module):
         Parameters (no copy)."""
         return cls(linear.weight, linear.bias, spec, adapter_dtype, getattr(linear, "weight_scale", None))
 
+    @staticmethod
+    def tp_param_dims() -> dict[str, tuple[int | None, int | None]]:
+        """How tensor parallelism splits the adapters along with the base weight
+        (`parallel.tp`): {name: (dim under colwise, dim under rowwise)}, None = replicated.
+        Colwise splits W [out, in] by output rows, so B [out, r] splits by rows and A [r, in]
+        stays whole: each rank adds s B_local (A x) to its slice of the output. Rowwise splits W
+        by input columns, so A splits by columns and B stays whole: A_local x_local is a partial
+        sum [.., r] that is reduced together with the base output's partial sum."""
+        return {"lora_A": (None, 1), "lora_B": (0, None)}
+
     # -- pieces ----------------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight [out, in] as a plain tensor in `dtype` (dequantised when NF4). A

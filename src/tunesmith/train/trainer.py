@@ -30,7 +30,7 @@ from tunesmith.observe import RunObserver
 from tunesmith.objective.forward import TokenObjective
 from tunesmith.objective.preference import evaluate_preferences
 from tunesmith.parallel.dist import ParallelContext
-from tunesmith.parallel.grad import clip_grads_with_norm_, clip_scale
+from tunesmith.parallel.grad import clip_grads_with_norm_, clip_scale, settle_partial_grads
 from tunesmith.parallel.grad import grad_norms as dist_grad_norms
 from tunesmith.runtime import Runtime
 from tunesmith.train.checkpointing import Checkpointer, DeferredRNGState
@@ -365,6 +365,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         # Sharded (FSDP2/TP DTensor) grads: norms of the full gradients, the same on all ranks.
+        if self._distributed:
+            settle_partial_grads(params)
         norms = dist_grad_norms if self._distributed else grad_norms
         grad_norm, per_param = norms([p.grad for p in params])
         max_norm = self.cfg.train.max_grad_norm

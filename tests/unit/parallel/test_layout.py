@@ -94,11 +94,17 @@ def test_single_process_features_refused_across_ranks(overrides, message):
     check_run(cfg, resolve_layout(cfg.parallel, 1), _tiny(), "cpu")  # one process: fine
 
 
-@pytest.mark.parametrize("overrides", [["peft.method=lora"], ["peft.num_freeze_layers=1"]])
-def test_peft_composes_with_data_parallel_but_not_tp(overrides):
+@pytest.mark.parametrize("overrides,tp_ok", [(["peft.method=lora"], True), (["peft.num_freeze_layers=1"], True),
+                                             (["peft.method=dora"], False),
+                                             (["peft.method=llama_adapter", "peft.adapter_layers=1"], False)])
+def test_peft_with_data_parallel_and_tp(overrides, tp_ok):
+    """Every method composes with FSDP2; LoRA and freezing with TP too, DoRA and Llama-Adapter not."""
     cfg = load_config(None, ["data.path=x", *overrides])
     check_run(cfg, resolve_layout(cfg.parallel, 2), _tiny(), "cpu")  # FSDP2 over 2 ranks: fine
     tp = load_config(None, ["data.path=x", "parallel.tp=2", *overrides])
+    if tp_ok:
+        check_run(tp, resolve_layout(tp.parallel, 2), _tiny(), "cpu")
+        return
     with pytest.raises(TunesmithError, match="not yet with tensor parallelism"):
         check_run(tp, resolve_layout(tp.parallel, 2), _tiny(), "cpu")
 

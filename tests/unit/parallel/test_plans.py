@@ -31,11 +31,11 @@ def test_layout_fills_degrees_and_describes_them():
 
 def test_only_families_declaring_a_plan_accept_tp():
     with_plan = sorted(t for t, fam in families().items() if fam.tp_plan is not None)
-    assert with_plan == ["llama", "mistral", "qwen2", "qwen3"]
+    assert with_plan == ["gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"]
     cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
     lay = resolve_layout(cfg.parallel, 2)
     _, neox = resolve_model_config("pythia-tiny")
-    with pytest.raises(TunesmithError, match=r"plan for the Llama family only \(llama, mistral, qwen2, qwen3\)"):
+    with pytest.raises(TunesmithError, match=r"plan for the Gemma / Llama family only \(gemma3, gemma3_text, llama, mistral, qwen2, qwen3\)"):
         check_run(cfg, lay, neox, "cpu")
 
 
