@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed.helpers import GPT2_OVERRIDES, can_launch, job, losses, run_jobs, save_init
+from tests.gemma3_multimodal import as_image_text
 from tunesmith.cli.main import run
 
 # Runs that checkpoint at step 3 and run on to 6 (the uninterrupted runs to compare with).
@@ -50,6 +51,9 @@ def inits(tmp_path_factory):
     out["gptj"] = save_init(root / "gptj", preset="gptj-tiny", overrides=GPT2_OVERRIDES)
     out["qwen3"] = save_init(root / "qwen3", preset="qwen3-0.6b", overrides=QWEN3_OVERRIDES)
     out["gemma"] = save_init(root / "gemma", preset="gemma3-tiny", overrides=GEMMA_OVERRIDES)
+    # The same weights as an image+text Gemma 3 checkpoint: its text tower streams into the
+    # shards (prefixed names, vision tensors skipped) and trains as the text checkpoint does.
+    out["gemma3_image_text"] = as_image_text(out["gemma"], root / "gemma3_image_text")
     return out
 
 
@@ -116,6 +120,7 @@ LAYOUTS = {
     "qwen3_tp2": (2, 1, "qwen3", ("parallel.tp=2",)),
     "gemma_full_shard": (2, 2, "gemma", ("parallel.strategy=full_shard",)),
     "gemma_tp2": (2, 1, "gemma", ("parallel.tp=2",)),
+    "gemma3_image_text_full_shard": (2, 2, "gemma", ("parallel.strategy=full_shard",)),
     "tp2_gathered_head": (2, 1, False, ("parallel.tp=2", "parallel.loss_parallel=false")),
     "tp2_compiled+selective_ac": (2, 1, False, ("parallel.tp=2", "train.compile=true",
                                                 "parallel.activation_checkpointing=selective")),
@@ -127,7 +132,8 @@ LAYOUTS = {
                                         "parallel.tp=2")),
 }
 
-
+# Layouts that start from another saved init than their reference run's (the same weights).
+INIT_OF = {"gemma3_image_text_full_shard": "gemma3_image_text"}
 
 
 def _layout_jobs(world, data, inits, root):
@@ -137,7 +143,7 @@ def _layout_jobs(world, data, inits, root):
     jobs = []
     for name in names:
         _, dp, tied, extra = LAYOUTS[name]
-        init = None if tied == "scratch" else inits[tied]
+        init = None if tied == "scratch" else inits[INIT_OF.get(name, tied)]
         jobs.append(job(*data, root / name, dp=dp, extra=extra, init=init))
     return names, jobs
 

@@ -220,3 +220,57 @@ def test_lora_adapter_loads_in_peft(hf_models, tmp_path: Path) -> None:
     ids = _ids(2, SEQ, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------ image+text checkpoints (gemma3)
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory: pytest.TempPathFactory):
+    """(transformers' Gemma3ForConditionalGeneration, its save_pretrained dir)."""
+    from tests.gemma3_multimodal import save_tiny_gemma3
+
+    path = tmp_path_factory.mktemp("hf_gemma3")
+    return save_tiny_gemma3(path), path
+
+
+@pytest.mark.parametrize("layout", ["saved", "module_names"])
+def test_image_text_checkpoint_text_tower_matches_hf(multimodal, tmp_path: Path, layout: str) -> None:
+    """Text-only input: the image+text model's logits (plain causal and window masks, no image
+    token) equal those of the text tower tunesmith reads. Layouts: what save_pretrained writes
+    (`language_model.model.*`, the 4.5x hub files' names) and 5.x module names
+    (`model.language_model.*`)."""
+    from tests.gemma3_multimodal import rename_weights
+
+    hf, path = multimodal
+    assert any(k.startswith("language_model.model.layers.") for k in _tensor_names(path))
+    if layout == "module_names":
+        rename_weights(path, tmp_path / "renamed", "language_model.model.", "model.language_model.")
+        path = tmp_path / "renamed"
+    family, cfg = resolve_model_config(str(path))
+    assert cfg.multimodal_source and cfg.vocab_size == hf.config.text_config.vocab_size
+    ours = load_pretrained(build_model(family, cfg), str(path), "cpu", torch.float32).eval()
+    ids = torch.randint(3, 512, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=ATOL, rtol=0)
+    assert ours.output.weight is ours.tok_embeddings.weight
+
+
+def test_vision_tensors_are_skipped_only_for_image_text_sources(multimodal, tmp_path: Path) -> None:
+    """The same weights under a text-only config: the vision tower is an unexpected tensor."""
+    import json
+
+    from tunesmith.errors import TunesmithError
+
+    _, path = multimodal
+    text = json.loads((path / "config.json").read_text())["text_config"]
+    (tmp_path / "config.json").write_text(json.dumps(text))
+    (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    family, cfg = resolve_model_config(str(tmp_path))
+    with pytest.raises(TunesmithError, match="unexpected tensors: language_model.model"):
+        load_pretrained(build_model(family, cfg), str(tmp_path), "cpu", torch.float32)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return list(f.keys())

@@ -107,7 +107,13 @@ def test_overrides_rederive_layer_types_and_take_hf_names():
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
     ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported"),
     ({"layer_types": ["chunked_attention"] * 26}, "layer_types must list 26 entries"),
-    ({"model_type": "gemma3", "text_config": {}}, "use a text-only Gemma 3 checkpoint"),
+    ({"model_type": "gemma3", "text_config": None}, "model_type 'gemma3' without a text_config"),
+    ({"model_type": "gemma3", "text_config": {"model_type": "gemma2"}},
+     "text_config.model_type 'gemma2' is not 'gemma3_text'"),
+    ({"model_type": "gemma3", "text_config": {"hidden_size": "big"}},
+     "config.json text_config: field 'hidden_size' must be an integer"),
+    ({"model_type": "gemma3", "text_config": {"final_logit_softcapping": 30.0}},
+     "final_logit_softcapping=30.0 is not supported"),
 ])
 def test_unsupported_configs_are_refused_in_one_line(tmp_path, change, message):
     path = tmp_path / "config.json"
@@ -115,6 +121,60 @@ def test_unsupported_configs_are_refused_in_one_line(tmp_path, change, message):
     with pytest.raises(TunesmithError, match=message) as e:
         resolve_model_config(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+# The top level of google/gemma-3-{4b,12b,27b}-it's config.json as published (transformers 4.50)
+# and each one's text_config; the vision_config (SigLIP) is the same in all three.
+GEMMA3_MM_TOP = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+    "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+_LINEAR8 = {"factor": 8.0, "rope_type": "linear"}
+GEMMA3_MM_TEXT = {
+    "gemma3-4b": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                  "num_hidden_layers": 34, "rope_scaling": _LINEAR8, "sliding_window": 1024},
+    "gemma3-12b": {"hidden_size": 3840, "intermediate_size": 15360, "model_type": "gemma3_text",
+                   "num_attention_heads": 16, "num_hidden_layers": 48, "num_key_value_heads": 8,
+                   "rope_scaling": _LINEAR8, "sliding_window": 1024},
+    "gemma3-27b": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
+                   "model_type": "gemma3_text", "num_attention_heads": 32,
+                   "num_hidden_layers": 62, "num_key_value_heads": 16,
+                   "query_pre_attn_scalar": 168, "rope_scaling": _LINEAR8, "sliding_window": 1024},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA3_MM_TEXT))
+def test_image_text_configs_give_their_text_model(tmp_path, name):
+    """The published gemma3 configs name a few text keys: transformers' Gemma3TextConfig
+    defaults fill the rest (what the presets hold), and the top-level eos ids of -it win."""
+    (tmp_path / "config.json").write_text(json.dumps({**GEMMA3_MM_TOP,
+                                                      "text_config": GEMMA3_MM_TEXT[name]}))
+    _, cfg = resolve_model_config(str(tmp_path))
+    want = preset(name)
+    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "intermediate_size", "sliding_window", "rope_theta", "rope_local_base_freq",
+                  "rope_scaling_factor", "query_pre_attn_scalar", "max_position_embeddings",
+                  "tie_word_embeddings", "norm_eps", "types"):
+        assert getattr(cfg, field) == getattr(want, field), field
+    assert cfg.model_type == "gemma3_text" and cfg.multimodal_source and cfg.vocab_size == 262208
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (2, [1, 106], 0)
+    assert cfg.torch_dtype == "bfloat16"
+    # transformers reads the same text model out of it.
+    hf = transformers.Gemma3Config(**{k: v for k, v in GEMMA3_MM_TOP.items()
+                                      if k not in ("model_type", "architectures")},
+                                   text_config=GEMMA3_MM_TEXT[name]).text_config
+    assert (hf.vocab_size, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads,
+            hf.head_dim, hf.max_position_embeddings, hf.query_pre_attn_scalar, hf.layer_types) \
+        == (cfg.vocab_size, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+            cfg.max_position_embeddings, cfg.query_pre_attn_scalar, cfg.types)
+    # Saved as the text model.
+    assert cfg.to_hf()["model_type"] == "gemma3_text"
+    assert cfg.to_hf()["architectures"] == ["Gemma3ForCausalLM"]
 
 
 def test_runs_it_cannot_serve_are_refused():

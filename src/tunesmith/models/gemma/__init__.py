@@ -15,7 +15,7 @@ from tunesmith.models.gemma.model import Gemma
 
 FAMILY = ModelFamily(
     name="gemma",
-    # `gemma3` (image+text) is claimed only to be refused with a pointer to the text model.
+    # `gemma3` (image+text): its text tower, read through `text_config` (gemma.multimodal).
     model_types=(MODEL_TYPE, MULTIMODAL_TYPE),
     config_cls=GemmaConfig,
     model_cls=Gemma,

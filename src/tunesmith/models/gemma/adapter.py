@@ -2,11 +2,19 @@
 
 Rotate-half RoPE and [out, in] linears on both sides: tensors map 1:1, only names change.
 Tied embeddings: `lm_head.weight` is dropped when saving and ignored when loading.
+A config read from an image+text `gemma3` checkpoint (`cfg.multimodal_source`) also reads its
+prefixed language-model names and skips its vision tower (`gemma.multimodal.text_key`); saves
+write Gemma3ForCausalLM names either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from tunesmith.models.adapter_base import TableAdapter
+from tunesmith.models.gemma import multimodal
 from tunesmith.models.gemma.config import GemmaConfig
 
 # native per-layer suffix <-> HF per-layer suffix (each with .weight / .bias appended)
@@ -42,3 +50,19 @@ class GemmaStateDictAdapter(TableAdapter):
     TOP_MAP = _TOP_MAP
     HF_LAYER_PREFIX = "model.layers"
     HF_HEAD = "lm_head.weight"
+
+    def hf_key_to_native(self, key: str) -> str | None:
+        if self.cfg.multimodal_source:
+            text = multimodal.text_key(key)
+            if text is None:  # vision tower / projector: not part of the text model
+                return None
+            key = text
+        return super().hf_key_to_native(key)
+
+    def hf_save_view(self, names: list[str], get_tensor: Callable[[str], torch.Tensor],
+                     nbytes: Callable[[str], int]
+                     ) -> tuple[list[str], Callable[[str], torch.Tensor], Callable[[str], int]]:
+        if self.cfg.multimodal_source:
+            multimodal.log.info("save: the text model of the image+text Gemma 3 is written as a "
+                                "gemma3_text model (transformers loads it as Gemma3ForCausalLM)")
+        return names, get_tensor, nbytes

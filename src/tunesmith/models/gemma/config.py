@@ -9,6 +9,7 @@ full, as HF does). Both HF layouts of the RoPE settings are read:
                                        "sliding_attention": {"rope_type", "rope_theta"}}
     transformers 4: rope_theta (global), rope_local_base_freq (local), rope_scaling (global)
 and the 5.x layout is written. Logit soft-capping (Gemma 2) is refused: Gemma 3 has none.
+An image+text `gemma3` config is read through its `text_config` (`gemma.multimodal`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from tunesmith.models.common import (
     preset_from_table,
     split_hf_keys,
 )
+from tunesmith.models.gemma import multimodal
 from tunesmith.models.llama.config import LlamaConfig
 
-MODEL_TYPE = "gemma3_text"
-MULTIMODAL_TYPE = "gemma3"  # Gemma3ForConditionalGeneration: refused with a pointer to the text model
+MODEL_TYPE = multimodal.TEXT_TYPE  # "gemma3_text"
+MULTIMODAL_TYPE = multimodal.MULTIMODAL_TYPE  # "gemma3": its text tower is read (text_config)
 SLIDING, FULL = "sliding_attention", "full_attention"
 _ACTIVATION = "gelu_pytorch_tanh"
 _ROPE_TYPES = ("default", "linear")  # linear: only on full-attention layers, as Gemma 3 4B-27B
@@ -89,6 +91,9 @@ class GemmaConfig:
     model_type: str = MODEL_TYPE
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"
+    # Read from an image+text `gemma3` checkpoint: its weights carry language-model prefixes
+    # and a vision tower the adapter skips. Saves are plain `gemma3_text` all the same.
+    multimodal_source: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # unused HF keys, kept for the record
 
     def __post_init__(self) -> None:
@@ -130,7 +135,10 @@ class GemmaConfig:
     # ------------------------------------------------------------------ HF conversion
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GemmaConfig:
-        """Build from a HF `config.json` dict (transformers 4.x or 5.x layout)."""
+        """Build from a HF `config.json` dict (transformers 4.x or 5.x layout); an image+text
+        `gemma3` one gives its text model."""
+        if hf.get("model_type") == MULTIMODAL_TYPE:
+            return replace(cls.from_hf(multimodal.text_config(hf)), multimodal_source=True)
         _refuse_unsupported(hf)
         kw, extra = split_hf_keys(hf, HF_KEY_MAP, skip=_SPECIAL_KEYS)
         kw["rope_theta"], kw["rope_local_base_freq"], kw["rope_scaling_factor"] = _read_rope(hf)
@@ -197,11 +205,6 @@ def pattern_types(n_layers: int, pattern: int) -> list[str]:
 
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
     model_type = hf.get("model_type", MODEL_TYPE)
-    if model_type == MULTIMODAL_TYPE:
-        raise TunesmithError(
-            "config.json: model_type 'gemma3' is the image+text Gemma 3 "
-            "(Gemma3ForConditionalGeneration), which tunesmith does not train; use a text-only "
-            "Gemma 3 checkpoint (model_type 'gemma3_text', e.g. google/gemma-3-1b-pt)")
     if model_type != MODEL_TYPE:
         raise TunesmithError(f"config.json: model_type {model_type!r} is not {MODEL_TYPE!r}")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
@@ -262,7 +265,7 @@ def _preset_table() -> dict[str, dict[str, Any]]:
     # Gemma3TextConfig defaults: head_dim 256, 131072 positions, vocab 262208 with the image
     # tokens). All: every 6th layer full attention, RoPE bases 1e6 (full) / 1e4 (local); 4B-27B:
     # window 1024 and linear RoPE scaling 8 on the full layers. The larger ones are text towers
-    # only: their checkpoints are image+text (`gemma3`), which tunesmith does not load.
+    # (shapes for training from scratch); their image+text checkpoints load by path as well.
     return {
         # Test/demo model (~100K parameters): sliding and full layers alternate, window 16.
         "gemma3-tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
