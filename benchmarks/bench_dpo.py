@@ -18,6 +18,9 @@ in its own subprocess. Variants:
   tunesmith-qlora   NF4 base (QLoRA) with activation checkpointing
   tunesmith-full full fine-tune (fp32 master weights, bf16 autocast), the reference a frozen
                  compiled bf16 copy of the starting weights (saved to a temporary directory first)
+  tunesmith-pre, tunesmith-full-pre  LoRA / full fine-tune with dpo.precompute_reference: every
+                 pair scored by the reference before the timed steps (its time reported as
+                 precompute_s), then no reference forward, and the full fine-tune's copy released
   trl            TRL DPOTrainer (its fused LM-head log-probs) + peft, bf16, fused AdamW, no
                  gradient checkpointing; tokenisation skipped (the same token ids are given)
   trl-liger      the same with `use_liger_kernel=True` (Liger's RMSNorm / SwiGLU / RoPE kernels)
@@ -44,7 +47,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from _variants import reset_memory, run_variant, sync  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
-VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-float8", "tunesmith-qlora", "tunesmith-full", "trl",
+VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-float8", "tunesmith-qlora", "tunesmith-full",
+            "tunesmith-pre", "tunesmith-full-pre", "trl",
             "trl-liger", "trl-full", "trl-full-liger")
 DEFAULT = "tunesmith,trl,trl-liger"
 PAD = 0
@@ -94,7 +98,7 @@ def run_tunesmith(args, variant: str) -> dict:
     from tunesmith.train.setup import build_objective
     from tunesmith.train.trainer import Trainer
 
-    full = variant == "tunesmith-full"
+    full = variant in ("tunesmith-full", "tunesmith-full-pre")
     model_name = _saved_shape(args.shape) if full else args.shape  # a full FT's reference needs weights
     cfg = RunConfig.model_validate({
         "task": "dpo", "dpo": {"beta": 0.1},
@@ -117,11 +121,20 @@ def run_tunesmith(args, variant: str) -> dict:
                  val_loader=None, out_dir=Path("."), total_steps=args.steps, steps_per_epoch=args.steps,
                  flops_per_token=1.0, peak_tflops=None, objective=build_objective(cfg, a))
     data = synthetic_pairs(model.cfg.vocab_size, args.prompt, args.answer, args.steps * args.pairs)
+    batches = [_ours_batch(data[s * args.pairs:(s + 1) * args.pairs], pad_multiple(cfg))
+               for s in range(args.steps)]
+    pre_s = None
+    if variant.endswith("-pre"):  # as train.setup does it, over this run's batches
+        from tunesmith.objective.reference_table import precompute
+
+        rt, objective = a.need("rt"), tr.objective
+        table, pre_s = precompute(lambda b: objective.reference_logps(model, b, rt), [batches])
+        objective.use_table(table)
     setup_gib = reset_memory(args.device)
     times, losses, tokens = [], [], []
     for s in range(args.steps):
         pairs = data[s * args.pairs:(s + 1) * args.pairs]
-        batch = _ours_batch(pairs, pad_multiple(cfg))
+        batch = batches[s]
         sync(args.device)
         t0 = time.perf_counter()
         loss, _, _, _ = tr.train_step([batch])
@@ -129,7 +142,7 @@ def run_tunesmith(args, variant: str) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         tokens.append(real_tokens(pairs))
-    return _result(args, times, tokens, losses, setup_gib)
+    return {**_result(args, times, tokens, losses, setup_gib), "precompute_s": pre_s}
 
 
 def _saved_shape(shape: str) -> str:
