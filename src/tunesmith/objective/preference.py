@@ -26,6 +26,7 @@ second copy in memory), else a frozen copy of `model.name` (see `train.setup`).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -127,6 +128,8 @@ class PreferenceObjective:
         reference copy, if there was one, is dropped. Returns whether one was."""
         released = self.reference is not None
         self.table, self.reference, self.adapters_off = table, None, None
+        if released:  # a module graph holds reference cycles: collect now, not at some later gc
+            gc.collect()
         return released
 
     def count(self, model: nn.Module, batch: dict) -> int:
