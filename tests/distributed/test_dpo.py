@@ -33,8 +33,8 @@ LAYOUTS = {"lora_full_shard": ("lora", "parallel.strategy=full_shard"),
            "full_ddp": ("full", "parallel.strategy=no_shard"),
            "simpo_full_shard": ("simpo", "parallel.strategy=full_shard"),
            # tensor parallel: both ranks see the same pairs (one data-parallel group); the
-           # padded length is made a multiple of tp for sequence parallelism (LoRA and TP do not
-           # compose yet, for any task)
+           # padded length is made a multiple of tp for sequence parallelism
+           "lora_tp2": ("lora", "parallel.tp=2"),  # the reference: adapters off on the TP-sharded LoRA layers
            "full_tp2": ("full", "parallel.tp=2"),
            # the reference scored once on each rank's shard (sharded copy), gathered, released
            "full_full_shard_precompute": ("full", "parallel.strategy=full_shard", "dpo.precompute_reference=true"),

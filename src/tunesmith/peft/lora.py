@@ -187,11 +187,12 @@ class LoRALinear(nn.Module):
         """
         from torch.distributed.tensor import DTensor
 
+        if any(isinstance(m.lora_A, DTensor) for m in layers):
+            return None  # tensor parallel: each layer through its own module call (TP's input hooks)
         if not all(m.adapters_on for m in layers):
             return tuple(m._base(x) for m in layers)
         if not SHARE_INPUT or any(
-            m.lora_magnitude is not None or (m.spec.dropout > 0 and m.training)
-            or isinstance(m.lora_A, DTensor) for m in layers
+            m.lora_magnitude is not None or (m.spec.dropout > 0 and m.training) for m in layers
         ):
             return None
         a = torch.cat([m.lora_A for m in layers])  # [sum r, in]
