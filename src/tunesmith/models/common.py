@@ -84,6 +84,19 @@ COMMON_HF_KEYS: dict[str, str] = {
     "dtype": "torch_dtype",
 }
 
+# The shape keys of the Llama-style decoders (Llama family, MoE, Gemma 3): HF name -> our field.
+DECODER_HF_KEYS: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "norm_eps",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
 
 def preset_from_table(cls: type[C], table: dict[str, dict[str, Any]], name: str, kind: str) -> C:
     """`cls(**table[name])`, or one clear error naming the closest preset of this family."""

@@ -21,6 +21,7 @@ from typing import Any
 from tunesmith.errors import TunesmithError
 from tunesmith.models.common import (
     COMMON_HF_KEYS,
+    DECODER_HF_KEYS,
     SHAPE_ALIASES,
     check_positive,
     override_fields,
@@ -38,15 +39,7 @@ _ROPE_TYPES = ("default", "linear")  # linear: only on full-attention layers, as
 
 HF_KEY_MAP: dict[str, str] = {
     **COMMON_HF_KEYS,
-    "vocab_size": "vocab_size",
-    "hidden_size": "dim",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "head_dim": "head_dim",
-    "intermediate_size": "intermediate_size",
-    "rms_norm_eps": "norm_eps",
-    "max_position_embeddings": "max_position_embeddings",
+    **DECODER_HF_KEYS,
     "query_pre_attn_scalar": "query_pre_attn_scalar",
     "sliding_window": "sliding_window",
     "sliding_window_pattern": "sliding_window_pattern",

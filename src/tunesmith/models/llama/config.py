@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models.common import SHAPE_ALIASES
+from tunesmith.models.common import COMMON_HF_KEYS, DECODER_HF_KEYS, SHAPE_ALIASES
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ARCHITECTURES = {
@@ -33,27 +33,12 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 
 # HF config.json key -> our field name. Used by `from_hf` and to accept HF names in overrides.
 HF_KEY_MAP: dict[str, str] = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "dim",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "head_dim": "head_dim",
-    "intermediate_size": "intermediate_size",
-    "rms_norm_eps": "norm_eps",
+    **COMMON_HF_KEYS,
+    **DECODER_HF_KEYS,
     "rope_theta": "rope_theta",
     "rope_scaling": "rope_scaling",
-    "max_position_embeddings": "max_position_embeddings",
-    "tie_word_embeddings": "tie_word_embeddings",
     "attention_bias": "attention_bias",
     "mlp_bias": "mlp_bias",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-    "model_type": "model_type",
-    "initializer_range": "initializer_range",
-    "torch_dtype": "torch_dtype",
-    "dtype": "torch_dtype",
 }
 
 
