@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from tests.parity.helpers import assert_padding_matches_hf, load_ours
 from tunesmith.models import attention as attn_mod
 from tunesmith.models import (
     build_model,
@@ -68,12 +69,6 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch
     return out
 
 
-def _load_ours(path: Path) -> torch.nn.Module:
-    family, cfg = resolve_model_config(str(path))
-    assert family.name == "gemma"
-    return load_pretrained(build_model(family, cfg), str(path), "cpu", torch.float32).eval()
-
-
 def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     # From 3 up: the pad (0), eos (1) and bos (2) ids stay out of the inputs (HF's embedding
     # has padding_idx=0, which zeroes that row's gradient).
@@ -86,7 +81,7 @@ NAMES = list(_hf_configs())
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path, "gemma")
     assert {layer.sliding for layer in ours.layers} == {True, False}
     ids = _ids(2, SEQ)
     with torch.no_grad():
@@ -105,7 +100,7 @@ def test_logits_match_hf(hf_models, name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_match_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path, "gemma")
     ids = _ids(2, SEQ, seed=5)
     targets = torch.roll(ids, -1, dims=1)
     hf.zero_grad()
@@ -128,7 +123,7 @@ def test_documents_equal_separate_runs(hf_models, backend: str) -> None:
     """Packed rows (positions restart per document) give each document's own logits, with
     documents longer than the window; dense SDPA and FlexAttention block masks alike."""
     hf, path = hf_models["tied_linear_rope"]
-    ours = _load_ours(path)
+    ours = load_ours(path, "gemma")
     t = 32
     ids = _ids(2, t, seed=2)
     cut = [11, 20]  # row r: doc A = ids[r, :cut[r]], doc B = the rest
@@ -150,7 +145,7 @@ def test_documents_equal_separate_runs(hf_models, backend: str) -> None:
 def test_plain_causal_backends_agree(hf_models, backend: str) -> None:
     """Training rows without masks: the windowed causal mask as dense SDPA or a flex block mask."""
     hf, path = hf_models["untied_bias_pattern"]
-    ours = _load_ours(path)
+    ours = load_ours(path, "gemma")
     ids = _ids(2, SEQ, seed=9)
     attn_mod.set_attention_backend(backend)
     try:
@@ -165,24 +160,14 @@ def test_plain_causal_backends_agree(hf_models, backend: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_padding_matches_hf_attention_mask(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
-    ids = _ids(3, 24, seed=1)
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0  # left padding
-    mask[1, 15:] = 0  # right padding
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, position_ids=positions).logits
-        got = ours(ids, positions=positions, attn=AttnSpec.padding(mask))
-    keep = mask.bool()
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
+    ours = load_ours(path, "gemma")
+    assert_padding_matches_hf(hf, ours, _ids(3, 24, seed=1), ATOL)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_native_save_loads_in_transformers(hf_models, tmp_path: Path, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path, "gemma")
     family, cfg = resolve_model_config(str(path))
     out = tmp_path / "saved"
     save_pretrained(ours, family, cfg, out)
@@ -192,7 +177,7 @@ def test_native_save_loads_in_transformers(hf_models, tmp_path: Path, name: str)
     ids = _ids(2, SEQ, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=0, rtol=0)
-        torch.testing.assert_close(_load_ours(out)(ids), ours(ids), atol=0, rtol=0)
+        torch.testing.assert_close(load_ours(out, "gemma")(ids), ours(ids), atol=0, rtol=0)
 
 
 def test_lora_adapter_loads_in_peft(hf_models, tmp_path: Path) -> None:
@@ -202,7 +187,7 @@ def test_lora_adapter_loads_in_peft(hf_models, tmp_path: Path) -> None:
     from tunesmith.peft import LoRASpec, apply_lora, lora_modules, save_adapter
 
     _, path = hf_models["tied_linear_rope"]
-    ours = _load_ours(path)
+    ours = load_ours(path, "gemma")
     family, cfg = resolve_model_config(str(path))
     torch.manual_seed(0)
     apply_lora(ours, family.adapter(cfg), LoRASpec(r=4, alpha=8), ["q_proj", "v_proj", "down_proj"])

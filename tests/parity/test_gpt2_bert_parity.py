@@ -10,10 +10,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from tests.parity.helpers import load_ours
 from tunesmith.models import (
     build_model,
     get_family,
-    load_pretrained,
     resolve_model_config,
     save_pretrained,
 )
@@ -67,11 +67,6 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return out
 
 
-def _load_ours(path: Path) -> torch.nn.Module:
-    family, cfg = resolve_model_config(str(path))
-    return load_pretrained(build_model(family, cfg), str(path), "cpu", torch.float32).eval()
-
-
 def _ids(batch: int, seq: int, seed: int = 0, low: int = 3) -> torch.Tensor:
     return torch.randint(low, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -79,7 +74,7 @@ def _ids(batch: int, seq: int, seed: int = 0, low: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "neox_sequential", "bert", "roberta"])
 def test_logits_and_padding_match_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     ids = _ids(2, 33)
     mask = torch.ones_like(ids)
     mask[1, 25:] = 0  # right padding
@@ -100,7 +95,7 @@ def test_logits_and_padding_match_hf(hf_models, name: str) -> None:
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "bert", "roberta"])
 def test_save_roundtrip_loads_in_transformers(hf_models, tmp_path: Path, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     save_pretrained(ours, family, cfg, tmp_path / "saved")
     auto = (transformers.AutoModelForMaskedLM if name in ("bert", "roberta")
@@ -124,7 +119,7 @@ def test_gpt2_old_openai_layout_loads(hf_models, tmp_path: Path) -> None:
     (tmp_path / "old" / "config.json").write_text((path / "config.json").read_text())
     ids = _ids(1, 20, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(_load_ours(tmp_path / "old")(ids), hf(ids).logits,
+        torch.testing.assert_close(load_ours(tmp_path / "old")(ids), hf(ids).logits,
                                    atol=ATOL, rtol=0)
 
 
@@ -141,7 +136,7 @@ def test_bert_tf_era_names_and_pretraining_heads_load(hf_models, tmp_path: Path)
     (tmp_path / "old" / "config.json").write_text((path / "config.json").read_text())
     ids = _ids(1, 20, seed=6)
     with torch.no_grad():
-        torch.testing.assert_close(_load_ours(tmp_path / "old")(ids), hf(ids).logits,
+        torch.testing.assert_close(load_ours(tmp_path / "old")(ids), hf(ids).logits,
                                    atol=ATOL, rtol=0)
 
 

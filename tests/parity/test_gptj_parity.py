@@ -11,7 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from tunesmith.models import build_model, load_pretrained, resolve_model_config, save_pretrained
+from tests.parity.helpers import load_ours
+from tunesmith.models import build_model, resolve_model_config, save_pretrained
 from tunesmith.models.attention import AttnSpec
 from tunesmith.models.kv_cache import KVCache
 
@@ -47,19 +48,13 @@ def hf_gptj(request, tmp_path_factory: pytest.TempPathFactory):
     return model, path
 
 
-def _load_ours(path: Path) -> torch.nn.Module:
-    family, cfg = resolve_model_config(str(path))
-    assert family.name == "gptj"
-    return load_pretrained(build_model(family, cfg), str(path), "cpu", torch.float32).eval()
-
-
 def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def test_logits_padding_and_cache_match_hf(hf_gptj) -> None:
     hf, path = hf_gptj
-    ours = _load_ours(path)
+    ours = load_ours(path, "gptj")
     ids = _ids(2, 33)
     mask = torch.ones_like(ids)
     mask[1, 25:] = 0  # right padding
@@ -80,7 +75,7 @@ def test_logits_padding_and_cache_match_hf(hf_gptj) -> None:
 
 def test_save_roundtrip_loads_in_transformers(hf_gptj, tmp_path: Path) -> None:
     hf, path = hf_gptj
-    ours = _load_ours(path)
+    ours = load_ours(path, "gptj")
     family, cfg = resolve_model_config(str(path))
     save_pretrained(ours, family, cfg, tmp_path / "saved")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
@@ -89,7 +84,7 @@ def test_save_roundtrip_loads_in_transformers(hf_gptj, tmp_path: Path) -> None:
     ids = _ids(2, 17, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=0, rtol=0)
-        torch.testing.assert_close(_load_ours(tmp_path / "saved")(ids), ours(ids), atol=0, rtol=0)
+        torch.testing.assert_close(load_ours(tmp_path / "saved", "gptj")(ids), ours(ids), atol=0, rtol=0)
 
 
 def test_old_checkpoint_buffers_are_ignored(hf_gptj, tmp_path: Path) -> None:
@@ -103,7 +98,7 @@ def test_old_checkpoint_buffers_are_ignored(hf_gptj, tmp_path: Path) -> None:
     (tmp_path / "old" / "config.json").write_text((path / "config.json").read_text())
     ids = _ids(1, 20, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(_load_ours(tmp_path / "old")(ids), hf(ids).logits,
+        torch.testing.assert_close(load_ours(tmp_path / "old", "gptj")(ids), hf(ids).logits,
                                    atol=ATOL, rtol=0)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from tunesmith.models import build_model, load_pretrained, resolve_model_config, save_pretrained
+from tests.parity.helpers import assert_padding_matches_hf, load_ours
+from tunesmith.models import resolve_model_config, save_pretrained
 from tunesmith.models.attention import AttnSpec
 
 ATOL = 1e-5
@@ -63,12 +64,6 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch
     return out
 
 
-def _load_ours(path: Path) -> torch.nn.Module:
-    family, cfg = resolve_model_config(str(path))
-    model = build_model(family, cfg)
-    return load_pretrained(model, str(path), "cpu", torch.float32).eval()
-
-
 def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -79,7 +74,7 @@ NAMES = list(_hf_configs())
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     ids = _ids(2, 33)
     with torch.no_grad():
         expected = hf(ids).logits
@@ -92,23 +87,13 @@ def test_logits_match_hf(hf_models, name: str) -> None:
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3"])
 def test_padding_matches_hf_attention_mask(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
-    ids = _ids(3, 20, seed=1)
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0  # left padding
-    mask[1, 15:] = 0  # right padding
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, position_ids=positions).logits
-        got = ours(ids, positions=positions, attn=AttnSpec.padding(mask))
-    keep = mask.bool()
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
+    ours = load_ours(path)
+    assert_padding_matches_hf(hf, ours, _ids(3, 20, seed=1), ATOL)
 
 
 def test_documents_equal_separate_runs(hf_models) -> None:
     hf, path = hf_models["llama3"]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     ids = _ids(2, 24, seed=2)
     cut = [9, 17]  # row r: doc A = ids[r, :cut[r]], doc B = the rest
     doc_ids = torch.stack([(torch.arange(24) >= c).long() for c in cut])
@@ -125,7 +110,7 @@ def test_documents_equal_separate_runs(hf_models) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_save_roundtrip_loads_in_transformers(hf_models, tmp_path: Path, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     out = tmp_path / "saved"
     save_pretrained(ours, family, cfg, out)
@@ -139,7 +124,7 @@ def test_save_roundtrip_loads_in_transformers(hf_models, tmp_path: Path, name: s
 
 def test_sharded_save_loads_in_transformers_and_ours(hf_models, tmp_path: Path) -> None:
     hf, path = hf_models["llama3"]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     out = tmp_path / "sharded"
     save_pretrained(ours, family, cfg, out, max_shard_size_bytes=40_000)
@@ -151,17 +136,17 @@ def test_sharded_save_loads_in_transformers_and_ours(hf_models, tmp_path: Path) 
         expected = hf(ids).logits
         hf_again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(hf_again(ids).logits, expected, atol=0, rtol=0)
-        torch.testing.assert_close(_load_ours(out)(ids), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(load_ours(out)(ids), expected, atol=ATOL, rtol=0)
 
 
 def test_save_in_bfloat16(hf_models, tmp_path: Path) -> None:
     _, path = hf_models["mistral"]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     save_pretrained(ours, family, cfg, tmp_path / "bf16", dtype=torch.bfloat16)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert reloaded.config.model_type == "mistral"
     assert next(reloaded.parameters()).dtype == torch.bfloat16
-    again = _load_ours(tmp_path / "bf16")
+    again = load_ours(tmp_path / "bf16")
     ref = ours.layers[0].attention.wq.weight.to(torch.bfloat16).float()
     torch.testing.assert_close(again.layers[0].attention.wq.weight, ref, atol=0, rtol=0)

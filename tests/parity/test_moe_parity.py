@@ -12,10 +12,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tests.parity.helpers import load_ours
 from tunesmith.errors import TunesmithError
 from tunesmith.models import (
-    build_model,
-    load_pretrained,
     resolve_model_config,
     save_pretrained,
 )
@@ -70,11 +69,6 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch
     return out
 
 
-def _load_ours(path: Path) -> torch.nn.Module:
-    family, cfg = resolve_model_config(str(path))
-    return load_pretrained(build_model(family, cfg), str(path), "cpu", torch.float32).eval()
-
-
 def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -88,7 +82,7 @@ def _hf_names(path: Path) -> list[str]:
 def test_hub_layout_loads_with_hf_logits(hf_models, name: str) -> None:
     hf, path = hf_models[name]
     assert any(".experts.0." in k for k in _hf_names(path))  # per-expert tensors on disk
-    ours = _load_ours(path)
+    ours = load_ours(path)
     ids = _ids(3, 21)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
@@ -100,7 +94,7 @@ def test_hub_layout_loads_with_hf_logits(hf_models, name: str) -> None:
 def test_experts_without_tokens(hf_models, name: str) -> None:
     """Two tokens, top-k <= 3 of >= 4 experts: some experts get no token at all."""
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     ours.keep_router_stats()
     ids = _ids(1, 2, seed=5)
     with torch.no_grad():
@@ -115,7 +109,7 @@ def test_experts_without_tokens(hf_models, name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_match_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     adapter = family.adapter(cfg)
     ids = _ids(2, 13, seed=1)
@@ -139,7 +133,7 @@ def test_gradients_match_hf(hf_models, name: str) -> None:
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
 def test_aux_loss_matches_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     ours.keep_router_stats()
     ids = _ids(2, 15, seed=2)
     mask = torch.ones_like(ids)
@@ -156,7 +150,7 @@ def test_aux_loss_matches_hf(hf_models, name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_save_loads_in_transformers(hf_models, tmp_path: Path, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     save_pretrained(ours, family, cfg, tmp_path / "saved")
     assert sorted(_hf_names(tmp_path / "saved")) == sorted(_hf_names(path))  # the hub's names
@@ -169,7 +163,7 @@ def test_save_loads_in_transformers(hf_models, tmp_path: Path, name: str) -> Non
 
 def test_sharded_save_splits_experts_across_files(hf_models, tmp_path: Path) -> None:
     hf, path = hf_models["qwen3_moe"]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     family, cfg = resolve_model_config(str(path))
     out = save_pretrained(ours, family, cfg, tmp_path / "sharded", max_shard_size_bytes=6_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -178,7 +172,7 @@ def test_sharded_save_splits_experts_across_files(hf_models, tmp_path: Path) -> 
     ids = _ids(1, 9, seed=4)
     with torch.no_grad():
         expected = hf(ids).logits
-        torch.testing.assert_close(_load_ours(out)(ids), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(load_ours(out)(ids), expected, atol=ATOL, rtol=0)
         again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(again(ids).logits, expected, atol=ATOL, rtol=0)
 
@@ -198,7 +192,7 @@ def test_stacked_layout_loads(hf_models, tmp_path: Path, name: str) -> None:
     ids = _ids(2, 11, seed=6)
     with torch.no_grad():
         expected = hf(ids).logits
-        torch.testing.assert_close(_load_ours(out)(ids), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(load_ours(out)(ids), expected, atol=ATOL, rtol=0)
         torch.testing.assert_close(transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits,
                                    expected, atol=ATOL, rtol=0)
 
@@ -206,7 +200,7 @@ def test_stacked_layout_loads(hf_models, tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
 def test_greedy_generation_matches_hf(hf_models, name: str) -> None:
     hf, path = hf_models[name]
-    ours = _load_ours(path)
+    ours = load_ours(path)
     prompt = _ids(2, 5, seed=7)
     with torch.no_grad():
         expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
@@ -234,4 +228,4 @@ def test_incomplete_or_extra_experts_are_named(hf_models, tmp_path: Path) -> Non
         (out / "config.json").write_text((path / "config.json").read_text())
         save_file(bad, str(out / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(TunesmithError, match=match):
-            _load_ours(out)
+            load_ours(out)
