@@ -519,3 +519,14 @@ def test_loader_resumes_across_world_sizes() -> None:
 def test_loader_too_small() -> None:
     with pytest.raises(TunesmithError, match="fewer than one batch"):
         StatefulLoader(_Rows(5), 4, world_size=2)
+
+
+def test_in_order_keeps_the_shard_in_dataset_order_with_equal_rank_counts():
+    """`StatefulLoader.in_order` (dpo.precompute_reference's pass): the same batch size, collation
+    and rank shard, no shuffling and no dropped tail; 7 items on 2 ranks give 4 each (one wraps)."""
+    data = list(range(7))
+    shuffled = [StatefulLoader(data, 2, collate_fn=list, seed=3, shuffle=True, drop_last=True,
+                               rank=r, world_size=2) for r in (0, 1)]
+    ordered = [loader.in_order() for loader in shuffled]
+    assert [[x for b in loader for x in b] for loader in ordered] == [[0, 2, 4, 6], [1, 3, 5, 0]]
+    assert [len(loader) for loader in ordered] == [2, 2]

@@ -71,6 +71,13 @@ class StatefulLoader:
 
     # ---------------------------------------------------------------- sizes and order
 
+    def in_order(self) -> StatefulLoader:
+        """The same data, batch size, collation and rank shard in dataset order: no shuffling,
+        no dropped tail (ranks padded to equal counts, as an evaluation loader)."""
+        return StatefulLoader(self.dataset, self.batch_size, collate_fn=self.collate_fn, seed=self.seed,
+                              shuffle=False, drop_last=False, rank=self.rank, world_size=self.world_size,
+                              num_workers=self.num_workers, pin_memory=self.pin_memory)
+
     def _samples_per_rank(self) -> int:
         n, w = len(self.dataset), self.world_size
         return n // w if self.drop_last else -(-n // w)

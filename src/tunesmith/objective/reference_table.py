@@ -60,9 +60,10 @@ class ReferenceTable:
 
 @torch.no_grad()
 def precompute(score: Score, loaders: Iterable[Iterable[dict]],
-               gather: Callable[[dict], list[dict]] | None = None) -> tuple[ReferenceTable, float]:
-    """Score every batch of `loaders` (this rank's shards); with `gather` (all-gather of Python
-    objects over the data-parallel ranks) each rank ends with every rank's rows.
+               gather: Callable[[dict], list[dict]] = lambda values: [values],
+               ) -> tuple[ReferenceTable, float]:
+    """Score every batch of `loaders` (this rank's shards); `gather` (all-gather of Python
+    objects over the data-parallel ranks) gives each rank every rank's rows.
     Returns (table, seconds). Collective when the reference is sharded: every rank runs the
     same number of batches (non-dropping loaders pad the ranks to equal counts)."""
     start = time.perf_counter()
@@ -71,12 +72,10 @@ def precompute(score: Score, loaders: Iterable[Iterable[dict]],
         for batch in loader:
             logp = score(batch).tolist()  # one host read per batch, before training only
             values.update(zip(row_keys(batch), logp, strict=True))
-    if gather is not None:
-        merged: dict[bytes, float] = {}
-        for part in gather(values):
-            merged.update(part)
-        values = merged
-    return ReferenceTable(values), time.perf_counter() - start
+    merged: dict[bytes, float] = {}
+    for part in gather(values):
+        merged.update(part)
+    return ReferenceTable(merged), time.perf_counter() - start
 
 
 __all__ = ["ReferenceTable", "precompute", "row_keys"]

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,14 @@ class ParallelContext:
         if self.token_mesh is not None and self.token_ranks > 1:
             dist.all_reduce(t, group=self.token_mesh.get_group())
         return t
+
+    def all_gather_dp(self, obj: Any) -> list[Any]:
+        """Every data-parallel rank's `obj` (picklable), in rank order; [obj] on one rank."""
+        if self.dp_mesh is None or self.dp_size == 1:
+            return [obj]
+        parts: list[Any] = [None] * self.dp_size
+        dist.all_gather_object(parts, obj, group=self.dp_group)
+        return parts
 
     def barrier(self) -> None:
         if self.distributed:

@@ -23,7 +23,6 @@ from tunesmith.checkpoint import CheckpointManager, Stateful, check_disk, estima
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.config.deepspeed import apply_deepspeed
 from tunesmith.data.assembly import Shard, TaskData, build_task_data
-from tunesmith.data.loader import StatefulLoader
 from tunesmith.errors import TunesmithError
 from tunesmith.objective.forward import TokenObjective
 from tunesmith.objective.preference import PreferenceObjective
@@ -204,22 +203,12 @@ def _precompute_reference(objective: PreferenceObjective, model: nn.Module, asm:
     frozen copy of a full fine-tune is released. Every rank runs the same number of batches."""
     if task is None or not task.sized:
         raise TunesmithError("dpo.precompute_reference needs the preference data in memory")
-    ctx: ParallelContext = asm.need("ctx")
-    train = task.train_loader
-    loaders = [StatefulLoader(train.dataset, batch_size=train.batch_size, collate_fn=train.collate_fn,
-                              shuffle=False, seed=0, drop_last=False, rank=train.rank,
-                              world_size=train.world_size)]
+    loaders = [task.train_loader.in_order()]
     if task.val_loader is not None:
         loaders.append(task.val_loader)
-
-    def gather(values: dict) -> list[dict]:
-        parts: list[Any] = [None] * ctx.dp_size
-        torch.distributed.all_gather_object(parts, values, group=ctx.dp_group)
-        return parts
-
     rt = asm.need("rt")
     table, seconds = precompute(lambda batch: objective.reference_logps(model, batch, rt), loaders,
-                                gather if ctx.dp_size > 1 else None)
+                                asm.need("ctx").all_gather_dp)
     released = objective.use_table(table)
     log.info("dpo: reference log-probs precomputed for %d rows in %.1f s; no reference forward "
              "during training%s", len(table), seconds,
