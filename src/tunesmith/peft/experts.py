@@ -156,7 +156,7 @@ class LoRAExperts(Experts):
     def to_experts(self, dtype: torch.dtype | None = None) -> Experts:
         """Plain frozen `Experts` holding W + s B A (computed in fp32, stored in `dtype`,
         default the base weights')."""
-        plain = Experts.__new__(Experts)
+        plain = Experts.__new__(Experts)  # Experts(cfg) would allocate fresh [E, ...] weights
         nn.Module.__init__(plain)
         for name in WEIGHTS:
             w = getattr(self, name)
