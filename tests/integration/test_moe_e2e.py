@@ -125,3 +125,10 @@ def test_expert_lora_trains_resumes_and_loads_in_peft(trained, tmp_path, tiny_to
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+    # peft.from_checkpoint continues the expert adapter (its targets, not the config's)
+    cont = tmp_path / "cont"
+    assert train(cont, "train.max_steps=2", f"peft.from_checkpoint={straight / 'final'}",
+                 "peft.target_parameters=[]", "peft.target_modules=all-linear") == 0
+    c = load_file(cont / "final" / "adapter_model.safetensors")
+    key = next(k for k in b if k.endswith("mlp.experts.lora_B.weight"))
+    assert c.keys() == b.keys() and not torch.equal(c[key], b[key])  # trained on from the loaded values
