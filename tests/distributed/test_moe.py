@@ -1,7 +1,8 @@
-"""The MoE family under FSDP2 on 2 CPU/gloo ranks: full_shard with full activation
-checkpointing reproduces the one-process run (same per-step losses and grad norms, tolerances of
-tests/distributed/test_training.py; same final weights gathered from the expert shards), and
-with the load-balancing loss full_shard matches DDP. (The aux loss is each micro-batch's, so a
+"""The MoE family on 2 CPU/gloo ranks: FSDP2 full_shard with full activation checkpointing and
+tensor parallelism (experts split between the TP ranks) reproduce the one-process run (same
+per-step losses and grad norms, tolerances of tests/distributed/test_training.py; same final
+weights gathered from the expert shards); with the load-balancing loss, TP matches one process
+(one micro-batch: the same aux) and full_shard matches DDP. (The aux loss is each micro-batch's, so a
 2-rank step's aux is the mean over the two ranks' halves, not one process's aux over the whole
 batch: docs/tasks.md; those two are not compared.)"""
 
@@ -17,10 +18,13 @@ from tunesmith.cli.main import run
 LOSS_ATOL, GRAD_RTOL, WEIGHT_ATOL = 1e-4, 1e-3, 1e-4
 AUX = ("train.router_aux_loss_coef=0.02",)
 FSDP_AC = ("parallel.strategy=full_shard", "parallel.activation_checkpointing=full")
-# name -> (extra overrides, the run it must equal)
-LAYOUTS = {"full_shard+full_ac": (FSDP_AC, "ref"),
-           "aux_full_shard+full_ac": ((*AUX, *FSDP_AC), "aux_ddp"),
-           "aux_ddp": ((*AUX, "parallel.strategy=no_shard"), "aux_full_shard+full_ac")}
+# name -> (data-parallel degree, extra overrides, the run it must equal)
+LAYOUTS = {"full_shard+full_ac": (2, FSDP_AC, "ref"),
+           "aux_full_shard+full_ac": (2, (*AUX, *FSDP_AC), "aux_ddp"),
+           "aux_ddp": (2, (*AUX, "parallel.strategy=no_shard"), "aux_full_shard+full_ac"),
+           "tp2": (1, ("parallel.tp=2",), "ref"),
+           "aux_tp2+full_ac": (1, (*AUX, "parallel.tp=2", "parallel.activation_checkpointing=full"),
+                               "aux_ref")}
 
 
 @pytest.mark.skipif(not can_launch(2), reason="needs 2 ranks")
@@ -29,10 +33,11 @@ def test_moe_two_ranks_match_one_process(tmp_path, tiny_tokenizer_dir, demo_text
     init = save_init(tmp_path / "init", preset="moe-tiny", overrides="model.overrides={}")
     ref = tmp_path / "ref"
     assert run(["-q", "train", *job(*data, ref, init=init)]) == 0
-    run_jobs(2, [job(*data, tmp_path / name, dp=2, init=init, extra=extra)
-                 for name, (extra, _) in LAYOUTS.items()], tmp_path)
+    assert run(["-q", "train", *job(*data, tmp_path / "aux_ref", init=init, extra=AUX)]) == 0
+    run_jobs(2, [job(*data, tmp_path / name, dp=dp, init=init, extra=extra)
+                 for name, (dp, extra, _) in LAYOUTS.items()], tmp_path)
     assert any(".mlp.experts.7.down_proj." in k for k in load_file(ref / "final" / "model.safetensors"))
-    for name, (_, other) in LAYOUTS.items():
+    for name, (_, _, other) in LAYOUTS.items():
         got, want = losses(tmp_path / name), losses(tmp_path / other)
         assert len(got) == len(want) == 4
         for step, ((l, g), (l0, g0)) in enumerate(zip(got, want, strict=True), 1):

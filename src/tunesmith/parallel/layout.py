@@ -266,12 +266,13 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
             f"({types}), not {model_cfg.model_type!r}; use parallel.tp=1"
         )
     if tp > 1:
-        for name in ("n_heads", "n_kv_heads", "intermediate_size"):
+        experts = ("num_experts",) if hasattr(model_cfg, "num_experts") else ()
+        for name in ("n_heads", "n_kv_heads", "intermediate_size", *experts):
             value = int(getattr(model_cfg, name))
             if value % tp:
                 raise TunesmithError(
                     f"parallel.tp={tp} must divide the model's {name}={value} "
-                    "(each tensor-parallel rank holds whole heads / equal MLP slices)"
+                    "(each tensor-parallel rank holds whole heads / equal MLP slices / whole experts)"
                 )
         block = cfg.data.block_size if cfg.data.mode == "packed" else cfg.data.pad_to_multiple_of
         if block is None or block % tp:
