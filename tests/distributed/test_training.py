@@ -1,4 +1,5 @@
-"""FSDP2 (each strategy), DDP, TP and 2-D runs on CPU/gloo reproduce the one-process run, and
+"""FSDP2 (each strategy), DDP, TP and 2-D runs (MoE: FSDP2 x TP, and expert parallelism with
+two expert groups) on CPU/gloo reproduce the one-process run, and
 a DCP checkpoint saved on 4 ranks resumes on 2 ranks and on 1 process (and one saved by 1
 process on 2 ranks) with the same losses.
 
@@ -134,6 +135,8 @@ LAYOUTS = {
                                     "parallel.activation_checkpointing=selective")),
     "moe_2d_fsdp2_x_tp2": (4, 2, "moe", ("parallel.strategy=full_shard", "parallel.tp=2",
                                          "parallel.activation_checkpointing=full")),
+    # expert parallelism in 2 groups of 2: each expert's shard replicated over 2 ranks
+    "moe_ep2_x_dp4": (4, 4, "moe", ("parallel.ep=2",)),
     "hsdp_shard1_x_tp2": (4, 2, False, ("parallel.strategy=hybrid_shard", "parallel.dp_shard=1",
                                         "parallel.tp=2")),
 }

@@ -282,6 +282,12 @@ class ParallelConfig(Section):
         "shards parameters over dp_shard x cp. Llama-family models, packed rows (data.mode=packed "
         "or sft.packing), data.block_size a multiple of 2cp.",
     )
+    ep: int = Field(
+        1, ge=1, description="Expert-parallel degree (MoE models): each group of ep data-parallel "
+        "ranks splits every layer's experts between them (E/ep each) and exchanges tokens with "
+        "all-to-all; FSDP2 shards the other parameters over all data-parallel ranks. Must divide "
+        "num_experts and the data-parallel degree; strategy full_shard or shard_grad_op, tp=1, cp=1.",
+    )
     cpu_offload: bool = Field(
         False, description="FSDP2: keep sharded params, grads and optimizer state in host memory."
     )

@@ -36,7 +36,7 @@ def test_only_families_declaring_a_plan_accept_tp():
     cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
     lay = resolve_layout(cfg.parallel, 2)
     _, neox = resolve_model_config("pythia-tiny")
-    with pytest.raises(TunesmithError, match=r"plan for the Gemma / Llama / Moe family only \(gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe\)"):
+    with pytest.raises(TunesmithError, match=r"plan for the Gemma / Llama / MoE family only \(gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe\)"):
         check_run(cfg, lay, neox, "cpu")
 
 

@@ -18,6 +18,7 @@ FAMILY = ModelFamily(
     # their intermediate dim); no context parallelism (the load-balancing loss is over the
     # whole sequence), no Llama-Adapter (peft's adaption_prompt does not serve these types).
     tp_plan=parallel_plan,
+    expert_parallel=parallel_plan.expert_parallel,
     context_parallel=False,
     adaption=None,
     lora_note="the experts and the router of these MoE models are not linear layers (stacked 3-D "

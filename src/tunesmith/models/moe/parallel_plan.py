@@ -41,12 +41,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleInputOutput
 
+from tunesmith.errors import TunesmithError
 from tunesmith.models.llama import parallel_plan as llama_plan
 from tunesmith.models.llama.parallel_plan import top_plan
 from tunesmith.models.moe import model as moe_model
 from tunesmith.models.moe.model import Experts, SparseMoE
 
-__all__ = ["block_plan", "top_plan", "check_tp_shape", "shard_experts", "ShardedExperts"]
+__all__ = ["ShardedExperts", "block_plan", "check_tp_shape", "expert_parallel", "shard_experts",
+           "top_plan"]
 
 
 # ------------------------------------------------------------------ differentiable collectives
@@ -120,8 +122,11 @@ def _local_mlp(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
         if rows.shape[0]:
             gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)  # [n_e, I] each
             outs.append(F.linear(F.silu(gate) * up, w2[e]))  # [n_e, D]
-    # w2's local piece keeps the whole D; a rank may receive no rows at all
-    return torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1]) + 0 * w2.sum() + 0 * w13.sum()
+    if outs:
+        return torch.cat(outs)
+    # No rows reached this rank's experts: zero gradients all the same (keeping the weights in
+    # the graph), so FSDP2 reduces the same gradients on every rank.
+    return xs.new_zeros(0, w2.shape[1]) + 0 * w2.sum() + 0 * w13.sum()
 
 
 class ShardedExperts(Experts):
@@ -137,6 +142,10 @@ class ShardedExperts(Experts):
     size: int
     grad_scale: float  # on the expert weights' gradients (ep: see `shard_experts`)
 
+    # Not compiled (the rest of the block is): the row counts are read on the host (all-to-all
+    # split sizes, the per-expert loop), a graph break either way, and the collectives sit in
+    # custom autograd functions.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights / experts [N, k] -> [N, D]."""
         w13, w2 = self.w13.to_local(), self.w2.to_local()  # [E_local, 2I, D], [E_local, D, I]
@@ -188,6 +197,9 @@ def shard_experts(module: Experts, mesh: DeviceMesh, mode: str, grad_scale: floa
     """Split `module`'s experts over the 1-D `mesh` in place (works on meta). Expert parallelism
     passes grad_scale = 1/ep: FSDP2 averages the expert gradients over the ep_replicate ranks
     only, while the loss of each rank is scaled for an average over all dp ranks."""
+    if type(module) is not Experts:  # e.g. LoRA on the experts: its own forward would be lost
+        raise TunesmithError(f"parallel.tp / parallel.ep split plain experts only, not "
+                             f"{type(module).__name__}; use tp=1 and ep=1 with it")
     for name in ("w13", "w2"):
         p = getattr(module, name)
         dt = distribute_tensor(p, mesh, [Shard(0)], src_data_rank=None if p.is_meta else 0)
@@ -196,6 +208,15 @@ def shard_experts(module: Experts, mesh: DeviceMesh, mode: str, grad_scale: floa
     module.mode, module.group = mode, mesh.get_group()  # type: ignore[attr-defined]
     module.rank, module.size = mesh.get_local_rank(), mesh.size()  # type: ignore[attr-defined]
     module.grad_scale = grad_scale  # type: ignore[attr-defined]
+
+
+def expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, grad_scale: float) -> list[nn.Module]:
+    """Expert parallelism: every sparse layer's experts split over `ep_mesh` (1-D), tokens
+    exchanged with all-to-all. Returns the expert modules (FSDP2 wraps each on its own mesh)."""
+    mods = [m.experts for m in model.modules() if isinstance(m, SparseMoE)]
+    for m in mods:
+        shard_experts(m, ep_mesh, "ep", grad_scale)
+    return mods
 
 
 class _ExpertTP(ParallelStyle):
