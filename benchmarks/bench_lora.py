@@ -21,6 +21,9 @@ variant in its own subprocess (clean allocator, fair peak memory). Variants:
   hf-peft          transformers (bf16 weights, SDPA) + peft LoRA (fp32 adapters, peft's
                    default) + HF Trainer (bf16 autocast, fused AdamW) + gradient checkpointing
   hf-peft-nogc     the same without gradient checkpointing
+  hf-peft-liger    hf-peft with `use_liger_kernel=True` (Liger's RMSNorm / RoPE / SwiGLU and fused
+                   linear cross-entropy; liger-kernel must be installed)
+  hf-peft-liger-nogc  the same without gradient checkpointing
 
 Throughput is the median step time after `--warmup` steps. Peak memory is measured from the
 end of model setup (so QLoRA's one-off bf16 -> NF4 conversion is not counted; `setup_gib`
@@ -42,7 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from _variants import reset_memory, run_variant, sync  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-qlora-noac", "tunesmith-eager",
-            "tunesmith-float8", "hf-peft", "hf-peft-nogc")
+            "tunesmith-float8", "hf-peft", "hf-peft-nogc", "hf-peft-liger",
+            "hf-peft-liger-nogc")
 DEFAULT = "tunesmith,tunesmith-ac,tunesmith-qlora,hf-peft"
 
 
@@ -110,8 +114,8 @@ def run_tunesmith(args, variant: str) -> dict:
     return _result(args, times, losses, trainable, total, setup_gib)
 
 
-def run_hf_peft(args, gradient_checkpointing: bool) -> dict:
-    """transformers + peft + HF Trainer on the same shape and data."""
+def run_hf_peft(args, gradient_checkpointing: bool, liger: bool = False) -> dict:
+    """transformers + peft + HF Trainer on the same shape and data (`liger`: with Liger kernels)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -146,6 +150,7 @@ def run_hf_peft(args, gradient_checkpointing: bool) -> dict:
         weight_decay=0.0, logging_steps=10**9, save_strategy="no", report_to=[],
         lr_scheduler_type="constant", disable_tqdm=True, gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        use_liger_kernel=liger,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Timer()])
     setup_gib = reset_memory(args.device)
@@ -179,7 +184,8 @@ def _result(args, times, losses, trainable, total, setup_gib) -> dict:
 
 def child(args) -> None:
     if args.variant.startswith("hf-peft"):
-        res = run_hf_peft(args, gradient_checkpointing=args.variant == "hf-peft")
+        res = run_hf_peft(args, gradient_checkpointing=not args.variant.endswith("-nogc"),
+                          liger="liger" in args.variant)
     else:
         res = run_tunesmith(args, args.variant)
     print("RESULT " + json.dumps(res), flush=True)

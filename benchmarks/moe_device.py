@@ -137,11 +137,20 @@ def _expert_layer():
 
 
 def step_kernels(_args) -> dict:
+    layer, x, available = _expert_layer()
+    e = layer.experts
+    return {**compare_backends(layer, x, {"w13": e.w13, "w2": e.w2, "router": layer.router.weight}),
+            "grouped_mm_available": available}
+
+
+def compare_backends(layer, x, params: dict) -> dict:
+    """The layer's forward + backward on x under the per-expert loop and the grouped GEMM:
+    median times and the max relative difference of the output, x's gradient and the
+    gradients of `params` {name: Parameter}."""
     import torch
 
     from tunesmith.models.moe import model as moe
 
-    layer, x, available = _expert_layer()
     results, grads = {}, {}
     for backend in ("loop", "grouped"):
         moe.set_expert_backend(backend)
@@ -155,26 +164,28 @@ def step_kernels(_args) -> dict:
             y.float().square().mean().backward()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        grads[backend] = (y.detach().float(), xi.grad.float(), layer.experts.w13.grad.float(),
-                          layer.experts.w2.grad.float(), layer.router.weight.grad.float())
+        grads[backend] = {"out": y.detach().float(), "grad_x": xi.grad.float(),
+                          **{f"grad_{n}": p.grad.float() for n, p in params.items()}}
         results[f"{backend}_fwd_bwd_ms"] = 1000 * sorted(times[1:])[len(times[1:]) // 2]
     moe.set_expert_backend("auto")
-    names = ("out", "grad_x", "grad_w13", "grad_w2", "grad_router")
-    for name, a, b in zip(names, grads["loop"], grads["grouped"], strict=True):
+    for name, a in grads["loop"].items():
+        b = grads["grouped"][name]
         results[f"{name}_max_rel_diff"] = ((a - b).abs().max() / a.abs().max().clamp(min=1e-30)).item()
-    results["grouped_mm_available"] = available
     return results
 
 
 def _trainer(shape: str, overrides: dict, compile_blocks: bool, aux: float | None, steps: int,
-             micro_batch: int = MICRO_BATCH, seq: int = SEQ, precision: str = "bf16"):
+             micro_batch: int = MICRO_BATCH, seq: int = SEQ, precision: str = "bf16",
+             extra: dict | None = None):
+    """tunesmith's Trainer on a preset cut to `overrides`; `extra`: more recipe keys (e.g. peft)."""
     from bench_clm import build_trainer
 
     from tunesmith.objective.router_aux import RouterAuxObjective
 
     args = argparse.Namespace(shape=shape, seq=seq, micro_batch=micro_batch, steps=steps,
                               variant="tunesmith", device="cuda")
-    sets = {"model.overrides": overrides, "train.router_aux_loss_coef": aux, "train.precision": precision}
+    sets = {"model.overrides": overrides, "train.router_aux_loss_coef": aux, "train.precision": precision,
+            **(extra or {})}
     tr, model, flops, peak = build_trainer(args, compile_blocks, sets=sets)
     if aux is not None:
         tr.objective = RouterAuxObjective(aux)
@@ -225,7 +236,9 @@ def step_speed_tunesmith(kind: str, precision: str = "bf16") -> dict:
             "torch": torch.__version__}
 
 
-def step_speed_hf(kind: str) -> dict:
+def step_speed_hf(kind: str, wrap=None) -> dict:
+    """`wrap`: applied to the transformers model before training (e.g. peft's get_peft_model);
+    the optimizer takes the parameters that then require grad."""
     import torch
     import transformers
 
@@ -241,8 +254,8 @@ def step_speed_hf(kind: str) -> dict:
         # under autocast it falls back to a per-expert loop); the stronger baseline
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa",
                                                               dtype=torch.bfloat16)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    model = (wrap(model) if wrap is not None else model).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     flops = float(build_model(family, cfg, "meta").flops_per_token(SEQ))
     g = torch.Generator().manual_seed(0)
     times, losses = [], []
@@ -298,22 +311,31 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.precision)))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
+    results = run_steps(__file__, STEPS, BUDGET_S, args.out / "moe_device.json", args.only,
+                        ["--precision", args.precision])
+    (args.out / "moe_device.md").write_text(_markdown(results))
+
+
+def run_steps(script: str, steps: dict[str, int], budget_s: float, out_json: Path,
+              only: list[str] | None = None, extra: list[str] | None = None) -> dict:
+    """Each step `script --child NAME [extra]` in its own subprocess under its time limit (a
+    failure is recorded, the rest go on), until `budget_s` is spent; results (each step's
+    `RESULT {json}` line) rewritten to `out_json` after every step."""
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     start = time.perf_counter()
-    for name, limit in STEPS.items():
-        if args.only and name not in args.only:
+    for name, limit in steps.items():
+        if only and name not in only:
             continue
-        left = BUDGET_S - (time.perf_counter() - start)
+        left = budget_s - (time.perf_counter() - start)
         if left < 15:
             results[name] = {"error": "skipped: the script's time budget was spent"}
             continue
         limit = int(min(limit, left))
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--precision", args.precision],
-                                  capture_output=True,
-                                  text=True, timeout=limit)
+            proc = subprocess.run([sys.executable, script, "--child", name, *(extra or [])],
+                                  capture_output=True, text=True, timeout=limit)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             results[name] = (json.loads(line[-1][7:]) if proc.returncode == 0 and line
                              else {"error": (proc.stderr or proc.stdout)[-3000:]})
@@ -321,8 +343,8 @@ def main() -> None:
             results[name] = {"error": f"timed out after {limit} s"}
         results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(name, json.dumps(results[name])[:400], flush=True)
-        (args.out / "moe_device.json").write_text(json.dumps(results, indent=1))
-    (args.out / "moe_device.md").write_text(_markdown(results))
+        out_json.write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

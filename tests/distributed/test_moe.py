@@ -4,7 +4,9 @@ checkpointing, tensor parallelism (experts split between the TP ranks) and exper
 the one-process run (same per-step losses and grad norms, tolerances of
 tests/distributed/test_training.py; same final weights gathered from the expert shards). With the
 load-balancing loss, TP matches one process (one micro-batch: the same aux), and full_shard, EP
-and DDP match each other. (The aux loss is each micro-batch's, so a 2-rank step's aux is the mean
+and DDP match each other; so does LoRA on attention and on the experts (peft.target_parameters,
+the adapters [E, r, in] / [E, out, r] sharded by expert) under full_shard + full AC against its
+one-process run, saved adapter included. (The aux loss is each micro-batch's, so a 2-rank step's aux is the mean
 over the two ranks' halves, not one process's aux over the whole batch: docs/tasks.md; those two
 are not compared.) An EP run checkpointed at step 3 resumes exactly, on 2 ranks with EP and on
 one process, and `tunesmith export` of its DCP shards gives its final weights."""
@@ -32,6 +34,8 @@ LOSS_ATOL, GRAD_RTOL, WEIGHT_ATOL = 1e-4, 1e-3, 1e-4
 AUX = ("train.router_aux_loss_coef=0.02",)
 FSDP_AC = ("parallel.strategy=full_shard", "parallel.activation_checkpointing=full")
 EP = ("parallel.ep=2",)
+EXPERT_LORA = ("peft.method=lora", "peft.r=4", "peft.target_modules=[q_proj, v_proj]",
+               "peft.target_parameters=[experts.gate_up_proj, experts.down_proj]")
 # name -> (data-parallel degree, extra overrides, the run it must equal)
 LAYOUTS = {"full_shard+full_ac": (2, FSDP_AC, "ref"),
            "aux_full_shard+full_ac": (2, (*AUX, *FSDP_AC), "aux_ddp"),
@@ -42,7 +46,8 @@ LAYOUTS = {"full_shard+full_ac": (2, FSDP_AC, "ref"),
            "ep2": (2, EP, "ref"),
            "aux_ep2+shard_grad_op+full_ac": (2, (*AUX, *EP, "parallel.strategy=shard_grad_op",
                                                  "parallel.activation_checkpointing=full"),
-                                             "aux_full_shard+full_ac")}
+                                             "aux_full_shard+full_ac"),
+           "lora_full_shard+full_ac": (2, (*EXPERT_LORA, *FSDP_AC), "lora_ref")}
 # Checkpoint at 3 and resume to 6; constant schedule so the 3-step run has the same LRs.
 RESUME = (*EP, "schedule.name=constant", "checkpoint.every_steps=3")
 
@@ -55,6 +60,7 @@ def moe2(tiny_tokenizer_dir, demo_text, tmp_path_factory):
     init = save_init(root / "init", preset="moe-tiny", overrides="model.overrides={}")
     assert run(["-q", "train", *job(*data, root / "ref", init=init)]) == 0
     assert run(["-q", "train", *job(*data, root / "aux_ref", init=init, extra=AUX)]) == 0
+    assert run(["-q", "train", *job(*data, root / "lora_ref", init=init, extra=EXPERT_LORA)]) == 0
     jobs = [job(*data, root / name, dp=dp, init=init, extra=extra)
             for name, (dp, extra, _) in LAYOUTS.items()]
     run_jobs(2, jobs + resume_jobs(data, root, RESUME, init), root)
@@ -65,14 +71,17 @@ def moe2(tiny_tokenizer_dir, demo_text, tmp_path_factory):
 def test_moe_two_ranks_match_one_process(moe2) -> None:
     root = moe2[0]
     assert any(".mlp.experts.7.down_proj." in k for k in load_file(root / "ref" / "final" / "model.safetensors"))
+    lora_keys = load_file(root / "lora_ref" / "final" / "adapter_model.safetensors")
+    assert any(k.endswith(".mlp.experts.base_layer.lora_B.weight") for k in lora_keys)  # gate_up_proj's
     for name, (_, _, other) in LAYOUTS.items():
         got, want = losses(root / name), losses(root / other)
         assert len(got) == len(want) == 4
         for step, ((l, g), (l0, g0)) in enumerate(zip(got, want, strict=True), 1):
             assert abs(l - l0) < LOSS_ATOL, f"{name}: step {step} loss {l} vs {l0}"
             assert abs(g - g0) <= GRAD_RTOL * g0, f"{name}: step {step} grad norm {g} vs {g0}"
-        final = load_file(root / name / "final" / "model.safetensors")
-        weights = load_file(root / other / "final" / "model.safetensors")
+        file = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
+        final = load_file(root / name / "final" / file)
+        weights = load_file(root / other / "final" / file)
         assert final.keys() == weights.keys()
         for k in weights:
             torch.testing.assert_close(final[k], weights[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{name}: {k}")

@@ -1,7 +1,8 @@
 """A tiny MoE (Qwen3-MoE shape) through the CLI: training with the load-balancing loss lowers
 the loss and logs the aux term, the final model loads in transformers with our logits, a
-checkpoint exports to the same model, and a LoRA adapter on attention loads in peft with the
-logits of `tunesmith merge`."""
+checkpoint exports to the same model, a LoRA adapter on attention loads in peft with the
+logits of `tunesmith merge`, and LoRA on the experts (peft.target_parameters) trains, resumes
+exactly and loads in peft."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import json
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from tests.conftest import tiny_overrides
 from tunesmith.cli.main import run
 from tunesmith.models import build_model, load_pretrained, resolve_model_config
+from tunesmith.peft import expert_lora_modules, load_adapter
 
 transformers = pytest.importorskip("transformers")
 MOE = ["model.name=moe-tiny", "model.overrides={}"]
@@ -86,3 +90,38 @@ def test_lora_adapter_loads_in_peft(trained, tmp_path, tiny_tokenizer_dir, demo_
         torch.testing.assert_close(folded(ids).logits, expected, atol=1e-5, rtol=0)
         plain = transformers.AutoModelForCausalLM.from_pretrained(trained / "final").eval()
         assert (plain(ids).logits - expected).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_expert_lora_trains_resumes_and_loads_in_peft(trained, tmp_path, tiny_tokenizer_dir, demo_text) -> None:
+    peft = pytest.importorskip("peft")
+
+    def train(out, *extra: str) -> int:
+        ov = tiny_overrides(tiny_tokenizer_dir, out, demo_text[0], **{
+            "model.name": trained / "final", "model.overrides": "{}", "peft.method": "lora",
+            "peft.r": 4, "peft.target_modules": "[q_proj, v_proj]",
+            "peft.target_parameters": "[experts.gate_up_proj, experts.down_proj]",
+            "optim.lr": 1e-2, "logging.steps": 1, "train.router_aux_loss_coef": 0.01,
+            "schedule.name": "constant", "schedule.warmup_steps": 0})
+        return run(["-q", "train", *ov, *extra])
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(straight, "train.max_steps=6") == 0
+    assert train(split, "train.max_steps=3", "checkpoint.every_steps=3") == 0
+    assert train(split, "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.resume=auto") == 0
+    losses = [r["loss"] for r in _records(straight) if "loss" in r]
+    assert [r["loss"] for r in _records(split) if "loss" in r] == losses  # steps 1-3 logged before
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (split, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.count_nonzero(a[k]) for k in a if ".lora_B." in k)  # every B trained (init 0)
+    assert any(k.endswith("mlp.experts.base_layer.lora_A.weight") for k in a)  # gate_up_proj's
+    conf = json.loads((straight / "final" / "adapter_config.json").read_text())
+    assert conf["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+    family, cfg = resolve_model_config(str(trained / "final"))
+    ours = load_pretrained(build_model(family, cfg), str(trained / "final"), "cpu", torch.float32)
+    load_adapter(ours, family.adapter(cfg), straight / "final")
+    assert expert_lora_modules(ours)
+    base = transformers.AutoModelForCausalLM.from_pretrained(trained / "final")
+    theirs = peft.PeftModel.from_pretrained(base, str(straight / "final")).eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), theirs(ids).logits, atol=1e-5, rtol=0)

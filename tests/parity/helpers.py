@@ -1,5 +1,5 @@
-"""What the parity tests against transformers share: loading a saved HF directory natively, and
-the padded-batch comparison."""
+"""What the parity tests against transformers share: loading a saved HF directory natively, the
+padded-batch comparison, and the MoE experts' grouped-GEMM forward on CPU."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from tunesmith.models import build_model, load_pretrained, resolve_model_config
 from tunesmith.models.attention import AttnSpec
+from tunesmith.models.moe import model as moe_model
 
 
 def load_ours(path: Path, family: str | None = None) -> nn.Module:
@@ -34,3 +35,18 @@ def assert_padding_matches_hf(hf: nn.Module, ours: nn.Module, ids: torch.Tensor,
     keep = mask.bool()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[keep], expected[keep], atol=atol, rtol=0)
+
+
+@torch.no_grad()
+def grouped_forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """An MoE model's logits with the experts on the grouped-GEMM path (torch's CPU kernel,
+    forward only); skips the test where this torch has no CPU kernel."""
+    import pytest
+
+    moe_model.set_expert_backend("grouped")
+    try:
+        return model(ids)
+    except RuntimeError as e:
+        pytest.skip(f"torch._grouped_mm on CPU: {e}")
+    finally:
+        moe_model.set_expert_backend("auto")

@@ -249,7 +249,11 @@ def test_cli_rejects_bad_peft_config_in_one_line(tmp_path, tiny_tokenizer_dir, d
     base = tiny_overrides(tiny_tokenizer_dir, tmp_path / "out", demo_text[0])
     for extra, needle in ((["peft.method=lora", "peft.r=0"], "peft.r"),
                           (["peft.method=lora", "peft.target_modules=[qq_proj]"], "candidates: w1"),
-                          (["peft.freeze_layers=[7]"], "out of range")):
+                          (["peft.freeze_layers=[7]"], "out of range"),
+                          # LoRA on MoE experts: a model without experts, and DoRA (config check)
+                          (["peft.method=lora", "peft.target_parameters=[experts.gate_up_proj]"],
+                           "Llama has no stacked expert weights"),
+                          (["peft.method=dora", "peft.target_parameters=[w13]"], "needs peft.method=lora")):
         assert run(["train", str(recipe), *base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("tunesmith: error:") and needle in err and "\n" not in err, err

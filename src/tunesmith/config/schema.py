@@ -369,6 +369,14 @@ class PeftConfig(Section):
         "such as layers.0.attention.wq also works), 'all-linear' (every linear layer except the LM "
         "head), or one string taken as a regex that must match a whole module name (ours or HF).",
     )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="Stacked MoE expert weights that get a per-expert LoRA (peft's "
+        "target_parameters; Mixtral / Qwen3-MoE only, opt-in): names as in target_modules' list "
+        "form, ours (w13, w2, experts.w13) or HF (gate_up_proj, down_proj, experts.gate_up_proj), "
+        "or full paths. Each adds E x r x (in + out) parameters per layer. peft.method=lora with "
+        "dropout 0 only (as peft); target_modules may then be [] (experts only).",
+    )
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
     from_checkpoint: str | None = Field(
         None,
@@ -421,9 +429,23 @@ class PeftConfig(Section):
                 raise ValueError("peft.method=llama_adapter freezes the whole base already; drop "
                                  "freeze_layers / num_freeze_layers / freeze_embeddings (choose "
                                  "the adapted blocks with peft.adapter_layers)")
-        if isinstance(self.target_modules, list) and not self.target_modules:
+        if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ValueError("peft.target_modules is empty: name at least one module or use all-linear")
+        if self.target_parameters:
+            self._check_expert_lora()
         return self
+
+    def _check_expert_lora(self) -> None:
+        """LoRA on MoE experts: what peft's ParamWrapper (and ours) cannot do, in one line."""
+        if self.method != "lora":
+            raise ValueError(f"peft.target_parameters (LoRA on MoE experts) needs peft.method=lora, not "
+                             f"{self.method} (DoRA and QLoRA do not adapt stacked expert weights)")
+        if self.dropout > 0:
+            raise ValueError("peft.target_parameters (LoRA on MoE experts) needs peft.dropout=0, as "
+                             "peft's ParamWrapper: input dropout cannot act on a folded weight update")
+        if self.base_dtype == "float8":
+            raise ValueError("peft.target_parameters (LoRA on MoE experts) with peft.base_dtype=float8 "
+                             "is not supported; use base_dtype auto or bf16")
 
 
 class RunConfig(Section):
@@ -467,6 +489,10 @@ class RunConfig(Section):
         if self.optim.name != "adamw" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
         _check_lowmem(self)
+        if self.peft.target_parameters and (self.parallel.tp > 1 or self.parallel.ep > 1):
+            raise ValueError("peft.target_parameters (LoRA on MoE experts) with parallel.tp > 1 or "
+                             "parallel.ep > 1 is not supported; use data parallelism (FSDP2 / DDP) "
+                             "with parallel.tp=1 and parallel.ep=1")
         if self.data.streaming and self.train.max_steps is None:
             raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
         if self.eval.generate.enabled and self.task != "sft":

@@ -15,8 +15,9 @@ tensors, and `checkpoint_model_state(model)` returns the matching `ModelState`.
 
 from tunesmith.peft.adaption import adaption_modules, apply_adaption_prompt, init_adaption
 from tunesmith.peft.adaption_io import load_adaption, save_adaption
+from tunesmith.peft.experts import LoRAExperts, expert_lora_modules
 from tunesmith.peft.io import AdapterFiles, adapter_state_dict, load_adapter, read_adapter, save_adapter
-from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear, adapters_disabled
+from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear, adapters_disabled, switchable_adapters
 from tunesmith.peft.merge import merge_adapter
 from tunesmith.peft.quant import nf4_available
 from tunesmith.peft.run import apply_peft, base_dtype, fill_peft, quantize_peft_base, save_final
@@ -37,10 +38,10 @@ from tunesmith.peft.transform import (
 )
 
 __all__ = [
-    "ALL_LINEAR", "AdapterFiles", "LoRALinear", "LoRASpec", "NF4Linear", "adapters_disabled", "adaption_modules",
+    "ALL_LINEAR", "AdapterFiles", "LoRAExperts", "LoRALinear", "LoRASpec", "NF4Linear", "adapters_disabled", "adaption_modules",
     "adapter_state_dict", "apply_adaption_prompt", "apply_freezing", "apply_lora", "apply_peft", "base_dtype",
-    "check_peft_layout", "checkpoint_model_state", "count_params", "fill_peft", "frozen_block_set",
+    "check_peft_layout", "checkpoint_model_state", "count_params", "expert_lora_modules", "fill_peft", "frozen_block_set",
     "has_frozen_params", "init_adaption", "init_adapters", "is_peft_model", "load_adaption", "load_adapter",
     "lora_modules", "merge_adapter", "merge_lora", "nf4_available", "quantize_base", "quantize_peft_base",
-    "read_adapter", "save_adaption", "save_adapter", "save_final", "select_targets",
+    "read_adapter", "save_adaption", "save_adapter", "save_final", "select_targets", "switchable_adapters",
 ]

@@ -7,6 +7,10 @@ adapters peft wrote load into our model. Tensor names are peft's:
     base_model.model.<HF module path>.lora_B.weight        B [out, r]
     base_model.model.<HF module path>.lora_magnitude_vector m [out]    (DoRA)
 
+LoRA on stacked MoE expert weights (`target_parameters` in adapter_config.json) is stored as
+peft's ParamWrapper stores it: A [E*r, in] and B [out, r*E] under the experts module's HF path,
+one `.base_layer` deeper per nesting level (`peft.targets.peft_expert_groups`).
+
 HF module paths come from the family's state-dict adapter, so any family with one works.
 """
 
@@ -25,14 +29,20 @@ from tunesmith.checkpoint import load_weights_file, process_rank
 from tunesmith.errors import TunesmithError
 from tunesmith.hf import io as hfio
 from tunesmith.parallel.loading import copy_full_into
+from tunesmith.peft.experts import ExpertLoRA, LoRAExperts, expert_lora_modules
 from tunesmith.peft.lora import LoRALinear, LoRASpec
 from tunesmith.peft.targets import (
     Candidate,
+    ExpertTarget,
     KeyAdapter,
+    expert_candidates,
     hf_module_name,
     linear_candidates,
     native_module_name,
+    peft_expert_groups,
     peft_target_modules,
+    peft_target_parameters,
+    select_expert_targets,
 )
 from tunesmith.peft.transform import apply_lora, lora_modules
 
@@ -48,17 +58,29 @@ _KEY_RE = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vect
 _UNSUPPORTED = {
     "bias": "none", "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
     "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
-    "trainable_token_indices": None, "target_parameters": None,
+    "trainable_token_indices": None,
 }
 _WRITTEN_DEFAULTS = ("bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern")
 
 
 # ---------------------------------------------------------------------------- save
-def _single_spec(mods: dict[str, LoRALinear]) -> LoRASpec:
+def _single_spec(mods: dict[str, LoRALinear | LoRAExperts]) -> LoRASpec:
     specs = {m.spec for m in mods.values()}
     if len(specs) != 1:
         raise TunesmithError(f"PEFT format needs one r/alpha for all layers; the model has {len(specs)}")
     return specs.pop()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of the whole tensor (sharded: gathered, a collective)."""
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach().to("cpu").contiguous()
+
+
+def expert_targets_in(model: nn.Module, adapter: KeyAdapter) -> list[ExpertTarget]:
+    """The expert weights that carry a LoRA in `model`."""
+    return [t for t in expert_candidates(model, adapter)
+            if isinstance(m := model.get_submodule(t.module), LoRAExperts) and t.weight in m.lora]
 
 
 def adapter_state_dict(model: nn.Module, adapter: KeyAdapter) -> dict[str, torch.Tensor]:
@@ -67,20 +89,24 @@ def adapter_state_dict(model: nn.Module, adapter: KeyAdapter) -> dict[str, torch
     for name, mod in lora_modules(model).items():
         hf = hf_module_name(adapter, name)
         for local, t in mod.adapter_parameters().items():
-            full = t.full_tensor() if isinstance(t, DTensor) else t  # sharded: a collective
-            out[f"{PREFIX}{hf}.{_TO_PEFT[local]}"] = full.detach().to("cpu").contiguous()
+            out[f"{PREFIX}{hf}.{_TO_PEFT[local]}"] = _full(t)
+    for group, t in peft_expert_groups(expert_targets_in(model, adapter)).items():
+        lora = model.get_submodule(t.module).lora[t.weight]
+        for local, v in ExpertLoRA.to_peft(_full(lora.lora_A), _full(lora.lora_B)).items():
+            out[f"{PREFIX}{group}.{_TO_PEFT[local]}"] = v
     return out
 
 
 def adapter_config(model: nn.Module, adapter: KeyAdapter, base_model: str | None) -> dict[str, Any]:
     """adapter_config.json contents (peft LoraConfig fields) describing this model's adapters."""
     mods = lora_modules(model)
-    if not mods:
+    experts = expert_lora_modules(model)
+    if not mods and not experts:
         raise TunesmithError("the model has no LoRA adapters to save")
-    spec = _single_spec(mods)
+    spec = _single_spec({**mods, **experts})
     cands = linear_candidates(model, adapter)
     chosen = [c for c in cands if c.native in mods]
-    return {
+    cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "use_rslora": spec.rslora, "use_dora": spec.dora,
@@ -90,6 +116,10 @@ def adapter_config(model: nn.Module, adapter: KeyAdapter, base_model: str | None
         # Only keys every peft since 0.9 knows: older releases reject unknown config keys.
         **{k: _UNSUPPORTED[k] for k in _WRITTEN_DEFAULTS},
     }
+    if experts:  # peft >= 0.17 (ParamWrapper); written only when there are expert adapters
+        cfg["target_parameters"] = peft_target_parameters(expert_targets_in(model, adapter),
+                                                          expert_candidates(model, adapter))
+    return cfg
 
 
 def save_adapter(model: nn.Module, adapter: KeyAdapter, out_dir: str | Path, *, base_model: str | None = None,
@@ -195,11 +225,42 @@ def _expected_shapes(mod: nn.Module, spec: LoRASpec) -> dict[str, tuple[int, ...
     return shapes
 
 
-def _plan(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> list[Candidate]:
-    """Map the adapter's modules onto the model and check every shape before touching it."""
+def _plan_experts(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles,
+                  problems: list[str]) -> dict[str, ExpertTarget]:
+    """{peft group name: expert weight} the adapter's `target_parameters` selects in `model`,
+    with every expected tensor present and shaped right (else a line in `problems`)."""
+    names = files.config.get("target_parameters") or []
+    if not names:
+        return {}
+    try:
+        groups = peft_expert_groups(select_expert_targets(model, adapter, names))
+    except TunesmithError as e:
+        problems.append(str(e))
+        return {}
+    for group, t in groups.items():
+        w = model.get_submodule(t.module).get_parameter(t.weight)  # [E, out, in]
+        n_exp, out_f, in_f = w.shape
+        r = files.spec.r
+        want = {"lora_A": (n_exp * r, in_f), "lora_B": (out_f, r * n_exp)}
+        tensors = files.tensors.get(group, {})
+        if set(tensors) != set(want):
+            problems.append(f"{group} ({t.hf}) has {sorted(tensors)}, expected {sorted(want)}")
+        for local, shape in want.items():
+            if local in tensors and tuple(tensors[local].shape) != shape:
+                problems.append(f"{group}.{_TO_PEFT[local]} is {list(tensors[local].shape)}, the "
+                                f"model needs {list(shape)}")
+    return groups
+
+
+def _plan(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> tuple[list[Candidate], list[ExpertTarget]]:
+    """Map the adapter's modules (and expert weights) onto the model and check every shape
+    before touching it."""
     cands = {c.native: c for c in linear_candidates(model, adapter)}
     chosen, problems = [], []
+    experts = _plan_experts(model, adapter, files, problems)
     for hf, tensors in files.tensors.items():
+        if hf in experts:
+            continue
         native = native_module_name(adapter, hf)
         if native is None or native not in cands:
             problems.append(f"it targets {hf}, which the base model does not have")
@@ -215,7 +276,7 @@ def _plan(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> list[Ca
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise TunesmithError(f"adapter {files.path} does not match the base model: {problems[0]}{more}")
-    return chosen
+    return chosen, list(experts.values())
 
 
 @torch.no_grad()
@@ -226,8 +287,8 @@ def load_adapter(model: nn.Module, adapter: KeyAdapter, path: str | Path, *,
     values=False only adds the adapter layers (a meta-device model about to be sharded);
     `copy_adapter_values` fills them once the shards exist."""
     files = read_adapter(path)
-    chosen = _plan(model, adapter, files)
-    apply_lora(model, adapter, files.spec, chosen, adapter_dtype=adapter_dtype)
+    chosen, experts = _plan(model, adapter, files)
+    apply_lora(model, adapter, files.spec, chosen, adapter_dtype=adapter_dtype, parameters=experts)
     if values:
         copy_adapter_values(model, adapter, files)
     return files
@@ -237,7 +298,15 @@ def load_adapter(model: nn.Module, adapter: KeyAdapter, path: str | Path, *,
 def copy_adapter_values(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles) -> None:
     """Copy the adapter tensors of `files` into the model's (possibly sharded) adapters."""
     by_hf = {hf_module_name(adapter, name): mod for name, mod in lora_modules(model).items()}
+    experts = peft_expert_groups(expert_targets_in(model, adapter))
     for hf, tensors in files.tensors.items():
+        if hf in experts:
+            t = experts[hf]
+            lora = model.get_submodule(t.module).lora[t.weight]
+            ours = ExpertLoRA.from_peft(tensors["lora_A"], tensors["lora_B"], lora.lora_A.shape[0])
+            for local, v in ours.items():
+                copy_full_into(getattr(lora, local), v)
+            continue
         mod = by_hf[hf]
         for local, t in tensors.items():
             copy_full_into(getattr(mod, local), t)

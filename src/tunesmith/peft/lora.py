@@ -274,12 +274,18 @@ class NF4Linear(nn.Module):
         return lin
 
 
+def switchable_adapters(model: nn.Module) -> list[nn.Module]:
+    """The modules whose adapters `adapters_disabled` switches off: LoRA / DoRA layers and LoRA
+    on MoE experts (`peft.experts.LoRAExperts`), i.e. every class with an `adapters_on` flag."""
+    return [m for m in model.modules() if hasattr(type(m), "adapters_on")]
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Within the block, every LoRA / DoRA layer of `model` is its frozen base alone: the model
     computes the policy the run started from (task=dpo's reference, with no second copy). A
     compiled block sees the switch as a guard and keeps one graph for each state."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = switchable_adapters(model)
     for m in layers:
         m.adapters_on = False
     try:

@@ -29,6 +29,7 @@ from tunesmith.models.registry import adaption_point
 from tunesmith.peft import quant
 from tunesmith.peft.adaption import adaption_modules, apply_adaption_prompt, init_adaption
 from tunesmith.peft.adaption_io import copy_adaption_values, load_adaption, read_adaption, save_adaption
+from tunesmith.peft.experts import expert_lora_modules
 from tunesmith.peft.io import copy_adapter_values, load_adapter, read_adapter, save_adapter
 from tunesmith.peft.lora import LoRASpec
 from tunesmith.peft.targets import KeyAdapter
@@ -37,8 +38,8 @@ from tunesmith.peft.transform import (
     apply_lora,
     cast_frozen,
     check_nf4_shards,
-    float8_base,
     count_params,
+    float8_base,
     frozen_block_set,
     init_adapters,
     lora_modules,
@@ -82,7 +83,7 @@ def _load_checkpoint_adapter(model: nn.Module, adapter: KeyAdapter, pc: PeftConf
 
 
 def _freeze_adapters_in(model: nn.Module, blocks: set[int]) -> None:
-    for name, mod in lora_modules(model).items():
+    for name, mod in {**lora_modules(model), **expert_lora_modules(model)}.items():
         parts = name.split(".")
         if parts[0] == "layers" and int(parts[1]) in blocks:
             for p in mod.adapter_parameters().values():
@@ -123,12 +124,14 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
         _freeze_adapters_in(model, blocks)
     else:
         apply_lora(model, adapter, _spec(pc), pc.target_modules, adapter_dtype=rt.param_dtype,
-                   skip_blocks=blocks)
+                   skip_blocks=blocks, parameters=pc.target_parameters)
     cast_frozen(model, base_dtype(pc, rt))
     trainable, total = count_params(model)
-    log.info("peft %s: %d layers with adapters, %.3fM trainable of %.2fM params (%.3f%%)",
-             pc.method, len(lora_modules(model)), trainable / 1e6, total / 1e6,
-             100 * trainable / max(total, 1))
+    n_experts = sum(len(m.lora) for m in expert_lora_modules(model).values())
+    log.info("peft %s: %d layers%s with adapters, %.3fM trainable of %.2fM params (%.3f%%)",
+             pc.method, len(lora_modules(model)),
+             f" and {n_experts} stacked expert weights" if n_experts else "",
+             trainable / 1e6, total / 1e6, 100 * trainable / max(total, 1))
     return model
 
 

@@ -8,6 +8,10 @@ Matching rules (peft's, extended to both name spaces):
   * a list entry matches a module whose full name equals it or ends with "." + entry;
   * a single string is a regex that must match a whole full name (`re.fullmatch`);
   * `all-linear` is every linear layer except the LM head.
+
+Stacked MoE expert weights are parameters, not linear layers: `target_modules` never selects
+them (as in peft); `target_parameters` does, with the same list rule on parameter names
+(`experts.w13` / `experts.gate_up_proj`, `w2` / `down_proj`, or full paths).
 """
 
 from __future__ import annotations
@@ -96,7 +100,85 @@ def linear_candidates(model: nn.Module, adapter: KeyAdapter) -> list[Candidate]:
     return out
 
 
-def _list_match(entry: str, cand: Candidate) -> bool:
+@dataclass(frozen=True)
+class ExpertTarget:
+    """One stacked expert weight that could take a per-expert LoRA."""
+
+    native: str  # parameter path in our model, e.g. layers.0.feed_forward.experts.w13
+    hf: str  # transformers 5 parameter path, e.g. model.layers.0.mlp.experts.gate_up_proj
+    block: int | None
+
+    @property
+    def module(self) -> str:
+        return self.native.rsplit(".", 1)[0]
+
+    @property
+    def weight(self) -> str:
+        return self.native.rsplit(".", 1)[1]
+
+    @property
+    def short_names(self) -> tuple[str, str]:
+        return self.weight, self.hf.rsplit(".", 1)[-1]
+
+
+def expert_candidates(model: nn.Module, adapter: KeyAdapter) -> list[ExpertTarget]:
+    """Every stacked expert weight (MoE family), in module order, w13 before w2."""
+    from tunesmith.models.moe.model import Experts
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Experts):
+            for w in ("w13", "w2"):
+                hf = adapter.native_key_to_hf(f"{name}.{w}")
+                if hf is not None:
+                    out.append(ExpertTarget(f"{name}.{w}", hf, _block_index(name)))
+    return out
+
+
+def select_expert_targets(model: nn.Module, adapter: KeyAdapter, entries: Sequence[str]) -> list[ExpertTarget]:
+    """The expert weights named by `peft.target_parameters` (peft's list rule, both name
+    spaces); a clear error for entries that match nothing."""
+    cands = expert_candidates(model, adapter)
+    if not cands:
+        raise TunesmithError(f"peft.target_parameters {list(entries)}: {type(model).__name__} has no "
+                             "stacked expert weights (only the MoE family, Mixtral / Qwen3-MoE, has)")
+    unmatched = [e for e in entries if not any(_list_match(e, c) for c in cands)]
+    if unmatched:
+        raise TunesmithError(f"peft.target_parameters {unmatched} match no expert weight; candidates: "
+                             f"{candidate_names(cands, all_linear=False)} (or e.g. experts.gate_up_proj)")
+    return [c for c in cands if any(_list_match(e, c) for e in entries)]
+
+
+def peft_target_parameters(chosen: Sequence[ExpertTarget], all_cands: Sequence[ExpertTarget]) -> list[str]:
+    """`target_parameters` for adapter_config.json that selects exactly `chosen` in peft (which
+    matches a list entry as a full parameter name or its dotted suffix): `experts.<HF name>`
+    when that picks exactly this set, else the full HF paths."""
+    shorts = {c.short_names[1] for c in chosen}
+    order = [s for s in ("gate_up_proj", "down_proj") if s in shorts]
+    if {c.hf for c in all_cands if c.short_names[1] in shorts} == {c.hf for c in chosen}:
+        return [f"experts.{s}" for s in order]
+    return [c.hf for c in chosen]
+
+
+def peft_expert_groups(targets: Sequence[ExpertTarget]) -> dict[str, ExpertTarget]:
+    """HF module path under which peft stores each targeted expert weight's lora_A / lora_B.
+
+    peft wraps one parameter per `ParamWrapper` and nests the wrappers of one module in the
+    order of its parameters (gate_up_proj, then down_proj): the last targeted one is outermost
+    (`...mlp.experts.lora_A.weight`), each earlier one sits one `.base_layer` deeper
+    (both targeted: gate_up_proj's are `...mlp.experts.base_layer.lora_A.weight`)."""
+    by_module: dict[str, list[ExpertTarget]] = {}
+    for t in targets:
+        by_module.setdefault(t.hf.rsplit(".", 1)[0], []).append(t)
+    out = {}
+    for hf_module, ts in by_module.items():
+        ts = sorted(ts, key=lambda t: ("w13", "w2").index(t.weight))
+        for k, t in enumerate(ts):
+            out[hf_module + ".base_layer" * (len(ts) - 1 - k)] = t
+    return out
+
+
+def _list_match(entry: str, cand: Candidate | ExpertTarget) -> bool:
     return any(full == entry or full.endswith("." + entry) for full in (cand.native, cand.hf))
 
 
@@ -104,11 +186,11 @@ def _regex_match(pattern: re.Pattern[str], cand: Candidate) -> bool:
     return any(pattern.fullmatch(full) for full in (cand.native, cand.hf))
 
 
-def candidate_names(cands: Sequence[Candidate]) -> str:
+def candidate_names(cands: Sequence[Candidate | ExpertTarget], all_linear: bool = True) -> str:
     """The short names a user can write, for error messages."""
     native = sorted({c.short_names[0] for c in cands})
     hf = sorted({c.short_names[1] for c in cands})
-    return ", ".join([*native, *hf, ALL_LINEAR])
+    return ", ".join([*native, *hf, *([ALL_LINEAR] if all_linear else [])])
 
 
 def select_targets(model: nn.Module, adapter: KeyAdapter, targets: str | Sequence[str]) -> list[Candidate]:

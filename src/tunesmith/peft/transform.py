@@ -1,7 +1,8 @@
 """Transforms applied to a built model from outside (like torchtitan's parallelize_*).
 
     apply_freezing(model, ...)        requires_grad=False on chosen blocks / embeddings
-    apply_lora(model, adapter, ...)   swap targeted nn.Linear for LoRALinear, freeze the base
+    apply_lora(model, adapter, ...)   swap targeted nn.Linear for LoRALinear (and MoE experts for
+                                      LoRAExperts: peft's target_parameters), freeze the base
     quantize_base(model, ...)         QLoRA: every block linear's weight to NF4
     float8_base(model, ...)           peft.base_dtype=float8: block linear weights to float8 e4m3
     merge_lora(model)                 fold adapters back into plain nn.Linear layers
@@ -24,8 +25,16 @@ from tunesmith.errors import TunesmithError
 from tunesmith.parallel.loading import copy_full_into
 from tunesmith.peft import float8, quant
 from tunesmith.peft.adaption import AdaptedAttention
+from tunesmith.peft.experts import ExpertLoRA, LoRAExperts, check_expert_spec, init_a
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
-from tunesmith.peft.targets import Candidate, KeyAdapter, linear_candidates, select_targets
+from tunesmith.peft.targets import (
+    Candidate,
+    ExpertTarget,
+    KeyAdapter,
+    linear_candidates,
+    select_expert_targets,
+    select_targets,
+)
 
 log = logging.getLogger("tunesmith")
 
@@ -158,19 +167,28 @@ def apply_lora(
     *,
     adapter_dtype: torch.dtype = torch.float32,
     skip_blocks: set[int] = frozenset(),
-) -> list[Candidate]:
-    """Freeze the whole model, then give each targeted linear layer a trainable adapter.
+    parameters: Sequence[str] | Sequence[ExpertTarget] = (),
+) -> list[Candidate | ExpertTarget]:
+    """Freeze the whole model, then give each targeted linear layer a trainable adapter, and
+    each targeted stacked expert weight (`parameters`: peft's target_parameters) a per-expert one.
 
     `adapter` is the family's state-dict adapter (for HF names); `targets` is what the config
-    says (names / all-linear / regex) or an explicit candidate list. Blocks in `skip_blocks`
-    (frozen by the user) get no adapter. Returns the candidates that were wrapped.
+    says (names / all-linear / regex) or an explicit candidate list; `parameters` likewise
+    (names, or an explicit `ExpertTarget` list). Blocks in `skip_blocks` (frozen by the user)
+    get no adapter. Returns the candidates and expert weights that were wrapped.
     """
     if targets and isinstance(targets, (list, tuple)) and isinstance(targets[0], Candidate):
         chosen = list(targets)
     else:
-        chosen = select_targets(model, adapter, targets)  # type: ignore[arg-type]
+        chosen = select_targets(model, adapter, targets) if targets else []  # type: ignore[arg-type]
+    experts: list[ExpertTarget] = []
+    if parameters:
+        check_expert_spec(spec)
+        experts = (list(parameters) if isinstance(parameters[0], ExpertTarget)  # type: ignore[misc]
+                   else select_expert_targets(model, adapter, parameters))  # type: ignore[arg-type]
     chosen = [c for c in chosen if c.block not in skip_blocks]
-    if not chosen:
+    experts = [t for t in experts if t.block not in skip_blocks]
+    if not chosen and not experts:
         raise TunesmithError("peft: every targeted layer is in a frozen block; nothing to train")
     freeze_all(model)
     for c in chosen:
@@ -178,7 +196,15 @@ def apply_lora(
         if isinstance(mod, LoRALinear):
             raise TunesmithError(f"peft: {c.native} already has an adapter")
         _set_module(model, c.native, LoRALinear.from_linear(mod, spec, adapter_dtype))
-    return chosen
+    by_module: dict[str, list[str]] = {}
+    for t in experts:
+        by_module.setdefault(t.module, []).append(t.weight)
+    for path, names in by_module.items():
+        mod = model.get_submodule(path)
+        if isinstance(mod, LoRAExperts):
+            raise TunesmithError(f"peft: {path} already has an adapter")
+        _set_module(model, path, LoRAExperts(mod, spec, tuple(names), adapter_dtype))
+    return [*chosen, *experts]
 
 
 @torch.no_grad()
@@ -189,12 +215,17 @@ def init_adapters(model: nn.Module, seed: int) -> None:
     one process and any sharded layout start from identical adapters. Collective when
     sharded: every rank."""
     gen = torch.Generator().manual_seed(seed)
-    for mod in lora_modules(model).values():
-        a = torch.empty(tuple(mod.lora_A.shape))  # [r, in]
-        copy_full_into(mod.lora_A, nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen))
-        copy_full_into(mod.lora_B, torch.zeros(tuple(mod.lora_B.shape)))
-        if mod.lora_magnitude is not None:
-            copy_full_into(mod.lora_magnitude, mod.base_row_norm())
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            a = torch.empty(tuple(mod.lora_A.shape))  # [r, in]
+            copy_full_into(mod.lora_A, nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen))
+            copy_full_into(mod.lora_B, torch.zeros(tuple(mod.lora_B.shape)))
+            if mod.lora_magnitude is not None:
+                copy_full_into(mod.lora_magnitude, mod.base_row_norm())
+        elif isinstance(mod, ExpertLoRA):
+            n_exp, r, in_f = mod.lora_A.shape  # [E, r, in]
+            copy_full_into(mod.lora_A, init_a(n_exp, r, in_f, gen))
+            copy_full_into(mod.lora_B, torch.zeros(tuple(mod.lora_B.shape)))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -204,7 +235,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def is_peft_model(model: nn.Module) -> bool:
     """True when the model carries LoRA/DoRA adapters or Llama-Adapter prompts (its
     checkpoints hold only adapters; its final save is a PEFT adapter)."""
-    return any(isinstance(m, (LoRALinear, AdaptedAttention)) for m in model.modules())
+    return any(isinstance(m, (LoRALinear, LoRAExperts, AdaptedAttention)) for m in model.modules())
 
 
 def has_frozen_params(model: nn.Module) -> bool:
@@ -221,9 +252,9 @@ def checkpoint_model_state(model: nn.Module) -> ModelState:
 @torch.no_grad()
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Replace every LoRALinear (and NF4Linear / Float8FrozenLinear) with a plain nn.Linear
-    holding the folded weight, in place; the merge is computed in fp32 and stored in `dtype`
-    (default: the base weight's dtype, bf16 for NF4 and float8). Returns the number of adapters
-    merged."""
+    holding the folded weight, and every LoRAExperts with plain experts holding W + s B A, in
+    place; the merge is computed in fp32 and stored in `dtype` (default: the base weight's
+    dtype, bf16 for NF4 and float8). Returns the number of adapted layers / expert weights merged."""
     from tunesmith.peft.float8 import Float8FrozenLinear
 
     merged = 0
@@ -231,6 +262,9 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         if isinstance(mod, LoRALinear):
             _set_module(model, name, mod.to_linear(dtype))
             merged += 1
+        elif isinstance(mod, LoRAExperts):
+            _set_module(model, name, mod.to_experts(dtype))
+            merged += len(mod.lora)
         elif isinstance(mod, (NF4Linear, Float8FrozenLinear)):
             _set_module(model, name, mod.to_linear(dtype))
     return merged

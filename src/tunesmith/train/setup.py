@@ -31,7 +31,7 @@ from tunesmith.objective.router_aux import RouterAuxObjective
 from tunesmith.observe import check_trackers
 from tunesmith.optim import build_scheduler
 from tunesmith.parallel.dist import ParallelContext, main_rank_first
-from tunesmith.peft import LoRALinear, adapters_disabled
+from tunesmith.peft import adapters_disabled, switchable_adapters
 from tunesmith.runtime import peak_tflops, precision_note
 from tunesmith.train.checkpointing import (
     Checkpointer,
@@ -181,7 +181,7 @@ def build_objective(cfg: RunConfig, asm: Assembly, task: TaskData | None = None)
     dc, model = cfg.dpo, asm.need("model")
     if not dc.uses_reference:
         return PreferenceObjective(dc)
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if switchable_adapters(model):
         objective = PreferenceObjective(dc, adapters_off=lambda: adapters_disabled(model))
         return _precompute_reference(objective, model, asm, task) if dc.precompute_reference else objective
     spec, rt = asm.need("spec"), asm.need("rt")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.parity.helpers import grouped_forward
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.models import build_model, init_random, resolve_model_config
 from tunesmith.models.moe import model as moe_model
 from tunesmith.models.moe.config import MoEConfig, apply_overrides, preset
 from tunesmith.parallel.layout import check_run, resolve_layout
-from tunesmith.peft.targets import select_targets
+from tunesmith.peft.targets import select_expert_targets, select_targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,7 +96,7 @@ def test_overrides_hf_cannot_express_are_refused() -> None:
         apply_overrides(preset("moe-tiny"), {"mlp_bias": True})
 
 
-def test_lora_targets_attention_only_and_refuses_expert_names() -> None:
+def test_lora_targets_linear_layers_and_experts_only_by_parameter_name() -> None:
     family, cfg = resolve_model_config("moe-tiny", {"mlp_only_layers": [1]})
     model = build_model(family, cfg, "meta")
     adapter = family.adapter(cfg)
@@ -103,8 +104,14 @@ def test_lora_targets_attention_only_and_refuses_expert_names() -> None:
     assert "layers.0.attention.wq" in names and "layers.1.feed_forward.w1" in names  # dense layer
     assert not any("router" in n or "experts" in n for n in names)
     with pytest.raises(TunesmithError, match="match no linear layer.*experts and the router of these "
-                                             "MoE models are not linear layers"):
+                                             "MoE models are not linear layers.*peft.target_parameters"):
         select_targets(model, adapter, ["experts"])
+    picked = select_expert_targets(model, adapter, ["experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"])
+    assert [t.native for t in picked] == ["layers.0.feed_forward.experts.w13",
+                                          "layers.0.feed_forward.experts.w2"]  # layer 1 is dense
+    llama_family, llama_cfg = resolve_model_config("tiny")
+    with pytest.raises(TunesmithError, match="has no stacked expert weights"):
+        select_expert_targets(build_model(llama_family, llama_cfg, "meta"), llama_family.adapter(llama_cfg), ["w13"])
 
 
 def test_loop_and_grouped_kernels_agree_on_cpu_forward() -> None:
@@ -115,14 +122,7 @@ def test_loop_and_grouped_kernels_agree_on_cpu_forward() -> None:
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loop = model(ids)
-        moe_model.set_expert_backend("grouped")
-        try:
-            grouped = model(ids)
-        except RuntimeError as e:  # no CPU kernel in this torch
-            pytest.skip(f"torch._grouped_mm on CPU: {e}")
-        finally:
-            moe_model.set_expert_backend("auto")
-    torch.testing.assert_close(grouped, loop, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped_forward(model, ids), loop, atol=1e-5, rtol=1e-5)
     with pytest.raises(TunesmithError, match="unknown expert backend"):
         moe_model.set_expert_backend("fast")
 
@@ -146,6 +146,18 @@ def test_refusals_in_one_line() -> None:
     _, llama_cfg = resolve_model_config("tiny")
     with pytest.raises(TunesmithError, match="has no experts"):
         check_run(cfg, resolve_layout(cfg.parallel, 1, 1), llama_cfg, "cpu")
+    experts = "peft.target_parameters=[experts.gate_up_proj]"
+    for extra, match in ((["peft.method=dora"], "needs peft.method=lora, not dora"),
+                         (["peft.method=qlora"], "needs peft.method=lora, not qlora"),
+                         (["peft.method=lora", "peft.dropout=0.05"], "needs peft.dropout=0"),
+                         (["peft.method=lora", "peft.base_dtype=float8"], "base_dtype=float8 is not"),
+                         (["peft.method=lora", "parallel.tp=2"], "with parallel.tp > 1 or parallel.ep > 1 "
+                                                                 "is not supported"),
+                         (["peft.method=lora", "parallel.ep=2"], "parallel.ep > 1 is not supported")):
+        with pytest.raises(TunesmithError, match=r"peft.target_parameters \(LoRA on MoE experts\) .*" + match):
+            load_config(None, ["model.name=moe-tiny", "data.path=x.txt", experts, *extra])
+    with pytest.raises(TunesmithError, match="target_modules is empty"):
+        load_config(None, ["model.name=moe-tiny", "data.path=x.txt", "peft.method=lora", "peft.target_modules=[]"])
     with pytest.raises(TunesmithError, match="task=dpo: train.router_aux_loss_coef"):
         load_config(None, ["model.name=moe-tiny", "task=dpo", "data.path=x.jsonl",
                            "train.router_aux_loss_coef=0.01"])

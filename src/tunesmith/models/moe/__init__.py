@@ -22,6 +22,7 @@ FAMILY = ModelFamily(
     context_parallel=False,
     adaption=None,
     lora_note="the experts and the router of these MoE models are not linear layers (stacked 3-D "
-              "expert weights, as in transformers 5): LoRA adapts the attention projections and "
-              "any dense MLP layers",
+              "expert weights, as in transformers 5): target the experts with "
+              "peft.target_parameters (experts.gate_up_proj, experts.down_proj); the router "
+              "takes no adapter",
 )

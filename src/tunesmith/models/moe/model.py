@@ -14,7 +14,9 @@ cache) with sparse MLP blocks. Submodule names, as for Llama except the sparse M
 Experts are 3-D parameters, one per layer, so FSDP2 shards them like any weight, the CUDA path
 runs every expert in one grouped GEMM, and the adapter stacks the hub's per-expert tensors on
 load (and splits them on save). The router is a plain module (not `nn.Linear`), as in HF 5, so
-LoRA and float8 leave it alone: they target attention (and dense layers) only.
+LoRA and float8 leave it alone. LoRA reaches the experts only when asked (peft.target_parameters,
+as peft's): `peft.experts.LoRAExperts` replaces `experts` from outside and adds its update through
+the two projection hooks `expert_linear` / `grouped_linear`.
 
 Routing (HF): logits = x @ router^T; softmax in fp32; top-k; renormalised to sum to 1 (Mixtral
 always, Qwen3-MoE iff norm_topk_prob); Qwen3-MoE casts the weights back to the logits' dtype,
@@ -113,18 +115,28 @@ class Experts(nn.Module):
         outs = []
         for e, rows in enumerate(xs.split(counts.tolist())):  # one host sync per layer
             if rows.shape[0]:
-                gate, up = F.linear(rows, self.w13[e]).chunk(2, dim=-1)  # [n_e, I] each
-                outs.append(F.linear(F.silu(gate) * up, self.w2[e]))  # [n_e, D]
+                gate, up = self.expert_linear("w13", rows, e).chunk(2, dim=-1)  # [n_e, I] each
+                outs.append(self.expert_linear("w2", F.silu(gate) * up, e))  # [n_e, D]
         return torch.cat(outs) if outs else xs.new_zeros(0, self.w2.shape[1])
+
+    def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
+        """rows [n_e, in] through expert e's weight `name` (w13 or w2) -> [n_e, out]. LoRA on
+        the experts (peft.experts.LoRAExperts) adds its low-rank update here and in
+        `grouped_linear`."""
+        return F.linear(rows, getattr(self, name)[e])
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # _grouped_mm is not on autocast's lists: cast to the autocast dtype by hand.
         dtype = (torch.get_autocast_dtype(xs.device.type)
                  if torch.is_autocast_enabled(xs.device.type) else self.w13.dtype)
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each expert's block
-        h = torch._grouped_mm(xs.to(dtype), self.w13.to(dtype).transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)  # [N*k, I] each
-        return torch._grouped_mm(F.silu(gate) * up, self.w2.to(dtype).transpose(-2, -1), offs=offs)
+        gate, up = self.grouped_linear("w13", xs.to(dtype), offs).chunk(2, dim=-1)  # [N*k, I] each
+        return self.grouped_linear("w2", F.silu(gate) * up, offs)
+
+    def grouped_linear(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x [N*k, in], rows sorted by expert (expert e's block ends at row offs[e]), through
+        each row's expert weight `name` in one grouped GEMM -> [N*k, out] in x's dtype."""
+        return torch._grouped_mm(x, getattr(self, name).to(x.dtype).transpose(-2, -1), offs=offs)
 
 
 class SparseMoE(nn.Module):

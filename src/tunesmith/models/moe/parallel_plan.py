@@ -105,30 +105,6 @@ def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=ids.dtype, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def _local_mlp(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """xs [R, D] sorted by local expert (counts [E_local]) through the local experts' SwiGLU,
-    w13 [E_local, 2I, D], w2 [E_local, D, I] (this rank's pieces) -> [R, D]. The same
-    arithmetic as `Experts._loop` / `Experts._grouped`, on the given weights."""
-    use_grouped = moe_model._backend == "grouped" or (
-        moe_model._backend == "auto" and moe_model.grouped_mm_available(xs, w2))
-    if use_grouped:
-        dtype = (torch.get_autocast_dtype(xs.device.type)
-                 if torch.is_autocast_enabled(xs.device.type) else w13.dtype)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        gate, up = torch._grouped_mm(xs.to(dtype), w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w2.to(dtype).transpose(-2, -1), offs=offs)
-    outs = []
-    for e, rows in enumerate(xs.split(counts.tolist())):  # one host sync per layer
-        if rows.shape[0]:
-            gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)  # [n_e, I] each
-            outs.append(F.linear(F.silu(gate) * up, w2[e]))  # [n_e, D]
-    if outs:
-        return torch.cat(outs)
-    # No rows reached this rank's experts: zero gradients all the same (keeping the weights in
-    # the graph), so FSDP2 reduces the same gradients on every rank.
-    return xs.new_zeros(0, w2.shape[1]) + 0 * w2.sum() + 0 * w13.sum()
-
-
 class ShardedExperts(Experts):
     """`Experts` whose w13 / w2 are DTensors Shard(0) over a group of `size` ranks: this rank
     holds experts [rank * E_local, (rank + 1) * E_local). Same parameter names and global
@@ -141,6 +117,7 @@ class ShardedExperts(Experts):
     rank: int
     size: int
     grad_scale: float  # on the expert weights' gradients (ep: see `shard_experts`)
+    _local: dict[str, torch.Tensor]  # during forward: this rank's w13 / w2 pieces (plain tensors)
 
     # Not compiled (the rest of the block is): the row counts are read on the host (all-to-all
     # split sizes, the per-expert loop), a graph break either way, and the collectives sit in
@@ -151,28 +128,51 @@ class ShardedExperts(Experts):
         w13, w2 = self.w13.to_local(), self.w2.to_local()  # [E_local, 2I, D], [E_local, D, I]
         if self.grad_scale != 1.0:
             w13, w2 = _ScaleGradient.apply(w13, self.grad_scale), _ScaleGradient.apply(w2, self.grad_scale)
-        if self.mode == "tp":
-            return self._forward_tp(x, weights, experts, w13, w2)
-        return self._forward_ep(x, weights, experts, w13, w2)
+        self._local = {"w13": w13, "w2": w2}  # what the projection hooks below read
+        try:
+            if self.mode == "tp":
+                return self._forward_tp(x, weights, experts)
+            return self._forward_ep(x, weights, experts)
+        finally:
+            self._local = {}
 
-    def _forward_tp(self, x, weights, experts, w13, w2) -> torch.Tensor:
+    def _local_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [R, D] sorted by local expert (counts [E_local]) through this rank's experts, with
+        `Experts`' own loop / grouped GEMM (their projection hooks read the local pieces)."""
+        w13, w2 = self._local["w13"], self._local["w2"]
+        use_grouped = moe_model._backend == "grouped" or (
+            moe_model._backend == "auto" and moe_model.grouped_mm_available(xs, w2))
+        ys = self._grouped(xs, counts) if use_grouped else self._loop(xs, counts)  # [R, D]
+        if ys.shape[0]:
+            return ys
+        # No rows reached this rank's experts: zero gradients all the same (the weights stay in
+        # the graph), so every rank has the same gradients for FSDP2 to reduce.
+        return ys + 0 * w2.sum() + 0 * w13.sum()
+
+    def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(rows, self._local[name][e])  # e: the local expert index
+
+    def grouped_linear(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, self._local[name].to(x.dtype).transpose(-2, -1), offs=offs)
+
+    def _forward_tp(self, x, weights, experts) -> torch.Tensor:
         n, k = experts.shape
-        n_local = w13.shape[0]
+        n_local = self._local["w13"].shape[0]
         # Only this rank's experts reach x and the weights: their gradients are partial sums.
         x, weights = _SumGradients.apply(x, self.group), _SumGradients.apply(weights, self.group)
         flat = experts.reshape(-1) - self.rank * n_local  # [N*k] local expert ids (others out of range)
         mine = ((flat >= 0) & (flat < n_local)).nonzero().squeeze(1)  # [M] assignments held here
         local = flat[mine]
         order = mine[torch.argsort(local, stable=True)]  # grouped by local expert
-        ys = _local_mlp(x[order // k], _count(local, n_local), w13, w2)  # [M, D]
+        ys = self._local_mlp(x[order // k], _count(local, n_local))  # [M, D]
         weighted = ys * weights.reshape(-1)[order, None]
         # Zeros for the assignments other ranks run; the caller sums over the TP group.
         full = weighted.new_zeros(n * k, weighted.shape[1]).index_copy(0, order, weighted)
         return full.view(n, k, -1).sum(dim=1).to(x.dtype)
 
-    def _forward_ep(self, x, weights, experts, w13, w2) -> torch.Tensor:
+    def _forward_ep(self, x, weights, experts) -> torch.Tensor:
         n, k = experts.shape
-        n_local = w13.shape[0]
+        n_local = self._local["w13"].shape[0]
         flat = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat, stable=True)  # by expert, hence by the rank that holds it
         counts = _count(flat, n_local * self.size)  # [E] rows this rank sends to each expert
@@ -185,7 +185,7 @@ class ShardedExperts(Experts):
         # Regroup by local expert (stable: source rank order within an expert).
         ids = torch.arange(n_local, device=x.device).repeat(self.size)  # [size * E_local]
         perm = torch.argsort(torch.repeat_interleave(ids, got_by_rank.reshape(-1)), stable=True)
-        ys = _local_mlp(rows[perm], got_by_rank.sum(0), w13, w2)  # [R, D]
+        ys = self._local_mlp(rows[perm], got_by_rank.sum(0))  # [R, D]
         ys = _AllToAll.apply(torch.empty_like(ys).index_copy(0, perm, ys), send, recv, self.group)
         # Back on the source rank, in `order`: as `Experts.forward` from here on.
         weighted = ys * weights.reshape(-1)[order, None]
