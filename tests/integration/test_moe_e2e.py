@@ -125,3 +125,12 @@ def test_expert_lora_trains_resumes_and_loads_in_peft(trained, tmp_path, tiny_to
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+    # peft.from_checkpoint continues the expert adapter (its targets, not the config's): one
+    # step at a vanishing learning rate leaves the loaded values (a fresh B would be zero)
+    cont = tmp_path / "cont"
+    assert train(cont, "train.max_steps=1", f"peft.from_checkpoint={straight / 'final'}", "optim.lr=1e-12",
+                 "peft.target_parameters=[]", "peft.target_modules=all-linear") == 0
+    c = load_file(cont / "final" / "adapter_model.safetensors")
+    assert c.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], atol=1e-9, rtol=0, msg=k)
