@@ -50,7 +50,7 @@ def _run_config(args):
         "optim": {"lr": 1e-4, "weight_decay": 0.1},
         "schedule": {"name": "constant"},
         "parallel": {"strategy": args.strategy, "activation_checkpointing": args.ac,
-                     "tp": args.tp, "timeout_s": 600},
+                     "tp": args.tp, "ep": args.ep, "timeout_s": 600},
     })
 
 
@@ -150,7 +150,8 @@ def _worker_cmd(args, n: int) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
            __file__, "--worker", "--shape", args.shape, "--seq", str(args.seq),
            "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--ac", args.ac, "--strategy", args.strategy, "--tp", str(args.tp)]
+           "--warmup", str(args.warmup), "--ac", args.ac, "--strategy", args.strategy, "--tp", str(args.tp),
+           "--ep", str(args.ep)]
     if args.n_layers:
         cmd += ["--n-layers", str(args.n_layers)]
     if args.float8 != "none":
@@ -179,7 +180,7 @@ def _launch(args, n: int) -> dict:
 def _table(args, rows: list[dict]) -> str:
     ok = [r for r in rows if "error" not in r]
     base = ok[0]["tokens_per_s_per_gpu"] if ok else None
-    head = (f"Llama shape `{args.shape}`{f' ({args.n_layers} layers)' if args.n_layers else ''}, "
+    head = (f"shape `{args.shape}`{f' ({args.n_layers} layers)' if args.n_layers else ''}, "
             f"seq {args.seq}, micro-batch {args.micro_batch}/GPU, bf16 (fp32 master), "
             f"{'' if args.float8 == 'none' else f'float8 {args.float8} (MFU on the bf16 peak), '}"
             f"{args.strategy}, AC {args.ac}, {'eager' if args.no_compile else 'per-block compile'}; "
@@ -211,6 +212,7 @@ def main() -> None:
     p.add_argument("--strategy", default="full_shard",
                    choices=["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"])
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="parallel.ep (MoE shapes)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--float8", default="none", choices=["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"],
                    help="train.float8 (MFU stays on the bf16 peak)")

@@ -1,4 +1,5 @@
-"""FSDP2 (each strategy), DDP, TP and 2-D runs on CPU/gloo reproduce the one-process run, and
+"""FSDP2 (each strategy), DDP, TP and 2-D runs (MoE: FSDP2 x TP, and expert parallelism with
+two expert groups) on CPU/gloo reproduce the one-process run, and
 a DCP checkpoint saved on 4 ranks resumes on 2 ranks and on 1 process (and one saved by 1
 process on 2 ranks) with the same losses.
 
@@ -51,6 +52,7 @@ def inits(tmp_path_factory):
     out["gptj"] = save_init(root / "gptj", preset="gptj-tiny", overrides=GPT2_OVERRIDES)
     out["qwen3"] = save_init(root / "qwen3", preset="qwen3-0.6b", overrides=QWEN3_OVERRIDES)
     out["gemma"] = save_init(root / "gemma", preset="gemma3-tiny", overrides=GEMMA_OVERRIDES)
+    out["moe"] = save_init(root / "moe", preset="moe-tiny", overrides="model.overrides={}")
     # The same weights as an image+text Gemma 3 checkpoint: its text tower streams into the
     # shards (prefixed names, vision tensors skipped) and trains as the text checkpoint does.
     out["gemma3_image_text"] = as_image_text(out["gemma"], root / "gemma3_image_text")
@@ -81,6 +83,9 @@ def reference(data, inits, tmp_path_factory):
     d = root / "gemma"  # four norms a block, q/k norms, sliding-window layers (block 64 > window 16)
     assert run(["-q", "train", *job(*data, d, init=inits["gemma"])]) == 0
     out["gemma"] = d
+    d = root / "moe"  # experts split by TP / EP (tests/distributed/test_moe.py: 2 ranks)
+    assert run(["-q", "train", *job(*data, d, init=inits["moe"])]) == 0
+    out["moe"] = d
     d = root / "ckpt1"  # one process, checkpoint at step 3: resumed on 2 ranks below
     assert run(["-q", "train", *job(*data, d, tied=False, extra=CKPT_STEPS)]) == 0
     out["ckpt1"] = d
@@ -128,6 +133,10 @@ LAYOUTS = {
                                         "parallel.dp_shard=2")),
     "2d_fsdp2_x_tp2": (4, 2, True, ("parallel.strategy=full_shard", "parallel.tp=2",
                                     "parallel.activation_checkpointing=selective")),
+    "moe_2d_fsdp2_x_tp2": (4, 2, "moe", ("parallel.strategy=full_shard", "parallel.tp=2",
+                                         "parallel.activation_checkpointing=full")),
+    # expert parallelism in 2 groups of 2: each expert's shard replicated over 2 ranks
+    "moe_ep2_x_dp4": (4, 4, "moe", ("parallel.ep=2",)),
     "hsdp_shard1_x_tp2": (4, 2, False, ("parallel.strategy=hybrid_shard", "parallel.dp_shard=1",
                                         "parallel.tp=2")),
 }

@@ -282,6 +282,12 @@ class ParallelConfig(Section):
         "shards parameters over dp_shard x cp. Llama-family models, packed rows (data.mode=packed "
         "or sft.packing), data.block_size a multiple of 2cp.",
     )
+    ep: int = Field(
+        1, ge=1, description="Expert-parallel degree (MoE models): each group of ep data-parallel "
+        "ranks splits every layer's experts between them (E/ep each) and exchanges tokens with "
+        "all-to-all; FSDP2 shards the other parameters over all data-parallel ranks. Must divide "
+        "num_experts and the data-parallel degree; strategy full_shard or shard_grad_op, tp=1, cp=1.",
+    )
     cpu_offload: bool = Field(
         False, description="FSDP2: keep sharded params, grads and optimizer state in host memory."
     )
@@ -483,9 +489,10 @@ class RunConfig(Section):
         if self.optim.name != "adamw" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
         _check_lowmem(self)
-        if self.peft.target_parameters and self.parallel.tp > 1:
-            raise ValueError("peft.target_parameters (LoRA on MoE experts) with parallel.tp > 1 is not "
-                             "supported; use data parallelism (FSDP2 / DDP) with parallel.tp=1")
+        if self.peft.target_parameters and (self.parallel.tp > 1 or self.parallel.ep > 1):
+            raise ValueError("peft.target_parameters (LoRA on MoE experts) with parallel.tp > 1 or "
+                             "parallel.ep > 1 is not supported; use data parallelism (FSDP2 / DDP) "
+                             "with parallel.tp=1 and parallel.ep=1")
         if self.data.streaming and self.train.max_steps is None:
             raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
         if self.eval.generate.enabled and self.task != "sft":

@@ -5,6 +5,7 @@ descriptors, and every other layer asks the descriptor instead of testing model 
 keeping its own tables of model types:
 
     parallel.layout   family.tp_plan is not None   (tensor parallelism)
+                      family.expert_parallel       (expert parallelism, MoE)
                       family.shardable             (FSDP2 / DDP, sharded loading)
     data / train      family.kind                  ("causal" decoders, "masked" encoders)
     models.io         family.load_fn / save_fn     (families loading through transformers)
@@ -61,6 +62,7 @@ class ModelFamily:
 
     kind: "causal" (decoder LMs: clm/sft tasks, generation) or "masked" (encoders: mlm task).
     tp_plan: the tensor-parallel plan, None when the family has none (tp=1 only).
+    expert_parallel: splits the experts over an expert-parallel mesh (parallel.ep); None: ep=1.
     shardable: native modules (`layers`, `tok_embeddings`, `output`) that FSDP2 / DDP wrap and
         the sharded loader streams into; False for the generic transformers wrapper.
     context_parallel: the model's attention goes through `models.attention.sdpa_attention` with
@@ -80,6 +82,9 @@ class ModelFamily:
     apply_overrides: Callable[[ModelConfig, dict[str, Any] | None], ModelConfig]
     kind: str = "causal"
     tp_plan: TPPlan | None = None
+    # Expert parallelism: (model, 1-D ep mesh, gradient scale) -> the expert modules it split
+    # Shard(0) over the mesh (parallel.apply gives them FSDP2 units of their own).
+    expert_parallel: Callable[[nn.Module, Any, float], list[nn.Module]] | None = None
     shardable: bool = True
     context_parallel: bool = False
     adaption: AdaptionPoint | None = None

@@ -6,7 +6,9 @@ which the pieces compose:
   (same parameters), so compile traces the float8 casts and FSDP2 shards those layers.
 
 * TP first: it replaces parameters by DTensors on the TP mesh and adds the input/output
-  redistribution hooks that everything after must see as part of the block.
+  redistribution hooks that everything after must see as part of the block. Expert
+  parallelism (parallel.ep, MoE) is placed alike: the experts become DTensors Shard(0) on the
+  ep mesh, and FSDP2 later gives them units of their own.
 * context parallelism (parallel.cp) marks the model: the objective then splits each batch along
   the sequence and attention runs as ring attention over the cp ranks (`parallel.cp`); no
   module changes, so everything below wraps the same blocks.
@@ -30,10 +32,11 @@ from torch import nn
 
 from tunesmith.config.schema import RunConfig
 from tunesmith.errors import ConfigError
+from tunesmith.models.registry import family_of
 from tunesmith.parallel.ac import apply_activation_checkpointing
 from tunesmith.parallel.cp import apply_context_parallel
 from tunesmith.parallel.dist import ParallelContext
-from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, mp_policy
+from tunesmith.parallel.fsdp import apply_ddp, apply_fsdp, apply_fsdp_experts, mp_policy
 from tunesmith.parallel.offload import apply_activation_offload
 from tunesmith.parallel.tiled_mlp import apply_tiled_mlp
 from tunesmith.parallel.tp import apply_tp
@@ -78,11 +81,29 @@ def _compile_blocks(model: nn.Module, cfg: RunConfig) -> None:
         block.compile(options=options)
 
 
-def _shard(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> None:
-    """FSDP2 (or HSDP) over the data-parallel mesh, in the run's mixed-precision policy."""
+def _shard(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime,
+           experts: list[nn.Module] | None = None) -> None:
+    """FSDP2 (or HSDP) over the data-parallel mesh, in the run's mixed-precision policy;
+    expert-parallel experts in units of their own over the ranks holding the same experts."""
     pc = cfg.parallel
-    apply_fsdp(model, _dp_mesh(ctx), ctx.layout, pc,
-               mp_policy(rt.compute_dtype, rt.param_dtype, pc.reduce_dtype))
+    mp = mp_policy(rt.compute_dtype, rt.param_dtype, pc.reduce_dtype)
+    if experts:
+        assert ctx.ep_mesh is not None
+        apply_fsdp_experts(experts, ctx.ep_mesh["ep_replicate"], ctx.layout, pc, mp)
+    apply_fsdp(model, _dp_mesh(ctx), ctx.layout, pc, mp)
+
+
+def _expert_parallel(model: nn.Module, ctx: ParallelContext) -> list[nn.Module]:
+    """parallel.ep: the family splits its experts over the ep ranks. Each rank's loss is scaled
+    for FSDP2's average over all dp ranks, but an expert's gradient is averaged over the
+    dp / ep ranks holding it only (it already sums the tokens of its ep group through the
+    all-to-all): the extra 1/ep makes it the same average."""
+    if not (ctx.distributed and ctx.layout.ep > 1):
+        return []
+    assert ctx.ep_mesh is not None
+    split = family_of(model).expert_parallel
+    assert split is not None  # layout.check_run refused the run otherwise
+    return split(model, ctx.ep_mesh["ep"], 1.0 / ctx.layout.ep)
 
 
 def parallelize_frozen(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runtime) -> nn.Module:
@@ -106,6 +127,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         apply_tp(model, ctx.mesh["tp"])
         # loss_parallel=false: the fused loss gathers the head weight instead.
         model.output._tunesmith_gather_weight = not pc.loss_parallel  # type: ignore[union-attr]
+    experts = _expert_parallel(model, ctx)
     if ctx.distributed and layout.cp > 1:  # the objective splits each batch, attention rings
         assert ctx.mesh is not None
         apply_context_parallel(model, ctx.mesh["cp"])
@@ -117,7 +139,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: ParallelContext, rt: Runt
         _compile_blocks(model, cfg)
     if ctx.distributed and ctx.token_ranks > 1:
         if layout.sharded:
-            _shard(model, cfg, ctx, rt)
+            _shard(model, cfg, ctx, rt, experts)
         else:
             apply_ddp(model, ctx.token_mesh)
     if ctx.is_main and (ctx.distributed or n_ac):

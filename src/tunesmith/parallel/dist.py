@@ -44,6 +44,10 @@ class ParallelContext:
     # 1-D, dp_replicate x dp_shard x cp flattened: the ranks holding different tokens of a
     # step (loss sums and target counts add up over it; DDP averages gradients over it).
     token_mesh: DeviceMesh | None = None
+    # 2-D (ep_replicate, ep) over the data-parallel ranks when parallel.ep > 1: an expert group
+    # is ep consecutive ranks (experts Shard(0) over "ep"); FSDP2 shards each expert shard
+    # further over "ep_replicate", the groups holding the same experts.
+    ep_mesh: DeviceMesh | None = None
 
     @property
     def world_size(self) -> int:
@@ -182,7 +186,11 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP2's shard dimension (parallel.apply)
     token_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh, token_mesh)
+    ep_mesh = None
+    if layout.ep > 1:  # tp = cp = 1 (layout checks): the data-parallel ranks are all ranks
+        ep_mesh = init_device_mesh(device.type, (world // layout.ep, layout.ep),
+                                   mesh_dim_names=("ep_replicate", "ep"))
+    ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh, token_mesh, ep_mesh)
     _CURRENT[:] = [ctx]
     if ctx.is_main:
         log.info("parallel: %s", layout.describe())

@@ -68,6 +68,20 @@ def apply_fsdp(
     _set_prefetch(blocks, pc.forward_prefetch, pc.backward_prefetch)
 
 
+def apply_fsdp_experts(experts: list[nn.Module], mesh: DeviceMesh, layout: Layout,
+                       pc: ParallelConfig, mp: MixedPrecisionPolicy) -> None:
+    """Expert-parallel experts (DTensors Shard(0) on the ep mesh): an FSDP2 unit each over
+    `mesh`, the ranks of the other expert groups (the same experts, other tokens), before the
+    blocks are wrapped so the blocks' units leave them out. Their inputs keep their dtypes
+    (fp32 routing weights stay fp32): the block's unit has cast what it casts."""
+    offload: OffloadPolicy = CPUOffloadPolicy() if pc.cpu_offload else OffloadPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                              cast_forward_inputs=False)
+    for module in experts:
+        fully_shard(module, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=layout.strategy != "shard_grad_op")
+
+
 def _set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
     """Explicit prefetch: block i all-gathers blocks i+1..i+k in forward, i-1..i-k in backward."""
     for i, block in enumerate(blocks):

@@ -41,6 +41,7 @@ class Layout:
     tp: int
     world_size: int
     cp: int = 1  # context-parallel degree (the sequence split over cp ranks)
+    ep: int = 1  # expert-parallel degree (experts split over groups of ep data-parallel ranks)
 
     @property
     def dp(self) -> int:
@@ -63,8 +64,9 @@ class Layout:
 
     def describe(self) -> str:
         cp = f" x cp={self.cp}" if self.cp > 1 else ""
+        ep = f"; experts split over ep={self.ep} ranks" if self.ep > 1 else ""
         return (f"{self.strategy} on {self.world_size} rank(s): dp_replicate={self.dp_replicate} "
-                f"x dp_shard={self.dp_shard}{cp} x tp={self.tp}")
+                f"x dp_shard={self.dp_shard}{cp} x tp={self.tp}{ep}")
 
 
 def env_world() -> tuple[int, int]:
@@ -150,14 +152,31 @@ def resolve_layout(pc: ParallelConfig, world_size: int, local_world_size: int | 
         )
     if pc.cpu_offload and strategy not in SHARDED:
         raise TunesmithError("parallel.cpu_offload needs a sharded strategy (FSDP2), not no_shard")
-    return Layout(strategy, rep, shard, pc.tp, world_size, pc.cp)
+    _check_ep(pc, strategy, rep * shard)
+    return Layout(strategy, rep, shard, pc.tp, world_size, pc.cp, pc.ep)
+
+
+def _check_ep(pc: ParallelConfig, strategy: str, dp: int) -> None:
+    """parallel.ep > 1: groups of ep data-parallel ranks under FSDP2 (one dp_shard dimension)."""
+    ep = pc.ep
+    if ep == 1:
+        return
+    if pc.tp > 1 or pc.cp > 1:
+        raise TunesmithError(f"parallel.ep={ep} composes with FSDP2 only, not yet with tensor or "
+                             f"context parallelism (tp={pc.tp}, cp={pc.cp}); set both to 1")
+    if strategy not in ("full_shard", "shard_grad_op"):
+        raise TunesmithError(f"parallel.ep={ep} needs parallel.strategy full_shard or shard_grad_op "
+                             f"(FSDP2 over every data-parallel rank), not {strategy}")
+    if dp % ep:
+        raise TunesmithError(f"parallel.ep={ep} must divide the data-parallel degree {dp} "
+                             "(expert groups of ep ranks each)")
 
 
 def _tp_support() -> tuple[str, str]:
-    """("Llama", "llama, mistral, qwen2"): the families declaring a tensor-parallel plan and
+    """("Gemma / Llama / MoE", "gemma3, ..."): the families declaring a tensor-parallel plan and
     the HF model types they serve, for the error message."""
     fams = {t: fam for t, fam in families().items() if fam.tp_plan is not None}
-    names = sorted({fam.name.capitalize() for fam in fams.values()})
+    names = sorted({"MoE" if fam.name == "moe" else fam.name.capitalize() for fam in fams.values()})
     return " / ".join(names), ", ".join(sorted(fams))
 
 
@@ -212,6 +231,17 @@ def _check_context_parallel(cfg: RunConfig, layout: Layout, model_cfg: Any) -> N
         )
 
 
+def _check_expert_parallel(layout: Layout, model_cfg: Any) -> None:
+    """parallel.ep > 1: a family with expert parallelism, whole experts per rank."""
+    ep = layout.ep
+    if get_family(model_cfg.model_type).expert_parallel is None:
+        raise TunesmithError(f"parallel.ep={ep}: model type {model_cfg.model_type!r} has no experts "
+                             "(MoE models: mixtral, qwen3_moe); use parallel.ep=1")
+    if model_cfg.num_experts % ep:
+        raise TunesmithError(f"parallel.ep={ep} must divide the model's num_experts="
+                             f"{model_cfg.num_experts} (whole experts per rank)")
+
+
 def _check_tiled_mlp(cfg: RunConfig, model_cfg: Any) -> None:
     """parallel.mlp_chunk_size tiles the native families' `feed_forward`: the generic transformers
     wrapper (not shardable) has none."""
@@ -241,6 +271,8 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
         _check_single_process_features(cfg, model_cfg)
     if layout.cp > 1:
         _check_context_parallel(cfg, layout, model_cfg)
+    if layout.ep > 1:
+        _check_expert_parallel(layout, model_cfg)
     pc = cfg.peft
     if tp > 1 and pc.method == "qlora":
         raise TunesmithError(
@@ -266,12 +298,13 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
             f"({types}), not {model_cfg.model_type!r}; use parallel.tp=1"
         )
     if tp > 1:
-        for name in ("n_heads", "n_kv_heads", "intermediate_size"):
+        experts = ("num_experts",) if hasattr(model_cfg, "num_experts") else ()
+        for name in ("n_heads", "n_kv_heads", "intermediate_size", *experts):
             value = int(getattr(model_cfg, name))
             if value % tp:
                 raise TunesmithError(
                     f"parallel.tp={tp} must divide the model's {name}={value} "
-                    "(each tensor-parallel rank holds whole heads / equal MLP slices)"
+                    "(each tensor-parallel rank holds whole heads / equal MLP slices / whole experts)"
                 )
         block = cfg.data.block_size if cfg.data.mode == "packed" else cfg.data.pad_to_multiple_of
         if block is None or block % tp:

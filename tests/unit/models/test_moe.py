@@ -134,8 +134,10 @@ def _check(overrides: list[str], world: int = 1, **layout) -> None:
 
 
 def test_refusals_in_one_line() -> None:
-    with pytest.raises(TunesmithError, match="tensor parallelism has a plan for the .* family only .*not .qwen3_moe."):
-        _check(["parallel.tp=2"], world=2)
+    _check(["parallel.tp=2", "data.block_size=64"], world=2)  # TP and EP serve the MoE family
+    _check(["parallel.ep=2"], world=2)
+    with pytest.raises(TunesmithError, match="parallel.tp=2 must divide the model's num_experts=3"):
+        _check(["parallel.tp=2", "data.block_size=64", "model.overrides={num_experts: 3}"], world=2)
     with pytest.raises(TunesmithError, match="context parallelism"):
         _check(["parallel.cp=2"], world=2)
     with pytest.raises(TunesmithError, match="router_aux_loss_coef with parallel.mlp_chunk_size"):
@@ -149,7 +151,9 @@ def test_refusals_in_one_line() -> None:
                          (["peft.method=qlora"], "needs peft.method=lora, not qlora"),
                          (["peft.method=lora", "peft.dropout=0.05"], "needs peft.dropout=0"),
                          (["peft.method=lora", "peft.base_dtype=float8"], "base_dtype=float8 is not"),
-                         (["peft.method=lora", "parallel.tp=2"], "with parallel.tp > 1 is not supported")):
+                         (["peft.method=lora", "parallel.tp=2"], "with parallel.tp > 1 or parallel.ep > 1 "
+                                                                 "is not supported"),
+                         (["peft.method=lora", "parallel.ep=2"], "parallel.ep > 1 is not supported")):
         with pytest.raises(TunesmithError, match=r"peft.target_parameters \(LoRA on MoE experts\) .*" + match):
             load_config(None, ["model.name=moe-tiny", "data.path=x.txt", experts, *extra])
     with pytest.raises(TunesmithError, match="target_modules is empty"):

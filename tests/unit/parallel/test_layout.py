@@ -54,11 +54,35 @@ def test_context_parallel_degrees():
     (6, None, {"cp": 4}, "parallel.cp=4 (x tp=1) does not divide the world size 6; the ranks must "
                          "form whole context-parallel groups"),
     (8, None, {"cp": 2, "dp_shard": 2}, "dp_replicate=1 x dp_shard=2 x cp=2 x tp=1 = 4 do not match"),
+    (8, None, {"ep": 2, "tp": 2}, ("parallel.ep=2 composes with FSDP2 only, not yet with tensor or "
+                                   "context parallelism (tp=2, cp=1); set both to 1")),
+    (8, None, {"ep": 2, "cp": 2}, "not yet with tensor or context parallelism (tp=1, cp=2)"),
+    (8, None, {"ep": 2, "strategy": "no_shard"}, ("parallel.ep=2 needs parallel.strategy full_shard or "
+                                                  "shard_grad_op (FSDP2 over every data-parallel rank), "
+                                                  "not no_shard")),
+    (8, 4, {"ep": 2, "strategy": "hybrid_shard"}, "not hybrid_shard"),
+    (6, None, {"ep": 4}, "parallel.ep=4 must divide the data-parallel degree 6"),
+    (1, None, {"ep": 2}, "parallel.ep=2 must divide the data-parallel degree 1"),
 ])
 def test_bad_degrees_are_one_clear_line(world, local, kw, message):
     with pytest.raises(TunesmithError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         layout(world, local, **kw)
     assert "\n" not in str(e.value)
+
+
+def test_expert_parallel_needs_experts_that_split():
+    """parallel.ep: an MoE model whose num_experts the degree divides; the layout says so."""
+    cfg = load_config(None, ["data.path=x", "parallel.ep=2"])
+    lay = resolve_layout(cfg.parallel, 4)
+    assert (lay.ep, lay.dp) == (2, 4) and "experts split over ep=2 ranks" in lay.describe()
+    moe = resolve_model_config("moe-tiny")[1]
+    check_run(cfg, lay, moe, "cpu")
+    with pytest.raises(TunesmithError, match="parallel.ep=2: model type 'llama' has no experts"):
+        check_run(cfg, lay, _tiny(), "cpu")
+    four = load_config(None, ["data.path=x", "parallel.ep=4"])
+    odd = resolve_model_config("moe-tiny", {"num_experts": 6})[1]
+    with pytest.raises(TunesmithError, match="parallel.ep=4 must divide the model's num_experts=6"):
+        check_run(four, resolve_layout(four.parallel, 4), odd, "cpu")
 
 
 def test_zero_degree_rejected_by_config():
@@ -112,7 +136,7 @@ def test_peft_with_data_parallel_and_tp(overrides, tp_ok):
 def test_tp_needs_a_family_with_a_plan():
     cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
     gpt2 = resolve_model_config("gpt2-tiny")[1]
-    with pytest.raises(TunesmithError, match="plan for the Gemma / Llama family only"):
+    with pytest.raises(TunesmithError, match="plan for the Gemma / Llama / MoE family only"):
         check_run(cfg, resolve_layout(cfg.parallel, 2), gpt2, "cpu")
     check_run(load_config(None, ["data.path=x"]), resolve_layout(ParallelConfig(), 2), gpt2, "cpu")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from tests.peft_utils import ids, tiny_model
 from tunesmith.config import load_config
@@ -31,11 +31,12 @@ def test_layout_fills_degrees_and_describes_them():
 
 def test_only_families_declaring_a_plan_accept_tp():
     with_plan = sorted(t for t, fam in families().items() if fam.tp_plan is not None)
-    assert with_plan == ["gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"]
+    assert with_plan == ["gemma3", "gemma3_text", "llama", "mistral", "mixtral", "qwen2", "qwen3",
+                         "qwen3_moe"]
     cfg = load_config(None, ["data.path=x", "parallel.tp=2"])
     lay = resolve_layout(cfg.parallel, 2)
     _, neox = resolve_model_config("pythia-tiny")
-    with pytest.raises(TunesmithError, match=r"plan for the Gemma / Llama family only \(gemma3, gemma3_text, llama, mistral, qwen2, qwen3\)"):
+    with pytest.raises(TunesmithError, match=r"plan for the Gemma / Llama / MoE family only \(gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe\)"):
         check_run(cfg, lay, neox, "cpu")
 
 
@@ -84,6 +85,28 @@ def test_llama_tp_plan_shards_every_planned_weight_and_keeps_logits(one_rank_mes
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_tp_plan_splits_the_experts_and_keeps_logits(one_rank_mesh):
+    """moe-tiny (a dense layer and a sparse one): the Llama plan on attention and the dense
+    MLP, experts Shard(0) (whole experts per rank), the router a plain replicated weight."""
+    from tunesmith.models import build_model, init_random
+
+    family, cfg = resolve_model_config("moe-tiny", {"mlp_only_layers": [0]})
+    ref = init_random(build_model(family, cfg, "meta"), "cpu", "float32", 5)
+    model = init_random(build_model(family, cfg, "meta"), "cpu", "float32", 5)
+    apply_tp(model, one_rank_mesh)
+    dense, sparse = model.layers[0].feed_forward, model.layers[1].feed_forward
+    assert isinstance(dense.w1.weight, DTensor)
+    assert [p.placements for p in (sparse.experts.w13, sparse.experts.w2)] == [(Shard(0),)] * 2
+    assert not isinstance(sparse.router.weight, DTensor)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    cfg_bad = load_config(None, ["data.path=x", "parallel.tp=2", "data.block_size=64"])
+    _, odd = resolve_model_config("moe-tiny", {"num_experts": 5})
+    with pytest.raises(TunesmithError, match="must divide the model's num_experts=5"):
+        check_run(cfg_bad, resolve_layout(cfg_bad.parallel, 2), odd, "cpu")
 
 
 def test_tp_refuses_a_family_without_a_plan(one_rank_mesh):

@@ -1,6 +1,7 @@
 """MoE family (Mixtral, Qwen3-MoE): the Llama decoder with top-k routed SwiGLU experts."""
 
 from tunesmith.models.family import ModelFamily, preset_map
+from tunesmith.models.moe import parallel_plan
 from tunesmith.models.moe.adapter import MoEStateDictAdapter
 from tunesmith.models.moe.config import PRESET_NAMES, MoEConfig, apply_overrides, preset
 from tunesmith.models.moe.model import MoE
@@ -13,10 +14,11 @@ FAMILY = ModelFamily(
     adapter_cls=MoEStateDictAdapter,
     presets=preset_map(PRESET_NAMES, preset),
     apply_overrides=apply_overrides,
-    # No tensor-parallel plan (experts would need expert parallelism), no context parallelism
-    # (the load-balancing loss is over the whole sequence), no Llama-Adapter (peft's
-    # adaption_prompt does not serve these model types).
-    tp_plan=None,
+    # Tensor parallelism splits the experts between the TP ranks (parallel_plan says why not
+    # their intermediate dim); no context parallelism (the load-balancing loss is over the
+    # whole sequence), no Llama-Adapter (peft's adaption_prompt does not serve these types).
+    tp_plan=parallel_plan,
+    expert_parallel=parallel_plan.expert_parallel,
     context_parallel=False,
     adaption=None,
     lora_note="the experts and the router of these MoE models are not linear layers (stacked 3-D "
