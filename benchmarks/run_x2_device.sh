@@ -4,6 +4,7 @@
 #   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/run_x2_device.sh OUT_DIR tests
 #   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/run_x2_device.sh OUT_DIR bench
 #   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/run_x2_device.sh OUT_DIR fsdp
+#   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/run_x2_device.sh OUT_DIR moe
 # Each step has its own time limit, so one failure cannot eat the others' time. Results:
 #   nccl_suite.log            #10 item 8 and #15 tests: tests/distributed on CUDA/NCCL (expect
 #                             only "needs 4 GPUs" skips)
@@ -14,9 +15,11 @@
 #   fsdp_bf16_mb4.*, fsdp_f8_mb4.*, fsdp_f8.*   (part fsdp) micro-batch 4 in bf16 and float8
 #                             (+ float8 all-gather, float8 head; ~120 GiB by the 4-GPU run's
 #                             growth per sequence), then float8 at micro-batch 2
+#   moe_par/                  (part moe) MoE tp=2 / ep=2 NCCL parity against one GPU, and
+#                             Qwen3-30B-A3B (4 layers) tokens/s, ep=2 vs FSDP2
 set -u
-OUT=${1:?usage: run_x2_device.sh OUT_DIR tests|bench|fsdp}
-PART=${2:?usage: run_x2_device.sh OUT_DIR tests|bench|fsdp}
+OUT=${1:?usage: run_x2_device.sh OUT_DIR tests|bench|fsdp|moe}
+PART=${2:?usage: run_x2_device.sh OUT_DIR tests|bench|fsdp|moe}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 cd "$(dirname "$0")/.."
@@ -48,8 +51,13 @@ elif [ "$PART" = fsdp ]; then
   timeout 130 python3 benchmarks/bench_fsdp.py --gpus 2 --micro-batch 2 --steps 12 --warmup 4 $F8 \
     --json "$OUT/fsdp_f8.json" --md "$OUT/fsdp_f8.md"
   say fsdp_f8 $?
+elif [ "$PART" = moe ]; then
+  timeout 300 python3 benchmarks/moe_par_device.py --out "$OUT/moe_par"
+  say moe_par $?
+  cat "$OUT/moe_par/moe_par.md" 2>/dev/null
+  exit 0
 else
-  echo "run_x2_device.sh: unknown part '$PART' (tests, bench or fsdp)"; exit 2
+  echo "run_x2_device.sh: unknown part '$PART' (tests, bench, fsdp or moe)"; exit 2
 fi
 cat "$OUT"/fsdp_*.md 2>/dev/null
 echo done
