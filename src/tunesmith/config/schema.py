@@ -374,8 +374,8 @@ class PeftConfig(Section):
         description="Stacked MoE expert weights that get a per-expert LoRA (peft's "
         "target_parameters; Mixtral / Qwen3-MoE only, opt-in): names as in target_modules' list "
         "form, ours (w13, w2, experts.w13) or HF (gate_up_proj, down_proj, experts.gate_up_proj), "
-        "or full paths. Each adds E x r x (in + out) parameters per layer. peft.method=lora with "
-        "dropout 0 only (as peft); target_modules may then be [] (experts only).",
+        "or full paths. Each adds E x r x (in + out) parameters per layer. peft.method=lora or qlora "
+        "(NF4 experts) with dropout 0 only (as peft); target_modules may then be [] (experts only).",
     )
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
     from_checkpoint: str | None = Field(
@@ -437,9 +437,9 @@ class PeftConfig(Section):
 
     def _check_expert_lora(self) -> None:
         """LoRA on MoE experts: what peft's ParamWrapper (and ours) cannot do, in one line."""
-        if self.method != "lora":
-            raise ValueError(f"peft.target_parameters (LoRA on MoE experts) needs peft.method=lora, not "
-                             f"{self.method} (DoRA and QLoRA do not adapt stacked expert weights)")
+        if self.method not in ("lora", "qlora"):
+            raise ValueError(f"peft.target_parameters (LoRA on MoE experts) needs peft.method=lora or "
+                             f"qlora, not {self.method} (DoRA does not adapt stacked expert weights)")
         if self.dropout > 0:
             raise ValueError("peft.target_parameters (LoRA on MoE experts) needs peft.dropout=0, as "
                              "peft's ParamWrapper: input dropout cannot act on a folded weight update")

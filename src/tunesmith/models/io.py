@@ -86,6 +86,16 @@ def _few(names: list[str], n: int = 5) -> str:
     return ", ".join(sorted(names)[:n]) + more
 
 
+def _same_shape(param: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """The checkpoint's shape is the parameter's; QLoRA stores a stacked MoE expert weight
+    [E, out, in] as an NF4 tensor [E*out, in] (by class name: models do not import peft)."""
+    if tuple(param.shape) == shape:
+        return True
+    local = getattr(param, "_local_tensor", param)  # an FSDP2 shard's local tensor
+    return (type(local).__name__ == "NF4Tensor" and len(shape) == 3
+            and tuple(param.shape) == (shape[0] * shape[1], shape[2]))
+
+
 def plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False,
                skip: frozenset[str] = frozenset()) -> dict[str, str]:
     """Check checkpoint names/shapes against the model; return hf name -> native name.
@@ -111,7 +121,7 @@ def plan_load(model: nn.Module, files: list[Path], allow_pickle: bool = False,
         shape = adapter.shape_to_native(hf_name, shape)
         if native not in expected:
             unexpected.append(hf_name)
-        elif tuple(expected[native].shape) != shape:
+        elif not _same_shape(expected[native], shape):
             bad_shapes.append(f"{hf_name} {list(shape)} vs model {list(expected[native].shape)}")
         else:
             mapping[hf_name] = native

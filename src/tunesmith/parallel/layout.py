@@ -279,6 +279,11 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
             f"parallel.tp={tp}: QLoRA's NF4 base weights shard with FSDP2/HSDP/DDP only, not with "
             "tensor parallelism; use parallel.tp=1"
         )
+    if layout.ep > 1 and pc.method == "qlora":
+        raise TunesmithError(
+            f"parallel.ep={layout.ep}: QLoRA's NF4 experts shard with FSDP2/HSDP/DDP only, not with "
+            "expert parallelism; use parallel.ep=1"
+        )
     if pc.method == "llama_adapter":
         adaption_point(model_cfg.model_type)  # one line for a model type without one
         if not pc.from_checkpoint and pc.adapter_layers > model_cfg.n_layers:

@@ -58,8 +58,11 @@ def _shard_index(param: DTensor) -> tuple[int, int]:
 @torch.no_grad()
 def copy_full_into_quantized(param: torch.Tensor, full: torch.Tensor) -> None:
     """Quantise `full` [out, in] as one process would and copy this rank's rows of the NF4
-    storage into `param` (an NF4 tensor, or a DTensor over an NF4 shard)."""
+    storage into `param` (an NF4 tensor, or a DTensor over an NF4 shard). A stacked MoE expert
+    weight [E, out, in] is stored as [E*out, in] (peft.quant_experts): `full` is viewed so."""
     local = _local(param)
+    if full.dim() != param.dim():
+        full = full.reshape(tuple(param.shape))
     index, count = _shard_index(param) if isinstance(param, DTensor) else (0, 1)
     device = local.quantized_data.device
     # The same dtype cast as the one-process path (quant.to_nf4: weight in bf16, then NF4).

@@ -29,6 +29,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.models.moe.model import Experts
+from tunesmith.peft import quant
 from tunesmith.peft.lora import LoRASpec
 
 WEIGHTS = ("w13", "w2")  # the experts' parameters, in registration order (peft's nesting order)
@@ -59,11 +60,12 @@ def init_a(n_experts: int, r: int, in_features: int, generator: torch.Generator 
 class ExpertLoRA(nn.Module):
     """The low-rank update of one stacked expert weight W [E, out, in]."""
 
-    def __init__(self, weight: torch.Tensor, spec: LoRASpec, dtype: torch.dtype) -> None:
+    def __init__(self, shape: tuple[int, ...], device: torch.device, spec: LoRASpec,
+                 dtype: torch.dtype) -> None:
         super().__init__()
-        n_exp, out_f, in_f = weight.shape
+        n_exp, out_f, in_f = shape  # the weight's logical [E, out, in], whatever its storage
         self.spec, self.scaling = spec, spec.scaling
-        dev = weight.device
+        dev = device
         self.lora_A = nn.Parameter(torch.empty(n_exp, spec.r, in_f, device=dev, dtype=dtype))  # [E, r, in]
         self.lora_B = nn.Parameter(torch.zeros(n_exp, out_f, spec.r, device=dev, dtype=dtype))  # [E, out, r]
         if dev.type != "meta":
@@ -138,7 +140,9 @@ class LoRAExperts(Experts):
         for w in (self.w13, self.w2):
             w.requires_grad_(False)
         self.spec = spec
-        self.lora = nn.ModuleDict({n: ExpertLoRA(getattr(self, n), spec, adapter_dtype) for n in names})
+        self.shapes = {n: experts.weight_shape(n) for n in WEIGHTS}  # [E, out, in] (NF4 stores 2-D)
+        self.lora = nn.ModuleDict({n: ExpertLoRA(self.shapes[n], getattr(self, n).device, spec, adapter_dtype)
+                                   for n in names})
 
     def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
         out = super().expert_linear(name, rows, e)  # [n_e, out]
@@ -159,14 +163,24 @@ class LoRAExperts(Experts):
         plain = Experts.__new__(Experts)  # Experts(cfg) would allocate fresh [E, ...] weights
         nn.Module.__init__(plain)
         for name in WEIGHTS:
-            w = getattr(self, name)
-            merged = w.float() + self.lora[name].delta_weight() if name in self.lora else w
-            plain.register_parameter(name, nn.Parameter(merged.to(dtype or w.dtype), requires_grad=False))
+            out_dtype = dtype or getattr(self, name).dtype  # NF4: bf16
+            w = dense_weight(self, name, torch.float32 if name in self.lora else out_dtype)
+            merged = w + self.lora[name].delta_weight() if name in self.lora else w
+            plain.register_parameter(name, nn.Parameter(merged.to(out_dtype), requires_grad=False))
         return plain
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors by local name (`w13.lora_A`, ...)."""
         return {f"{n}.{k}": p for n, m in self.lora.items() for k, p in m.named_parameters()}
+
+
+def dense_weight(experts: Experts, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Weight `name` of `experts` as a dense [E, out, in] tensor in `dtype` (default: its own;
+    bf16 for NF4, which dequantises from its [E*out, in] storage)."""
+    w = getattr(experts, name).detach()
+    if quant.is_nf4(w):
+        return quant.dequantize(w, dtype or w.dtype).reshape(experts.weight_shape(name))
+    return w.to(dtype or w.dtype)
 
 
 def expert_lora_modules(model: nn.Module) -> dict[str, LoRAExperts]:

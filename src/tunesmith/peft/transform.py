@@ -3,7 +3,7 @@
     apply_freezing(model, ...)        requires_grad=False on chosen blocks / embeddings
     apply_lora(model, adapter, ...)   swap targeted nn.Linear for LoRALinear (and MoE experts for
                                       LoRAExperts: peft's target_parameters), freeze the base
-    quantize_base(model, ...)         QLoRA: every block linear's weight to NF4
+    quantize_base(model, ...)         QLoRA: every block linear's weight (and MoE expert stack) to NF4
     float8_base(model, ...)           peft.base_dtype=float8: block linear weights to float8 e4m3
     merge_lora(model)                 fold adapters back into plain nn.Linear layers
 
@@ -25,8 +25,10 @@ from tunesmith.errors import TunesmithError
 from tunesmith.parallel.loading import copy_full_into
 from tunesmith.peft import float8, quant
 from tunesmith.peft.adaption import AdaptedAttention
-from tunesmith.peft.experts import ExpertLoRA, LoRAExperts, check_expert_spec, init_a
+from tunesmith.models.moe.model import Experts
+from tunesmith.peft.experts import WEIGHTS, ExpertLoRA, LoRAExperts, check_expert_spec, init_a
 from tunesmith.peft.lora import LoRALinear, LoRASpec, NF4Linear
+from tunesmith.peft.quant_experts import NF4Experts, lora_experts_class, quantize_experts
 from tunesmith.peft.targets import (
     Candidate,
     ExpertTarget,
@@ -101,18 +103,27 @@ def _quantized_targets(model: nn.Module, adapter: KeyAdapter) -> list[Candidate]
             and not quant.is_nf4(model.get_submodule(c.native).weight)]
 
 
+def _quantized_experts(model: nn.Module) -> dict[str, Experts]:
+    """The MoE experts QLoRA stores in NF4 and are not yet (plain or with LoRA), by path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Experts) and not isinstance(m, NF4Experts)}
+
+
 def check_nf4_shards(model: nn.Module, adapter: KeyAdapter, shards: int) -> None:
     """Raise now when some NF4 weight cannot be split over `shards` FSDP2 ranks (works on a
-    meta-device model, so it runs before any process group exists)."""
-    for c in _quantized_targets(model, adapter):
-        weight = model.get_submodule(c.native).weight
-        quant.check_quantizable(c.native, weight)
+    meta-device model, so it runs before any process group exists). Expert stacks [E, out, in]
+    are stored as [E*out, in] (`peft.quant_experts`) and split by those rows."""
+    weights = [(c.native, model.get_submodule(c.native).weight) for c in _quantized_targets(model, adapter)]
+    weights += [(f"{path}.{n}", getattr(m, n)) for path, m in _quantized_experts(model).items() for n in WEIGHTS]
+    for name, weight in weights:
+        quant.check_quantizable(name, weight)
         if shards > 1:
-            quant.check_shardable(c.native, tuple(weight.shape), shards)
+            quant.check_shardable(name, (weight.shape[0] * weight.shape[1], weight.shape[-1])
+                                  if weight.dim() == 3 else tuple(weight.shape), shards)
 
 
 def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
-    """QLoRA: store every block linear weight (all-linear; never the LM head) in NF4.
+    """QLoRA: store every block linear weight (all-linear; never the LM head) and every MoE
+    expert stack in NF4 (the router stays in the base dtype, like the norms).
 
     Either before `apply_lora`, which then wraps the NF4 layers, or after it (the assembly
     pipeline adds adapters on meta and quantises once the loaded values exist): a LoRA layer's
@@ -130,7 +141,10 @@ def quantize_base(model: nn.Module, adapter: KeyAdapter) -> int:
             lin.quantized = True
         else:
             _set_module(model, c.native, NF4Linear(quant.to_nf4(lin.weight), lin.bias))  # frees the dense copy
-    return len(cands)
+    experts = _quantized_experts(model)
+    for path, mod in experts.items():  # one layer's stacks at a time, LoRA kept (QLoRAExperts)
+        _set_module(model, path, quantize_experts(mod))
+    return len(cands) + len(experts) * len(WEIGHTS)
 
 
 def float8_base(model: nn.Module, adapter: KeyAdapter) -> tuple[int, list[str]]:
@@ -203,7 +217,7 @@ def apply_lora(
         mod = model.get_submodule(path)
         if isinstance(mod, LoRAExperts):
             raise TunesmithError(f"peft: {path} already has an adapter")
-        _set_module(model, path, LoRAExperts(mod, spec, tuple(names), adapter_dtype))
+        _set_module(model, path, lora_experts_class(mod)(mod, spec, tuple(names), adapter_dtype))
     return [*chosen, *experts]
 
 
@@ -267,6 +281,8 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             merged += len(mod.lora)
         elif isinstance(mod, (NF4Linear, Float8FrozenLinear)):
             _set_module(model, name, mod.to_linear(dtype))
+        elif isinstance(mod, NF4Experts):
+            _set_module(model, name, mod.to_experts(dtype))
     return merged
 
 

@@ -45,15 +45,16 @@ def set_expert_backend(name: str) -> None:
     _backend = name
 
 
-def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether experts with weights like `w` [E, out, in] take the grouped GEMM for inputs on
-    x's device. torch._grouped_mm serves CUDA bf16 on Hopper and later (torch >= 2.8), with
-    every row 16-byte aligned (dims multiples of 8); its CPU kernel's backward is not usable,
-    so CPU and other dtypes take the loop."""
+def grouped_mm_available(x: torch.Tensor, w: torch.Tensor, shape: tuple[int, ...] | None = None) -> bool:
+    """Whether experts with weights like `w` [E, out, in] (`shape`: its logical shape when the
+    storage is laid out otherwise, e.g. NF4) take the grouped GEMM for inputs on x's device.
+    torch._grouped_mm serves CUDA bf16 on Hopper and later (torch >= 2.8), with every row
+    16-byte aligned (dims multiples of 8); its CPU kernel's backward is not usable, so CPU and
+    other dtypes take the loop."""
     dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype)
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device)[0] >= 9
-            and all(d % 8 == 0 for d in w.shape[1:]))
+            and all(d % 8 == 0 for d in (shape or tuple(w.shape))[1:]))
 
 
 class Router(nn.Module):
@@ -94,7 +95,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights / experts [N, k] -> [N, D]."""
-        n_exp, k = self.w13.shape[0], experts.shape[1]
+        n_exp, k = self.weight_shape("w13")[0], experts.shape[1]
         flat = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         # [E] tokens per expert; a fixed-shape scatter (bincount's size depends on the data,
@@ -102,8 +103,7 @@ class Experts(nn.Module):
         counts = torch.zeros(n_exp, dtype=flat.dtype, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         xs = x[order // k]  # [N*k, D]: the token of each sorted assignment
-        use_grouped = _backend == "grouped" or (_backend == "auto" and grouped_mm_available(x, self.w2))
-        ys = self._grouped(xs, counts) if use_grouped else self._loop(xs, counts)  # [N*k, D]
+        ys = self._grouped(xs, counts) if self.use_grouped(x) else self._loop(xs, counts)  # [N*k, D]
         weighted = ys * weights.reshape(-1)[order, None]  # [N*k, D]; Mixtral: fp32 weights
         # Back to token-major order (a permutation: deterministic, unlike index_add's atomics on
         # CUDA), then each token's k outputs summed in the product's dtype and cast once, as
@@ -111,13 +111,24 @@ class Experts(nn.Module):
         unsorted = torch.empty_like(weighted).index_copy_(0, order, weighted)
         return unsorted.view(x.shape[0], k, -1).sum(dim=1).to(x.dtype)
 
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        """The logical shape of weight `name` ([E, 2I, D] / [E, D, I]); a transform that stores
+        it in another layout (QLoRA's NF4: [E*out, in]) keeps it in `shapes`."""
+        shapes = self.__dict__.get("shapes")
+        return shapes[name] if shapes else tuple(getattr(self, name).shape)
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        """Grouped GEMM (CUDA bf16, Hopper) or the per-expert loop, for inputs like x."""
+        return _backend == "grouped" or (
+            _backend == "auto" and grouped_mm_available(x, self.w2, self.weight_shape("w2")))
+
     def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs = []
         for e, rows in enumerate(xs.split(counts.tolist())):  # one host sync per layer
             if rows.shape[0]:
                 gate, up = self.expert_linear("w13", rows, e).chunk(2, dim=-1)  # [n_e, I] each
                 outs.append(self.expert_linear("w2", F.silu(gate) * up, e))  # [n_e, D]
-        return torch.cat(outs) if outs else xs.new_zeros(0, self.w2.shape[1])
+        return torch.cat(outs) if outs else xs.new_zeros(0, self.weight_shape("w2")[1])
 
     def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
         """rows [n_e, in] through expert e's weight `name` (w13 or w2) -> [n_e, out]. LoRA on
@@ -187,8 +198,8 @@ class MoE(Llama):
         blocks = self.sparse_blocks()
         if not blocks or _backend == "grouped":
             return True
-        w = blocks[0].experts.w2
-        return _backend == "auto" and grouped_mm_available(w, w)
+        experts = blocks[0].experts
+        return _backend == "auto" and experts.use_grouped(torch.empty(0, device=experts.w2.device))
 
     def sparse_blocks(self) -> list[SparseMoE]:
         return [m for m in self.modules() if isinstance(m, SparseMoE)]
