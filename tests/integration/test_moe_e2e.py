@@ -2,11 +2,12 @@
 the loss and logs the aux term, the final model loads in transformers with our logits, a
 checkpoint exports to the same model, a LoRA adapter on attention loads in peft with the
 logits of `tunesmith merge`, and LoRA on the experts (peft.target_parameters) trains, resumes
-exactly and loads in peft."""
+exactly and loads in peft; so does QLoRA (NF4 experts), with and without expert adapters."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_overrides
 from tunesmith.cli.main import run
-from tunesmith.models import build_model, load_pretrained, resolve_model_config
-from tunesmith.peft import expert_lora_modules, load_adapter
+from tunesmith.models import build_model, init_random, load_pretrained, resolve_model_config, save_pretrained
+from tunesmith.models.moe.model import Experts
+from tunesmith.peft import expert_lora_modules, load_adapter, merge_lora, nf4_available, quant, quantize_base
+from tunesmith.peft.transform import cast_frozen
 
 transformers = pytest.importorskip("transformers")
 MOE = ["model.name=moe-tiny", "model.overrides={}"]
@@ -134,3 +137,89 @@ def test_expert_lora_trains_resumes_and_loads_in_peft(trained, tmp_path, tiny_to
     assert c.keys() == b.keys()
     for k in b:
         torch.testing.assert_close(c[k], b[k], atol=1e-9, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def nf4_base(tmp_path_factory):
+    """A random moe-tiny with NF4-friendly widths (every weight a multiple of 64 x 256
+    elements), saved as an HF model."""
+    family, cfg = resolve_model_config("moe-tiny", {"dim": 128, "n_heads": 2, "n_kv_heads": 2, "head_dim": 64})
+    model = init_random(build_model(family, cfg), "cpu", torch.float32, seed=0)
+    with torch.no_grad():  # O(1) activations, so the parity below sees real signal
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    out = tmp_path_factory.mktemp("nf4_base")
+    save_pretrained(model, family, cfg, out)
+    return out
+
+
+def _qlora_train(base, out, tok, text, params: str, *extra: str) -> int:
+    ov = tiny_overrides(tok, out, text, **{
+        "model.name": base, "model.overrides": "{}", "peft.method": "qlora", "peft.r": 4,
+        "peft.target_modules": "[q_proj, v_proj]", "peft.target_parameters": params, "optim.lr": 1e-2,
+        "logging.steps": 1, "schedule.name": "constant", "schedule.warmup_steps": 0, "eval.at_end": "false"})
+    return run(["-q", "train", *ov, *extra])
+
+
+@pytest.mark.skipif(not nf4_available(), reason="torchao with NF4Tensor is not installed")
+def test_qlora_trains_resumes_and_loads_in_peft(nf4_base, tmp_path, tiny_tokenizer_dir, demo_text) -> None:
+    """peft.method=qlora on an MoE with LoRA on attention and the experts: resumed ==
+    uninterrupted, and the adapter loads in transformers + peft on the model whose weights are
+    the NF4-roundtripped values with our logits (up to our bf16 compute)."""
+    peft = pytest.importorskip("peft")
+    experts = "[experts.gate_up_proj, experts.down_proj]"
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    tok, text = tiny_tokenizer_dir, demo_text[0]
+    assert _qlora_train(nf4_base, straight, tok, text, experts, "train.max_steps=4") == 0
+    assert _qlora_train(nf4_base, split, tok, text, experts, "train.max_steps=2", "checkpoint.every_steps=2") == 0
+    assert _qlora_train(nf4_base, split, tok, text, experts, "train.max_steps=4", "checkpoint.every_steps=2",
+                        "checkpoint.resume=auto") == 0
+    losses = [r["loss"] for r in _records(straight) if "loss" in r]
+    assert [r["loss"] for r in _records(split) if "loss" in r] == losses
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (split, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.count_nonzero(a[k]) for k in a if ".lora_B." in k)  # every B trained (init 0)
+    assert any(".experts." in k for k in a)
+    conf = json.loads((straight / "final" / "adapter_config.json").read_text())
+    assert conf["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+
+    family, cfg = resolve_model_config(str(nf4_base))
+    adapter = family.adapter(cfg)
+
+    def ours_nf4():
+        model = load_pretrained(build_model(family, cfg), str(nf4_base), "cpu", torch.float32)
+        quantize_base(model, adapter)
+        cast_frozen(model.requires_grad_(False), torch.bfloat16)  # the frozen base as QLoRA stores it
+        return model.eval()
+
+    ours = ours_nf4()
+    load_adapter(ours, adapter, straight / "final")
+    assert all(quant.is_nf4(m.w13) for m in ours.modules() if isinstance(m, Experts)) and expert_lora_modules(ours)
+    roundtrip = tmp_path / "nf4_roundtrip"  # our frozen base's values (NF4, bf16) as an HF model
+    rt_model = ours_nf4()
+    assert merge_lora(rt_model, torch.float32) == 0  # no adapters: NF4 layers dequantised only
+    save_pretrained(rt_model.float(), family, cfg, roundtrip)
+    hf = lambda path: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = ours(ids).float()
+        theirs = peft.PeftModel.from_pretrained(hf(roundtrip), str(straight / "final")).eval()(ids).logits
+        dense = peft.PeftModel.from_pretrained(hf(nf4_base), str(straight / "final")).eval()(ids).logits
+    per_token = (got - theirs).abs().amax(-1).flatten()  # [32]
+    # bf16 compute (our QLoRA base) vs fp32: ~0.03 per token, as transformers' own bf16 vs fp32
+    # on this model; a token whose top-k experts are a near-tie may route differently in bf16
+    assert (per_token < 0.06).float().mean() >= 0.9, per_token
+    # the NF4 rounding itself (the unquantised base) is far larger: the reference is the right one
+    assert (got - theirs).abs().mean() < (got - dense).abs().mean() / 5
+
+
+@pytest.mark.skipif(not nf4_available(), reason="torchao with NF4Tensor is not installed")
+def test_qlora_with_attention_adapters_only_keeps_nf4_experts(nf4_base, tmp_path, tiny_tokenizer_dir, demo_text) -> None:
+    out = tmp_path / "att"
+    assert _qlora_train(nf4_base, out, tiny_tokenizer_dir, demo_text[0], "[]", "train.max_steps=2") == 0
+    conf = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert "target_parameters" not in conf or not conf["target_parameters"]
+    assert not any(".experts." in k for k in load_file(out / "final" / "adapter_model.safetensors"))
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -238,8 +238,7 @@ def _plan_experts(model: nn.Module, adapter: KeyAdapter, files: AdapterFiles,
         problems.append(str(e))
         return {}
     for group, t in groups.items():
-        w = model.get_submodule(t.module).get_parameter(t.weight)  # [E, out, in]
-        n_exp, out_f, in_f = w.shape
+        n_exp, out_f, in_f = model.get_submodule(t.module).weight_shape(t.weight)  # [E, out, in] (NF4 too)
         r = files.spec.r
         want = {"lora_A": (n_exp * r, in_f), "lora_B": (out_f, r * n_exp)}
         tensors = files.tensors.get(group, {})

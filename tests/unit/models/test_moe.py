@@ -147,8 +147,7 @@ def test_refusals_in_one_line() -> None:
     with pytest.raises(TunesmithError, match="has no experts"):
         check_run(cfg, resolve_layout(cfg.parallel, 1, 1), llama_cfg, "cpu")
     experts = "peft.target_parameters=[experts.gate_up_proj]"
-    for extra, match in ((["peft.method=dora"], "needs peft.method=lora, not dora"),
-                         (["peft.method=qlora"], "needs peft.method=lora, not qlora"),
+    for extra, match in ((["peft.method=dora"], "needs peft.method=lora or qlora, not dora"),
                          (["peft.method=lora", "peft.dropout=0.05"], "needs peft.dropout=0"),
                          (["peft.method=lora", "peft.base_dtype=float8"], "base_dtype=float8 is not"),
                          (["peft.method=lora", "parallel.tp=2"], "with parallel.tp > 1 or parallel.ep > 1 "
@@ -156,6 +155,7 @@ def test_refusals_in_one_line() -> None:
                          (["peft.method=lora", "parallel.ep=2"], "parallel.ep > 1 is not supported")):
         with pytest.raises(TunesmithError, match=r"peft.target_parameters \(LoRA on MoE experts\) .*" + match):
             load_config(None, ["model.name=moe-tiny", "data.path=x.txt", experts, *extra])
+    assert load_config(None, ["model.name=moe-tiny", "data.path=x.txt", experts, "peft.method=qlora"]).peft.method == "qlora"
     with pytest.raises(TunesmithError, match="target_modules is empty"):
         load_config(None, ["model.name=moe-tiny", "data.path=x.txt", "peft.method=lora", "peft.target_modules=[]"])
     with pytest.raises(TunesmithError, match="task=dpo: train.router_aux_loss_coef"):

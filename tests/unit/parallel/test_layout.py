@@ -150,6 +150,35 @@ def test_qlora_composes_with_data_parallel_but_not_tp():
                                              "FSDP2/HSDP/DDP only") as e:
         check_run(tp, resolve_layout(tp.parallel, 2), _tiny(), "cpu")
     assert "\n" not in str(e.value)
+    ep = load_config(None, ["data.path=x", "peft.method=qlora", "parallel.ep=2"])
+    with pytest.raises(TunesmithError, match="parallel.ep=2: QLoRA's NF4 experts shard with "
+                                             "FSDP2/HSDP/DDP only") as e:
+        check_run(ep, resolve_layout(ep.parallel, 2), resolve_model_config("moe-tiny")[1], "cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not nf4_available(), reason="torchao with NF4Tensor is not installed")
+def test_qlora_moe_expert_stacks_split_by_rows():
+    """An MoE expert stack [E, out, in] is one NF4 tensor [E*out, in]: FSDP2 splits it by those
+    rows (whole experts when E divides), and NF4's block rule applies to the whole stack."""
+    from tunesmith.models import build_model
+    from tunesmith.peft.run import check_layout
+    from tunesmith.peft.transform import check_nf4_shards
+
+    pc = load_config(None, ["data.path=x", "peft.method=qlora"]).peft
+    over = {"dim": 128, "n_heads": 2, "n_kv_heads": 2, "head_dim": 64}
+    family, moe = resolve_model_config("moe-tiny", over)
+    check_layout(pc, family, moe, 1)
+    with pytest.raises(TunesmithError, match=r"QLoRA over 2 sharded ranks: layers.0.attention.wq "):
+        check_layout(pc, family, moe, 2)  # [128, 128] attention weights: one scale block each
+    family, wide = resolve_model_config("moe-tiny", {**over, "dim": 256, "moe_intermediate_size": 64,
+                                                     "intermediate_size": 256})
+    check_layout(pc, family, wide, 2)
+    family, odd = resolve_model_config("moe-tiny", {**over, "moe_intermediate_size": 24})
+    with pytest.raises(TunesmithError, match=r"QLoRA: layers.0.feed_forward.experts.w2 weight \[8, 128, 24\] "
+                                             r"has 24576 elements; NF4 needs a multiple of 16384"):
+        # w13 [8, 48, 128] holds 3 x 64 x 256 elements: fine; w2 does not
+        check_nf4_shards(build_model(family, odd, device="meta"), family.adapter(odd), 1)
 
 
 @pytest.mark.skipif(not nf4_available(), reason="torchao with NF4Tensor is not installed")
