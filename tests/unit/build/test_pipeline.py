@@ -78,3 +78,17 @@ def test_qlora_quantises_after_loading_like_the_direct_calls(tiny_tokenizer_dir,
     base = save_base(tmp_path, **{**QLORA_SHAPE, "vocab_size": 512})
     cfg = _cfg(tiny_tokenizer_dir, str(base), "peft.method=qlora", "peft.r=4")
     _same(assemble(cfg, until="fill_adapters").model, _direct(cfg, pretrained=True))
+
+
+@pytest.mark.skipif(not nf4_available(), reason="QLoRA needs torchao")
+@pytest.mark.parametrize(("model", "extra"), [
+    ("tiny", ("model.overrides={vocab_size: 512, dim: 128, n_layers: 2, n_heads: 4, n_kv_heads: 4, "
+              "intermediate_size: 256}",)),
+    ("moe-tiny", ("model.overrides={dim: 128, n_heads: 2, n_kv_heads: 2, head_dim: 64}",
+                  "peft.target_parameters=[experts.gate_up_proj, experts.down_proj]")),
+], ids=["llama", "moe"])
+def test_from_scratch_qlora_assembly_matches_the_direct_calls(tiny_tokenizer_dir, model, extra):
+    """One process: the seeded init runs one block at a time (each quantised as it is made, so
+    the dense model never exists) and gives the whole-model init's values, NF4 bits included."""
+    cfg = _cfg(tiny_tokenizer_dir, model, *extra, "peft.method=qlora", "peft.r=4")
+    _same(assemble(cfg, until="fill_adapters").model, _direct(cfg, pretrained=False))
