@@ -230,3 +230,15 @@ def test_parameter_bytes_are_the_formula(tmp_path) -> None:
     assert sum(storage.values()) == expected
     experts = [m for m in model.modules() if isinstance(m, moe_model.Experts)]
     assert len(experts) == layers and all(quant.is_nf4(m.w13) and quant.is_nf4(m.w2) for m in experts)
+
+
+def test_meta_nf4_has_the_storage_torchao_would_make() -> None:
+    """On meta (the assembly's structure step) NF4 tensors are built as shells, not through
+    torchao's quantisation loop: the same shapes, dtypes and block sizes."""
+    mod = quant._import_nf4()
+    w = torch.empty(8 * 64, 128, device="meta")
+    want, got = mod.to_nf4(w.to(torch.bfloat16)), quant.to_nf4(w)
+    assert type(got) is type(want) and got.shape == want.shape and got.stride() == want.stride()
+    for name in (*quant._PARTS, "block_size", "scaler_block_size", "n_blocks"):
+        a, b = getattr(want, name), getattr(got, name)
+        assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) if torch.is_tensor(a) else a == b, name
