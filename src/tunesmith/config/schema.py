@@ -499,6 +499,9 @@ class RunConfig(Section):
             raise ValueError("eval.generate needs task=sft (prompts and references)")
         if self.task == "dpo":
             _check_dpo(self)
+        elif changed := self.dpo.changed():
+            raise ValueError(f"{', '.join(changed)} applies to task=dpo, not task={self.task}; "
+                             "set task=dpo or drop the dpo section")
         return self
 
 
