@@ -113,9 +113,9 @@ class DPOConfig(_Section):
                         "0.1 is common; SimPO's paper uses 2.0-2.5).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: conservative "
                                    "DPO, the probability that a pair's label is flipped.")
-    simpo_gamma: float = Field(_DEFAULT_GAMMA, ge=0, description="simpo only: the target reward margin "
-                               "gamma of -log sigmoid(beta * (avg logp_chosen - avg logp_rejected) "
-                               "- gamma).")
+    simpo_gamma: float = Field(_DEFAULT_GAMMA, ge=0, description="simpo only (another value is "
+                               "refused with the other losses): the target reward margin gamma of "
+                               "-log sigmoid(beta * (avg logp_chosen - avg logp_rejected) - gamma).")
     precompute_reference: bool = Field(
         False, description="Score every training and validation pair with the reference policy "
         "once, before the first step, and keep only those log-probs (TRL's "
