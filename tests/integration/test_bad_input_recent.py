@@ -310,3 +310,15 @@ def test_merge_of_a_dpo_adapter_into_itself_or_a_full_model(dpo_runs, tmp_path, 
           unchanged=(final,))
     fails(["merge", base, dpo_runs["freeze"] / "final", "--out", tmp_path / "m"], capsys,
           "is not a PEFT adapter directory (no adapter_config.json)", absent=(tmp_path / "m",))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("dpo.loss=ipo", "dpo.loss (checkpoint: 'sigmoid', now: 'ipo')"),
+    ("sft.chat_template=chatml", "sft.chat_template (checkpoint: 'alpaca', now: 'chatml')"),
+])
+def test_resume_with_another_objective_or_rendering(change, needle, dpo_runs, capsys):
+    """Before: accepted, the run went on with another loss or other rows from the resume step."""
+    out = dpo_runs["lora"]
+    argv = [*_dpo_argv(out, "checkpoint.every_steps=1", "checkpoint.resume=auto", change)]
+    argv[argv.index("train.max_steps=1")] = "train.max_steps=2"
+    fails(argv, capsys, "cannot resume from", str(out / "checkpoints"), needle, unchanged=(out,))
