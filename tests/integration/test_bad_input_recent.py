@@ -191,6 +191,10 @@ def _tiny_argv(tok: Path, data: Path, out: Path, model: str, *extra: str, ov: st
     ("gemma3-tiny", ["peft.method=llama_adapter"], ("llama_adapter is not available", "'gemma3_text'")),
     ("gemma3-tiny", ["model.overrides={final_logit_softcapping: 30.0}"], ("unknown key 'final_logit_softcapping'",)),
     ("gemma3-tiny", ["model.overrides={sliding_window: 0}"], ("sliding_window must be a positive integer",)),
+    # before: "... got 1 (ok)"
+    ("gemma3-tiny", ["model.overrides={layer_types: [full_attention]}"], ("layer_types must list 4 entries", "got 1 entries")),
+    ("gemma3-tiny", ["model.overrides={layer_types: [full_attention, bogus, full_attention, full_attention]}"],
+     ("got unknown kinds ['bogus']",)),
 ])
 def test_bad_moe_and_gemma_settings(model, extra, needles, tiny_tokenizer_dir, demo_text, tmp_path, capsys):
     out = tmp_path / "out"
@@ -322,3 +326,16 @@ def test_resume_with_another_objective_or_rendering(change, needle, dpo_runs, ca
     argv = [*_dpo_argv(out, "checkpoint.every_steps=1", "checkpoint.resume=auto", change)]
     argv[argv.index("train.max_steps=1")] = "train.max_steps=2"
     fails(argv, capsys, "cannot resume from", str(out / "checkpoints"), needle, unchanged=(out,))
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_adapter_whose_base_moved(command, dpo_runs, tmp_path, demo_text, capsys):
+    """Before: "model '/gone/base' is neither a preset (...) nor ..." with no word of the adapter."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(dpo_runs["lora"] / "final", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/gone/base"}))
+    argv = (["generate", adapter, "--prompt", "Once"] if command == "generate"
+            else ["eval", adapter, "--data", demo_text[1], "--max-batches", "1"])
+    fails(argv, capsys, f"adapter {adapter} names its base model '/gone/base'",
+          "base_model_name_or_path in adapter_config.json", unchanged=(adapter,))
