@@ -44,10 +44,6 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.transforms.float8_experts import (
-    convert_float8_experts,
-    float8_expert_targets,
-)
 from tunesmith.transforms.torchao_import import import_torchao
 
 if TYPE_CHECKING:
@@ -120,15 +116,12 @@ def float8_targets(model: nn.Module, recipe: str, filter_mode: str = "auto",
 
 def convert_float8(model: nn.Module, recipe: str, filter_mode: str = "auto",
                    skip: Sequence[str] = ("output",), *, all_gather: bool = False,
-                   emulate: bool = False, allow_none: bool = False) -> list[str]:
+                   emulate: bool = False) -> list[str]:
     """Swap the chosen linear layers for torchao Float8Linear in place; returns their names.
 
-    `emulate` runs the float8 casts with bf16/fp32 matmuls (torchao's CPU test mode).
-    `allow_none`: no qualifying layer is fine (float8 MoE experts qualified instead)."""
+    `emulate` runs the float8 casts with bf16/fp32 matmuls (torchao's CPU test mode)."""
     ao = _float8_module()
     chosen = set(float8_targets(model, recipe, filter_mode, skip))
-    if not chosen and allow_none:
-        return []
     if not chosen:
         raise TunesmithError(
             f"train.float8={recipe}: no linear layer qualifies (train.float8_filter={filter_mode}, "
@@ -167,32 +160,12 @@ def apply_float8(model: nn.Module, cfg: RunConfig, *, distributed: bool = False)
     tc = cfg.train
     if tc.float8 == "none":
         return []
-    experts = _expert_targets(model, cfg)
     names = convert_float8(model, tc.float8, tc.float8_filter, tc.float8_skip,
-                           all_gather=tc.float8_all_gather and distributed, allow_none=bool(experts))
-    convert_float8_experts(model, experts)
+                           all_gather=tc.float8_all_gather and distributed)
     linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-    log.info("float8 %s: %d of %d linear layers train in float8 (%s)%s%s", tc.float8, len(names),
+    log.info("float8 %s: %d of %d linear layers train in float8 (%s)%s", tc.float8, len(names),
              linears, _summary(names),
-             f"; the LM head ({HEAD}) in the fused loss" if HEAD in names else "",
-             f"; the experts of {len(experts)} sparse layers (rowwise)" if experts else "")
-    return names + experts
-
-
-def _expert_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
-    """float8 MoE experts (transforms/float8_experts.py), where they can run: their float8
-    grouped GEMM needs Hopper (SM 9.0) and bf16 compute, and expert parallelism splits the experts
-    its own way (bf16). (train.float8 with TP is refused by the config.)"""
-    names = float8_expert_targets(model, cfg.train.float8_skip)
-    if not names:
-        return []
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-    why = ("parallel.ep splits them" if cfg.parallel.ep > 1 else
-           "the float8 grouped GEMM needs bf16 compute" if cfg.train.precision not in ("bf16", "bf16-pure")
-           else "the float8 grouped GEMM needs a Hopper GPU (SM 9.0)" if not hopper else None)
-    if why:
-        log.info("float8: the MoE experts stay bf16 (%s)", why)
-        return []
+             f"; the LM head ({HEAD}) in the fused loss" if HEAD in names else "")
     return names
 
 
