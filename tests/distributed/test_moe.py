@@ -6,7 +6,8 @@ tests/distributed/test_training.py; same final weights gathered from the expert 
 load-balancing loss, TP matches one process (one micro-batch: the same aux), and full_shard, EP
 and DDP match each other; so does LoRA on attention and on the experts (peft.target_parameters,
 the adapters [E, r, in] / [E, out, r] sharded by expert) under full_shard + full AC against its
-one-process run, saved adapter included; so does context parallelism (cp=2) with the aux loss,
+one-process run, saved adapter included, and so does LoRA on the experts under ep=2 and tp=2
+(the adapters split by expert with the experts); so does context parallelism (cp=2) with the aux loss,
 whose routing counts are summed over the cp ranks. (The aux loss is each micro-batch's, so a 2-rank step's aux is the mean
 over the two ranks' halves, not one process's aux over the whole batch: docs/tasks.md; those two
 are not compared.) An EP run checkpointed at step 3 resumes exactly, on 2 ranks with EP and on
@@ -51,7 +52,10 @@ LAYOUTS = {"full_shard+full_ac": (2, FSDP_AC, "ref"),
                                              "aux_full_shard+full_ac"),
            "lora_full_shard+full_ac": (2, (*EXPERT_LORA, *FSDP_AC), "lora_ref"),
            # the sequence split over 2 ranks: the aux loss is still the whole micro-batch's
-           "aux_cp2": (1, (*AUX, "parallel.cp=2"), "aux_ref")}
+           "aux_cp2": (1, (*AUX, "parallel.cp=2"), "aux_ref"),
+           # LoRA on the experts split with them (A [E, r, in] / B [E, out, r] Shard(0))
+           "lora_ep2": (2, (*EXPERT_LORA, *EP), "lora_ref"),
+           "lora_tp2": (1, (*EXPERT_LORA, "parallel.tp=2"), "lora_ref")}
 # Checkpoint at 3 and resume to 6; constant schedule so the 3-step run has the same LRs.
 RESUME = (*EP, "schedule.name=constant", "checkpoint.every_steps=3")
 

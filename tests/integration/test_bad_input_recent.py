@@ -208,8 +208,6 @@ def test_bad_moe_and_gemma_settings(model, extra, needles, tiny_tokenizer_dir, d
     (3, "moe-tiny", ["parallel.tp=3"], "parallel.tp=3 must divide the model's n_heads=4"),
     (2, "moe-tiny", ["parallel.ep=2", "parallel.tp=2"], "composes with FSDP2 only"),
     (2, "moe-tiny", ["parallel.ep=2", "parallel.strategy=no_shard"], "not no_shard"),
-    (2, "moe-tiny", ["parallel.ep=2", "peft.method=lora", "peft.dropout=0", "peft.target_parameters=[w13]"],
-     "peft.target_parameters (LoRA on MoE experts) with parallel.tp > 1 or parallel.ep > 1"),
     (2, "tiny", ["parallel.tp=2", "data.mode=lines", "data.pad_to_multiple_of=3", DENSE],
      "data.pad_to_multiple_of (lines mode)=3 must be a multiple of 2"),
     (2, "tiny", ["parallel.cp=2", "task=dpo", DENSE], "task=dpo: context parallelism"),

@@ -489,10 +489,6 @@ class RunConfig(Section):
         if self.optim.name != "adamw" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
         _check_lowmem(self)
-        if self.peft.target_parameters and (self.parallel.tp > 1 or self.parallel.ep > 1):
-            raise ValueError("peft.target_parameters (LoRA on MoE experts) with parallel.tp > 1 or "
-                             "parallel.ep > 1 is not supported; use data parallelism (FSDP2 / DDP) "
-                             "with parallel.tp=1 and parallel.ep=1")
         if self.data.streaming and self.train.max_steps is None:
             raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
         if self.eval.generate.enabled and self.task != "sft":

@@ -121,6 +121,16 @@ class Experts(nn.Module):
                 outs.append(self.expert_linear("w2", F.silu(gate) * up, e))  # [n_e, D]
         return torch.cat(outs) if outs else xs.new_zeros(0, self.w2.shape[1])
 
+    def expert_param_names(self) -> list[str]:
+        """Parameters whose first dim is the expert (what TP / EP split by expert); a subclass
+        that adds per-expert tensors (LoRA on the experts) lists them too."""
+        return ["w13", "w2"]
+
+    def local_piece(self, name: str) -> torch.Tensor:
+        """The parameter `name` as this process computes with it: all of it here; this rank's
+        experts when TP / EP split them (models.moe.parallel_plan.ShardedExperts)."""
+        return self.get_parameter(name)
+
     def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
         """rows [n_e, in] through expert e's weight `name` (w13 or w2) -> [n_e, out]. LoRA on
         the experts (peft.experts.LoRAExperts) adds its low-rank update here and in
