@@ -206,7 +206,6 @@ def test_bad_moe_and_gemma_settings(model, extra, needles, tiny_tokenizer_dir, d
     (2, "tiny", ["parallel.ep=2", DENSE], "parallel.ep=2: model type 'llama' has no experts"),
     (3, "moe-tiny", ["parallel.ep=3"], "parallel.ep=3 must divide the model's num_experts=8"),
     (3, "moe-tiny", ["parallel.tp=3"], "parallel.tp=3 must divide the model's n_heads=4"),
-    (2, "gemma3-tiny", ["parallel.cp=2"], "not 'gemma3_text'"),
     (2, "moe-tiny", ["parallel.ep=2", "parallel.tp=2"], "composes with FSDP2 only"),
     (2, "moe-tiny", ["parallel.ep=2", "parallel.strategy=no_shard"], "not no_shard"),
     (2, "moe-tiny", ["parallel.ep=2", "peft.method=lora", "peft.dropout=0", "peft.target_parameters=[w13]"],
