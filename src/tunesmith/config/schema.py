@@ -279,7 +279,7 @@ class ParallelConfig(Section):
     cp: int = Field(
         1, ge=1, description="Context-parallel degree: each sequence is split over cp ranks (rank i "
         "holds chunks i and 2cp-1-i of 2cp) and attention runs as ring attention over them; FSDP2 "
-        "shards parameters over dp_shard x cp. Llama-family and MoE models, packed rows (data.mode=packed "
+        "shards parameters over dp_shard x cp. Llama-family, MoE and Gemma 3 models, packed rows (data.mode=packed "
         "or sft.packing), data.block_size a multiple of 2cp.",
     )
     ep: int = Field(
