@@ -335,3 +335,11 @@ def test_adapter_whose_base_moved(command, dpo_runs, tmp_path, demo_text, capsys
             else ["eval", adapter, "--data", demo_text[1], "--max-batches", "1"])
     fails(argv, capsys, f"adapter {adapter} names its base model '/gone/base'",
           "base_model_name_or_path in adapter_config.json", unchanged=(adapter,))
+
+
+def test_eval_on_a_preference_file_names_its_flag(pairs, tmp_path, capsys):
+    """`tunesmith eval` reads text; a preference file has none. Before, the hint named only the
+    config key (data.text_column), which that command does not take."""
+    data = _jsonl(tmp_path / "prefs.jsonl", pairs)
+    fails(["eval", shared_path("models", "stories260K", "hf"), "--data", data], capsys,
+          f"{data}:1: text column 'text' not found", "prompt, chosen, rejected", "--text-column")
