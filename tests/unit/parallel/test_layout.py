@@ -189,8 +189,8 @@ def test_qlora_nf4_weights_must_split_into_whole_shards():
     (["parallel.cp=2", "data.mode=lines"], "tiny", "parallel.cp=2 needs packed sequences (data.mode=packed)"),
     (["parallel.cp=2", "task=sft"], "tiny", "parallel.cp=2 with task=sft needs sft.packing=true"),
     (["parallel.cp=2"], "gpt2-tiny", "parallel.cp=2: context parallelism has ring attention for the "
-     "gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe model types only, "
-     "not 'gpt2'; use parallel.cp=1"),
+     "gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe model types only, not "
+     "'gpt2'; use parallel.cp=1"),
     (["parallel.cp=2", "parallel.tp=2"], "tiny", "parallel.cp=2 with parallel.tp=2: context parallelism "
      "composes with data parallelism"),
     (["parallel.cp=2", "task=mlm"], "roberta-tiny", "not 'roberta'"),
