@@ -94,6 +94,19 @@ def _tiny(**over):
     return resolve_model_config("tiny", {"n_heads": 4, "n_kv_heads": 2, "intermediate_size": 128, **over})[1]
 
 
+def test_tp_pads_unpacked_sft_and_dpo_rows_whatever_the_block_size():
+    """Unpacked SFT / DPO batches are padded to a multiple of tp (data.assembly.pad_multiple):
+    an odd data.block_size only caps their length (was refused; a gloo tp=2 DPO run with
+    block_size 151 reproduces the one-process run). Packed SFT rows are block_size long."""
+    for task in (["task=sft"], ["task=dpo"]):
+        cfg = load_config(None, ["data.path=x", "parallel.tp=2", "data.block_size=63", *task])
+        check_run(cfg, resolve_layout(cfg.parallel, 2), _tiny(), "cpu")
+    packed = load_config(None, ["data.path=x", "parallel.tp=2", "data.block_size=63", "task=sft",
+                                "sft.packing=true"])
+    with pytest.raises(TunesmithError, match="data.block_size=63 must be a multiple of 2"):
+        check_run(packed, resolve_layout(packed.parallel, 2), _tiny(), "cpu")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.tp=4"], "must divide the model's n_kv_heads=2"),
     (["parallel.tp=8"], "must divide the model's n_heads=4"),
