@@ -1,14 +1,16 @@
 """Context parallelism (parallel.cp) on CPU/gloo: ring attention equals dense attention, and
 training with the sequence split over 2 ranks reproduces one process.
 
-* ring attention alone (fp64, GQA, packed documents and padding, 2 and 3 ranks): output and
-  q/k/v gradients equal dense SDPA under the causal-and-same-document mask (1e-10).
+* ring attention alone (fp64, GQA, packed documents and padding, 2 and 3 ranks; also with
+  another score scale and a sliding window): output and q/k/v gradients equal dense SDPA under
+  the causal-and-same-document(-and-window) mask (1e-10).
 * training: a tiny Llama from one saved init, global batch 8 x 64 tokens (SFT: rows of up to
   256), 4 steps. cp=2 on 2
   ranks (FSDP2 sharding over the cp ranks, and DDP over them) and packed SFT rows (document
   masks, positions restarting per example, rows padded to the batch's longest) match the
   one-process losses and grad norms within test_training's tolerances (1e-4 absolute loss,
   1e-3 relative grad norm; measured ~1e-6), and the eval loss too.
+* Gemma 3 (sliding-window layers, its own score scale) with cp=2 matches one process too.
 * a cp=2 run stopped at step 3 and resumed matches the uninterrupted one.
 """
 
@@ -28,7 +30,12 @@ from tests.distributed.helpers import (
     save_init,
     torchrun,
 )
-from tests.distributed.test_training import GRAD_RTOL, LOSS_ATOL, _assert_same
+from tests.distributed.test_training import (
+    GEMMA_OVERRIDES,
+    GRAD_RTOL,
+    LOSS_ATOL,
+    _assert_same,
+)
 from tunesmith.cli.main import run
 
 pytestmark = pytest.mark.slow
@@ -74,6 +81,11 @@ def setup(tiny_tokenizer_dir, demo_text, tmp_path_factory):
     assert run(["-q", "train", *_sft_job(tiny_tokenizer_dir, root, "sft_ref", dp=1)]) == 0
     jobs = [job(*data, root / name, dp=1, init=init, extra=extra) for name, extra in LAYOUTS.items()]
     jobs.append(_sft_job(tiny_tokenizer_dir, root, "sft_cp2", dp=1, extra=CP))
+    # Gemma 3: sliding layers (window 16 < the 64-token rows, so windows cut across the cp
+    # chunks), its own score scale, four norms a block
+    gemma = save_init(root / "gemma_init", preset="gemma3-tiny", overrides=GEMMA_OVERRIDES)
+    assert run(["-q", "train", *job(*data, root / "gemma_ref", init=gemma)]) == 0
+    jobs.append(job(*data, root / "gemma_cp2", dp=1, init=gemma, extra=LAYOUTS["cp2_fsdp"]))
     jobs += resume_jobs(data, root, RESUME, init, dp=1)
     run_jobs(2, jobs, root)
     return root
@@ -87,6 +99,11 @@ def _eval_loss(run_dir):
 def test_context_parallel_training_matches_one_process(setup, name):
     _assert_same(setup / name, setup / "ref", name)
     assert abs(_eval_loss(setup / name) - _eval_loss(setup / "ref")) < LOSS_ATOL
+
+
+def test_context_parallel_gemma3_sliding_windows_match_one_process(setup):
+    _assert_same(setup / "gemma_cp2", setup / "gemma_ref", "gemma3 cp=2")
+    assert abs(_eval_loss(setup / "gemma_cp2") - _eval_loss(setup / "gemma_ref")) < LOSS_ATOL
 
 
 def test_context_parallel_packed_documents_match_one_process(setup):

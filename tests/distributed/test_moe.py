@@ -6,13 +6,16 @@ tests/distributed/test_training.py; same final weights gathered from the expert 
 load-balancing loss, TP matches one process (one micro-batch: the same aux), and full_shard, EP
 and DDP match each other; so does LoRA on attention and on the experts (peft.target_parameters,
 the adapters [E, r, in] / [E, out, r] sharded by expert) under full_shard + full AC against its
-one-process run, saved adapter included. (The aux loss is each micro-batch's, so a 2-rank step's aux is the mean
+one-process run, saved adapter included, and so does LoRA on the experts under ep=2 and tp=2
+(the adapters split by expert with the experts); so does context parallelism (cp=2) with the aux loss,
+whose routing counts are summed over the cp ranks. (The aux loss is each micro-batch's, so a 2-rank step's aux is the mean
 over the two ranks' halves, not one process's aux over the whole batch: docs/tasks.md; those two
 are not compared.) An EP run checkpointed at step 3 resumes exactly, on 2 ranks with EP and on
 one process, and `tunesmith export` of its DCP shards gives its final weights."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -47,7 +50,12 @@ LAYOUTS = {"full_shard+full_ac": (2, FSDP_AC, "ref"),
            "aux_ep2+shard_grad_op+full_ac": (2, (*AUX, *EP, "parallel.strategy=shard_grad_op",
                                                  "parallel.activation_checkpointing=full"),
                                              "aux_full_shard+full_ac"),
-           "lora_full_shard+full_ac": (2, (*EXPERT_LORA, *FSDP_AC), "lora_ref")}
+           "lora_full_shard+full_ac": (2, (*EXPERT_LORA, *FSDP_AC), "lora_ref"),
+           # the sequence split over 2 ranks: the aux loss is still the whole micro-batch's
+           "aux_cp2": (1, (*AUX, "parallel.cp=2"), "aux_ref"),
+           # LoRA on the experts split with them (A [E, r, in] / B [E, out, r] Shard(0))
+           "lora_ep2": (2, (*EXPERT_LORA, *EP), "lora_ref"),
+           "lora_tp2": (1, (*EXPERT_LORA, "parallel.tp=2"), "lora_ref")}
 # Checkpoint at 3 and resume to 6; constant schedule so the 3-step run has the same LRs.
 RESUME = (*EP, "schedule.name=constant", "checkpoint.every_steps=3")
 
@@ -85,6 +93,22 @@ def test_moe_two_ranks_match_one_process(moe2) -> None:
         assert final.keys() == weights.keys()
         for k in weights:
             torch.testing.assert_close(final[k], weights[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{name}: {k}")
+
+
+@pytest.mark.skipif(not can_launch(2), reason="needs 2 ranks")
+def test_context_parallel_aux_loss_is_the_whole_sequences(moe2) -> None:
+    """With the sequence split over cp=2 ranks, the logged load-balancing loss is one process's
+    (routing counts summed over the cp ranks), not the mean of two halves' losses."""
+    root = moe2[0]
+
+    def aux(name: str) -> list[float]:
+        recs = [json.loads(ln) for ln in (root / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["router_aux_loss"] for r in recs if "router_aux_loss" in r]
+
+    got, want = aux("aux_cp2"), aux("aux_ref")
+    assert len(got) == len(want) >= 1
+    for a, b in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 @pytest.mark.skipif(not can_launch(2), reason="needs 2 ranks")

@@ -229,3 +229,35 @@ def test_incomplete_or_extra_experts_are_named(hf_models, tmp_path: Path) -> Non
         save_file(bad, str(out / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(TunesmithError, match=match):
             load_ours(out)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_aux_loss_shares_add_up_to_the_whole_batch(hf_models, name: str) -> None:
+    """What context parallelism does with the aux loss, in one process: the batch's rows routed
+    in two parts (two "ranks"), each part's counts summed with the other's through `reduce`; the
+    two shares add up to the whole batch's aux loss (= HF's), and so do their router gradients."""
+    _, path = hf_models[name]
+    ours = load_ours(path)
+    ids = _ids(4, 15, seed=3)
+    parts = (slice(0, 1), slice(1, 4))  # unequal parts: rows are not a plain mean
+    counts: dict[int, torch.Tensor] = {}
+
+    def aux_of(rows, reduce=None) -> torch.Tensor:
+        ours.keep_router_stats()
+        ours(ids[rows])
+        return ours.router_aux_loss(None, reduce)
+
+    def keep(i):
+        return lambda c: counts.setdefault(i, c.clone())  # records this part's counts, no sum
+
+    for i, rows in enumerate(parts):
+        aux_of(rows, keep(i))
+    shares = [aux_of(rows, lambda c, i=i: c + counts[1 - i]) for i, rows in enumerate(parts)]
+    whole = aux_of(slice(0, 4))
+    routers = [p for n, p in ours.named_parameters() if n.endswith("router.weight")]
+    got = [sum(gs) for gs in zip(*(torch.autograd.grad(s, routers) for s in shares), strict=True)]
+    want = torch.autograd.grad(whole, routers)
+    torch.testing.assert_close(shares[0] + shares[1], whole, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(shares[0], whole / 2, rtol=1e-3)  # a share is not half the loss
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-5)

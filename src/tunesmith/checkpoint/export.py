@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch import nn
 
 from tunesmith.checkpoint.manager import MANIFEST, CheckpointManager
@@ -87,6 +88,13 @@ def _checked_layout(path: Path, allow_pickle: bool) -> tuple[Any, Any, nn.Module
         raise TunesmithError(f"checkpoint {path} holds no model tensors")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = sorted(k for k in expected if k not in saved or saved[k][0] != expected[k])
+    if wrong and wrong[0] not in saved and (reason := _trained_only(path)):
+        raise TunesmithError(
+            f"checkpoint {path} holds only the tensors its run trained ({reason}), not a whole "
+            "model, and `tunesmith export` writes whole models: use the run's final/ directory "
+            "(a LoRA run's is a PEFT adapter; `tunesmith merge BASE ADAPTER --out DIR` folds it "
+            "into its base)"
+        )
     if wrong:
         k = wrong[0]
         got = list(saved[k][0]) if k in saved else "missing"
@@ -95,6 +103,21 @@ def _checked_layout(path: Path, allow_pickle: bool) -> tuple[Any, Any, nn.Module
             f"expected {list(expected[k])}"
         )
     return family, cfg, model, saved
+
+
+def _trained_only(path: Path) -> str | None:
+    """Why checkpoint `path` holds a subset of the model (its run froze weights: adapters or
+    frozen blocks, whose frozen base comes from model.name), read from its config.yaml; None
+    for a full fine-tune or an unreadable config."""
+    try:
+        peft = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("peft") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if peft.get("method", "none") != "none":
+        return f"peft.method={peft['method']}"
+    if peft.get("freeze_layers") or peft.get("num_freeze_layers") or peft.get("freeze_embeddings"):
+        return "peft.freeze_layers / num_freeze_layers / freeze_embeddings"
+    return None
 
 
 def _dcp_read(path: Path, state: dict[str, Any], allow_pickle: bool) -> None:

@@ -236,7 +236,9 @@ def reference_markdown() -> str:
            "`python -m tunesmith.config.loader > docs/config.md`. Every key can be set in a "
            "recipe's YAML section or on the command line as `section.key=value`. Relative paths in "
            "a recipe are relative to the recipe's folder, those on the command line to the "
-           "working directory; `OUTPUT/config.yaml` holds them resolved (absolute).", ""]
+           "working directory; `OUTPUT/config.yaml` holds them resolved (absolute). Numbers "
+           "must be finite (`inf` and `nan` are refused); the `dpo:` section applies to "
+           "`task: dpo` only (a changed dpo key under another task is refused).", ""]
     section = None
     for line in describe_options():
         key = line.strip().split(" ", 1)[0]

@@ -279,7 +279,7 @@ class ParallelConfig(Section):
     cp: int = Field(
         1, ge=1, description="Context-parallel degree: each sequence is split over cp ranks (rank i "
         "holds chunks i and 2cp-1-i of 2cp) and attention runs as ring attention over them; FSDP2 "
-        "shards parameters over dp_shard x cp. Llama-family models, packed rows (data.mode=packed "
+        "shards parameters over dp_shard x cp. Llama-family, MoE and Gemma 3 models, packed rows (data.mode=packed "
         "or sft.packing), data.block_size a multiple of 2cp.",
     )
     ep: int = Field(
@@ -489,16 +489,15 @@ class RunConfig(Section):
         if self.optim.name != "adamw" and self.optim.fused:
             raise ValueError("optim.fused applies to adamw only")
         _check_lowmem(self)
-        if self.peft.target_parameters and (self.parallel.tp > 1 or self.parallel.ep > 1):
-            raise ValueError("peft.target_parameters (LoRA on MoE experts) with parallel.tp > 1 or "
-                             "parallel.ep > 1 is not supported; use data parallelism (FSDP2 / DDP) "
-                             "with parallel.tp=1 and parallel.ep=1")
         if self.data.streaming and self.train.max_steps is None:
             raise ValueError("data.streaming needs train.max_steps (a stream has no length)")
         if self.eval.generate.enabled and self.task != "sft":
             raise ValueError("eval.generate needs task=sft (prompts and references)")
         if self.task == "dpo":
             _check_dpo(self)
+        elif changed := self.dpo.changed():
+            raise ValueError(f"{', '.join(changed)} applies to task=dpo, not task={self.task}; "
+                             "set task=dpo or drop the dpo section")
         return self
 
 

@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """Base for every config section: strict keys, validated assignment."""
+    """Base for every config section: strict keys, validated assignment, finite numbers (an
+    `inf` or `nan` in a float field is a typo or an overflow, never a setting: `dpo.beta=inf`
+    or `train.router_aux_loss_coef=inf` would otherwise pass `gt=0` and end in a NaN loss)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)

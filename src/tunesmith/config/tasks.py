@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from tunesmith.config.section import Section as _Section
 
 # The one list of SFT record formats: the config's literal, the CLI's choices, the renderers.
 SFTFormat = Literal["alpaca", "dolly", "chat", "sharegpt", "summarization", "custom"]
 SFT_FORMATS: tuple[str, ...] = get_args(SFTFormat)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class SFTConfig(_Section):
@@ -97,6 +95,9 @@ class MLMConfig(_Section):
         return self
 
 
+_DEFAULT_GAMMA = 0.5  # SimPO's default target margin (TRL's simpo_gamma)
+
+
 class DPOConfig(_Section):
     """Preference tuning (task=dpo): records of prompt / chosen / rejected, rendered through the
     `sft:` section (format fields, chat template, overlong and invalid policies)."""
@@ -112,9 +113,9 @@ class DPOConfig(_Section):
                         "0.1 is common; SimPO's paper uses 2.0-2.5).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: conservative "
                                    "DPO, the probability that a pair's label is flipped.")
-    simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin "
-                               "gamma of -log sigmoid(beta * (avg logp_chosen - avg logp_rejected) "
-                               "- gamma).")
+    simpo_gamma: float = Field(_DEFAULT_GAMMA, ge=0, description="simpo only (another value is "
+                               "refused with the other losses): the target reward margin gamma of "
+                               "-log sigmoid(beta * (avg logp_chosen - avg logp_rejected) - gamma).")
     precompute_reference: bool = Field(
         False, description="Score every training and validation pair with the reference policy "
         "once, before the first step, and keep only those log-probs (TRL's "
@@ -125,9 +126,17 @@ class DPOConfig(_Section):
     def _check(self) -> DPOConfig:
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {self.loss}")
+        if self.simpo_gamma != _DEFAULT_GAMMA and self.loss != "simpo":
+            raise ValueError(f"dpo.simpo_gamma applies to dpo.loss=simpo, not {self.loss}")
         if self.precompute_reference and not self.uses_reference:
             raise ValueError(f"dpo.precompute_reference: dpo.loss={self.loss} has no reference policy")
         return self
+
+    def changed(self) -> list[str]:
+        """`dpo.KEY=value` for each field that differs from its default (a dumped config sets
+        every field, so what was set is told by value, not by `model_fields_set`)."""
+        return [f"dpo.{k}={getattr(self, k)}" for k, f in type(self).model_fields.items()
+                if getattr(self, k) != f.default]
 
     @property
     def uses_reference(self) -> bool:

@@ -123,12 +123,14 @@ def _load_records(path: str, cfg: DataConfig) -> datasets.Dataset:
     )
 
 
-def split_indices(n: int, percentage: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, disjoint (train, validation) row indices, each sorted to keep document order."""
+def split_indices(n: int, percentage: float, seed: int,
+                  source: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, disjoint (train, validation) row indices, each sorted to keep document order;
+    `source` (data.path) names the data in the error."""
     n_val = max(1, round(n * percentage / 100))
     if n_val >= n:
         raise TunesmithError(
-            f"data has {n} records, too few to hold out {percentage}% for validation; lower "
+            f"{source} has {n} records, too few to hold out {percentage}% for validation; lower "
             "data.validation_split_percentage or set data.validation_path"
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
@@ -140,7 +142,7 @@ def split_indices(n: int, percentage: float, seed: int) -> tuple[np.ndarray, np.
 def _split(
     ds: datasets.Dataset, cfg: DataConfig, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    train_idx, val_idx = split_indices(len(ds), cfg.validation_split_percentage, seed)
+    train_idx, val_idx = split_indices(len(ds), cfg.validation_split_percentage, seed, cfg.path)
     key = (ds._fingerprint, seed, cfg.validation_split_percentage)
     # The indices mapping stays in memory (8 bytes a row); new_fingerprint avoids hashing it.
     train = ds.select(train_idx, keep_in_memory=True, new_fingerprint=_digest("train", *key))

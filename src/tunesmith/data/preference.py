@@ -238,13 +238,14 @@ def build_preference_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
     formatter = PairFormatter(sft, tokenizer, tokenizer_source, add_eos=data.add_eos)
     tok = SFTTokenizer(tokenizer, data.block_size, overlong=sft.overlong)
     records = RecordReader(data.path, dataset_config=data.dataset_config, split=data.split,
-                           skip_bad_rows=data.skip_bad_rows).read_all()
+                           skip_bad_rows=data.skip_bad_rows).read_nonempty()
     val_records: list[tuple[str, Any]] = []
     if data.validation_path is not None:
         val_records = RecordReader(data.validation_path,
-                                   skip_bad_rows=data.skip_bad_rows).read_all()
+                                   skip_bad_rows=data.skip_bad_rows).read_nonempty()
     elif data.validation_split_percentage > 0:
-        train_idx, val_idx = split_indices(len(records), data.validation_split_percentage, seed)
+        train_idx, val_idx = split_indices(len(records), data.validation_split_percentage, seed,
+                                           data.path)
         records, val_records = [records[i] for i in train_idx], [records[i] for i in val_idx]
     skip = sft.invalid == "skip"
     train, stats = build_pairs(formatter, tok, records, skip, data.path)
@@ -257,6 +258,9 @@ def build_preference_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
         val_pairs, val_stats = build_pairs(formatter, tok, val_records, skip,
                                            data.validation_path or data.path)
         _log_stats("validation", val_stats)
+        if not val_pairs:  # an evaluation over no pair would report nothing, silently
+            raise TunesmithError(f"{data.validation_path or data.path}: every validation "
+                                 f"preference pair was dropped ({val_stats.to_dict()})")
         val = ListDataset(val_pairs[: data.max_eval_samples] if data.max_eval_samples
                           else val_pairs)
     return PreferenceData(ListDataset(train), val, stats, val_stats)

@@ -87,6 +87,14 @@ class RecordReader:
     def read_all(self) -> list[tuple[str, Any]]:
         return [(where, rec) for _, where, rec in self.iter_from()]
 
+    def read_nonempty(self) -> list[tuple[str, Any]]:
+        """`read_all`, refusing a source without a record (an empty file or folder): a split or
+        an evaluation over it would be silently empty."""
+        records = self.read_all()
+        if not records:
+            raise TunesmithError(f"{self.path}: holds no records (an empty file?)")
+        return records
+
     def _iter_hub(self, pos: RecordPosition) -> Iterator[Item]:
         ds = load_hub_dataset(self.path, self.dataset_config, self.split, self.streaming_hub)
         if pos.index:

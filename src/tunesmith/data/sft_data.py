@@ -327,16 +327,17 @@ def build_sft_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
     tok = SFTTokenizer(tokenizer, data.block_size, train_on_inputs=sft.train_on_inputs,
                        overlong=sft.overlong)
     records = RecordReader(data.path, dataset_config=data.dataset_config,
-                           split=data.split, skip_bad_rows=data.skip_bad_rows).read_all()
+                           split=data.split, skip_bad_rows=data.skip_bad_rows).read_nonempty()
     records, n_filtered = filter_category(formatter, records, sft, data.path)
     val_records: list[tuple[str, Any]] = []
     val_filtered = 0
     if data.validation_path is not None:
         val_records, val_filtered = filter_category(
-            formatter, RecordReader(data.validation_path, skip_bad_rows=data.skip_bad_rows).read_all(),
+            formatter, RecordReader(data.validation_path, skip_bad_rows=data.skip_bad_rows).read_nonempty(),
             sft, data.validation_path)
     elif data.validation_split_percentage > 0:
-        train_idx, val_idx = split_indices(len(records), data.validation_split_percentage, seed)
+        train_idx, val_idx = split_indices(len(records), data.validation_split_percentage, seed,
+                                           data.path)
         records, val_records = [records[i] for i in train_idx], [records[i] for i in val_idx]
     rendered, stats = render_split(formatter, records, sft, data.path, n_filtered)
     train = tokenize_rendered(tok, rendered, stats)
@@ -352,6 +353,9 @@ def build_sft_datasets(data: Any, sft: Any, tokenizer: Any, *, seed: int,
         val_rendered, val_stats = render_split(formatter, val_records, sft,
                                                 data.validation_path or data.path, val_filtered)
         val_examples = tokenize_rendered(tok, val_rendered, val_stats)
+        if not val_examples:  # an evaluation over no example would report nothing, silently
+            raise TunesmithError(f"{data.validation_path or data.path}: every validation "
+                                 f"example was dropped ({val_stats.to_dict()})")
         val = ListDataset(val_examples[: data.max_eval_samples] if data.max_eval_samples
                           else val_examples)
     log.info("sft data: %s", stats.to_dict())

@@ -88,7 +88,7 @@ def _columns_error(path: Path, where: str, column: str, present: list[str]) -> T
     cols = ", ".join(present) if present else "(none)"
     return TunesmithError(
         f"{where}: text column '{column}' not found; columns present: {cols} "
-        "(set data.text_column)"
+        "(set data.text_column; `tunesmith eval`: --text-column)"
     )
 
 

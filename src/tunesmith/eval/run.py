@@ -11,6 +11,7 @@ import torch
 from tunesmith.config import DataConfig
 from tunesmith.config.tasks import SFTConfig
 from tunesmith.data import StatefulLoader, build_clm_datasets, load_tokenizer, make_collator
+from tunesmith.data.files import looks_like_path
 from tunesmith.data.mlm import MaskingSpec, MLMCollator
 from tunesmith.data.records import RecordReader
 from tunesmith.data.sft import SFTFormatter
@@ -36,10 +37,17 @@ def adapter_base(source: str, base: str | None = None) -> tuple[str, str | None]
     d = Path(source).expanduser()
     if not (d / ADAPTER_CONFIG).is_file() or (d / "config.json").is_file():
         return source, None
-    base = base or hfio.read_json(d / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if base:
+        return str(base), str(d)
+    base = hfio.read_json(d / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise TunesmithError(f"adapter {d} does not name its base model "
                              "(base_model_name_or_path in adapter_config.json); pass --base")
+    if looks_like_path(str(base)) and not Path(str(base)).expanduser().exists():
+        # Moved or copied from another machine: say where the name came from.
+        raise TunesmithError(f"adapter {d} names its base model {str(base)!r} (base_model_name_or_path "
+                             "in adapter_config.json), which does not exist here; point that field "
+                             "at the base model")
     return str(base), str(d)
 
 

@@ -24,6 +24,7 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class AttnSpec:
                      given (no causal or self term added): decode steps over a static KV cache
                      whose unwritten slots are 0, so shapes never change (CUDA graphs).
         "custom":    `attend(q, k, v) -> out` replaces the backend and carries its own mask
-                     (context parallelism's ring attention, set from outside the model).
+                     (context parallelism's ring attention, set from outside the model; it
+                     also takes `scale=` and, on a sliding-window layer, `window=`).
     """
 
     kind: AttnKind = "causal"
@@ -271,8 +273,10 @@ def _prepare_windowed(spec: AttnSpec, q_len: int, kv_len: int, device: torch.dev
     if not causal or window <= 0:
         raise TunesmithError(f"sliding-window attention needs causal attention and a window > 0, "
                              f"got causal={causal}, window={window}")
-    if spec.kind == "custom":
-        raise TunesmithError("sliding-window attention cannot run under context parallelism")
+    if spec.kind == "custom":  # context parallelism: the ring masks the window itself
+        if q_len != kv_len:
+            raise TunesmithError("custom attention (context parallelism) runs without a KV cache")
+        return PreparedAttention(None, False, attend=functools.partial(spec.attend, window=window))
     if spec.kind == "causal":
         if kv_len <= window:  # no key is window or more slots before any query
             return prepare_attention(spec, q_len, kv_len, device)
@@ -418,9 +422,7 @@ def sdpa_attention(
     if not isinstance(attn, PreparedAttention):
         attn = prepare_attention(attn, q.shape[2], k.shape[2], q.device)
     if attn.attend is not None:
-        if scale is not None:
-            raise TunesmithError("custom attention (context parallelism) takes no score scale")
-        return attn.attend(q, k, v)
+        return attn.attend(q, k, v) if scale is None else attn.attend(q, k, v, scale=scale)
     n_rep = q.shape[1] // k.shape[1]
     kwargs: dict[str, Any] = {} if scale is None else {"scale": scale}
     if attn.block_mask is not None:

@@ -62,6 +62,16 @@ def context_parallel_batch(cp: ContextParallel, batch: dict) -> dict:
             "cp_index": idx.expand(b, -1), "cp_doc": doc[:, idx]}
 
 
+def counted_token_mask(model: nn.Module, batch: dict) -> torch.Tensor | None:
+    """[B, T] (1 = a real token) over the tokens this rank computes, or None when all are:
+    the batch's padding mask, or under context parallelism its cp part, where the right padding
+    and the pad to a multiple of 2 x cp are the tokens of the padding document."""
+    cp = context_parallel_of(model)
+    if cp is None:
+        return batch.get("attention_mask")
+    return (context_parallel_batch(cp, batch)["cp_doc"] != _PAD_DOC).long()
+
+
 def target_count(model: nn.Module, batch: dict) -> int:
     """Targets (labels != -100) among the tokens this rank computes: its cp part under context
     parallelism, else the whole batch. Summed over dp x cp ranks it is the step's global count."""

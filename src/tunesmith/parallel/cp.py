@@ -119,11 +119,23 @@ def _fold_kv(x: Tensor, n_rep: int) -> Tensor:
     return x.view(b, h // n_rep, n_rep, s, d).sum(2)
 
 
-def _scores(q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, qd: Tensor, kd: Tensor, scale: float) -> Tensor:
-    """Masked scores [B, H, L, S] in fp32: key index <= query index, same document."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    allowed = (ki[:, None, :] <= qi[:, :, None]) & (kd[:, None, :] == qd[:, :, None])  # [B, L, S]
-    return s.masked_fill(~allowed[:, None], float("-inf"))
+@dataclass(frozen=True)
+class _Score:
+    """How a block's scores are made: q.k times `scale`, masked to key index <= query index,
+    the same document and, with a sliding `window` (Gemma 3's local layers), key index >
+    query index - window."""
+
+    scale: float
+    window: int | None = None
+
+    def masked(self, q: Tensor, k: Tensor, qi: Tensor, ki: Tensor, qd: Tensor, kd: Tensor) -> Tensor:
+        """Masked scores [B, H, L, S] in the block math dtype."""
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        kk, qq = ki[:, None, :], qi[:, :, None]
+        allowed = (kk <= qq) & (kd[:, None, :] == qd[:, :, None])  # [B, L, S]
+        if self.window is not None:
+            allowed &= kk > qq - self.window
+        return s.masked_fill(~allowed[:, None], float("-inf"))
 
 
 def _acc(q: Tensor) -> torch.dtype:
@@ -147,10 +159,10 @@ def _row_chunks(q: Tensor, keys: int) -> list[slice]:
     return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
-def _block_forward(q, k, v, qi, ki, qd, kd, scale, out, lse) -> None:
+def _block_forward(q, k, v, qi, ki, qd, kd, score: _Score, out, lse) -> None:
     """Merge one key/value block into (out [B, H, L, hd], lse [B, H, L]) in place (online softmax)."""
     for r in _row_chunks(q, k.shape[2]):
-        s = _scores(q[:, :, r], k, qi[:, r], ki, qd[:, r], kd, scale)  # [B, H, rows, S]
+        s = score.masked(q[:, :, r], k, qi[:, r], ki, qd[:, r], kd)  # [B, H, rows, S]
         lse_b = torch.logsumexp(s, dim=-1)  # -inf where the block holds nothing visible
         out_b = torch.matmul(torch.exp(s - _finite(lse_b)[..., None]), v)
         new = torch.logaddexp(lse[:, :, r], lse_b)
@@ -159,24 +171,24 @@ def _block_forward(q, k, v, qi, ki, qd, kd, scale, out, lse) -> None:
         lse[:, :, r] = new
 
 
-def _block_backward(q, do, delta, lse, k, v, qi, ki, qd, kd, scale, dq) -> tuple[Tensor, Tensor]:
+def _block_backward(q, do, delta, lse, k, v, qi, ki, qd, kd, score: _Score, dq) -> tuple[Tensor, Tensor]:
     """One block's gradients: adds into dq, returns (dk, dv) [B, H, S, hd]. P is recomputed
     from the global log-sum-exp, so it is the final softmax restricted to this block."""
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     for r in _row_chunks(q, k.shape[2]):
-        p = torch.exp(_scores(q[:, :, r], k, qi[:, r], ki, qd[:, r], kd, scale) - lse[:, :, r, None])
+        p = torch.exp(score.masked(q[:, :, r], k, qi[:, r], ki, qd[:, r], kd) - lse[:, :, r, None])
         ds = p * (torch.matmul(do[:, :, r], v.transpose(-1, -2)) - delta[:, :, r])
-        dq[:, :, r] += torch.matmul(ds, k) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), q[:, :, r]) * scale
+        dq[:, :, r] += torch.matmul(ds, k) * score.scale
+        dk += torch.matmul(ds.transpose(-1, -2), q[:, :, r]) * score.scale
         dv += torch.matmul(p.transpose(-1, -2), do[:, :, r])
     return dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, doc, cp: ContextParallel):  # type: ignore[override]
+    def forward(ctx, q, k, v, index, doc, cp: ContextParallel, score: _Score):  # type: ignore[override]
         # q [B, H, L, hd]; k, v [B, Hkv, L, hd]; index, doc [B, L] (L = this rank's tokens)
-        n_rep, scale, acc = q.shape[1] // k.shape[1], 1.0 / math.sqrt(q.shape[-1]), _acc(q)
+        n_rep, acc = q.shape[1] // k.shape[1], _acc(q)
         qf = q.to(acc)
         out = torch.zeros_like(qf)  # [B, H, L, hd]
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # [B, H, L]
@@ -186,19 +198,19 @@ class _RingAttention(torch.autograd.Function):
             pending = ring.start(block) if ring is not None and step < cp.size - 1 else None
             kb, vb, ib, db = block
             _block_forward(qf, _expand_kv(kb.to(acc), n_rep), _expand_kv(vb.to(acc), n_rep),
-                           index, ib, doc, db, scale, out, lse)
+                           index, ib, doc, db, score, out, lse)
             if pending is not None:
                 block = _Ring.wait(pending)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, index, doc, out, lse)
-        ctx.cp = cp
+        ctx.cp, ctx.score = cp, score
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, index, doc, out, lse = ctx.saved_tensors
         cp: ContextParallel = ctx.cp
-        n_rep, scale, acc = q.shape[1] // k.shape[1], 1.0 / math.sqrt(q.shape[-1]), _acc(q)
+        n_rep, acc = q.shape[1] // k.shape[1], _acc(q)
         qf, do = q.to(acc), dout.to(acc)
         delta = (do * out.to(acc)).sum(-1, keepdim=True)  # [B, H, L, 1]: rowsum(dO * O)
         dq = torch.zeros_like(qf)
@@ -210,23 +222,25 @@ class _RingAttention(torch.autograd.Function):
             pending = ring.start(block) if ring is not None and step < cp.size - 1 else None
             kb, vb, ib, db = block
             dk, dv = _block_backward(qf, do, delta, lse, _expand_kv(kb.to(acc), n_rep),
-                                     _expand_kv(vb.to(acc), n_rep), index, ib, doc, db, scale, dq)
+                                     _expand_kv(vb.to(acc), n_rep), index, ib, doc, db, ctx.score, dq)
             grads[0] += _fold_kv(dk, n_rep)
             grads[1] += _fold_kv(dv, n_rep)
             if ring is not None:  # the accumulators follow their block; after N hops: home
                 grads = _Ring.wait(ring.start(grads))
             if pending is not None:
                 block = _Ring.wait(pending)
-        return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None, None
 
 
 @torch.compiler.disable
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, index: Tensor, doc: Tensor,
-                   cp: ContextParallel) -> Tensor:
+                   cp: ContextParallel, scale: float | None = None, window: int | None = None) -> Tensor:
     """Causal, document-masked attention of this rank's queries over all cp ranks' keys.
 
     q [B, H, L, hd], k/v [B, Hkv, L, hd] (GQA: H a multiple of Hkv), index/doc [B, L] the
-    tokens' row indices and document ids -> [B, H, L, hd] in q's dtype."""
+    tokens' row indices and document ids -> [B, H, L, hd] in q's dtype. `scale` multiplies q.k
+    (None: 1 / sqrt(hd)); `window`: a causal sliding window (keys at most window - 1 back)."""
     if q.shape[1] % k.shape[1]:
         raise TunesmithError(f"ring attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
-    return _RingAttention.apply(q, k, v, index.to(q.device), doc.to(q.device), cp)
+    score = _Score(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, window)
+    return _RingAttention.apply(q, k, v, index.to(q.device), doc.to(q.device), cp, score)

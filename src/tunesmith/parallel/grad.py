@@ -29,12 +29,42 @@ def settle_partial_grads(params: Iterable[torch.Tensor]) -> None:
     A replicated parameter applied to sharded activations gets a Partial gradient: each TP rank
     holds its share of the sum (sequence-parallel norm weights; LoRA's whole A under a colwise
     layer and whole B under a rowwise one). The local pieces of a Partial tensor are not pieces
-    of the gradient, so the norm, the clipping and the optimizer must see the reduced tensor:
-    one all-reduce per such (small) parameter, once per step."""
+    of the gradient, so the norm, the clipping and the optimizer must see the reduced tensor.
+    These parameters are small and many (two norms a block, every LoRA pair), so their sums go
+    out bucketed: one all-reduce per (mesh dims, dtype) over the flattened local pieces, not one
+    per parameter. Partial sums whose target is not Replicate (or whose op is not a sum) take
+    DTensor's own redistribute."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         g = p.grad
-        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+        if not (isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements)):
+            continue
+        dims = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Partial))
+        # Summing the local pieces over `dims` lands exactly on p's placements when those dims
+        # are Replicate in p and every other dim already matches.
+        sums_to_target = all(
+            (g.placements[i].reduce_op == "sum" and isinstance(want, Replicate)) if i in dims
+            else g.placements[i] == want for i, want in enumerate(p.placements))
+        if sums_to_target:
+            buckets.setdefault((id(g.device_mesh), dims, g.to_local().dtype), []).append(p)
+        else:
             p.grad = g.redistribute(g.device_mesh, p.placements)
+    for (_, dims, _), bucket in buckets.items():
+        _all_reduce_bucket(bucket, dims)
+
+
+def _all_reduce_bucket(params: list[torch.Tensor], dims: tuple[int, ...]) -> None:
+    """Sum the Partial gradients of `params` (same mesh, same Partial dims, same dtype) over
+    those mesh dims with one all-reduce each, on one flat buffer [sum of local numels]."""
+    grads = [p.grad for p in params]
+    mesh = grads[0].device_mesh
+    flat = torch.cat([g.to_local().reshape(-1) for g in grads])
+    for d in dims:
+        dist.all_reduce(flat, group=mesh.get_group(d))
+    for p, g, piece in zip(params, grads, flat.split([g.to_local().numel() for g in grads]), strict=True):
+        local = piece.view_as(g.to_local())
+        p.grad = DTensor.from_local(local, mesh, p.placements, run_check=False,
+                                    shape=g.shape, stride=g.stride())
 
 
 def _replicas(g: DTensor) -> int:

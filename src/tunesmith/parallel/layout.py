@@ -262,6 +262,23 @@ def _check_router_aux(cfg: RunConfig, model_cfg: Any) -> None:
                              "(the tiled MLP routes each chunk apart); drop one of them")
 
 
+def _check_tp_lengths(cfg: RunConfig, tp: int) -> None:
+    """Sequence parallelism splits [B, T, D] into tp equal [B, T/tp, D] slices. Unpacked SFT and
+    DPO batches are padded to a multiple of tp whatever their length (data.assembly.pad_multiple),
+    so only fixed lengths are checked: packed blocks (data.block_size) and CLM lines mode's
+    padding (data.pad_to_multiple_of)."""
+    if cfg.task in ("sft", "dpo") and not cfg.sft.packing:
+        return
+    packed = cfg.data.mode == "packed" or cfg.task == "sft"  # sft.packing fills block_size rows
+    block = cfg.data.block_size if packed else cfg.data.pad_to_multiple_of
+    if block is None or block % tp:
+        what = "data.block_size" if packed else "data.pad_to_multiple_of (lines mode)"
+        raise TunesmithError(
+            f"parallel.tp={tp} splits the sequence over the TP ranks (sequence parallel): "
+            f"{what}={block} must be a multiple of {tp}"
+        )
+
+
 def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) -> None:
     """Checks that need the model shape, the data settings or the device (still no comms)."""
     tp = layout.tp
@@ -311,14 +328,7 @@ def check_run(cfg: RunConfig, layout: Layout, model_cfg: Any, device_type: str) 
                     f"parallel.tp={tp} must divide the model's {name}={value} "
                     "(each tensor-parallel rank holds whole heads / equal MLP slices / whole experts)"
                 )
-        block = cfg.data.block_size if cfg.data.mode == "packed" else cfg.data.pad_to_multiple_of
-        if block is None or block % tp:
-            what = ("data.block_size" if cfg.data.mode == "packed"
-                    else "data.pad_to_multiple_of (lines mode)")
-            raise TunesmithError(
-                f"parallel.tp={tp} splits the sequence over the TP ranks (sequence parallel): "
-                f"{what}={block} must be a multiple of {tp}"
-            )
+        _check_tp_lengths(cfg, tp)
     precision = cfg.train.precision
     distributed = layout.world_size > 1
     if distributed and precision == "fp16" and device_type == "cuda":

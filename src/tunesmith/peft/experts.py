@@ -78,19 +78,23 @@ class ExpertLoRA(nn.Module):
             return x
         return x.to(self.lora_A.dtype)
 
-    def loop_delta(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-        """s * B_e (A_e rows): rows [n_e, in] -> [n_e, out] (s rides on B [out, r])."""
-        low = F.linear(self._input(rows), self.lora_A[e])  # [n_e, r]
-        return F.linear(low, self.lora_B[e] * self.scaling)
+    def loop_delta(self, rows: torch.Tensor, e: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """s * B_e (A_e rows): rows [n_e, in] -> [n_e, out] (s rides on B [out, r]). a / b: A
+        [E', r, in] / B [E', out, r] as this process computes with them (all experts, or this
+        rank's when TP / EP split them; e indexes them)."""
+        low = F.linear(self._input(rows), a[e])  # [n_e, r]
+        return F.linear(low, b[e] * self.scaling)
 
-    def grouped_delta(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def grouped_delta(self, x: torch.Tensor, offs: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                      ) -> torch.Tensor:
         """The update of every routed row in two grouped GEMMs, in x's dtype:
-        x [N*k, in] @ A^T [E, in, r'] -> [N*k, r'];  then @ (s B)^T [E, r', out] -> [N*k, out].
+        x [N*k, in] @ A^T [E', in, r'] -> [N*k, r'];  then @ (s B)^T [E', r', out] -> [N*k, out].
         r' = r padded with zero rows of A / zero columns of B to a multiple of 8 (the grouped
-        GEMM's alignment); the padding adds exact zeros and gets zero gradient."""
+        GEMM's alignment); the padding adds exact zeros and gets zero gradient. a / b as in
+        `loop_delta`."""
         pad = -self.spec.r % _GROUPED_ALIGN
-        a = F.pad(self.lora_A, (0, 0, 0, pad)).to(x.dtype)  # [E, r', in]
-        b = F.pad(self.lora_B * self.scaling, (0, pad)).to(x.dtype)  # [E, out, r']
+        a = F.pad(a, (0, 0, 0, pad)).to(x.dtype)  # [E', r', in]
+        b = F.pad(b * self.scaling, (0, pad)).to(x.dtype)  # [E', out, r']
         low = torch._grouped_mm(x, a.transpose(-2, -1), offs=offs)  # [N*k, r']
         return torch._grouped_mm(low, b.transpose(-2, -1), offs=offs)
 
@@ -144,17 +148,25 @@ class LoRAExperts(Experts):
         self.lora = nn.ModuleDict({n: ExpertLoRA(self.shapes[n], getattr(self, n).device, spec, adapter_dtype)
                                    for n in names})
 
+    def expert_param_names(self) -> list[str]:
+        # A [E, r, in] / B [E, out, r] are per expert too: TP / EP split them with the experts
+        return [*super().expert_param_names(),
+                *(f"lora.{n}.{t}" for n in self.lora for t in ("lora_A", "lora_B"))]
+
+    def _pieces(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local_piece(f"lora.{name}.lora_A"), self.local_piece(f"lora.{name}.lora_B")
+
     def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
         out = super().expert_linear(name, rows, e)  # [n_e, out]
         if name not in self.lora or not self.adapters_on:
             return out
-        return out + self.lora[name].loop_delta(rows, e).to(out.dtype)
+        return out + self.lora[name].loop_delta(rows, e, *self._pieces(name)).to(out.dtype)
 
     def grouped_linear(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         out = super().grouped_linear(name, x, offs)  # [N*k, out]
         if name not in self.lora or not self.adapters_on:
             return out
-        return out + self.lora[name].grouped_delta(x, offs)
+        return out + self.lora[name].grouped_delta(x, offs, *self._pieces(name))
 
     @torch.no_grad()
     def to_experts(self, dtype: torch.dtype | None = None) -> Experts:

@@ -36,6 +36,10 @@ log = logging.getLogger("tunesmith")
 STRICT_KEYS = (
     "task", "model.name", "model.overrides", "model.tokenizer", "data",
     "train.micro_batch_size", "train.grad_accum_steps", "train.seed", "optim.name",
+    # sft.* renders the SFT / DPO records (format, template, fields, packing): another value
+    # gives other rows, and the loader's resume position would point into them; dpo.loss is
+    # the objective itself (dpo.beta, like optim.lr, may change).
+    "sft", "dpo.loss",
 )
 # Exceptions under a strict prefix: they change how, not what, is computed.
 LENIENT_KEYS = ("data.num_proc", "data.cache_dir")

@@ -94,6 +94,19 @@ def _tiny(**over):
     return resolve_model_config("tiny", {"n_heads": 4, "n_kv_heads": 2, "intermediate_size": 128, **over})[1]
 
 
+def test_tp_pads_unpacked_sft_and_dpo_rows_whatever_the_block_size():
+    """Unpacked SFT / DPO batches are padded to a multiple of tp (data.assembly.pad_multiple):
+    an odd data.block_size only caps their length (was refused; a gloo tp=2 DPO run with
+    block_size 151 reproduces the one-process run). Packed SFT rows are block_size long."""
+    for task in (["task=sft"], ["task=dpo"]):
+        cfg = load_config(None, ["data.path=x", "parallel.tp=2", "data.block_size=63", *task])
+        check_run(cfg, resolve_layout(cfg.parallel, 2), _tiny(), "cpu")
+    packed = load_config(None, ["data.path=x", "parallel.tp=2", "data.block_size=63", "task=sft",
+                                "sft.packing=true"])
+    with pytest.raises(TunesmithError, match="data.block_size=63 must be a multiple of 2"):
+        check_run(packed, resolve_layout(packed.parallel, 2), _tiny(), "cpu")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.tp=4"], "must divide the model's n_kv_heads=2"),
     (["parallel.tp=8"], "must divide the model's n_heads=4"),
@@ -205,7 +218,8 @@ def test_qlora_nf4_weights_must_split_into_whole_shards():
     (["parallel.cp=2", "data.mode=lines"], "tiny", "parallel.cp=2 needs packed sequences (data.mode=packed)"),
     (["parallel.cp=2", "task=sft"], "tiny", "parallel.cp=2 with task=sft needs sft.packing=true"),
     (["parallel.cp=2"], "gpt2-tiny", "parallel.cp=2: context parallelism has ring attention for the "
-     "llama, mistral, qwen2, qwen3 model types only, not 'gpt2'; use parallel.cp=1"),
+     "gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe model types only, not "
+     "'gpt2'; use parallel.cp=1"),
     (["parallel.cp=2", "parallel.tp=2"], "tiny", "parallel.cp=2 with parallel.tp=2: context parallelism "
      "composes with data parallelism"),
     (["parallel.cp=2", "task=mlm"], "roberta-tiny", "not 'roberta'"),

@@ -23,7 +23,8 @@ FAMILY = ModelFamily(
     presets=preset_map(PRESET_NAMES, preset),
     apply_overrides=apply_overrides,
     tp_plan=parallel_plan,
-    # Ring attention has no sliding window; peft's adaption_prompt has no Gemma support.
-    context_parallel=False,
+    # Ring attention masks the sliding layers' window and takes Gemma's score scale
+    # (query_pre_attn_scalar); peft's adaption_prompt has no Gemma support.
+    context_parallel=True,
     adaption=None,
 )

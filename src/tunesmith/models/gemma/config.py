@@ -122,8 +122,9 @@ class GemmaConfig:
         types = self.types
         bad = sorted({t for t in types if t not in (SLIDING, FULL)})
         if bad or len(types) != self.n_layers:
-            raise TunesmithError(f"{where}: layer_types must list {self.n_layers} entries of "
-                                 f"{SLIDING!r} / {FULL!r}, got {len(types)} ({', '.join(bad) or 'ok'})")
+            wrong = f"unknown kinds {bad}" if bad else f"{len(types)} entries"
+            raise TunesmithError(f"{where}: layer_types must list {self.n_layers} entries (one per "
+                                 f"layer) of {SLIDING!r} / {FULL!r}, got {wrong}")
 
     # ------------------------------------------------------------------ HF conversion
     @classmethod

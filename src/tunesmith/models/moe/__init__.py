@@ -15,11 +15,12 @@ FAMILY = ModelFamily(
     presets=preset_map(PRESET_NAMES, preset),
     apply_overrides=apply_overrides,
     # Tensor parallelism splits the experts between the TP ranks (parallel_plan says why not
-    # their intermediate dim); no context parallelism (the load-balancing loss is over the
-    # whole sequence), no Llama-Adapter (peft's adaption_prompt does not serve these types).
+    # their intermediate dim); context parallelism rings the Llama attention, and the
+    # load-balancing loss sums its routing counts over the cp ranks (objective/router_aux.py);
+    # no Llama-Adapter (peft's adaption_prompt does not serve these types).
     tp_plan=parallel_plan,
     expert_parallel=parallel_plan.expert_parallel,
-    context_parallel=False,
+    context_parallel=True,
     adaption=None,
     lora_note="the experts and the router of these MoE models are not linear layers (stacked 3-D "
               "expert weights, as in transformers 5): target the experts with "

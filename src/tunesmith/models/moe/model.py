@@ -25,6 +25,8 @@ Mixtral keeps them fp32. Each token's output is sum_k weight_k * expert_k(x).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,6 +132,16 @@ class Experts(nn.Module):
                 outs.append(self.expert_linear("w2", F.silu(gate) * up, e))  # [n_e, D]
         return torch.cat(outs) if outs else xs.new_zeros(0, self.weight_shape("w2")[1])
 
+    def expert_param_names(self) -> list[str]:
+        """Parameters whose first dim is the expert (what TP / EP split by expert); a subclass
+        that adds per-expert tensors (LoRA on the experts) lists them too."""
+        return ["w13", "w2"]
+
+    def local_piece(self, name: str) -> torch.Tensor:
+        """The parameter `name` as this process computes with it: all of it here; this rank's
+        experts when TP / EP split them (models.moe.parallel_plan.ShardedExperts)."""
+        return self.get_parameter(name)
+
     def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
         """rows [n_e, in] through expert e's weight `name` (w13 or w2) -> [n_e, out]. LoRA on
         the experts (peft.experts.LoRAExperts) adds its low-rank update here and in
@@ -210,7 +222,8 @@ class MoE(Llama):
         for moe in self.sparse_blocks():
             moe.keep_router_stats = on
 
-    def router_aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def router_aux_loss(self, token_mask: torch.Tensor | None = None,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """HF's load-balancing loss (Switch Transformer eq. 4-6, as `load_balancing_loss_func`)
         over the last forward's tokens and sparse layers:
 
@@ -218,7 +231,13 @@ class MoE(Llama):
 
         with picks and probabilities summed over all sparse layers before the product and rows =
         layers x counted tokens. token_mask [B, T] (1 = counted) leaves padding out. The kept
-        routing is released (the loss's graph holds what backward needs)."""
+        routing is released (the loss's graph holds what backward needs).
+
+        `reduce` (context parallelism: one sequence's tokens spread over a group of ranks) sums
+        a tensor over the group. The counts (picks, rows) are then the group's, and this rank
+        returns its share E * sum_e f_e * (this rank's prob sum of e) / rows: the shares add up
+        over the group to the loss of the whole sequence, and each one carries the gradient of
+        this rank's probabilities (f has none: it counts top-k picks)."""
         blocks = self.sparse_blocks()
         stats = [m.router_stats for m in blocks]
         if not stats or any(s is None for s in stats):
@@ -236,4 +255,7 @@ class MoE(Llama):
             picks = picks.index_add(0, experts.reshape(-1), w.repeat_interleave(experts.shape[1]))
             prob_sum = prob_sum + (probs * w[:, None]).sum(0)
             rows = rows + w.sum()
+        if reduce is not None:  # one collective for both counts: [E] picks, then rows
+            counts = reduce(torch.cat([picks, rows.reshape(1)]))
+            picks, rows = counts[:-1], counts[-1]
         return n_exp * torch.sum((picks / rows) * (prob_sum / rows))

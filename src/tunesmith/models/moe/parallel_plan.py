@@ -24,6 +24,11 @@ partial outputs are reduce-scattered back to [B, T/tp, D], once per MoE layer.
                                       expert (all-to-all), runs what it received, and sends the
                                       outputs back (all-to-all); the rest is as one process.
 
+LoRA on the experts (peft.experts.LoRAExperts) lists its per-expert A / B in
+`expert_param_names`, so they are split with the experts, and its projection hooks run first
+(the sharded class's MRO: LoRAExperts, ShardedExperts, Experts), reading this rank's pieces
+through `local_piece`.
+
 The router stays a plain replicated module: with the same (gathered) input on every TP rank the
 routing is identical. Gradients: under TP, the expert path's input and routing-weight gradients
 are partial sums (each rank only sees its experts' share), so both are summed over the TP group
@@ -125,10 +130,14 @@ class ShardedExperts(Experts):
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights / experts [N, k] -> [N, D]."""
-        w13, w2 = self.w13.to_local(), self.w2.to_local()  # [E_local, 2I, D], [E_local, D, I]
-        if self.grad_scale != 1.0:
-            w13, w2 = _ScaleGradient.apply(w13, self.grad_scale), _ScaleGradient.apply(w2, self.grad_scale)
-        self._local = {"w13": w13, "w2": w2}  # what the projection hooks below read
+        # This rank's pieces of every expert-dim parameter, by name: w13 [E_local, 2I, D],
+        # w2 [E_local, D, I], and a subclass's (LoRA: "lora.w13.lora_A" [E_local, r, D], ...).
+        self._local = {}  # what the projection hooks read
+        for name in self.expert_param_names():
+            local = self.get_parameter(name).to_local()
+            if self.grad_scale != 1.0 and local.requires_grad:
+                local = _ScaleGradient.apply(local, self.grad_scale)
+            self._local[name] = local
         try:
             if self.mode == "tp":
                 return self._forward_tp(x, weights, experts)
@@ -139,18 +148,22 @@ class ShardedExperts(Experts):
     def _local_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [R, D] sorted by local expert (counts [E_local]) through this rank's experts, with
         `Experts`' own loop / grouped GEMM (their projection hooks read the local pieces)."""
-        w13, w2 = self._local["w13"], self._local["w2"]
+        w2 = self._local["w2"]
         use_grouped = moe_model._backend == "grouped" or (
             moe_model._backend == "auto" and moe_model.grouped_mm_available(xs, w2))
         ys = self._grouped(xs, counts) if use_grouped else self._loop(xs, counts)  # [R, D]
         if ys.shape[0]:
             return ys
-        # No rows reached this rank's experts: zero gradients all the same (the weights stay in
-        # the graph), so every rank has the same gradients for FSDP2 to reduce.
-        return ys + 0 * w2.sum() + 0 * w13.sum()
+        # No rows reached this rank's experts: zero gradients all the same (the trained pieces
+        # stay in the graph), so every rank has the same gradients for FSDP2 to reduce.
+        return ys + sum(0 * t.sum() for t in self._local.values() if t.requires_grad)
 
     def expert_linear(self, name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
         return F.linear(rows, self._local[name][e])  # e: the local expert index
+
+    def local_piece(self, name: str) -> torch.Tensor:
+        """This rank's piece of the expert-dim parameter `name` during forward."""
+        return self._local[name]
 
     def grouped_linear(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         return torch._grouped_mm(x, self._local[name].to(x.dtype).transpose(-2, -1), offs=offs)
@@ -193,18 +206,33 @@ class ShardedExperts(Experts):
         return unsorted.view(n, k, -1).sum(dim=1).to(x.dtype)
 
 
+_SHARDED_CLASSES: dict[type, type] = {Experts: ShardedExperts}
+
+
+def _sharded_class(cls: type) -> type:
+    """ShardedExperts for plain experts; for a subclass that adds to the projection hooks (LoRA
+    on the experts), a class whose hooks run the subclass's first, then ShardedExperts' on
+    this rank's pieces (MRO: cls, ShardedExperts, Experts)."""
+    if cls not in _SHARDED_CLASSES:
+        _SHARDED_CLASSES[cls] = type(f"Sharded{cls.__name__}", (cls, ShardedExperts), {})
+    return _SHARDED_CLASSES[cls]
+
+
 def shard_experts(module: Experts, mesh: DeviceMesh, mode: str, grad_scale: float = 1.0) -> None:
-    """Split `module`'s experts over the 1-D `mesh` in place (works on meta). Expert parallelism
-    passes grad_scale = 1/ep: FSDP2 averages the expert gradients over the ep_replicate ranks
-    only, while the loss of each rank is scaled for an average over all dp ranks."""
-    if type(module) is not Experts:  # e.g. LoRA on the experts: its own forward would be lost
-        raise TunesmithError(f"parallel.tp / parallel.ep split plain experts only, not "
-                             f"{type(module).__name__}; use tp=1 and ep=1 with it")
-    for name in ("w13", "w2"):
-        p = getattr(module, name)
+    """Split `module`'s experts over the 1-D `mesh` in place (works on meta): every parameter
+    named by `expert_param_names()` (the expert dim first) becomes a DTensor Shard(0). Expert
+    parallelism passes grad_scale = 1/ep: FSDP2 averages the expert gradients over the
+    ep_replicate ranks only, while the loss of each rank is scaled for an average over all dp
+    ranks."""
+    if not isinstance(module, Experts) or isinstance(module, ShardedExperts):
+        raise TunesmithError(f"parallel.tp / parallel.ep cannot split {type(module).__name__}")
+    for name in module.expert_param_names():
+        owner, _, leaf = name.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        p = getattr(holder, leaf)
         dt = distribute_tensor(p, mesh, [Shard(0)], src_data_rank=None if p.is_meta else 0)
-        module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
-    module.__class__ = ShardedExperts
+        holder.register_parameter(leaf, nn.Parameter(dt, requires_grad=p.requires_grad))
+    module.__class__ = _sharded_class(type(module))
     module.mode, module.group = mode, mesh.get_group()  # type: ignore[attr-defined]
     module.rank, module.size = mesh.get_local_rank(), mesh.size()  # type: ignore[attr-defined]
     module.grad_scale = grad_scale  # type: ignore[attr-defined]
