@@ -168,10 +168,10 @@ class QLoRAExperts(LoRAExperts, NF4Experts):
         out = super().nf4_project(name, x, offs, grouped)  # [N*k, out] bf16
         if name not in self.lora or not self.adapters_on:
             return out
-        lora = self.lora[name]
+        lora, ab = self.lora[name], self._pieces(name)  # A [E, r, in], B [E, out, r]
         if grouped:
-            return out + lora.grouped_delta(x.to(out.dtype), offs)
-        deltas = [lora.loop_delta(x[s:e], i) for i, (s, e) in enumerate(_segments(offs)) if e > s]
+            return out + lora.grouped_delta(x.to(out.dtype), offs, *ab)
+        deltas = [lora.loop_delta(x[s:e], i, *ab) for i, (s, e) in enumerate(_segments(offs)) if e > s]
         return out + torch.cat(deltas).to(out.dtype)
 
 
