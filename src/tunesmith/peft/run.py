@@ -116,7 +116,7 @@ def apply_peft(model: nn.Module, pc: PeftConfig, rt: Runtime, family: ModelFamil
         # loaded or drawn weight as it fills it (`parallel.loading.copy_full_into`). Families
         # loaded through transformers (load_fn, one process) are quantised after loading.
         n = quantize_base(model, adapter)
-        log.info("peft: %d linear layers stored in NF4", n)
+        log.info("peft: %d weights stored in NF4 (block linears, MoE expert stacks)", n)
     elif not on_meta:  # on meta: `quantize_peft_base` once the loaded values exist
         quantize_peft_base(model, pc, family, model_cfg)
     if pc.from_checkpoint:
@@ -164,7 +164,7 @@ def quantize_peft_base(model: nn.Module, pc: PeftConfig, family: ModelFamily,
     if pc.method == "qlora":
         n = quantize_base(model, family.adapter(model_cfg))
         if n:
-            log.info("peft: %d linear layers stored in NF4", n)
+            log.info("peft: %d weights stored in NF4 (block linears, MoE expert stacks)", n)
     elif pc.method != "none" and pc.base_dtype == "float8":
         n, dense = float8_base(model, family.adapter(model_cfg))
         log.info("peft: %d linear layers stored in float8 e4m3 (row scales)%s", n,
