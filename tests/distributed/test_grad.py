@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from tests.distributed.helpers import REPO, torchrun
 
 
 def test_partial_grads_settle_in_one_bucket_like_redistribute():
     proc = torchrun(4, [str(REPO / "tests/distributed/_settle_worker.py")], timeout=120)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("rank ")]
-    assert proc.returncode == 0 and len(lines) == 4, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert all(" ok buckets=[(3, (1,))]" in ln for ln in lines), lines
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # Searched in the whole output, not per line: the ranks share one stdout, and another
+    # process's line can land on the same line.
+    ok = re.findall(r"rank (\d+): ok buckets=\[\(3, \(1,\)\)\]", proc.stdout)
+    assert sorted(int(r) for r in ok) == [0, 1, 2, 3], proc.stdout[-2000:]

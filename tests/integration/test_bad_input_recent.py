@@ -183,7 +183,7 @@ def _tiny_argv(tok: Path, data: Path, out: Path, model: str, *extra: str, ov: st
     ("moe-tiny", ["peft.method=llama_adapter"], ("llama_adapter is not available", "'qwen3_moe'")),
     ("moe-tiny", ["peft.method=lora", "peft.dropout=0", "peft.target_parameters=[experts.gate_proj]"],
      ("['experts.gate_proj'] match no expert weight", "gate_up_proj")),
-    ("moe-tiny", ["peft.method=dora", "peft.target_parameters=[w13]"], ("needs peft.method=lora, not dora",)),
+    ("moe-tiny", ["peft.method=dora", "peft.target_parameters=[w13]"], ("needs peft.method=lora or qlora, not dora",)),
     ("moe-tiny", ["parallel.ep=0"], ("parallel.ep", "greater than or equal to 1")),
     ("tiny", ["peft.method=lora", "peft.dropout=0", "peft.target_parameters=[experts.gate_up_proj]", DENSE],
      ("Llama has no stacked expert weights",)),
