@@ -104,11 +104,14 @@ def _parity_one(kind: str, r: int) -> dict:
             "peft": peft.__version__, "transformers": transformers.__version__}
 
 
-def step_kernels(_args) -> dict:
+def lora_expert_layer():
+    """(layer, x): one Qwen3-30B-A3B-shaped sparse layer on CUDA (bf16 base, weights N(0, 0.02))
+    whose experts carry LoRA r=R on both weights (fp32 adapters, B drawn too so the update is
+    not zero), and an input x [2, 4096, D] bf16. Also benchmarks/moe_qlora_device.py's layer."""
     import torch
 
     from tunesmith.models.moe.config import preset
-    from tunesmith.models.moe.model import SparseMoE, grouped_mm_available
+    from tunesmith.models.moe.model import SparseMoE
     from tunesmith.peft.experts import LoRAExperts
     from tunesmith.peft.lora import LoRASpec
 
@@ -123,8 +126,21 @@ def step_kernels(_args) -> dict:
     with torch.no_grad():
         for m in layer.experts.lora.values():
             m.lora_B.normal_(0, 0.02)
-    x = torch.randn(2, 4096, cfg.dim, device="cuda", dtype=torch.bfloat16)
-    params = {f"{n}_{k}": p for n, m in layer.experts.lora.items() for k, p in m.named_parameters()}
+    return layer, torch.randn(2, 4096, cfg.dim, device="cuda", dtype=torch.bfloat16)
+
+
+def lora_params(experts) -> dict:
+    """{w13_lora_A: Parameter, ...}: the expert adapters, by the names the reports use."""
+    return {f"{n}_{k}": p for n, m in experts.lora.items() for k, p in m.named_parameters()}
+
+
+def step_kernels(_args) -> dict:
+    import torch
+
+    from tunesmith.models.moe.model import grouped_mm_available
+
+    layer, x = lora_expert_layer()
+    params = lora_params(layer.experts)
     with torch.autocast("cuda", torch.bfloat16):
         res = compare_backends(layer, x, params)
         res["grouped_mm_available"] = grouped_mm_available(x, layer.experts.w2)

@@ -33,13 +33,11 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from moe_device import WARMUP, _train, _trainer, compare_backends, run_steps  # noqa: E402
+from moe_lora_device import ALPHA, ATTN, EXPERTS, R, lora_expert_layer, lora_params  # noqa: E402
 
 STEPS = {"parity": 40, "qwen3_qlora": 95, "qwen3_lora_bf16": 60, "mixtral_qlora": 90}
 BUDGET_S = 235
 SEQ, MICRO_BATCH, SPEED_STEPS = 2048, 2, 7
-R, ALPHA = 16, 32
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 MODELS = {"qwen3": "qwen3-30b-a3b", "mixtral": "mixtral-8x7b"}
 
 
@@ -50,23 +48,10 @@ def _nf4_layer_pair():
 
     import torch
 
-    from tunesmith.models.moe.config import preset
-    from tunesmith.models.moe.model import SparseMoE
     from tunesmith.peft.experts import LoRAExperts
-    from tunesmith.peft.lora import LoRASpec
     from tunesmith.peft.quant_experts import NF4Experts, quantize_experts
 
-    cfg = preset("qwen3-30b-a3b")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        layer = SparseMoE(cfg).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.02)
-    layer.experts = LoRAExperts(layer.experts, LoRASpec(r=R, alpha=ALPHA), ("w13", "w2"), torch.float32)
-    with torch.no_grad():
-        for m in layer.experts.lora.values():
-            m.lora_B.normal_(0, 0.02)
+    layer, x = lora_expert_layer()
     ref = copy.copy(layer)  # shares router and adapters
     ref._modules = dict(layer._modules)
     nf4 = quantize_experts(layer.experts)  # QLoRAExperts: NF4 [E*out, in], same adapters
@@ -75,9 +60,7 @@ def _nf4_layer_pair():
     torch.nn.Module.__init__(plain)
     plain.w13, plain.w2, plain.spec, plain.shapes, plain.lora = dense.w13, dense.w2, nf4.spec, nf4.shapes, nf4.lora
     layer.experts, ref._modules["experts"] = nf4, plain
-    x = torch.randn(2, 4096, cfg.dim, device="cuda", dtype=torch.bfloat16)
-    params = {f"{n}_{k}": p for n, m in nf4.lora.items() for k, p in m.named_parameters()}
-    return layer, ref, x, params
+    return layer, ref, x, lora_params(nf4)
 
 
 def _fwd_bwd(layer, x, params: dict) -> tuple[dict, float]:
