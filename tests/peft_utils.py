@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tunesmith.config import RunConfig
-from tunesmith.models import build_model, init_random, load_pretrained, resolve_model_config, save_pretrained
+from tunesmith.models import (
+    build_model,
+    init_random,
+    load_pretrained,
+    resolve_model_config,
+    save_pretrained,
+)
 from tunesmith.optim import build_optimizer, build_scheduler
 from tunesmith.runtime import resolve_runtime
 from tunesmith.train.trainer import Trainer
@@ -78,3 +86,58 @@ def train_steps(trainer: Trainer, n: int, start_seed: int = 100, vary: bool = Tr
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def compile_or_skip() -> None:
+    """Skip (with the reason) where torch.compile cannot build CPU kernels, e.g. no C++ compiler."""
+    import pytest
+
+    try:
+        torch.compile(lambda t: t.sin() + 1)(torch.ones(4))
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"torch.compile does not work on this CPU: {type(e).__name__}: {str(e)[:200]}")
+
+
+@dataclass
+class NF4BackwardWatch:
+    """What the last step of `watch_nf4_backward` showed: tensors autograd saved for backward
+    (shape, dtype; parameters and NF4 storage left out), NF4 dequantisations made (`calls`), the
+    most dense copies alive at once (`peak`) and those still alive after backward (`live`)."""
+
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    calls: int = 0
+    peak: int = 0
+    live: int = 0
+
+
+def watch_nf4_backward(model: nn.Module, monkeypatch, rt, make_ids, steps: int = 2) -> NF4BackwardWatch:
+    """Run `steps` forward + backward passes of `model(make_ids())` under rt's autocast (step 0
+    compiles compiled blocks; the last is the steady state), counting the live dense copies of
+    `quant._dequant` (freed when the op drops them) and recording what is saved for backward."""
+    from tunesmith.peft import quant
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not quant.is_nf4(p)}
+    watch = NF4BackwardWatch()
+    dequant = quant._dequant
+
+    def counted(*args):
+        w = dequant(*args)
+        watch.live += 1
+        watch.calls += 1
+        watch.peak = max(watch.peak, watch.live)
+        weakref.finalize(w, lambda: setattr(watch, "live", watch.live - 1))
+        return w
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not quant.is_nf4(t) and t.untyped_storage().data_ptr() not in params:
+            watch.saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    monkeypatch.setattr(quant, "_dequant", counted)
+    for _ in range(steps):
+        watch.saved.clear()
+        watch.calls = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
+            loss = model(make_ids()).float().square().mean()
+        loss.backward()
+    return watch

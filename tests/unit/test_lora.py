@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 import sys
-import weakref
 
 import pytest
 import torch
 
-from tests.peft_utils import QLORA_SHAPE, batch, ids, make_trainer, snapshot, tiny_model, train_steps
+from tests.peft_utils import (
+    QLORA_SHAPE,
+    batch,
+    compile_or_skip,
+    ids,
+    make_trainer,
+    snapshot,
+    tiny_model,
+    train_steps,
+    watch_nf4_backward,
+)
 from tunesmith.checkpoint import CheckpointManager, ObjectState, OptimizerState
 from tunesmith.config import PeftConfig
 from tunesmith.errors import TunesmithError
@@ -304,14 +313,6 @@ def test_qlora_on_cpu_trains_adapters_on_an_nf4_base() -> None:
         n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _compile_or_skip() -> None:
-    """Skip (with the reason) where torch.compile cannot build CPU kernels, e.g. no C++ compiler."""
-    try:
-        torch.compile(lambda t: t.sin() + 1)(torch.ones(4))
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"torch.compile does not work on this CPU: {type(e).__name__}: {str(e)[:200]}")
-
-
 @pytest.mark.skipif(not nf4_available(), reason="torchao with NF4Tensor is not installed")
 @pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -320,7 +321,7 @@ def test_qlora_saves_only_nf4_for_backward(monkeypatch, compiled: bool, ac: bool
     saved for backward -- compiled blocks used to save every one, ~2.4x the NF4 model -- and
     forward and backward each dequantise again, so at most one dense weight is alive at a time."""
     if compiled:
-        _compile_or_skip()
+        compile_or_skip()
         torch._dynamo.reset()  # a fresh cache: blocks really compile, whatever ran before
     model, family, cfg = tiny_model(**QLORA_SHAPE)
     rt = Runtime(torch.device("cpu"), "bf16", torch.float32, torch.bfloat16)
@@ -330,40 +331,17 @@ def test_qlora_saves_only_nf4_for_backward(monkeypatch, compiled: bool, ac: bool
     if compiled:
         for block in model.layers:
             block.compile()
-    # Parameters (the bf16 head/embedding, NF4 storage) cost nothing to save: leave them out.
-    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not quant.is_nf4(p)}
     dense = set()
     for m in model.modules():
         if getattr(m, "quantized", False):
             o, i = m.weight.shape
             dense |= {(o, i), (i, o), (o * i,)}
-    live, peak = [0], [0]
-    dequant = quant._dequant
-
-    def counted(*args):  # live dense copies, freed when the op drops them
-        w = dequant(*args)
-        live[0] += 1
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(w, lambda: live.__setitem__(0, live[0] - 1))
-        return w
-
-    monkeypatch.setattr(quant, "_dequant", counted)
-    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not quant.is_nf4(t) and t.untyped_storage().data_ptr() not in params:
-            saved.append((tuple(t.shape), t.dtype))
-        return t
-
-    for step in range(2):  # step 0 compiles; step 1 is the steady state
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-            loss = model(ids()).float().square().mean()
-        loss.backward()
-    assert saved, "no saved tensors seen: the hooks did not fire"
-    leaked = [(s, d) for s, d in saved if s in dense and d in (torch.bfloat16, torch.float32)]
+    # Parameters (the bf16 head/embedding, NF4 storage) cost nothing to save: the watch leaves them out.
+    watch = watch_nf4_backward(model, monkeypatch, rt, ids)
+    assert watch.saved, "no saved tensors seen: the hooks did not fire"
+    leaked = [(s, d) for s, d in watch.saved if s in dense and d in (torch.bfloat16, torch.float32)]
     assert not leaked, f"dense weights saved for backward: {leaked}"
-    assert peak[0] == 1 and live[0] == 0
+    assert watch.peak == 1 and watch.live == 0
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     if compiled:

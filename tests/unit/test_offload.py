@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from tests.peft_utils import batch, tiny_model
+from tests.peft_utils import batch, compile_or_skip, tiny_model
 from tunesmith.parallel import apply_activation_checkpointing
 from tunesmith.parallel.offload import apply_activation_offload
 
@@ -31,9 +31,7 @@ def _grads(model, data) -> tuple[float, dict[str, torch.Tensor]]:
                          ids=["offload", "full-ac+offload", "compiled+full-ac+offload"])
 def test_offloaded_activations_give_identical_gradients(ac, compiled):
     if compiled:
-        from tests.unit.test_lora import _compile_or_skip
-
-        _compile_or_skip()
+        compile_or_skip()
         torch._dynamo.reset()
     data = batch(7)
     ref_model = tiny_model(seed=3)[0]

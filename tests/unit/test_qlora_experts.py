@@ -5,17 +5,24 @@ the parameter bytes of an assembled model against the formula."""
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from torch import nn
 
+from tests.peft_utils import compile_or_skip, watch_nf4_backward
 from tunesmith.config import load_config
 from tunesmith.models import build_model, init_random, resolve_model_config
 from tunesmith.models.moe import model as moe_model
 from tunesmith.parallel import apply_activation_checkpointing
-from tunesmith.peft import LoRALinear, LoRASpec, apply_lora, merge_lora, nf4_available, quant, quantize_base
+from tunesmith.peft import (
+    LoRALinear,
+    LoRASpec,
+    apply_lora,
+    merge_lora,
+    nf4_available,
+    quant,
+    quantize_base,
+)
 from tunesmith.peft.experts import LoRAExperts, dense_weight, expert_lora_modules
 from tunesmith.peft.lora import NF4Linear
 from tunesmith.peft.quant_experts import NF4Experts, QLoRAExperts
@@ -127,10 +134,7 @@ def test_only_nf4_storage_is_saved_for_backward(monkeypatch, compiled: bool, ac:
     """Under bf16 autocast no dense expert stack (nor any dense weight) is saved for backward,
     and each projection dequantises on use and frees it: at most one dense copy at a time."""
     if compiled:
-        try:
-            torch.compile(lambda t: t.sin() + 1)(torch.ones(4))
-        except Exception as e:  # noqa: BLE001
-            pytest.skip(f"torch.compile does not work on this CPU: {type(e).__name__}: {str(e)[:200]}")
+        compile_or_skip()
         torch._dynamo.reset()
     model = _qlora_model()
     if ac:
@@ -138,42 +142,17 @@ def test_only_nf4_storage_is_saved_for_backward(monkeypatch, compiled: bool, ac:
     if compiled:
         for block in model.layers:
             block.compile()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not quant.is_nf4(p)}
     dense = {(8, 64, 128), (8, 128, 64), (512, 128), (8, 128, 32), (8, 32, 128), (1024, 32), (128, 128)}
-    live, peak, calls = [0], [0], [0]
-    dequant = quant._dequant
-
-    def counted(*args):
-        w = dequant(*args)
-        live[0] += 1
-        calls[0] += 1
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(w, lambda: live.__setitem__(0, live[0] - 1))
-        return w
-
-    monkeypatch.setattr(quant, "_dequant", counted)
-    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not quant.is_nf4(t) and t.untyped_storage().data_ptr() not in params:
-            saved.append((tuple(t.shape), t.dtype))
-        return t
-
     rt = Runtime(torch.device("cpu"), "bf16", torch.float32, torch.bfloat16)
-    for _ in range(2):  # step 0 compiles; step 1 is the steady state
-        saved.clear()
-        calls[0] = 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-            loss = model(_ids()).float().square().mean()
-        loss.backward()
-    assert saved
-    leaked = [(s, d) for s, d in saved if s in dense and d in (torch.bfloat16, torch.float32)]
+    watch = watch_nf4_backward(model, monkeypatch, rt, _ids)
+    assert watch.saved
+    leaked = [(s, d) for s, d in watch.saved if s in dense and d in (torch.bfloat16, torch.float32)]
     assert not leaked, f"dense weights saved for backward: {leaked}"
-    assert peak[0] == 1 and live[0] == 0
+    assert watch.peak == 1 and watch.live == 0
     # 2 layers x (4 attention + 2 expert stacks) dequantised in forward, again in backward (but
     # layer 0's q/k/v, whose input needs no gradient: the embedding is frozen), and once more in
     # forward under activation checkpointing's recompute
-    assert calls[0] == 2 * 6 * (2 if ac else 1) + 2 * 6 - 3
+    assert watch.calls == 2 * 6 * (2 if ac else 1) + 2 * 6 - 3
     grads = [p.grad for n, p in model.named_parameters() if ".experts.lora." in n]
     assert len(grads) == 8 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     if compiled:
