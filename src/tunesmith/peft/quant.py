@@ -250,19 +250,26 @@ def _(grad, qdata, qscalers, qfactor, mean, lut, block_size, scaler_block_size, 
     return grad.new_empty((*grad.shape[:-1], in_f))
 
 
-def _nf4_setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[1:6])  # the NF4 storage only: no activations, no dense weight
-    ctx.meta = inputs[6:]
+def register_input_grad_autograd(op, grad_op, n_tensors: int) -> None:
+    """Autograd for an NF4 matmul op with inputs (x, n_tensors tensors, non-tensor meta...):
+    backward saves those tensors only (the NF4 storage, no activations, no dense weight) and
+    returns x's gradient from `grad_op(grad, *tensors, *meta)`, which dequantises again; the
+    weight is frozen, so nothing else gets a gradient. Shared by `nf4_linear` and the MoE
+    experts' op (peft.quant_experts)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[1:1 + n_tensors])
+        ctx.meta, ctx.n_inputs = inputs[1 + n_tensors:], len(inputs)
+
+    def backward(ctx, grad: Tensor):
+        grad_x = grad_op(grad, *ctx.saved_tensors, *ctx.meta) if ctx.needs_input_grad[0] else None
+        return (grad_x,) + (None,) * (ctx.n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _nf4_backward(ctx, grad: Tensor):
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.tunesmith.nf4_linear_grad_input(grad, *ctx.saved_tensors, *ctx.meta)
-    return (grad_x,) + (None,) * 9
-
-
-_nf4_linear_op.register_autograd(_nf4_backward, setup_context=_nf4_setup_context)
+# saved: qdata, qscalers, qfactor, mean, lut
+register_input_grad_autograd(_nf4_linear_op, torch.ops.tunesmith.nf4_linear_grad_input, 5)
 
 
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -90,19 +90,8 @@ def _(grad, offs, qdata, qscalers, qfactor, mean, lut, block_size, scaler_block_
     return grad.new_empty((grad.shape[0], in_f))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[1:7])  # offs + the NF4 storage: no activations, no dense stack
-    ctx.meta = inputs[7:]
-
-
-def _backward(ctx, grad: Tensor):
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.tunesmith.nf4_experts_linear_grad_input(grad, *ctx.saved_tensors, *ctx.meta)
-    return (grad_x,) + (None,) * 12
-
-
-_nf4_experts_op.register_autograd(_backward, setup_context=_setup_context)
+# saved: offs + the NF4 storage (qdata, qscalers, qfactor, mean, lut): no activations, no dense stack
+quant.register_input_grad_autograd(_nf4_experts_op, torch.ops.tunesmith.nf4_experts_linear_grad_input, 6)
 
 
 def nf4_experts_linear(x: Tensor, weight: Tensor, n_exp: int, offs: Tensor, grouped: bool) -> Tensor:
