@@ -31,7 +31,9 @@ from tunesmith.objective.loss import _chunk_loss, _chunk_loss_and_grad  # noqa: 
 ROWS, VOCAB = 4096, 128256
 
 
-def _time(fn, make_input, reps=30, warm=5) -> float:
+def median_cuda_ms(fn, make_input=lambda: None, reps: int = 30, warm: int = 5) -> float:
+    """Median ms of `fn(make_input())` over `reps` runs after `warm`, by CUDA events; the input
+    is made outside the timed span (a fresh block each run: the kernels write in place)."""
     times = []
     for i in range(warm + reps):
         x = make_input()
@@ -79,7 +81,7 @@ def main() -> None:
                      ("triton_grad", lambda x: ce_kernel.chunk_loss_and_grad(x, y)),
                      ("inductor_loss_only", lambda x: inductor_loss(x, y)),
                      ("triton_loss_only", lambda x: ce_kernel.chunk_loss(x, y))):
-        ms = _time(fn, logits.clone)
+        ms = median_cuda_ms(fn, logits.clone)
         passes = 3 if name.endswith("grad") else 1
         timing[name] = {"ms": ms, "TB_per_s_at_%d_passes" % passes: passes * block_bytes / ms / 1e9}
     res["timing"] = timing

@@ -1,27 +1,18 @@
 """The Triton cross-entropy rows kernel (objective/ce_kernel.py) against the reference
 expression of the fused loss (`_chunk_loss_and_grad`), run by Triton's interpreter on CPU.
 
-CUDA builds of torch ship Triton; this CPU machine does not, so `.ci/run` installs Triton into
-`.triton-interp/` (outside the venv, so nothing else in the suite sees it) and the checks run
-in a subprocess with TRITON_INTERPRET=1. The same kernel runs compiled on the H200
-(benchmarks/ce_kernel_device.py)."""
+The checks run in a subprocess under TRITON_INTERPRET=1 (tests/triton_interp.py). The same
+kernel runs compiled on the H200 (benchmarks/ce_kernel_device.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from tests.triton_interp import run_interpreted
 from tunesmith.errors import TunesmithError
 from tunesmith.objective import loss
-
-ROOT = Path(__file__).resolve().parents[3]
-INTERP_DIR = ROOT / ".triton-interp"
 
 CHECKS = textwrap.dedent("""
     import torch
@@ -72,25 +63,8 @@ CHECKS = textwrap.dedent("""
 """)
 
 
-def _triton_path() -> str | None:
-    if importlib.util.find_spec("triton") is not None:
-        return ""
-    if (INTERP_DIR / "triton").is_dir():
-        return str(INTERP_DIR)
-    return None
-
-
 def test_kernel_equals_reference_under_interpreter():
-    extra = _triton_path()
-    if extra is None:
-        pytest.skip("Triton is not installed here (.ci/run installs it into .triton-interp/)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    paths = [p for p in (extra, str(ROOT / "src"), env.get("PYTHONPATH", "")) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    out = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_interpreted(CHECKS).strip().endswith("ok")
 
 
 def test_kernel_choice(monkeypatch):
