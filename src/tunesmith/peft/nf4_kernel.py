@@ -70,5 +70,5 @@ def dequant_flat(qdata: torch.Tensor, qscalers: torch.Tensor, qfactor: torch.Ten
     if n_blocks:
         _dequant_nf4[(triton.cdiv(n_blocks, _BLOCKS),)](
             qdata, qscalers, qfactor, mean, lut, out, n_blocks,
-            HALF_BLOCK=block_size // 2, SCALER_BLOCK=scaler_block_size, BLOCKS=_BLOCKS, num_warps=8)
+            HALF_BLOCK=block_size // 2, SCALER_BLOCK=scaler_block_size, BLOCKS=_BLOCKS, num_warps=4)
     return out
