@@ -53,8 +53,10 @@ if triton is not None:
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
         lse = m + tl.log(d)
+        # Targets are in [0, n_cols) or IGNORE (inputs shifted by one, and the embedding rejects
+        # ids beyond the vocabulary); the mask only keeps a bad label from reading past the row.
         safe_y = tl.where(valid, y, 0)
-        picked = tl.load(x_ptr + safe_y).to(tl.float32)
+        picked = tl.load(x_ptr + safe_y, mask=(safe_y >= 0) & (safe_y < n_cols), other=0.0).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
         if WRITE_GRAD:
             # Pass 2: G = (exp(x - lse) - [col == y]) * scale; scale is 0 on ignored rows.
