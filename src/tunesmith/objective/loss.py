@@ -15,7 +15,6 @@ target tokens across all micro-batches of a step, so accumulation is exact.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from tunesmith.errors import TunesmithError
 from tunesmith.objective import ce_kernel
 from tunesmith.objective.loss_float8 import check_float8_head, float8_chunks, quantize
+from tunesmith.switches import switch
 
 log = logging.getLogger("tunesmith")
 
@@ -157,10 +157,7 @@ def _compiled_kernels(device: torch.device):
 def ce_kernel_choice() -> str:
     """"triton" (ce_kernel.py: one pass + one in-place pass per row) on CUDA when Triton is
     importable, else "inductor"; `TUNESMITH_CE=inductor` pins the compiled expression (A/B)."""
-    want = os.environ.get("TUNESMITH_CE", "auto")
-    if want not in ("auto", "triton", "inductor"):
-        raise TunesmithError(f"TUNESMITH_CE={want!r}: expected auto, triton or inductor")
-    if want == "inductor" or not ce_kernel.available():
+    if switch("TUNESMITH_CE") == "inductor" or not ce_kernel.available():
         return "inductor"
     return "triton"
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 from types import ModuleType
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor
 from tunesmith.errors import TunesmithError
 from tunesmith.parallel.quantized import is_quantized
 from tunesmith.peft import nf4_kernel
+from tunesmith.switches import switch
 
 MIN_TORCHAO = "0.7"
 # NF4Tensor.from_tensor's defaults: 64 elements share a scale, 256 scales share a second-level one.
@@ -237,10 +237,7 @@ def _use_kernel(qdata: Tensor, qfactor: Tensor, mean: Tensor, lut: Tensor, block
     """Whether `_dequant` runs nf4_kernel: CUDA, Triton importable, bf16 storage and a
     power-of-two block (torchao's: 64), not pinned to the compiled expression by
     `TUNESMITH_NF4=compiled`."""
-    want = os.environ.get("TUNESMITH_NF4", "kernel")
-    if want not in ("kernel", "compiled"):
-        raise TunesmithError(f"TUNESMITH_NF4={want!r}: expected kernel or compiled")
-    if want == "compiled" or qdata.device.type != "cuda" or not nf4_kernel.available():
+    if switch("TUNESMITH_NF4") == "compiled" or qdata.device.type != "cuda" or not nf4_kernel.available():
         return False
     pow2 = block_size >= 2 and block_size & (block_size - 1) == 0
     return pow2 and all(t.dtype == torch.bfloat16 for t in (qfactor, mean, lut))
