@@ -3,11 +3,11 @@
 The fused loss (`loss.py`) walks the tokens in [c, V] blocks; per block it needs the sum of
 token losses and G = softmax(logits) - onehot(y) (zero on ignored rows). The block is bf16 and
 large (4096 x 128256 = 1.05 GB), so the work is memory-bound: what counts is how many times the
-block crosses HBM. Inductor's kernel for the same expression read the block twice, wrote G once,
-and reached ~2.4 TB/s (H200, 1.29 ms per block; benchmarks/RESULTS.md). Here one program owns
-one row: an online max / sum-of-exp pass over the row, then a second pass that writes G over the
-logits in place (no second [c, V] allocation). A row is 256 KB, so much of the second read comes
-from L2 rather than HBM.
+block crosses HBM. Inductor's kernel for the same expression reads the block twice and writes G
+once into a second block: 1.19 ms per [4096, 128256] block on an H200 (2.6 TB/s over those
+three passes). Here one program owns one row: an online max / sum-of-exp pass over the row, then
+a second pass that writes G over the logits in place (no second [c, V] allocation): 0.94 ms
+(3.35 TB/s; benchmarks/RESULTS.md). A row is 256 KB, so part of the second read comes from L2.
 
 Values equal the reference `_chunk_loss_and_grad` up to fp32 summation order: the softmax is
 computed in fp32 from the stored logits, G is rounded once to the block's dtype.

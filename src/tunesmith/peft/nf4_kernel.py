@@ -1,11 +1,12 @@
 """NF4 dequantisation in one Triton kernel (CUDA): packed 4-bit codes -> the dense weight.
 
-QLoRA dequantises every frozen weight in forward and again in backward (twice more under
-activation checkpointing). For MoE experts, whose weights see few tokens each, that is most of
-the step: Qwen3-30B-A3B dequantises ~87B elements per step. The compiled expression of
-`quant._dequant_flat` ran at ~1.2 TB/s on an H200 (its interleave of high and low nibbles and
-int64 table indices cost it); this kernel reads each byte once, looks both codes up in the
-16-entry table, scales them by their block's scale and writes the two outputs side by side.
+QLoRA dequantises every frozen weight in forward and again in backward, and once more in the
+recomputed forward under activation checkpointing. For MoE experts, whose weights see few
+tokens each, that is a large share of the step: Qwen3-30B-A3B dequantises ~87B elements per
+step. The compiled expression of `quant._dequant_flat` ran at 1.0-1.4 TB/s on an H200 for the
+expert stacks; this kernel, at 2.3-2.6 TB/s (benchmarks/RESULTS.md), reads each byte once,
+computes each 64-weight block's scale once, looks both codes up in the 16-entry table and writes
+the two outputs side by side.
 
 Bit for bit equal to `quant._dequant_flat` (and so to torchao's `get_original_weight`): every
 intermediate is rounded to the table's dtype (bf16) where eager rounds it, and the scale's
