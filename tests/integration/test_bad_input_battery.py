@@ -212,6 +212,17 @@ def test_override_wrong_type(tmp_path, tiny_tokenizer_dir, demo_text, capsys):
           "optim.lr", "'fast'", absent=(out,))
 
 
+def test_training_set_smaller_than_one_batch(tmp_path, tiny_tokenizer_dir, capsys):
+    """A small SFT/CLM file packs into fewer rows than one micro-batch: the line names the data
+    and the keys to change (it said only 'dataset has 4 examples')."""
+    data = tmp_path / "small.txt"
+    data.write_text("Once upon a time there was a tiny file.\n" * 400)
+    out = tmp_path / "out"
+    fails(_train_argv(tiny_tokenizer_dir, out, data, "train.micro_batch_size=512"), capsys,
+          f"the training set of {data} has", "train.micro_batch_size=512 x 1 rank(s)",
+          "data.drop_last=false", absent=(out,))
+
+
 def test_override_negative_block_size(tmp_path, tiny_tokenizer_dir, demo_text, capsys):
     out = tmp_path / "out"
     fails(_train_argv(tiny_tokenizer_dir, out, demo_text[0], "data.block_size=-8"), capsys,

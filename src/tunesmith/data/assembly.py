@@ -75,6 +75,14 @@ def check_task_family(cfg: RunConfig, family: ModelFamily) -> None:
 def _stateful(ds: Any, cfg: RunConfig, collate: Any, train: bool, shard: Shard) -> StatefulLoader:
     rank, world = shard
     if train:
+        mb = cfg.train.micro_batch_size
+        if cfg.data.drop_last and len(ds) // world < mb:
+            # the loader's own check cannot name the data or the keys to change
+            raise TunesmithError(
+                f"the training set of {cfg.data.path} has {len(ds)} rows (examples after "
+                f"packing, splitting and filtering), fewer than one batch of "
+                f"train.micro_batch_size={mb} x {world} rank(s): lower train.micro_batch_size, "
+                "add data, or set data.drop_last=false")
         loader = StatefulLoader(ds, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
                                 shuffle=True, seed=cfg.train.seed, drop_last=cfg.data.drop_last,
                                 rank=rank, world_size=world)
