@@ -136,3 +136,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_tokenizer_dir, capsys, extr
 
     assert re.search(pattern, err), err
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+
+
+def test_streamed_sft_invalid_record_says_how_to_skip(tmp_path, tiny_tokenizer_dir, capsys) -> None:
+    """A streamed record is met only once training runs, so the run has started (its output
+    directory exists), but the one line still says what, where and how to go on."""
+    data = _write(tmp_path / "d.jsonl", [{"instruction": "x", "output": " "}])
+    argv = ["train", _recipe(tmp_path), "task=sft", "model.name=tiny", "sft.format=alpaca",
+            f"model.tokenizer={tiny_tokenizer_dir}", TINY_LLAMA, f"data.path={data}",
+            "data.validation_split_percentage=0", f"output.dir={tmp_path / 'o'}", *COMMON,
+            "data.streaming=true", "train.max_steps=1"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tunesmith: error: {data}: record 1 (line 1): empty response in field "
+                   "'output' (sft.invalid=skip skips such records and counts them)")

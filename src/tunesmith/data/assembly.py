@@ -172,7 +172,7 @@ def _sft_stream(cfg: RunConfig, tokenizer: Any, tok_source: str, shard: Shard) -
             rendered = formatter(record, where)
         except InvalidRecord as exc:
             if cfg.sft.invalid != "skip":
-                raise
+                raise exc.with_skip_hint() from exc
             stats.note_skip(str(exc))
             return None
         (ids, mask), = tok.encode([rendered])
