@@ -24,6 +24,11 @@ variant in its own subprocess (clean allocator, fair peak memory). Variants:
   hf-peft-liger    hf-peft with `use_liger_kernel=True` (Liger's RMSNorm / RoPE / SwiGLU and fused
                    linear cross-entropy; liger-kernel must be installed)
   hf-peft-liger-nogc  the same without gradient checkpointing
+  hf-peft-qlora    QLoRA as HF users run it: the base in bitsandbytes NF4 (double quantisation,
+                   bf16 compute), peft's `prepare_model_for_kbit_training` (embedding, head and
+                   norms in fp32), LoRA, HF Trainer, gradient checkpointing (bitsandbytes must be
+                   installed)
+  hf-peft-qlora-liger  the same with `use_liger_kernel=True`
 
 Throughput is the median step time after `--warmup` steps. Peak memory is measured from the
 end of model setup (so QLoRA's one-off bf16 -> NF4 conversion is not counted; `setup_gib`
@@ -46,7 +51,7 @@ from _variants import reset_memory, run_variant, sync  # noqa: E402  (benchmarks
 
 VARIANTS = ("tunesmith", "tunesmith-ac", "tunesmith-qlora", "tunesmith-qlora-noac", "tunesmith-eager",
             "tunesmith-float8", "hf-peft", "hf-peft-nogc", "hf-peft-liger",
-            "hf-peft-liger-nogc")
+            "hf-peft-liger-nogc", "hf-peft-qlora", "hf-peft-qlora-liger")
 DEFAULT = "tunesmith,tunesmith-ac,tunesmith-qlora,hf-peft"
 
 
@@ -114,10 +119,36 @@ def run_tunesmith(args, variant: str) -> dict:
     return _result(args, times, losses, trainable, total, setup_gib)
 
 
-def run_hf_peft(args, gradient_checkpointing: bool, liger: bool = False) -> dict:
-    """transformers + peft + HF Trainer on the same shape and data (`liger`: with Liger kernels)."""
+def bnb_4bit(model) -> None:
+    """Every nn.Linear but the LM head -> bitsandbytes `Linear4bit` (NF4, double-quantised
+    scales, bf16 compute), quantised on the device as `from_pretrained(...,
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))` would load it; the
+    base here is random, so it is quantised in place instead of read from a checkpoint."""
+    import bitsandbytes as bnb
     import torch
-    from peft import LoraConfig, get_peft_model
+
+    for parent in list(model.modules()):
+        for name, lin in list(parent.named_children()):
+            if type(lin) is not torch.nn.Linear or name == "lm_head":
+                continue
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True,
+                                  quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4")
+            if lin.bias is not None:
+                q.bias = lin.bias
+            setattr(parent, name, q.to(lin.weight.device))  # the move quantises
+            del lin
+
+
+def run_hf_peft(args, gradient_checkpointing: bool, liger: bool = False, qlora: bool = False) -> dict:
+    """transformers + peft + HF Trainer on the same shape and data (`liger`: with Liger kernels;
+    `qlora`: the base in bitsandbytes NF4, prepared by peft's `prepare_model_for_kbit_training`
+    as peft's QLoRA guide does)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from tunesmith.models import resolve_model_config
@@ -127,6 +158,12 @@ def run_hf_peft(args, gradient_checkpointing: bool, liger: bool = False) -> dict
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    if qlora:
+        bnb_4bit(model)
+        # casts the rest (embedding, head, norms) to fp32, as with a bnb-loaded model
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     # peft keeps adapters in fp32 by default (autocast_adapter_dtype=True): same split as ours.
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -157,7 +194,13 @@ def run_hf_peft(args, gradient_checkpointing: bool, liger: bool = False) -> dict
     trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return _result(args, times, [], trainable, total, setup_gib)
+    res = _result(args, times, [], trainable, total, setup_gib)
+    if qlora:  # what the base really is: every block linear a bnb NF4 layer under a LoRA wrapper
+        import bitsandbytes as bnb
+
+        res["bnb_nf4_linears"] = sum(isinstance(m, bnb.nn.Linear4bit) and not hasattr(m, "lora_A")
+                                     for m in model.modules())
+    return res
 
 
 def _result(args, times, losses, trainable, total, setup_gib) -> dict:
@@ -185,7 +228,7 @@ def _result(args, times, losses, trainable, total, setup_gib) -> dict:
 def child(args) -> None:
     if args.variant.startswith("hf-peft"):
         res = run_hf_peft(args, gradient_checkpointing=not args.variant.endswith("-nogc"),
-                          liger="liger" in args.variant)
+                          liger="liger" in args.variant, qlora="qlora" in args.variant)
     else:
         res = run_tunesmith(args, args.variant)
     print("RESULT " + json.dumps(res), flush=True)

@@ -179,7 +179,9 @@ def _markdown(results: dict) -> str:
     lines += [f"Full depth, seq {SEQ}, micro-batch {MICRO_BATCH}, full AC, compiled blocks, r={R} on q/k/v/o "
               "+ experts", "", "| run | tokens/s | peak GiB | after build GiB |", "|---|---|---|---|"]
     for name in ("qwen3_qlora", "qwen3_lora_bf16", "mixtral_qlora"):
-        r = results.get(name, {})
+        if name not in results:  # left out by --only
+            continue
+        r = results[name]
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.1f} | {r['after_build_gib']:.1f} |"
                      if "tokens_per_s" in r else f"| {name} | failed: {str(r.get('error', ''))[-80:]!r} | | |")
     return "\n".join(lines + [""])

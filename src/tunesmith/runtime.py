@@ -16,6 +16,7 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.models.attention import configure_sdpa
+from tunesmith.switches import check_switches
 
 log = logging.getLogger("tunesmith")
 
@@ -67,6 +68,7 @@ def resolve_runtime(device_name: str, precision: str) -> Runtime:
         "bf16-pure": (torch.bfloat16, None),
     }
     param_dtype, autocast_dtype = table[precision]
+    check_switches()
     if device.type == "cuda":
         # TF32 for the few fp32 matmuls left (e.g. fp32 runs): same range, ~8x the rate.
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"

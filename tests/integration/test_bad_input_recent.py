@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO, shared_path
-from tests.integration.test_bad_input_battery import fails
+from tests.integration.test_bad_input_battery import _train_argv, fails
 from tunesmith.cli.main import run
 
 DPO_RECIPE = REPO / "recipes" / "llama_dpo_lora.yaml"
@@ -343,3 +343,13 @@ def test_eval_on_a_preference_file_names_its_flag(pairs, tmp_path, capsys):
     data = _jsonl(tmp_path / "prefs.jsonl", pairs)
     fails(["eval", shared_path("models", "stories260K", "hf"), "--data", data], capsys,
           f"{data}:1: text column 'text' not found", "prompt, chosen, rejected", "--text-column")
+
+
+# ------------------------------------------------------------ kernel A/B switches
+def test_bad_kernel_switch_fails_before_any_work(tmp_path, tiny_tokenizer_dir, demo_text, monkeypatch,
+                                                  capsys):
+    """A typo in TUNESMITH_CE / TUNESMITH_NF4 fails at setup, not at the first loss or matmul."""
+    monkeypatch.setenv("TUNESMITH_NF4", "fastest")
+    out = tmp_path / "out"
+    fails(_train_argv(tiny_tokenizer_dir, out, demo_text[0]), capsys,
+          "TUNESMITH_NF4='fastest'", "kernel, compiled", absent=(out,))

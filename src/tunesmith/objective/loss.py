@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
+from tunesmith.objective import ce_kernel
 from tunesmith.objective.loss_float8 import check_float8_head, float8_chunks, quantize
+from tunesmith.switches import switch
 
 log = logging.getLogger("tunesmith")
 
@@ -142,8 +144,8 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _kernels(device: torch.device):
-    """(grad_fn, loss_fn): compiled on CUDA (built once per process), eager elsewhere."""
+def _compiled_kernels(device: torch.device):
+    """(grad_fn, loss_fn): inductor-compiled on CUDA (built once per process), eager elsewhere."""
     if device.type != "cuda":
         return _chunk_loss_and_grad_inplace, _chunk_loss_inplace
     if not _COMPILED:
@@ -152,9 +154,34 @@ def _kernels(device: torch.device):
     return _COMPILED["grad"], _COMPILED["loss"]
 
 
+def ce_kernel_choice() -> str:
+    """"triton" (ce_kernel.py: one pass + one in-place pass per row) on CUDA when Triton is
+    importable, else "inductor"; `TUNESMITH_CE=inductor` pins the compiled expression (A/B)."""
+    if switch("TUNESMITH_CE") == "inductor" or not ce_kernel.available():
+        return "inductor"
+    return "triton"
+
+
+def _kernels(device: torch.device):
+    """(grad_fn, loss_fn) for one [c, V] block: Triton rows kernel on CUDA (see
+    `ce_kernel_choice`), the compiled expression when the gradient's dtype differs from the
+    block's (the kernel writes G over the block), eager elsewhere."""
+    grad_fn, loss_fn = _compiled_kernels(device)
+    if device.type != "cuda" or ce_kernel_choice() != "triton":
+        return grad_fn, loss_fn
+
+    def triton_grad(logits, y, grad_dtype, grad_scale=1.0):
+        if logits.dtype != grad_dtype:
+            return grad_fn(logits, y, grad_dtype, grad_scale)
+        return ce_kernel.chunk_loss_and_grad(logits, y, grad_scale)
+
+    return triton_grad, ce_kernel.chunk_loss
+
+
 def _float8_kernels(device: torch.device):
-    """(grad_fn that also returns G's transpose, loss_fn, quantize) for `float8_chunks`."""
-    grad_fn, loss_fn = _kernels(device)
+    """(grad_fn that also returns G's transpose, loss_fn, quantize) for `float8_chunks`; the
+    gradient is e5m2, so it comes from the compiled expression (`_compiled_kernels`)."""
+    grad_fn, loss_fn = _compiled_kernels(device)
     if device.type != "cuda":
         return _with_transpose(grad_fn), loss_fn, quantize
     if "grad_f8" not in _COMPILED:

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from tunesmith.errors import TunesmithError
 from tunesmith.parallel.quantized import is_quantized
+from tunesmith.peft import nf4_kernel
+from tunesmith.switches import switch
 
 MIN_TORCHAO = "0.7"
 # NF4Tensor.from_tensor's defaults: 64 elements share a scale, 256 scales share a second-level one.
@@ -200,9 +202,14 @@ _compiled_dequant = None  # None: not built yet; False: compiling failed here, s
 
 def _dequant(qdata: Tensor, qscalers: Tensor, qfactor: Tensor, mean: Tensor, lut: Tensor,
              block_size: int, scaler_block_size: int, out_f: int, in_f: int) -> Tensor:
-    """The dense weight [out, in]. On CUDA it is compiled: eager it is ~9 kernels with int64
-    codes in between, ~30 bytes of memory traffic per weight element vs ~2.5 fused."""
+    """The dense weight [out, in]. On CUDA one Triton kernel (`nf4_kernel`, bf16 storage; the
+    compiled expression with `TUNESMITH_NF4=compiled`, the A/B) or, without Triton, compiled:
+    eager it is ~9 kernels with int64 codes in between, ~30 bytes of memory traffic per weight
+    element vs ~2.5 fused."""
     global _compiled_dequant
+    if _use_kernel(qdata, qfactor, mean, lut, block_size):
+        return nf4_kernel.dequant_flat(qdata, qscalers, qfactor, mean, lut, block_size,
+                                       scaler_block_size).view(out_f, in_f)
     fn = _dequant_flat
     if qdata.device.type in COMPILED_DEQUANT_DEVICES and _compiled_dequant is not False:
         if _compiled_dequant is None:
@@ -224,6 +231,16 @@ def _dequant(qdata: Tensor, qscalers: Tensor, qfactor: Tensor, mean: Tensor, lut
         with torch.no_grad():
             w = _dequant_flat(qdata, qscalers, qfactor, mean, lut, block_size, scaler_block_size)
     return w.view(out_f, in_f)
+
+
+def _use_kernel(qdata: Tensor, qfactor: Tensor, mean: Tensor, lut: Tensor, block_size: int) -> bool:
+    """Whether `_dequant` runs nf4_kernel: CUDA, Triton importable, bf16 storage and a
+    power-of-two block (torchao's: 64), not pinned to the compiled expression by
+    `TUNESMITH_NF4=compiled`."""
+    if switch("TUNESMITH_NF4") == "compiled" or qdata.device.type != "cuda" or not nf4_kernel.available():
+        return False
+    pow2 = block_size >= 2 and block_size & (block_size - 1) == 0
+    return pow2 and all(t.dtype == torch.bfloat16 for t in (qfactor, mean, lut))
 
 
 @torch.library.custom_op("tunesmith::nf4_linear", mutates_args=())
