@@ -138,6 +138,39 @@ def test_missing_weights(model_dir, capsys):
     fails(["generate", model_dir, "--prompt", "x"], capsys, "no weights in", str(model_dir))
 
 
+@pytest.mark.parametrize("layout, needles", [
+    ({"manifest.json": "{}"}, ("it is a training checkpoint", "tunesmith export")),
+    ({"final/config.json": "{}", "metrics.jsonl": ""}, ("it is a run directory; its model is",)),
+    ({"checkpoints/step_00000002/manifest.json": "{}"}, ("run directory without final/",
+                                                         "tunesmith export")),
+    ({"adapter_config.json": "{}"}, ("it is a PEFT adapter", "peft.from_checkpoint")),
+    ({}, ("has no config.json",)),
+])
+def test_model_argument_that_is_not_a_model_says_what_it_is(layout, needles, tmp_path, capsys):
+    """What new users pass to eval/generate/train as the model: a run directory, a training
+    checkpoint, an adapter. The one line names what it is and what to pass instead."""
+    model = tmp_path / "thing"
+    for rel, text in layout.items():
+        (model / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model / rel).write_text(text)
+    model.mkdir(exist_ok=True)
+    if "adapter_config.json" in layout:  # eval/generate take adapters; train needs the base
+        text = tmp_path / "t.txt"
+        text.write_text("Once upon a time\n" * 50)
+        fails(["train", f"model.name={model}", f"data.path={text}",
+               f"output.dir={tmp_path / 'out'}"], capsys, str(model), *needles,
+              absent=(tmp_path / "out",))
+    else:
+        fails(["generate", model, "--prompt", "x"], capsys, str(model), *needles)
+
+
+def test_model_argument_that_is_a_data_file(tmp_path, capsys):
+    text = tmp_path / "my.txt"
+    text.write_text("Once upon a time\n")
+    fails(["eval", text, "--data", text], capsys,
+          f"model {text} is a file, not a model directory or its config.json")
+
+
 # ------------------------------------------------------------ 2. YAML and CSV
 def test_yaml_duplicate_key_names_both_lines(tmp_path, tiny_tokenizer_dir, demo_text, capsys):
     recipe = tmp_path / "r.yaml"

@@ -114,4 +114,6 @@ def test_demo_keeps_an_earlier_demo_and_prints_plain_text(tmp_path):
     # stderr off a terminal: no tqdm redraws, no precision remark (the demo runs fp32 on CPU).
     assert "\r" not in done.stderr and "%|" not in done.stderr and "tokenizing" not in done.stderr
     assert "precision" not in done.stderr
+    # the demo's model config carries its own tokenizer's special-token ids: nothing to correct
+    assert "special tokens" not in done.stderr
     assert "model tiny: 1.44M params on cpu (fp32); 2 steps" in done.stderr

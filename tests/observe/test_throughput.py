@@ -28,6 +28,19 @@ def test_excluded_time_is_left_out_of_the_rate():
     assert tput.tokens == 100 and tput.pop_window() is None
 
 
+def test_a_run_too_short_to_time_reports_no_rate_rather_than_zero():
+    """warm-up 2: step 3 only starts the clock, so a 3-step run timed nothing. Its summary
+    said train_samples_per_s 0.0 next to tokens_per_s null; both must be None."""
+    tput = Throughput(warmup=2, flops_per_token=1.0, peak_tflops=None, device=torch.device("cpu"))
+    for _ in range(3):
+        tput.step(100, 4)
+    time.sleep(0.01)  # the final eval/save happens after the last step: elapsed() > 0
+    assert tput.elapsed() > 0
+    assert tput.tokens_per_s() is None and tput.samples_per_s() is None
+    tput.step(100, 4)
+    assert tput.samples == 4 and tput.samples_per_s() > 0  # timed from here on
+
+
 def _train(tmp_path, tok, train, valid, name, **extra):
     out = tmp_path / name
     args = tiny_run_args(tok, out, train, valid, **{"train.max_steps": 12, "logging.steps": 4,

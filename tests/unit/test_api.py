@@ -44,8 +44,11 @@ def test_build_config_merges_sections_and_dotted_keys(tmp_path) -> None:
 
 
 def test_bad_input_raises_typed_errors_instead_of_exiting(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+    with pytest.raises(ConfigError, match=r"in keyword override: unknown key 'optim.lrr' "
+                       r"\(did you mean 'optim.lr'\?\)"):
         tunesmith.train(_recipe(tmp_path), optim={"lrr": 1.0})
+    with pytest.raises(ConfigError, match=r"in keyword override: optim.lr: .*'abc'"):
+        tunesmith.build_config(_recipe(tmp_path), optim__lr="abc")
     with pytest.raises(ConfigError, match="recipe must be a YAML path, a dict or a RunConfig"):
         tunesmith.build_config(42)
     with pytest.raises(TunesmithError, match="recipe not found"):

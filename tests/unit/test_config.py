@@ -46,6 +46,23 @@ def test_impossible_combinations():
         load_config(None, ["data.path=x", "schedule.warmup_steps=50", "train.max_steps=10"])
 
 
+def test_error_names_where_the_bad_value_came_from(tmp_path):
+    """A bad override typed on the command line is not blamed on the recipe file; a
+    whole-config check that an override took part in names both."""
+    p = write(tmp_path, "data:\n  path: x\noptim:\n  lrr: 1\nschedule:\n  warmup_steps: 20\n")
+    with pytest.raises(TunesmithError, match=r"^invalid config in \S*r\.yaml: unknown key 'optim.lrr'"):
+        load_config(p, ["train.seed=3"])
+    p.write_text("data:\n  path: x\nschedule:\n  warmup_steps: 20\n")
+    with pytest.raises(TunesmithError, match=r"^invalid config in command-line override: "
+                       r"optim.lr: .*'abc'"):
+        load_config(p, ["optim.lr=abc"])
+    with pytest.raises(TunesmithError, match=r"^invalid config in .*r\.yaml \+ command-line "
+                       r"overrides: schedule.warmup_steps=20 exceeds train.max_steps=6"):
+        load_config(p, ["train.max_steps=6"])
+    with pytest.raises(TunesmithError, match=r"^invalid config in command line: optim.lr"):
+        load_config(None, ["data.path=x", "optim.lr=abc"])
+
+
 def test_invalid_yaml_reports_line_and_column(tmp_path):
     p = write(tmp_path, "model:\n  name: tiny\n data: [\n")
     with pytest.raises(TunesmithError, match=r"invalid YAML at .*r\.yaml:3:2"):

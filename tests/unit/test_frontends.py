@@ -253,6 +253,17 @@ def test_llama_recipes_llama_adapter_maps_and_trains(tmp_path: Path) -> None:
     assert (conf["peft_type"], conf["adapter_len"], conf["adapter_layers"]) == ("ADAPTION_PROMPT", 4, 2)
 
 
+def test_llama_recipes_alpaca_dataset_trains_on_the_real_file(tmp_path: Path, caplog) -> None:
+    """The real Alpaca file has a record with an empty output (record 285): llama-recipes keeps
+    it, so the front-end must not stop on it; it is skipped and counted, and the run trains."""
+    out = tmp_path / "out"
+    assert run(["llama-recipes", *_llama_recipes(), "--max_train_step", "1", "--max_eval_step",
+                "1", "--context_length", "256", "--batch_size_training", "2", "--run_validation",
+                "False", "--output_dir", str(out)]) == 0
+    assert "record 285: empty response in field 'output'" in caplog.text
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
 def test_llama_recipes_custom_dataset_is_a_data_file(tmp_path: Path) -> None:
     data = tmp_path / "qa.jsonl"
     data.write_text('{"q": "2+2?", "a": "4"}\n')

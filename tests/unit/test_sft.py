@@ -74,7 +74,9 @@ def _targets(tok: Any, ex: dict) -> str:
 
 def test_alpaca_real_file_labels_only_response(llama3_tok: Any) -> None:
     path = shared_path(*ALPACA)
-    with pytest.raises(TunesmithError, match=r"record 285: empty response in field 'output'"):
+    # the error says where, and how to go on (sft.invalid=skip)
+    with pytest.raises(TunesmithError, match=r"record 285: empty response in field 'output' "
+                       r"\(sft.invalid=skip skips such records and counts them\)"):
         _build(path, llama3_tok)
     out = _build(path, llama3_tok, invalid="skip")
     assert out.stats.invalid_skipped == 1 and out.stats.examples == 334

@@ -28,6 +28,9 @@ DEMO_RECIPE = {
         "overrides": {
             "vocab_size": DEMO_VOCAB, "dim": 128, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2,
             "intermediate_size": 384, "max_position_embeddings": 512, "tie_word_embeddings": True,
+            # the ids train_tokenizer gives <|endoftext|> (0) and <|pad|> (1), not the
+            # preset's bos 1 / eos 2: a new user's first run then has no note about fixing them
+            "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1,
         },
     },
     "data": {"block_size": 128, "mode": "packed"},

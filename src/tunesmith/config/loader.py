@@ -10,6 +10,7 @@ import difflib
 import logging
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,26 @@ def _valid_keys(model: type[BaseModel], prefix: tuple[str, ...]) -> list[str]:
     return list(node.model_fields)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line for the first problem (plus a count of the rest)."""
+def _blame(source: str, first: str, overridden: Collection[str], by: str) -> str:
+    """Where the first problem's key came from: a recipe file, an override, or both (a
+    whole-config check such as warmup_steps vs max_steps, with an override in play)."""
+    if not overridden:
+        return source
+    if first and any(first == k or first.startswith(k + ".") for k in overridden):
+        return f"{by} override"
+    if not first or any(k.startswith(first + ".") for k in overridden):
+        return f"{source} + {by} overrides"
+    return source
+
+
+def format_validation_error(err: ValidationError, source: str, overridden: Collection[str] = (),
+                            by: str = "command-line") -> str:
+    """One line for the first problem (plus a count of the rest). `overridden`: the dotted keys
+    set by overrides (`by` says whose), so a bad `optim.lr=abc` typed on the command line is not
+    blamed on the recipe file."""
     problems = []
+    first = ".".join(str(p) for p in err.errors()[0]["loc"]) if err.errors() else ""
+    source = _blame(source, first, overridden, by)
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         dotted = ".".join(loc)
@@ -186,10 +204,12 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     data = apply_overrides(data, list(overrides or []))
     resolve_paths(data, cwd)
     source = str(recipe) if recipe is not None else "command line"
+    # with a recipe, say whether a bad key came from it or from an override
+    overridden = [".".join(parse_override(item)[0]) for item in overrides or []] if recipe else []
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, overridden)) from None
     cfg.output.dir = str((cwd / Path(cfg.output.dir).expanduser()).resolve())  # also the default
     return cfg
 

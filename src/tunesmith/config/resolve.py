@@ -58,9 +58,12 @@ def build_config(recipe: Any = None, **overrides: Any) -> RunConfig:
     for key, value in overrides.items():
         _merge(data, key, value)
     resolve_paths(data, Path.cwd())
+    overridden = [] if recipe is None else [
+        f"{key.replace('__', '.')}.{sub}" if isinstance(value, dict) else key.replace("__", ".")
+        for key, value in overrides.items() for sub in (value if isinstance(value, dict) else [""])]
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, overridden, by="keyword")) from None
     cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())  # also the default
     return cfg

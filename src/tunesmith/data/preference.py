@@ -203,7 +203,7 @@ def build_pairs(formatter: PairFormatter, tok: SFTTokenizer, records: list[tuple
             rendered.append((where, formatter(rec, where)))
         except InvalidRecord as exc:
             if not skip_invalid:
-                raise
+                raise exc.with_skip_hint() from exc
             stats.note_skip(str(exc))
     if not rendered:
         why = f"; first problem: {stats.skipped_reasons[0]}" if stats.skipped_reasons else ""

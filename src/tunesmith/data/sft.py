@@ -48,6 +48,11 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
 class InvalidRecord(TunesmithError):
     """A record that cannot be used (missing/mistyped field, empty response, ...)."""
 
+    def with_skip_hint(self) -> InvalidRecord:
+        """The same error, saying how to go on: real data sets have such records (Alpaca's
+        record 285 has an empty output), and the first one stops the run."""
+        return InvalidRecord(f"{self} (sft.invalid=skip skips such records and counts them)")
+
 
 @dataclass
 class Rendered:

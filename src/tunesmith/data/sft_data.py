@@ -166,7 +166,7 @@ def render_records(
             yield where, formatter(rec, where)
         except InvalidRecord as exc:
             if not skip_invalid:
-                raise
+                raise exc.with_skip_hint() from exc
             stats.note_skip(str(exc))
 
 

@@ -138,8 +138,13 @@ def _dataset(f: ParsedFlags, r: Recipe) -> None:
             "tatsu-lab/alpaca", None, "--dataset alpaca_dataset", "--alpaca_dataset.data_path").path
         r.set("data.path", path)
         r.set("sft.format", "alpaca")
+        # Alpaca has records with an empty output (record 285 of the real file): llama-recipes
+        # keeps them with the EOS as their only target; the default sft.invalid=error would stop
+        # the run on the first one, so they are skipped and counted, as run_lora_clm does.
+        r.set("sft.invalid", "skip")
         r.note("--dataset alpaca_dataset", "validation is data.validation_split_percentage of "
-               "the records (llama-recipes holds out the first 200)")
+               "the records (llama-recipes holds out the first 200); records with an empty "
+               "output are skipped and counted (llama-recipes trains them on the EOS alone)")
     elif name == "custom_dataset":
         _custom(f, r)
     else:

@@ -89,13 +89,33 @@ def usable_positions(cfg: ModelConfig) -> int:
     return int(getattr(cfg, "max_positions", cfg.max_position_embeddings))
 
 
+def _not_a_model(p: Path) -> str:
+    """Why directory `p` (no config.json) is not a model, naming what to pass instead: new
+    users hand eval/generate/train a run directory or a training checkpoint."""
+    what = f"model directory {p} has no config.json"
+    if (p / "manifest.json").is_file():
+        return (f"{what}: it is a training checkpoint; write a model from it with "
+                f"`tunesmith export {p} --out DIR`, or use the run's final/")
+    if (p / "final" / "config.json").is_file() or (p / "final" / "adapter_config.json").is_file():
+        return f"{what}: it is a run directory; its model is {p / 'final'}"
+    if (p / "checkpoints").is_dir():
+        return (f"{what}: it is a run directory without final/; write a model from its newest "
+                f"checkpoint with `tunesmith export {p} --out DIR`")
+    if (p / "adapter_config.json").is_file():
+        return (f"{what}: it is a PEFT adapter; name its base model (adapter_config.json's "
+                "base_model_name_or_path) and load the adapter with peft.from_checkpoint")
+    return what
+
+
 def _local_config_path(source: str) -> Path | None:
     p = Path(source).expanduser()
     if p.is_file():
+        if p.suffix != ".json":
+            raise TunesmithError(f"model {p} is a file, not a model directory or its config.json")
         return p
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise TunesmithError(f"model directory {p} has no config.json")
+            raise TunesmithError(_not_a_model(p))
         return p / "config.json"
     return None
 

@@ -99,6 +99,12 @@ class Throughput:
         el = self.elapsed()
         return self.tokens / el if el > 0 and self.tokens else None
 
+    def samples_per_s(self) -> float | None:
+        """None, like tokens_per_s, when no step after the warm-up was timed (a short run);
+        never a 0.0 that would read as a measurement."""
+        el = self.elapsed()
+        return self.samples / el if el > 0 and self.samples else None
+
     def pop_window(self) -> float | None:
         """Tokens/s of the training steps since the previous call (the logging window)."""
         now = self.clock()

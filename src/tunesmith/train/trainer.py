@@ -418,12 +418,11 @@ class Trainer:
 
     def _summary(self, t_start: float, tput: Throughput, loop: _Loop) -> dict[str, Any]:
         tps = tput.tokens_per_s()
-        elapsed = tput.elapsed()
         summary: dict[str, Any] = {
             "runtime_s": time.perf_counter() - t_start,
             "steps": self.progress.step,
             "tokens_seen": self.progress.tokens_seen,
-            "train_samples_per_s": tput.samples / elapsed if elapsed > 0 else None,
+            "train_samples_per_s": tput.samples_per_s(),
             "tokens_per_s": tps,
             "mfu": tput.mfu(tps),
             # Where the wall time went: training steps vs the excluded work (eval_s, checkpoint_s,

@@ -279,7 +279,8 @@ def test_data_inspect_bad_record_exits_2_with_one_line(tmp_path: Path, capsys: A
     path = _write(tmp_path, [STANDARD[0], {"prompt": "q", "chosen": "a"}])
     assert run(["data", "inspect", *_argv(tmp_path, path)]) == 2
     err = capsys.readouterr().err
-    assert f"{path}: record 2 (line 2): missing field 'rejected'" in err
+    assert f"{path}: record 2 (line 2): missing field 'rejected' (sft.invalid=skip skips " \
+        "such records and counts them)" in err
     errors = [line for line in err.splitlines() if "error" in line]
     assert "Traceback" not in err and len(errors) == 1 and "rejected" in errors[0]
 
