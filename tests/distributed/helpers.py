@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -55,12 +59,90 @@ def torchrun(nproc: int, args: list[str], timeout: float = 240, **env: str) -> s
                           timeout=timeout)
 
 
-def run_jobs(nproc: int, jobs: list[list[str]], tmp: Path) -> subprocess.CompletedProcess:
-    f = tmp / f"jobs-{nproc}.json"
-    f.write_text(json.dumps(jobs))
-    proc = torchrun(nproc, [str(REPO / "tests/distributed/_worker.py"), str(f)])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+class RankPool:
+    """One torchrun launch of `nproc` ranks (tests/distributed/_worker.py) that runs every
+    run_jobs batch of the session in turn, so the ranks' start (torchrun, imports, the process
+    group: ~13 s for 2 ranks, ~20 s for 4 on 2 cores) is paid once, not once per test file.
+    tests/distributed/conftest.py closes the pools when the package's tests are done."""
+
+    def __init__(self, nproc: int) -> None:
+        self.nproc, self.batches = nproc, 0
+        self.dir = Path(tempfile.mkdtemp(prefix=f"tunesmith-ranks{nproc}-"))
+        self.log = (self.dir / "torchrun.log").open("wb")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(nproc), "--monitor-interval", "0.2", str(REPO / "tests/distributed/_worker.py"),
+               str(self.dir)]
+        env = worker_env(TUNESMITH_TEST_PARENT=str(os.getpid()))
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def run(self, jobs: list[list[str]], timeout: float) -> str | None:
+        """Run one batch on every rank; None when all ranks finished it with exit code 0, else
+        what went wrong with the ranks' output during this batch (the pool is then closed)."""
+        i, self.batches = self.batches, self.batches + 1
+        start = (self.dir / "torchrun.log").stat().st_size
+        (self.dir / f"{i}.json.tmp").write_text(json.dumps(jobs))
+        (self.dir / f"{i}.json.tmp").rename(self.dir / f"{i}.json")
+        rcs = [self.dir / f"{i}.rank{r}.rc" for r in range(self.nproc)]
+        deadline = time.monotonic() + timeout
+        while not all(f.exists() for f in rcs):
+            if self.proc.poll() is not None:
+                why = f"the ranks exited (torchrun exit code {self.proc.returncode})"
+                break
+            if time.monotonic() > deadline:
+                why = f"timed out after {timeout:.0f} s"
+                break
+            time.sleep(0.05)
+        else:
+            codes = [int(f.read_text()) for f in rcs]
+            if not any(codes):
+                return None
+            why = f"exit codes per rank {codes}"
+        output = (self.dir / "torchrun.log").read_bytes()[start:].decode(errors="replace")
+        self.close(wait_s=10)
+        return f"{self.nproc}-rank batch {i} failed: {why}\n{output[-4000:]}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, wait_s: float = 60) -> None:
+        if self.alive():
+            (self.dir / f"{self.batches}.json.tmp").write_text("null")
+            (self.dir / f"{self.batches}.json.tmp").rename(self.dir / f"{self.batches}.json")
+            try:
+                self.proc.wait(wait_s)
+            except subprocess.TimeoutExpired:  # a rank is stuck: torchrun ends its ranks on SIGTERM
+                self.proc.terminate()
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_POOLS: dict[int, RankPool] = {}
+
+
+def close_pools() -> None:
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+def run_jobs(nproc: int, jobs: list[list[str]], timeout: float = 240) -> None:
+    """Run `jobs` (lists of `train` overrides, each naming its output.dir) in turn on `nproc`
+    ranks, in the session's pool of that size; a failure names the batch's scenarios and shows
+    the ranks' output (the failing one: "scenario NAME failed")."""
+    skip_unless_ranks(nproc)
+    pool = _POOLS.get(nproc)
+    if pool is None or not pool.alive():
+        pool = _POOLS[nproc] = RankPool(nproc)
+    error = pool.run(jobs, timeout)
+    if error is not None:
+        del _POOLS[nproc]
+        names = [Path(a.split("=", 1)[1]).name for j in jobs for a in j if a.startswith("output.dir=")]
+        raise AssertionError(f"scenarios {names}: {error}")
 
 
 def model_overrides(tied: bool) -> str:

@@ -87,7 +87,7 @@ def setup(tiny_tokenizer_dir, demo_text, tmp_path_factory):
     assert run(["-q", "train", *job(*data, root / "gemma_ref", init=gemma)]) == 0
     jobs.append(job(*data, root / "gemma_cp2", dp=1, init=gemma, extra=LAYOUTS["cp2_fsdp"]))
     jobs += resume_jobs(data, root, RESUME, init, dp=1)
-    run_jobs(2, jobs, root)
+    run_jobs(2, jobs)
     return root
 
 

@@ -79,8 +79,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     shared_path("models", "stories260K", "hf")
     for kind in KINDS:
         assert run(["-q", "train", *_job(tmp_path / f"ref_{kind}", 1, kind)]) == 0
-    run_jobs(2, [_job(tmp_path / name, DP[name], kind, *layout) for name, (kind, *layout) in LAYOUTS.items()],
-             tmp_path)
+    run_jobs(2, [_job(tmp_path / name, DP[name], kind, *layout) for name, (kind, *layout) in LAYOUTS.items()])
     for name, (kind, *_) in LAYOUTS.items():
         got, want = _records(tmp_path / name), _records(tmp_path / f"ref_{kind}")
         assert len(got) == len(want) == 5, name  # 4 steps + the final eval

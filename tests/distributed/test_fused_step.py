@@ -46,7 +46,7 @@ def test_fused_step_with_clip_matches_the_clip_pass(tiny_tokenizer_dir, demo_tex
     one = tmp_path / "one_fused"  # one process, the fused path
     assert run(["-q", "train", *job(*data, one, init=init, extra=(*CLIP["full"], "optim.fused=true"))]) == 0
     run_jobs(2, [job(*data, tmp_path / name, dp=dp, init=init, extra=(*CLIP[kind], "optim.fused=true", *layout))
-                 for name, (dp, layout, kind) in LAYOUTS.items()], tmp_path)
+                 for name, (dp, layout, kind) in LAYOUTS.items()])
     for name, kind in (("one_fused", "full"), *((n, spec[2]) for n, spec in LAYOUTS.items())):
         _assert_same(tmp_path / name, refs[kind], name)
         if kind == "full":

@@ -71,7 +71,7 @@ def moe2(tiny_tokenizer_dir, demo_text, tmp_path_factory):
     assert run(["-q", "train", *job(*data, root / "lora_ref", init=init, extra=EXPERT_LORA)]) == 0
     jobs = [job(*data, root / name, dp=dp, init=init, extra=extra)
             for name, (dp, extra, _) in LAYOUTS.items()]
-    run_jobs(2, jobs + resume_jobs(data, root, RESUME, init), root)
+    run_jobs(2, jobs + resume_jobs(data, root, RESUME, init))
     return root, data, init
 
 

@@ -71,7 +71,7 @@ def setup(tiny_tokenizer_dir, demo_text, tmp_path_factory):
     jobs = [job(*data, root / name, dp=1 if "tp2" in name else 2, extra=(*METHODS[m], *extra), init=init)
             for name, (m, extra) in LAYOUTS.items()]
     jobs += resume_jobs(data, root, RESUME, init)
-    run_jobs(2, jobs, root)
+    run_jobs(2, jobs)
     return root, ref
 
 
@@ -110,7 +110,7 @@ def test_lora_on_fsdp2_x_tp_matches_one_process_and_resumes(setup, tiny_tokenize
     two_d = ("parallel.strategy=full_shard", "parallel.tp=2")
     jobs = [job(*data, tmp_path / "lora_2d", dp=2, extra=(*LORA, *two_d), init=root / "init")]
     jobs += resume_jobs(data, tmp_path, (*RESUME, "parallel.tp=2"), root / "init")
-    run_jobs(4, jobs, tmp_path)
+    run_jobs(4, jobs)
     _assert_same(tmp_path / "lora_2d", ref["lora"], "lora_2d")
     got = load_file(tmp_path / "lora_2d" / "final" / "adapter_model.safetensors")
     want = load_file(ref["lora"] / "final" / "adapter_model.safetensors")

@@ -61,7 +61,7 @@ def setup(tiny_tokenizer_dir, demo_text, tmp_path_factory):
     jobs += resume_jobs(data, root, RESUME, init)
     jobs.append(job(*data, root / "moe_full_shard", dp=2, extra=(*MOE_QLORA, "parallel.strategy=full_shard"),
                     init=moe_init))
-    run_jobs(2, jobs, root)
+    run_jobs(2, jobs)
     return root, ref
 
 

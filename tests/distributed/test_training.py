@@ -163,7 +163,7 @@ def world4(data, inits, tmp_path_factory):
     root = tmp_path_factory.mktemp("w4")
     names, jobs = _layout_jobs(4, data, inits, root)
     jobs.append(job(*data, root / "ckpt4", dp=4, tied=False, extra=CKPT_STEPS))
-    run_jobs(4, jobs, root)
+    run_jobs(4, jobs)
     return root, names
 
 
@@ -182,7 +182,7 @@ def world2(data, inits, reference, tmp_path_factory, request):
     shutil.copytree(reference["ckpt1"], root / "resume1to2")
     jobs.append(job(*data, root / "resume1to2", dp=2, tied=False,
                     extra=(*CKPT_STEPS, "checkpoint.resume=3")))
-    run_jobs(2, jobs, root)
+    run_jobs(2, jobs)
     return root, names
 
 

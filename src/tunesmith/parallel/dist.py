@@ -162,6 +162,30 @@ def _pick_device(device: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# Meshes of this process by (device, mesh shape, ep), for the default group they were made in:
+# a later run in the same process (the Python API, a test worker running many jobs) reuses them.
+# Each new mesh makes new process groups, and a gloo/NCCL group keeps its threads (and sockets
+# or communicators) until the process ends.
+_MESHES: dict[tuple, tuple[DeviceMesh, DeviceMesh, DeviceMesh, DeviceMesh | None]] = {}
+
+
+def _meshes(device: torch.device, layout: Layout, world: int
+            ) -> tuple[DeviceMesh, DeviceMesh, DeviceMesh, DeviceMesh | None]:
+    """(mesh, dp mesh, dp x cp token mesh, expert mesh or None) for this layout."""
+    key = (dist.group.WORLD, str(device), layout.mesh_shape, layout.ep)
+    if key not in _MESHES:
+        mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
+        dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP2's shard dimension (parallel.apply)
+        token_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        ep_mesh = None
+        if layout.ep > 1:  # tp = cp = 1 (layout checks): the data-parallel ranks are all ranks
+            ep_mesh = init_device_mesh(device.type, (world // layout.ep, layout.ep),
+                                       mesh_dim_names=("ep_replicate", "ep"))
+        _MESHES[key] = (mesh, dp_mesh, token_mesh, ep_mesh)
+    return _MESHES[key]
+
+
 def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | None = None) -> ParallelContext:
     """Validate the layout for this world, then (world > 1) start the process group and mesh.
 
@@ -182,14 +206,7 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
         # Destroy the group before interpreter teardown: a gloo/NCCL group left alive until
         # exit can abort the process ("terminate called without an active exception").
         atexit.register(shutdown)
-    mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP2's shard dimension (parallel.apply)
-    token_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    ep_mesh = None
-    if layout.ep > 1:  # tp = cp = 1 (layout checks): the data-parallel ranks are all ranks
-        ep_mesh = init_device_mesh(device.type, (world // layout.ep, layout.ep),
-                                   mesh_dim_names=("ep_replicate", "ep"))
+    mesh, dp_mesh, token_mesh, ep_mesh = _meshes(device, layout, world)
     ctx = ParallelContext(layout, rank, local_rank, device, mesh, dp_mesh, token_mesh, ep_mesh)
     _CURRENT[:] = [ctx]
     if ctx.is_main:
@@ -198,6 +215,7 @@ def init_parallel(pc: ParallelConfig, device: torch.device, layout: Layout | Non
 
 
 def shutdown() -> None:
+    _MESHES.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
