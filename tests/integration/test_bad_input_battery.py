@@ -320,6 +320,22 @@ def test_cli_flags_validated(argv, flag, needle, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, want", [
+    (["export", "C", "--out", "O", "--dtype", "bf16"], "bfloat16"),
+    (["export", "C", "--out", "O", "--dtype", "FP32"], "float32"),
+    (["export", "C", "--out", "O", "--dtype", "float16"], "float16"),
+    (["merge", "B", "A", "--out", "O", "--dtype", "bfloat16"], "bf16"),
+    (["merge", "B", "A", "--out", "O", "--dtype", "fp16"], "fp16"),
+    (["merge", "B", "A", "--out", "O"], "auto"),
+])
+def test_dtype_flags_take_both_spellings(argv, want):
+    """export spelled dtypes as torch (bfloat16) and merge as the config (bf16): a user who
+    typed the other command's spelling got 'invalid choice'. Both now take both."""
+    from tunesmith.cli.main import build_parser
+
+    assert build_parser().parse_args(argv).dtype == want
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--nproc-per-node", "0"], "--nproc-per-node and --nnodes must be >= 1"),
     (["--nproc-per-node", "1", "--max-restarts", "-1"], "--max-restarts must be >= 0"),

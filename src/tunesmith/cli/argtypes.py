@@ -63,3 +63,19 @@ def byte_size(text: str) -> str:
     if size < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return text
+
+
+_DTYPE_SPELLINGS = (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"))
+
+
+def dtype_spelling(short: bool) -> Callable[[str], str]:
+    """export spells dtypes as torch does (bfloat16), merge and --precision as the config does
+    (bf16): each takes the other spelling too, turned into its own; anything else is passed on
+    unchanged for argparse's `choices` to refuse."""
+    def convert(text: str) -> str:
+        for long, brief in _DTYPE_SPELLINGS:
+            if text.lower() in (long, brief):
+                return brief if short else long
+        return text
+
+    return convert

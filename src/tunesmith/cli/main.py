@@ -16,7 +16,14 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from tunesmith.cli.argtypes import byte_size, nonempty, nonneg_float, nonneg_int, positive_int
+from tunesmith.cli.argtypes import (
+    byte_size,
+    dtype_spelling,
+    nonempty,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+)
 from tunesmith.cli.data_inspect import add_data_command
 from tunesmith.cli.dist import add_launch_command, is_main_rank, report_error, run_worker
 from tunesmith.cli.report import add_report_command
@@ -271,7 +278,8 @@ def _add_model_commands(sub) -> None:
     x.add_argument("--format", default="hf", choices=["hf"], help="output format (default: hf)")
     x.add_argument("--out", required=True, help="directory to write (replaced if it is a saved model)")
     x.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast weights (default: as trained)")
+                   type=dtype_spelling(short=False),
+                   help="cast weights (default: as trained; fp32/bf16/fp16 also work)")
     x.add_argument("--max-shard-size", default="5GB", type=byte_size, help="split safetensors above this (default 5GB)")
     x.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow checkpoint metadata that needs arbitrary code to unpickle (trusted sources only)")
@@ -282,7 +290,8 @@ def _add_model_commands(sub) -> None:
     m.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + weights)")
     m.add_argument("--out", required=True, help="output directory for the merged HF model")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="saved dtype (auto: the base checkpoint's)")
+                   type=dtype_spelling(short=True),
+                   help="saved dtype (auto: the base checkpoint's; float32/bfloat16/float16 also work)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
     m.set_defaults(func=_merge)
 
