@@ -379,6 +379,23 @@ def test_eval_generate_no_records(tmp_path, model_dir, capsys):
           absent=(tmp_path / "preds.jsonl",))
 
 
+def test_eval_generate_output_that_cannot_be_a_file(tmp_path, model_dir, capsys):
+    """--output naming a directory was an IsADirectoryError traceback after every prompt was
+    answered; a parent that is a file was a FileExistsError. Both are one line now."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    fails(["eval", model_dir, "--data", data, "--generate", "--format", "alpaca",
+           "--max-new-tokens", "2", "--output", folder], capsys,
+          f"--output {folder} is a directory; give a file name", absent=(tmp_path / "preds.tmp",))
+    (tmp_path / "afile").write_text("x")
+    fails(["eval", model_dir, "--data", data, "--generate", "--format", "alpaca",
+           "--max-new-tokens", "2", "--output", tmp_path / "afile" / "p.jsonl"], capsys,
+          f"cannot write predictions file {tmp_path / 'afile' / 'p.jsonl'} (File exists: ")
+    assert not list(tmp_path.glob("**/*.tmp")) and not any(folder.iterdir())
+
+
 def test_eval_text_shorter_than_block(tmp_path, model_dir, capsys):
     data = tmp_path / "short.txt"
     data.write_text("Once upon a time.\n")

@@ -94,11 +94,12 @@ def test_out_that_cannot_be_a_file_is_exit_2_and_leaves_nothing(tmp_path, capsys
     (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5, "lr": 0.001}\n')
     assert run(["report", str(runs), "--out", str(runs)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {runs} is a directory; give the report a file name" in err
+    assert f"--out {runs} is a directory; give a file name, e.g. {runs / 'report.html'}" in err
     assert "Traceback" not in err and not (tmp_path / "run.tmp").exists()
     (tmp_path / "afile").write_text("x")
     assert run(["report", str(runs), "--out", str(tmp_path / "afile" / "r.html")]) == 2
-    assert f"cannot write the report to {tmp_path / 'afile' / 'r.html'}" in capsys.readouterr().err
+    assert f"cannot write --out {tmp_path / 'afile' / 'r.html'} (File exists: " \
+        in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "run"]
     assert run(["report", str(runs), "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")

@@ -100,7 +100,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_generate(args: argparse.Namespace) -> int:
     from tunesmith.config.tasks import SFTConfig
     from tunesmith.eval.run import run_generate_eval
+    from tunesmith.hf.files import check_file_target
 
+    if args.output:  # refused before the model is loaded and every prompt answered
+        check_file_target(args.output, "--output", "predictions.jsonl")
     sft = SFTConfig()
     if args.recipe:
         from pydantic import ValidationError

@@ -21,6 +21,7 @@ import torch
 
 from tunesmith.data.sft_data import special_prefix
 from tunesmith.eval.rouge import corpus_scores, score_pair
+from tunesmith.hf.files import write_text_atomic
 from tunesmith.models.generate import generate, left_pad
 
 log = logging.getLogger("tunesmith")
@@ -93,12 +94,7 @@ def evaluate_generation(
     model.train(was_training)
     scores = corpus_scores(preds, [r.reference for _, r in items])
     if out_path is not None:
-        path = Path(out_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_text_atomic(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                            for row in rows), "predictions file", "predictions.jsonl")
     log.info("generation eval on %d samples: %s", len(items), scores)
     return scores

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.hf.files import check_file_target, write_text_atomic
 
 log = logging.getLogger("tunesmith")
 
@@ -63,8 +64,8 @@ def run_harness(
     require_lm_eval()
     if limit is not None and limit < 1:
         raise TunesmithError(f"--limit must be >= 1, got {limit}")
-    if output and Path(output).expanduser().is_dir():
-        raise TunesmithError(f"--output {output} is a directory; give a file name")
+    if output:
+        check_file_target(output, "--output", "results.json")
     manager = task_manager(tasks, include_path)
     check_tasks(tasks, manager)
     import lm_eval
@@ -98,12 +99,8 @@ def write_results(results: dict[str, Any], output: str) -> Path:
     """lm_eval's results JSON, written atomically (a crash leaves no half file)."""
     from lm_eval.utils import handle_non_serializable
 
-    path = Path(output).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    tmp.replace(path)
-    return path
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    return write_text_atomic(output, text, "--output", "results.json")
 
 
 def result_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import TunesmithError
+from tunesmith.hf.files import write_text_atomic
 from tunesmith.observe.report.load import RunData
 from tunesmith.observe.report.svg import Chart, Marker, Series, fmt, render
 
@@ -185,18 +185,4 @@ def write_report(run_dirs: list[Path], out: Path, live_summary: dict[str, Any] |
 
     runs = load_runs([Path(p) for p in run_dirs], live_summary)
     text = render_report(runs)
-    out = Path(out)
-    if out.is_dir():
-        raise TunesmithError(f"--out {out} is a directory; give the report a file name, e.g. "
-                             f"{out / 'report.html'}")
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as e:  # read-only or full disk, a file where a folder should be, ...
-        if tmp.is_file():
-            tmp.unlink()
-        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        raise TunesmithError(f"cannot write the report to {out} ({why})") from None
-    return out
+    return write_text_atomic(out, text, "--out", "report.html")
