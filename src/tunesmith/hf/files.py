@@ -13,6 +13,11 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 
 
+def os_error_reason(e: OSError) -> str:
+    """`File exists: /path` rather than `[Errno 17] ...`: what went wrong and on which path."""
+    return f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+
+
 def check_file_target(path: str | Path, what: str, example: str) -> Path:
     """`path` as a file to write, refused now (before any work) when it is a directory."""
     path = Path(path).expanduser()
@@ -34,6 +39,5 @@ def write_text_atomic(path: str | Path, text: str, what: str, example: str) -> P
     except OSError as e:  # read-only or full disk, a file where a folder should be, ...
         if tmp.is_file():
             tmp.unlink()
-        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        raise TunesmithError(f"cannot write {what} {path} ({why})") from None
+        raise TunesmithError(f"cannot write {what} {path} ({os_error_reason(e)})") from None
     return path

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import TunesmithError, first_line
+from tunesmith.hf.files import os_error_reason
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -295,8 +296,11 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     saved = (final / "config.json").exists() or (final / "adapter_config.json").exists()
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not saved)):
         raise TunesmithError(f"refusing to overwrite {final}: it exists and is not a saved model")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as e:  # a parent that is a file, a read-only or full disk
+        raise TunesmithError(f"cannot write {final} ({os_error_reason(e)})") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a saved model should be readable like any dir
     try:
         yield tmp

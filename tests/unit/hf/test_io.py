@@ -53,3 +53,13 @@ def test_atomic_output_dir_refuses_a_directory_that_is_not_a_model(tmp_path):
 def test_hub_ids_are_told_apart_from_paths():
     assert hfio.looks_like_hub_id("meta-llama/Llama-3.2-1B")
     assert not hfio.looks_like_hub_id("./out/final") and not hfio.looks_like_hub_id("/abs/path")
+
+
+def test_atomic_output_dir_under_a_file_is_one_clear_error(tmp_path):
+    """`tunesmith export/merge --out FILE/x` was a FileExistsError traceback."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "x"
+    with pytest.raises(TunesmithError, match=rf"cannot write {out} \(File exists: .*afile\)"):
+        with hfio.atomic_output_dir(out):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
