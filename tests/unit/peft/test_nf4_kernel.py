@@ -21,8 +21,7 @@ CHECKS = textwrap.dedent("""
     gen = torch.Generator().manual_seed(0)
     # one scale group (256 blocks of 64) and several, weights with a large spread and with an
     # offset (a non-zero scaler mean)
-    cases = [((64, 256), 0.02, 0.0), ((384, 512), 0.05, 0.0), ((160, 1024), 3.0, 0.0),
-             ((256, 512), 0.05, 0.3)]
+    cases = [((64, 256), 0.02, 0.0), ((128, 256), 3.0, 0.0), ((64, 512), 0.05, 0.3)]
     for shape, std, offset in cases:
         w = (torch.randn(*shape, generator=gen) * std + offset).to(torch.bfloat16)
         nf4 = quant.to_nf4(w)
