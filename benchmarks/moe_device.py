@@ -285,9 +285,7 @@ def child(name: str, precision: str = "bf16") -> dict:
 
 
 def _markdown(results: dict) -> str:
-    lines = ["# MoE on CUDA", ""]
-    for name, res in results.items():
-        lines.append(f"## {name}\n\n```json\n{json.dumps(res, indent=1)[:3000]}\n```\n")
+    lines = json_sections("MoE on CUDA", results, limit=3000)
     rows = []
     for kind in SHAPES:
         for who in ("tunesmith", "hf"):
@@ -301,19 +299,39 @@ def _markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("moe_out"))
-    ap.add_argument("--child")
-    ap.add_argument("--only", nargs="*", help="run these steps only")
+    ap = steps_parser("moe")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "bf16-pure"),
                     help="tunesmith's train.precision in the speed steps")
     args = ap.parse_args()
+    run_cli(args, __file__, "moe_device", STEPS, BUDGET_S, lambda name: child(name, args.precision),
+            _markdown, extra=["--precision", args.precision])
+
+
+def steps_parser(name: str) -> argparse.ArgumentParser:
+    """The arguments every step-driven device script takes: --out, --child (one step, in the
+    subprocess run_steps starts), --only."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(f"{name}_out"))
+    ap.add_argument("--child")
+    ap.add_argument("--only", nargs="*", help="run these steps only")
+    return ap
+
+
+def run_cli(args, script: str, stem: str, steps: dict[str, int], budget_s: float, child_fn,
+            markdown_fn, extra: list[str] | None = None) -> None:
+    """--child NAME: print that step's `RESULT {json}` line; else run the steps (`run_steps`) and
+    write OUT/STEM.json and OUT/STEM.md (`markdown_fn(results)`)."""
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.precision)))
+        print("RESULT " + json.dumps(child_fn(args.child)))
         return
-    results = run_steps(__file__, STEPS, BUDGET_S, args.out / "moe_device.json", args.only,
-                        ["--precision", args.precision])
-    (args.out / "moe_device.md").write_text(_markdown(results))
+    results = run_steps(script, steps, budget_s, args.out / f"{stem}.json", args.only, extra)
+    (args.out / f"{stem}.md").write_text(markdown_fn(results))
+
+
+def json_sections(title: str, results: dict, limit: int = 4000) -> list[str]:
+    """Markdown lines: the title, then each step's result as a JSON block (cut at `limit`)."""
+    return [f"# {title}", "", *(f"## {name}\n\n```json\n{json.dumps(res, indent=1)[:limit]}\n```\n"
+                                for name, res in results.items())]
 
 
 def run_steps(script: str, steps: dict[str, int], budget_s: float, out_json: Path,

@@ -22,8 +22,6 @@ Steps run as in benchmarks/moe_device.py (each in its own subprocess under a tim
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -42,8 +40,10 @@ from moe_device import (  # noqa: E402
     _train,
     _trainer,
     compare_backends,
-    run_steps,
+    json_sections,
+    run_cli,
     step_speed_hf,
+    steps_parser,
 )
 
 STEPS = {"parity": 60, "kernels": 45, "speed_tunesmith": 75, "speed_hf": 60}
@@ -175,9 +175,7 @@ def step_speed_hf_peft() -> dict:
 
 
 def _markdown(results: dict) -> str:
-    lines = ["# LoRA on MoE experts on CUDA", ""]
-    for name, res in results.items():
-        lines.append(f"## {name}\n\n```json\n{json.dumps(res, indent=1)[:4000]}\n```\n")
+    lines = json_sections("LoRA on MoE experts on CUDA", results)
     rows = []
     for who in ("tunesmith", "hf"):
         r = results.get(f"speed_{who}", {})
@@ -194,16 +192,8 @@ def child(name: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("moe_lora_out"))
-    ap.add_argument("--child")
-    ap.add_argument("--only", nargs="*", help="run these steps only")
-    args = ap.parse_args()
-    if args.child:
-        print("RESULT " + json.dumps(child(args.child)))
-        return
-    results = run_steps(__file__, STEPS, BUDGET_S, args.out / "moe_lora_device.json", args.only)
-    (args.out / "moe_lora_device.md").write_text(_markdown(results))
+    args = steps_parser("moe_lora").parse_args()
+    run_cli(args, __file__, "moe_lora_device", STEPS, BUDGET_S, child, _markdown)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ Steps run as in benchmarks/moe_device.py (each in its own subprocess under a tim
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from moe_device import WARMUP, _train, _trainer, compare_backends, run_steps  # noqa: E402
+from moe_device import (  # noqa: E402
+    WARMUP,
+    _train,
+    _trainer,
+    compare_backends,
+    json_sections,
+    run_cli,
+    steps_parser,
+)
 from moe_lora_device import ALPHA, ATTN, EXPERTS, R, lora_expert_layer, lora_params  # noqa: E402
 
 STEPS = {"parity": 40, "qwen3_qlora": 95, "qwen3_lora_bf16": 60, "mixtral_qlora": 90}
@@ -173,9 +179,7 @@ def memory_table(r: int = R) -> str:
 
 
 def _markdown(results: dict) -> str:
-    lines = ["# QLoRA on MoE experts on CUDA", ""]
-    for name, res in results.items():
-        lines.append(f"## {name}\n\n```json\n{json.dumps(res, indent=1)[:4000]}\n```\n")
+    lines = json_sections("QLoRA on MoE experts on CUDA", results)
     lines += [f"Full depth, seq {SEQ}, micro-batch {MICRO_BATCH}, full AC, compiled blocks, r={R} on q/k/v/o "
               "+ experts", "", "| run | tokens/s | peak GiB | after build GiB |", "|---|---|---|---|"]
     for name in ("qwen3_qlora", "qwen3_lora_bf16", "mixtral_qlora"):
@@ -194,20 +198,13 @@ def child(name: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("moe_qlora_out"))
-    ap.add_argument("--child")
-    ap.add_argument("--only", nargs="*", help="run these steps only")
+    ap = steps_parser("moe_qlora")
     ap.add_argument("--memory-table", action="store_true", help="print the formula table (CPU) and exit")
     args = ap.parse_args()
     if args.memory_table:
         print(memory_table())
         return
-    if args.child:
-        print("RESULT " + json.dumps(child(args.child)))
-        return
-    results = run_steps(__file__, STEPS, BUDGET_S, args.out / "moe_qlora_device.json", args.only)
-    (args.out / "moe_qlora_device.md").write_text(_markdown(results))
+    run_cli(args, __file__, "moe_qlora_device", STEPS, BUDGET_S, child, _markdown)
 
 
 if __name__ == "__main__":
