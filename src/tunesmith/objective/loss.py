@@ -166,16 +166,17 @@ def _kernels(device: torch.device):
     """(grad_fn, loss_fn) for one [c, V] block: Triton rows kernel on CUDA (see
     `ce_kernel_choice`), the compiled expression when the gradient's dtype differs from the
     block's (the kernel writes G over the block), eager elsewhere."""
-    grad_fn, loss_fn = _compiled_kernels(device)
     if device.type != "cuda" or ce_kernel_choice() != "triton":
-        return grad_fn, loss_fn
+        return _compiled_kernels(device)
+    return _triton_grad, ce_kernel.chunk_loss
 
-    def triton_grad(logits, y, grad_dtype, grad_scale=1.0):
-        if logits.dtype != grad_dtype:
-            return grad_fn(logits, y, grad_dtype, grad_scale)
-        return ce_kernel.chunk_loss_and_grad(logits, y, grad_scale)
 
-    return triton_grad, ce_kernel.chunk_loss
+def _triton_grad(logits: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype, grad_scale: float = 1.0):
+    """`_chunk_loss_and_grad`'s contract through ce_kernel (G written over the block), or the
+    compiled expression when G's dtype is not the block's."""
+    if logits.dtype != grad_dtype:
+        return _compiled_kernels(logits.device)[0](logits, y, grad_dtype, grad_scale)
+    return ce_kernel.chunk_loss_and_grad(logits, y, grad_scale)
 
 
 def _float8_kernels(device: torch.device):

@@ -59,6 +59,18 @@ CHECKS = textwrap.dedent("""
     assert torch.equal(tall, before)
     torch.testing.assert_close(g, ref.new_tensor(_chunk_loss_and_grad(tall.t(), y, torch.float32)[1]),
                                rtol=1e-5, atol=1e-7)
+    # the fused loss's dispatcher: the kernel when G has the block's dtype, else the fallback
+    from tunesmith.objective.loss import _triton_grad
+    x = torch.randn(5, 300, generator=gen).to(torch.bfloat16)
+    y = torch.randint(0, 300, (5,), generator=gen)
+    got_l, got_g = _triton_grad(x.clone(), y, torch.bfloat16, 0.5)
+    want_l, want_g = ce_kernel.chunk_loss_and_grad(x.clone(), y, 0.5)
+    assert torch.equal(got_g, want_g) and torch.equal(got_l, want_l)
+    got_l, got_g = _triton_grad(x.clone(), y, torch.float32, 0.5)
+    ref_l, ref_g = _chunk_loss_and_grad(x.clone(), y, torch.float32, 0.5)
+    assert got_g.dtype == torch.float32
+    torch.testing.assert_close(got_g, ref_g, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_l, ref_l, rtol=1e-6, atol=1e-5)
     print("ok")
 """)
 
