@@ -27,17 +27,27 @@ def check_file_target(path: str | Path, what: str, example: str) -> Path:
     return path
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `NAME.tmp` and a rename: a reader or a crash never
+    sees half a file, and a failed write leaves no NAME.tmp. No user-path checks: for files in
+    a directory the run owns, and for `write_text_atomic`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:  # no half-written NAME.tmp left behind
+        if tmp.is_file():
+            tmp.unlink()
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str, what: str, example: str) -> Path:
     """Write `text` to `path` (UTF-8) atomically; `what` names the flag or file in errors and
     `example` is a file name to suggest inside a directory."""
     path = check_file_target(path, what, example)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        replace_text(path, text)
     except OSError as e:  # read-only or full disk, a file where a folder should be, ...
-        if tmp.is_file():
-            tmp.unlink()
         raise TunesmithError(f"cannot write {what} {path} ({os_error_reason(e)})") from None
     return path

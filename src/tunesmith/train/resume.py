@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tunesmith.config import RunConfig
 from tunesmith.config.loader import read_yaml
 from tunesmith.config.schema import ParallelConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.hf.files import replace_text
 from tunesmith.parallel.layout import env_world, resolve_layout
 
 log = logging.getLogger("tunesmith")
@@ -242,6 +242,4 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue  # the last line of a killed process may be half-written
         if isinstance(record, dict) and int(record.get("step", 0)) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    replace_text(path, "".join(k + "\n" for k in kept))

@@ -26,6 +26,7 @@ from tunesmith.data.loader import StatefulLoader
 from tunesmith.data.streaming import StreamingLoader
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.perplexity import evaluate_loss
+from tunesmith.hf.files import replace_text
 from tunesmith.observe import RunObserver
 from tunesmith.objective.forward import TokenObjective
 from tunesmith.objective.preference import evaluate_preferences
@@ -458,6 +459,4 @@ def _count_tokens(batch: dict) -> int:
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / "summary.json")
+    replace_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
